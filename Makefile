@@ -1,0 +1,48 @@
+# Two commands set up a brand-new machine and run everything:
+#   make run    set up the environment, fetch/verify the data, reproduce the pipeline
+#   make test   set up the environment, then run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The install is redone only when the lock or the project metadata change.
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+# Never ask a cloud metadata service for credentials: only what the user configured counts.
+export AWS_EC2_METADATA_DISABLED := true
+export DVC_NO_ANALYTICS := 1
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup data params run test lock clean
+.DEFAULT_GOAL := run
+
+setup: $(STAMP)
+$(STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.installed-* && touch $@
+
+data: setup
+	@$(BIN)/python -m components.sample_data ensure
+
+params: setup
+	@$(BIN)/python -m components.config
+
+run: data params
+	$(BIN)/dvc repro
+
+test: data
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Re-resolve the environment from pyproject.toml and pin it again (maintainers only).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade "pip>=24"
+	.lock-venv/bin/python -m pip install --quiet .
+	( echo '# Exact environment installed by `make setup` (generated with `make lock`; do not edit by hand).'; \
+	  .lock-venv/bin/python -m pip freeze --exclude kfp-dvc-template ) > requirements.lock
+	rm -rf .lock-venv
+
+clean:
+	rm -rf artifacts dvclive reports/*.json reports/*.html reports/*.md

@@ -1,0 +1,182 @@
+"""Typed view of the Hydra config in conf/ (and of params.yaml, which is generated from it).
+
+The dataclasses are the schema: a key that is not declared here, or a value of the wrong
+type, is rejected with the full dotted key in the message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from components.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+PARAMS_FILE = ROOT / "params.yaml"
+
+
+@dataclass
+class SplitConfig:
+    val: float = 0.15
+    test: float = 0.15
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"
+    format: str = "csv"
+    metadata: str | None = "metadata.csv"
+    file_column: str = "file"
+    label_column: str = "label"
+    classes: list[str] = field(default_factory=list)
+    sensitive_attributes: list[str] = field(default_factory=list)
+    channels: int = 1
+    image_size: list[int] = field(default_factory=lambda: [32, 32])
+    split: SplitConfig = field(default_factory=SplitConfig)
+    histogram_bins: int = 20
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    width: int = 32
+    dropout: float = 0.25
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 0.002
+    weight_decay: float = 0.0001
+    early_stopping_patience: int = 4
+    balanced_sampling: bool = False
+    device: str = "auto"
+    num_threads: int = 0
+    resume: bool = False
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Groups owned by later steps; each step validates its own section.
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    package: dict[str, Any] = field(default_factory=dict)
+    serve: dict[str, Any] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(cfg: DictConfig) -> None:
+    d, t = cfg.data, cfg.train
+    problems = []
+    if d.format not in ("csv", "imagefolder"):
+        problems.append(f"data.format must be 'csv' or 'imagefolder', got {d.format!r}")
+    if d.format == "csv" and not d.metadata:
+        problems.append("data.metadata is required when data.format is 'csv'")
+    if d.channels not in (1, 3):
+        problems.append(f"data.channels must be 1 or 3, got {d.channels}")
+    if len(d.image_size) != 2 or min(d.image_size) < 1:
+        problems.append(f"data.image_size must be [height, width], got {list(d.image_size)}")
+    if len(set(d.classes)) != len(d.classes) or len(d.classes) < 2:
+        problems.append("data.classes must list at least two distinct class names")
+    if not (0 <= d.split.val < 1 and 0 < d.split.test < 1 and d.split.val + d.split.test < 1):
+        problems.append("data.split.val and data.split.test must be fractions that sum below 1")
+    if t.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    for key in ("epochs", "batch_size"):
+        if t[key] < 1:
+            problems.append(f"train.{key} must be at least 1, got {t[key]}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def validate(raw: Any, source: str) -> DictConfig:
+    """Merge raw config onto the schema; unknown keys and wrong types raise ConfigError."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: {reason}" + (f" (key: {key})" if key else "")) from None
+    _check(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def load_config(params_file: str | os.PathLike = PARAMS_FILE, overrides: list[str] = ()) -> DictConfig:
+    """Load params.yaml (plus `key=value` overrides) and validate it against the schema."""
+    path = Path(params_file)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found (run `make params` to generate it from conf/)")
+    raw = OmegaConf.load(path)
+    if overrides:
+        try:
+            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"overrides {list(overrides)}: {exc}") from None
+    return validate(raw, str(path))
+
+
+def compose(overrides: list[str] = ()) -> DictConfig:
+    """Compose conf/ with Hydra overrides exactly as `dvc exp run -S` does, then validate."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "params.yaml"
+        _compose_to(out, overrides)
+        return validate(OmegaConf.load(out), "conf/")
+
+
+def _compose_to(out: Path, overrides: list[str]) -> None:
+    from dvc.utils.hydra import compose_and_dump
+    from hydra.errors import HydraException
+
+    try:
+        compose_and_dump(out, str(CONF_DIR), None, "config", str(ROOT / ".dvc" / "hydra_plugins"), list(overrides))
+    except HydraException as exc:
+        raise ConfigError(f"conf/: {exc}") from None
+
+
+def write_params(overrides: list[str] = (), params_file: Path = PARAMS_FILE) -> bool:
+    """Regenerate params.yaml from conf/; returns True when the file changed."""
+    with tempfile.TemporaryDirectory(dir=params_file.parent) as tmp:
+        out = Path(tmp) / "params.yaml"
+        _compose_to(out, overrides)
+        validate(OmegaConf.load(out), "conf/")
+        new = out.read_bytes()
+        if params_file.exists() and params_file.read_bytes() == new:
+            return False
+        os.replace(out, params_file)
+        return True
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved config, stable across key order and formatting."""
+    blob = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from components.errors import run_cli
+
+    parser = argparse.ArgumentParser(description="Regenerate params.yaml from conf/.")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.lr=0.01")
+
+    def _main() -> None:
+        args = parser.parse_args()
+        changed = write_params(args.overrides)
+        print(f"params.yaml {'regenerated' if changed else 'already up to date'} from conf/")
+
+    run_cli(_main)

@@ -1,0 +1,121 @@
+"""Reading raw datasets (CSV-listed or ImageFolder) and the prepared array cache."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from PIL import Image, UnidentifiedImageError
+
+from components.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MAX_LISTED_PROBLEMS = 200
+
+
+def list_dataset(data: DictConfig, root: Path) -> pd.DataFrame:
+    """One row per image: file (relative to root), label, and every sensitive attribute."""
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found (data.root)")
+    if data.format == "imagefolder":
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.parent != root)
+        table = pd.DataFrame(
+            {data.file_column: [p.relative_to(root).as_posix() for p in files], data.label_column: [p.parent.name for p in files]}
+        )
+        if data.metadata and (root / data.metadata).exists():
+            extra = _read_csv(root / data.metadata).drop(columns=[data.label_column], errors="ignore")
+            table = table.merge(extra, on=data.file_column, how="left")
+    else:
+        table = _read_csv(root / data.metadata)
+    required = [data.file_column, data.label_column, *data.sensitive_attributes]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise DataError(f"{root / (data.metadata or '')}: missing column(s) {missing}; columns are {list(table.columns)}")
+    return table[required].rename(columns={data.file_column: "file", data.label_column: "label"})
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise DataError(f"{path}: metadata file not found (data.metadata)")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc})") from None
+
+
+def row_problems(table: pd.DataFrame, data: DictConfig, source: str) -> list[str]:
+    """Every problem with the listing itself (labels, attributes, duplicates), one line each."""
+    problems = []
+    classes = set(data.classes)
+    duplicated = table["file"].duplicated(keep="first")
+    for i, row in enumerate(table.itertuples(index=False)):
+        where = f"{source} row {i + 2} ({row.file or '<empty file name>'})"
+        if not row.file:
+            problems.append(f"{where}: empty file name")
+        if duplicated.iloc[i]:
+            problems.append(f"{where}: file listed twice")
+        if row.label == "":
+            problems.append(f"{where}: missing label")
+        elif row.label not in classes:
+            problems.append(f"{where}: label {row.label!r} is not in data.classes")
+        for attr in data.sensitive_attributes:
+            value = getattr(row, attr) if attr.isidentifier() else table.iloc[i][attr]
+            if pd.isna(value) or value == "":
+                problems.append(f"{where}: missing sensitive attribute {attr!r}")
+    return problems
+
+
+def decode(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Decode one image to uint8 (C, H, W), converted to `channels` and resized to `size` (H, W)."""
+    with Image.open(path) as img:
+        img.load()
+        img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def decode_error(path: Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return decode(path, channels, size), None
+    except FileNotFoundError:
+        return None, "file not found"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return None, f"cannot decode image ({exc.__class__.__name__}: {exc})"
+
+
+def format_problems(problems: list[str]) -> str:
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(shown)
+    return f"{len(problems)} problem(s) in the data:\n  " + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
+
+
+@dataclass
+class Prepared:
+    """The output of prepare: uint8 images (N, C, H, W), the index table and the metadata."""
+
+    images: np.ndarray
+    index: pd.DataFrame
+    meta: dict
+
+    def split(self, name: str) -> tuple[np.ndarray, pd.DataFrame]:
+        rows = self.index.index[self.index["split"] == name].to_numpy()
+        return np.asarray(self.images[rows]), self.index.iloc[rows].reset_index(drop=True)
+
+
+def load_prepared(prepared_dir: str | Path) -> Prepared:
+    prepared_dir = Path(prepared_dir)
+    meta_file = prepared_dir / "prepared.json"
+    if not meta_file.exists():
+        raise DataError(f"{prepared_dir}: not a prepared dataset (no prepared.json); run the prepare step first")
+    meta = json.loads(meta_file.read_text())
+    index = pd.read_csv(prepared_dir / "index.csv", dtype={"file": str, "label": str}, keep_default_na=False)
+    for attr in meta["sensitive_attributes"]:
+        index[attr] = index[attr].astype(str)
+    images = np.load(prepared_dir / "images.npy", mmap_mode="r")
+    return Prepared(images=images, index=index, meta=meta)

@@ -1,0 +1,44 @@
+"""Interpretable per-image features, shared by prepare (reference statistics), evaluate
+(error analysis) and the serving handler (drift monitoring). numpy only, so the TorchServe
+archive can ship this file alone."""
+
+from __future__ import annotations
+
+import numpy as np
+
+FEATURES = ("brightness", "contrast", "ink_ratio", "sharpness")
+
+
+def image_features(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Features of a uint8 batch shaped (N, C, H, W); values are in [0, 1]-ish units."""
+    x = images.astype(np.float32) / 255.0
+    gray = x.mean(axis=1)
+    flat = gray.reshape(len(gray), -1)
+    background = np.median(flat, axis=1, keepdims=True)
+    grad_y = np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2))
+    grad_x = np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2))
+    return {
+        "brightness": flat.mean(axis=1),
+        "contrast": flat.std(axis=1),
+        "ink_ratio": (np.abs(flat - background) > 0.25).mean(axis=1),
+        "sharpness": (grad_x + grad_y) / 2,
+    }
+
+
+def feature_table(images: np.ndarray, chunk: int = 4096) -> dict[str, np.ndarray]:
+    """image_features over a large (memory-mapped) array, one chunk at a time."""
+    parts = [image_features(np.asarray(images[i : i + chunk])) for i in range(0, len(images), chunk)]
+    return {name: np.concatenate([p[name] for p in parts]) if parts else np.empty(0) for name in FEATURES}
+
+
+def reference_histograms(features: dict[str, np.ndarray], bins: int) -> dict[str, dict[str, list[float]]]:
+    """Histogram per feature with open-ended outer bins, so live values always land in a bin."""
+    out = {}
+    for name, values in features.items():
+        lo, hi = float(values.min()), float(values.max())
+        if hi <= lo:
+            hi = lo + 1e-6
+        inner = np.linspace(lo, hi, bins + 1)
+        counts, _ = np.histogram(values, bins=inner)
+        out[name] = {"edges": inner.tolist(), "counts": counts.astype(int).tolist()}
+    return out

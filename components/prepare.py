@@ -1,0 +1,124 @@
+"""prepare: validate the raw data, split it, decode it once into a uint8 array cache and
+save reference statistics for drift monitoring.
+
+Outputs (in `out_dir`): images.npy (N, C, H, W uint8), index.csv (file, label,
+label_index, split, sensitive attributes; row i is images.npy[i]), prepared.json
+(classes, shapes, normalisation, counts, lineage), reference_stats.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from components.config import load_config
+from components.dataset import decode_error, format_problems, list_dataset, row_problems
+from components.errors import DataError, run_cli
+from components.features import feature_table, reference_histograms
+from components.io import atomic_dir, write_json
+from components.lineage import lineage
+
+
+def stratified_split(strata: pd.Series, val: float, test: float, seed: int) -> np.ndarray:
+    """Assign train/val/test inside every stratum so each split keeps the stratum mix."""
+    rng = np.random.default_rng(seed)
+    split = np.full(len(strata), "train", dtype=object)
+    for key in sorted(strata.unique()):
+        rows = np.flatnonzero(strata.to_numpy() == key)
+        rng.shuffle(rows)
+        n_test, n_val = round(len(rows) * test), round(len(rows) * val)
+        split[rows[:n_test]] = "test"
+        split[rows[n_test : n_test + n_val]] = "val"
+    return split
+
+
+def channel_stats(images: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    total = np.zeros(images.shape[1])
+    total_sq = np.zeros(images.shape[1])
+    for i in range(0, len(rows), chunk):
+        x = np.asarray(images[rows[i : i + chunk]], dtype=np.float64) / 255.0
+        total += x.sum(axis=(0, 2, 3))
+        total_sq += (x**2).sum(axis=(0, 2, 3))
+    count = len(rows) * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+    return mean.round(6).tolist(), std.round(6).tolist()
+
+
+def prepare(cfg: DictConfig, data_dir: str | Path, out_dir: str | Path) -> dict:
+    data = cfg.data
+    root = Path(data_dir)
+    table = list_dataset(data, root)
+    if table.empty:
+        raise DataError(f"{root}: the dataset lists no images")
+    source = str(root / data.metadata) if data.format == "csv" else str(root)
+    problems = row_problems(table, data, source)
+    channels, size = data.channels, (data.image_size[0], data.image_size[1])
+
+    with atomic_dir(out_dir) as tmp:
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(table), channels, *size))
+        for i, file in enumerate(tqdm(table["file"], desc="prepare: decoding", unit="img", mininterval=1)):
+            array, problem = decode_error(root / file, channels, size)
+            if problem:
+                problems.append(f"{root / file}: {problem}")
+            else:
+                images[i] = array
+        if problems:
+            raise DataError(format_problems(problems))
+        images.flush()
+
+        table["label_index"] = table["label"].map({c: i for i, c in enumerate(data.classes)}).astype(int)
+        strata = table["label"].str.cat([table[a] for a in data.sensitive_attributes], sep="|")
+        table["split"] = stratified_split(strata, data.split.val, data.split.test, cfg.seed)
+        table.to_csv(tmp / "index.csv", index=False)
+
+        train_rows = np.flatnonzero(table["split"].to_numpy() == "train")
+        mean, std = channel_stats(images, train_rows)
+        features = feature_table(images[train_rows])
+        counts = {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")}
+        groups = {a: table[a].value_counts().sort_index().to_dict() for a in data.sensitive_attributes}
+        meta = {
+            "classes": list(data.classes),
+            "channels": channels,
+            "image_size": list(size),
+            "normalization": {"mean": mean, "std": std},
+            "sensitive_attributes": list(data.sensitive_attributes),
+            "counts": counts,
+            "groups": groups,
+            "data_config": OmegaConf.to_container(data),
+            "lineage": lineage(cfg),
+        }
+        write_json(tmp / "prepared.json", meta)
+        train_labels = table["label"].to_numpy()[train_rows]
+        write_json(
+            tmp / "reference_stats.json",
+            {
+                "features": reference_histograms(features, data.histogram_bins),
+                "class_distribution": {c: float((train_labels == c).mean()) for c in data.classes},
+                "n_images": len(train_rows),
+                "lineage": meta["lineage"],
+            },
+        )
+        del images
+    return meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Validate, split and cache the raw dataset.")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default=None, help="raw data folder (default: data.root)")
+    parser.add_argument("--out", default="artifacts/prepared")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.image_size=[28,28]")
+    args = parser.parse_args()
+    cfg = load_config(args.params, args.overrides)
+    meta = prepare(cfg, args.data or cfg.data.root, args.out)
+    print(f"prepare: {meta['counts']} images, groups {meta['groups']} -> {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

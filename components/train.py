@@ -1,0 +1,214 @@
+"""train: fit the configured model on the prepared cache, with early stopping,
+checkpoint/resume and DVCLive logging.
+
+Outputs: `out_dir`/model.safetensors (weights, no pickle; lineage in its metadata),
+`out_dir`/model.json (architecture, classes, preprocessing, metrics, lineage), DVCLive
+metrics and plots in `live_dir`, and a resumable checkpoint in `checkpoint_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from components.config import config_hash, load_config
+from components.dataset import Prepared, load_prepared
+from components.errors import ConfigError, DataError, run_cli
+from components.io import atomic_dir, write_json
+from components.lineage import lineage
+from components.models import build_model
+
+CHECKPOINT = "last.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+
+
+def group_keys(index, attributes: list[str]) -> np.ndarray:
+    return index["label"].str.cat([index[a] for a in attributes], sep="|").to_numpy() if attributes else index["label"].to_numpy()
+
+
+def balanced_weights(keys: np.ndarray) -> torch.Tensor:
+    """Sampling weight 1/|cell| so every (label, sensitive group) cell is drawn equally often."""
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    return torch.tensor(1.0 / counts[inverse], dtype=torch.float64)
+
+
+class Normalize(nn.Module):
+    """uint8 (N, C, H, W) -> normalised float, on whatever device the batch is on."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, norm: Normalize, images: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
+    model.eval()
+    outs = []
+    for i in range(0, len(images), batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outs.append(model(norm(images[i : i + batch].to(device))).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def model_spec(cfg: DictConfig, prepared: Prepared) -> dict:
+    meta = prepared.meta
+    return {
+        "model": OmegaConf.to_container(cfg.model),
+        "classes": meta["classes"],
+        "channels": meta["channels"],
+        "image_size": meta["image_size"],
+        "normalization": meta["normalization"],
+        "sensitive_attributes": meta["sensitive_attributes"],
+    }
+
+
+def _resume_key(cfg: DictConfig) -> str:
+    """Config hash that ignores the knobs allowed to change between a run and its resume."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container["train"].pop("resume")
+    return config_hash(OmegaConf.create(container))
+
+
+def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_dir: str | Path = "dvclive",
+          checkpoint_dir: str | Path = "artifacts/checkpoints") -> dict:
+    from dvclive import Live
+
+    t = cfg.train
+    prepared = load_prepared(prepared_dir)
+    if prepared.meta["classes"] != list(cfg.data.classes) or prepared.meta["channels"] != cfg.data.channels:
+        raise DataError(f"{prepared_dir}: prepared with other classes/channels than the config; re-run prepare")
+    device = resolve_device(t.device)
+    seed_everything(cfg.seed, device)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+
+    x_train, index_train = prepared.split("train")
+    x_val, index_val = prepared.split("val")
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise DataError(f"{prepared_dir}: the train or validation split is empty; add data or change data.split")
+    images, labels = torch.from_numpy(x_train), torch.from_numpy(index_train["label_index"].to_numpy())
+    val_images, val_labels = torch.from_numpy(x_val), torch.from_numpy(index_val["label_index"].to_numpy())
+    spec = model_spec(cfg, prepared)
+    model = build_model(cfg.model.name, spec["channels"], len(spec["classes"]), tuple(spec["image_size"]), cfg.model.width, cfg.model.dropout).to(device)
+    norm = Normalize(**spec["normalization"]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    weights = balanced_weights(group_keys(index_train, spec["sensitive_attributes"])) if t.balanced_sampling else None
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0, "best_state": None}
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT
+    resumed = t.resume and checkpoint.exists()
+    if resumed:
+        saved = torch.load(checkpoint, weights_only=True)
+        if saved["resume_key"] != _resume_key(cfg):
+            raise ConfigError(f"{checkpoint}: checkpoint was written with another config; delete it or set train.resume=false")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = saved["state"]
+
+    live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=False)
+    n, batch = len(images), t.batch_size
+    epochs = tqdm(range(state["epoch"], t.epochs), desc="train", unit="epoch", initial=state["epoch"], total=t.epochs)
+    for epoch in epochs:
+        model.train()
+        order = torch.multinomial(weights, n, replacement=True, generator=generator) if weights is not None else torch.randperm(n, generator=generator)
+        total_loss = 0.0
+        for i in range(0, n, batch):
+            ids = order[i : i + batch]
+            x, y = norm(images[ids].to(device, non_blocking=True)), labels[ids].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(ids)
+        logits = predict_logits(model, norm, val_images, device)
+        val_loss = loss_fn(logits, val_labels).item()
+        val_acc = (logits.argmax(1) == val_labels).float().mean().item()
+        live.log_metric("train/loss", total_loss / n)
+        live.log_metric("val/loss", val_loss)
+        live.log_metric("val/accuracy", val_acc)
+        live.next_step()
+        epochs.set_postfix(train_loss=f"{total_loss / n:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
+
+        if val_loss < state["best_loss"]:
+            state.update(best_loss=val_loss, best_epoch=epoch, bad_epochs=0, best_state=copy.deepcopy(model.state_dict()))
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "state": state, "resume_key": _resume_key(cfg)}, tmp)
+        tmp.replace(checkpoint)
+        if t.early_stopping_patience and state["bad_epochs"] >= t.early_stopping_patience:
+            tqdm.write(f"train: early stop after epoch {epoch + 1} (best epoch {state['best_epoch'] + 1})")
+            break
+
+    model.load_state_dict(state["best_state"])
+    logits = predict_logits(model, norm, val_images, device)
+    metrics = {
+        "val_loss": round(loss_fn(logits, val_labels).item(), 6),
+        "val_accuracy": round((logits.argmax(1) == val_labels).float().mean().item(), 6),
+        "best_epoch": state["best_epoch"] + 1,
+        "epochs_run": state["epoch"],
+    }
+    for key, value in metrics.items():
+        live.summary[key] = value
+    live.make_summary()
+    live.end()
+
+    spec.update(metrics=metrics, lineage=lineage(cfg), device=device.type)
+    with atomic_dir(out_dir) as tmp_dir:
+        weights_cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights_cpu, str(tmp_dir / "model.safetensors"), metadata={"spec": json.dumps(spec, sort_keys=True)})
+        write_json(tmp_dir / "model.json", spec)
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train the configured model on the prepared data.")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", default="artifacts/prepared")
+    parser.add_argument("--out", default="artifacts/model")
+    parser.add_argument("--live", default="dvclive")
+    parser.add_argument("--checkpoints", default="artifacts/checkpoints")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=0.01")
+    args = parser.parse_args()
+    metrics = train(load_config(args.params, args.overrides), args.prepared, args.out, args.live, args.checkpoints)
+    print(f"train: {metrics} -> {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
