@@ -105,7 +105,7 @@ class Prepared:
 
     def split(self, name: str) -> tuple[np.ndarray, pd.DataFrame]:
         rows = self.index.index[self.index["split"] == name].to_numpy()
-        return np.asarray(self.images[rows]), self.index.iloc[rows].reset_index(drop=True)
+        return np.array(self.images[rows]), self.index.iloc[rows].reset_index(drop=True)
 
 
 def load_prepared(prepared_dir: str | Path) -> Prepared:

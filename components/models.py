@@ -3,13 +3,39 @@ adapted to the input channels and image size."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torchvision
+from safetensors.torch import load_file
 from torch import nn
 
-from components.errors import ConfigError
+from components.errors import ConfigError, DataError
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
+
+
+class Normalize(nn.Module):
+    """uint8 (N, C, H, W) -> normalised float, on whatever device the batch is on."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, norm: Normalize, images: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
+    model.eval()
+    outs = []
+    for i in range(0, len(images), batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outs.append(model(norm(images[i : i + batch].to(device))).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
 
 
 class SmallCNN(nn.Module):
@@ -47,9 +73,14 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: tuple
     raise ConfigError(f"model.name: unknown model {name!r}; choose 'cnn' or one of {list(RESNETS)}")
 
 
-def model_from_spec(spec: dict) -> nn.Module:
-    """Rebuild the architecture described in model.json (weights loaded separately)."""
-    return build_model(
-        spec["model"]["name"], spec["channels"], len(spec["classes"]), tuple(spec["image_size"]),
-        spec["model"]["width"], spec["model"]["dropout"],
-    )
+def load_trained(model_dir: str | Path) -> tuple[nn.Module, Normalize, dict]:
+    """The trained model (eval mode, CPU), its input normalisation and its spec (model.json)."""
+    model_dir = Path(model_dir)
+    spec_file, weights = model_dir / "model.json", model_dir / "model.safetensors"
+    if not spec_file.exists() or not weights.exists():
+        raise DataError(f"{model_dir}: no trained model (model.json + model.safetensors); run the train step first")
+    spec = json.loads(spec_file.read_text())
+    model = build_model(spec["model"]["name"], spec["channels"], len(spec["classes"]), tuple(spec["image_size"]),
+                        spec["model"]["width"], spec["model"]["dropout"])
+    model.load_state_dict(load_file(weights))
+    return model.eval(), Normalize(**spec["normalization"]), spec

@@ -62,7 +62,7 @@ def prepare(cfg: DictConfig, data_dir: str | Path, out_dir: str | Path) -> dict:
 
     with atomic_dir(out_dir) as tmp:
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(table), channels, *size))
-        for i, file in enumerate(tqdm(table["file"], desc="prepare: decoding", unit="img", mininterval=1)):
+        for i, file in enumerate(tqdm(table["file"], desc="prepare: decoding", unit="img", mininterval=1, disable=None)):
             array, problem = decode_error(root / file, channels, size)
             if problem:
                 problems.append(f"{root / file}: {problem}")

@@ -27,7 +27,7 @@ from components.dataset import Prepared, load_prepared
 from components.errors import ConfigError, DataError, run_cli
 from components.io import atomic_dir, write_json
 from components.lineage import lineage
-from components.models import build_model
+from components.models import Normalize, build_model, predict_logits
 
 CHECKPOINT = "last.pt"
 
@@ -56,28 +56,6 @@ def balanced_weights(keys: np.ndarray) -> torch.Tensor:
     return torch.tensor(1.0 / counts[inverse], dtype=torch.float64)
 
 
-class Normalize(nn.Module):
-    """uint8 (N, C, H, W) -> normalised float, on whatever device the batch is on."""
-
-    def __init__(self, mean: list[float], std: list[float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, norm: Normalize, images: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
-    model.eval()
-    outs = []
-    for i in range(0, len(images), batch):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            outs.append(model(norm(images[i : i + batch].to(device))).float().cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
-
-
 def model_spec(cfg: DictConfig, prepared: Prepared) -> dict:
     meta = prepared.meta
     return {
@@ -94,6 +72,7 @@ def _resume_key(cfg: DictConfig) -> str:
     """Config hash that ignores the knobs allowed to change between a run and its resume."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container["train"].pop("resume")
+    container["train"].pop("epochs")  # resuming may extend a run
     return config_hash(OmegaConf.create(container))
 
 
@@ -114,8 +93,8 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     x_val, index_val = prepared.split("val")
     if len(x_train) == 0 or len(x_val) == 0:
         raise DataError(f"{prepared_dir}: the train or validation split is empty; add data or change data.split")
-    images, labels = torch.from_numpy(x_train), torch.from_numpy(index_train["label_index"].to_numpy())
-    val_images, val_labels = torch.from_numpy(x_val), torch.from_numpy(index_val["label_index"].to_numpy())
+    images, labels = torch.from_numpy(x_train), torch.tensor(index_train["label_index"].to_numpy())
+    val_images, val_labels = torch.from_numpy(x_val), torch.tensor(index_val["label_index"].to_numpy())
     spec = model_spec(cfg, prepared)
     model = build_model(cfg.model.name, spec["channels"], len(spec["classes"]), tuple(spec["image_size"]), cfg.model.width, cfg.model.dropout).to(device)
     norm = Normalize(**spec["normalization"]).to(device)
@@ -139,7 +118,7 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
 
     live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=False)
     n, batch = len(images), t.batch_size
-    epochs = tqdm(range(state["epoch"], t.epochs), desc="train", unit="epoch", initial=state["epoch"], total=t.epochs)
+    epochs = tqdm(range(state["epoch"], t.epochs), desc="train", unit="epoch", initial=state["epoch"], total=t.epochs, disable=None)
     for epoch in epochs:
         model.train()
         order = torch.multinomial(weights, n, replacement=True, generator=generator) if weights is not None else torch.randperm(n, generator=generator)

@@ -1,0 +1,105 @@
+"""train: determinism, resume, balanced sampling, model zoo, lineage, pickle-free weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from components.errors import ConfigError
+from components.models import build_model, load_trained
+from components.prepare import prepare
+from components.train import balanced_weights, train
+from tests.conftest import small_config
+
+
+def _run(cfg, data, out, name):
+    prepare(cfg, data, out / "prepared")
+    return train(cfg, out / "prepared", out / name, out / f"live_{name}", out / f"ckpt_{name}")
+
+
+def test_two_clean_runs_give_identical_weights_and_metrics(tiny_dataset, tmp_path):
+    cfg = small_config(tiny_dataset, "train.epochs=3")
+    first = _run(cfg, tiny_dataset, tmp_path / "one", "model")
+    second = _run(cfg, tiny_dataset, tmp_path / "two", "model")
+    assert first == second
+    weights = [(tmp_path / d / "model" / "model.safetensors").read_bytes() for d in ("one", "two")]
+    assert weights[0] == weights[1]
+    live = [(tmp_path / d / "live_model" / "metrics.json").read_text() for d in ("one", "two")]
+    assert live[0] == live[1]
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(tiny_dataset, tmp_path):
+    fixed = ("train.early_stopping_patience=0",)
+    _run(small_config(tiny_dataset, "train.epochs=4", *fixed), tiny_dataset, tmp_path, "full")
+    # An interrupted run: its last checkpoint is after epoch 2.
+    ckpt = tmp_path / "ckpt_part"
+    train(small_config(tiny_dataset, "train.epochs=2", *fixed), tmp_path / "prepared", tmp_path / "part", tmp_path / "live_part", ckpt)
+    assert torch.load(ckpt / "last.pt", weights_only=True)["state"]["epoch"] == 2
+
+    other = small_config(tiny_dataset, "train.epochs=4", "train.lr=0.5", "train.resume=true", *fixed)
+    with pytest.raises(ConfigError, match="another config"):
+        train(other, tmp_path / "prepared", tmp_path / "x", tmp_path / "live_part", ckpt)
+
+    resumed = small_config(tiny_dataset, "train.epochs=4", "train.resume=true", *fixed)
+    metrics = train(resumed, tmp_path / "prepared", tmp_path / "resumed", tmp_path / "live_part", ckpt)
+    assert metrics["epochs_run"] == 4
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    again = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert full.keys() == again.keys()
+    assert all(torch.equal(full[k], again[k]) for k in full)
+
+
+def test_weights_load_without_pickle_and_carry_lineage(tiny_dataset, tmp_path):
+    cfg = small_config(tiny_dataset)
+    _run(cfg, tiny_dataset, tmp_path, "model")
+    with safe_open(tmp_path / "model" / "model.safetensors", "pt") as f:
+        spec = json.loads(f.metadata()["spec"])
+    assert set(spec["lineage"]) >= {"git_commit", "data_hash", "config_hash"}
+    assert spec["classes"] == ["a", "b", "c"]
+    model, norm, loaded_spec = load_trained(tmp_path / "model")
+    assert loaded_spec == spec
+    logits = model(norm(torch.zeros(2, 1, 16, 16, dtype=torch.uint8)))
+    assert logits.shape == (2, 3)
+
+
+def test_training_learns_the_tiny_task(tiny_dataset, tmp_path):
+    metrics = _run(small_config(tiny_dataset, "train.epochs=15", "train.lr=0.01"), tiny_dataset, tmp_path, "model")
+    assert metrics["val_accuracy"] >= 0.8
+
+
+def test_balanced_sampling_weights_equalise_cells():
+    keys = ["a|x"] * 6 + ["a|y"] * 2 + ["b|x"] * 2
+    weights = balanced_weights(__import__("numpy").array(keys))
+    per_cell = {k: float(weights[[i for i, kk in enumerate(keys) if kk == k]].sum()) for k in set(keys)}
+    assert per_cell == pytest.approx({"a|x": 1.0, "a|y": 1.0, "b|x": 1.0})
+
+
+def test_balanced_sampling_changes_the_model(tiny_dataset, tmp_path):
+    plain = _run(small_config(tiny_dataset), tiny_dataset, tmp_path / "p", "model")
+    balanced = _run(small_config(tiny_dataset, "train.balanced_sampling=true"), tiny_dataset, tmp_path / "b", "model")
+    assert (tmp_path / "p/model/model.safetensors").read_bytes() != (tmp_path / "b/model/model.safetensors").read_bytes()
+    assert plain.keys() == balanced.keys()
+
+
+@pytest.mark.parametrize("name,channels,size", [("resnet18", 3, (16, 16)), ("resnet18", 1, (128, 96)), ("cnn", 3, (40, 30))])
+def test_model_zoo_adapts_to_channels_and_size(name, channels, size):
+    model = build_model(name, channels, 7, size).eval()
+    assert model(torch.zeros(2, channels, *size)).shape == (2, 7)
+
+
+def test_unknown_model_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.name"):
+        build_model("vgg_tiny", 1, 3, (16, 16))
+
+
+def test_resnet18_trains_end_to_end_on_rgb(tmp_path):
+    from tests.conftest import make_image_dataset
+
+    data = make_image_dataset(tmp_path / "rgb", channels=3, per_class=14)
+    cfg = small_config(data, "model=resnet18", "train.epochs=1", channels=3)
+    metrics = _run(cfg, data, tmp_path, "model")
+    assert metrics["epochs_run"] == 1
