@@ -66,16 +66,35 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    pass  # fields: see conf/evaluate/default.yaml
+
+
+@dataclass
+class PackageConfig:
+    pass  # fields: see conf/package/default.yaml
+
+
+@dataclass
+class ServeConfig:
+    pass  # fields: see conf/serve/default.yaml
+
+
+@dataclass
+class PipelineConfig:
+    pass  # fields: see conf/pipeline/default.yaml
+
+
+@dataclass
 class Config:
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # Groups owned by later steps; each step validates its own section.
-    evaluate: dict[str, Any] = field(default_factory=dict)
-    package: dict[str, Any] = field(default_factory=dict)
-    serve: dict[str, Any] = field(default_factory=dict)
-    pipeline: dict[str, Any] = field(default_factory=dict)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    package: PackageConfig = field(default_factory=PackageConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def _check(cfg: DictConfig) -> None:
