@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 from components.config import ROOT
 from components.errors import DataError, run_cli
 from components.io import atomic_dir
+from components.lineage import data_hash
 
 # These constants define the shipped example (and so the hash in data.dvc); they are not
 # experiment parameters.
@@ -68,9 +70,16 @@ def remote_configured() -> bool:
     return (ROOT / ".dvc" / "config.local").exists() or "AWS_ACCESS_KEY_ID" in os.environ
 
 
-def matches_data_dvc() -> bool:
-    result = _dvc("status", "--json", "data.dvc")
-    return result.returncode == 0 and json.loads(result.stdout or "{}") == {}
+def dvc_dir_hash(folder: Path) -> str:
+    """The md5 DVC would record for `folder` (computed with DVC's own hashing library)."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db.local import LocalHashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory() as scratch:
+        _, _, obj = build(LocalHashFileDB(fs, scratch), str(folder), fs, "md5")
+    return obj.hash_info.value
 
 
 def ensure_data(data_dir: Path = ROOT / "data") -> str:
@@ -82,7 +91,8 @@ def ensure_data(data_dir: Path = ROOT / "data") -> str:
             return "pulled from the DVC remote"
         print("warning: `dvc pull data.dvc` failed; regenerating the sample data instead")
     generate(data_dir)
-    if not matches_data_dvc():
+    if dvc_dir_hash(data_dir) != data_hash():
+        shutil.rmtree(data_dir)
         raise DataError(
             f"{data_dir} was regenerated but its hash does not match data.dvc; "
             "data.dvc points at other data: configure the remote and run `dvc pull`"

