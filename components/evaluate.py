@@ -1,0 +1,171 @@
+"""evaluate: quality metrics, fairness across sensitive groups, interpretability, and the
+reports a reviewer reads before a model may be promoted.
+
+Outputs (in `reports_dir`): metrics.json (DVC metrics), fairness.json (a verdict per check),
+plots/confusion.json and plots/reliability.json (DVC plots), evaluation.html (self-contained)
+and model_card.md. They are built in a scratch folder and moved into place only when all of
+them are complete; other files in `reports_dir` are left alone.
+
+A fairness violation with `evaluate.fail_on_violation` raises FairnessViolation *after* the
+reports are written: they are the evidence a reviewer needs to see why the gate closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from components.config import load_config
+from components.dataset import Prepared, load_prepared
+from components.errors import ConfigError, DataError, StepError, run_cli
+from components.explanations import attribution_grids, error_analysis, error_features
+from components.fairness import fairness_report, require_groups
+from components.io import write_json
+from components.lineage import lineage
+from components.models import load_trained, predict_logits
+from components.report import Evaluation, render_html, render_model_card
+from components.train import resolve_device
+
+REPORT_FILES = ("metrics.json", "fairness.json", "plots/confusion.json", "plots/reliability.json", "evaluation.html", "model_card.md")
+
+
+class FairnessViolation(StepError):
+    """A fairness check failed and evaluate.fail_on_violation is set (the reports are written)."""
+
+
+def audited_attributes(cfg: DictConfig, prepared: Prepared, prepared_dir: Path) -> list[str]:
+    wanted = cfg.evaluate.sensitive_attributes
+    attributes = list(cfg.data.sensitive_attributes if wanted is None else wanted)
+    unknown = [a for a in attributes if a not in prepared.meta["sensitive_attributes"]]
+    if unknown:
+        raise ConfigError(f"evaluate.sensitive_attributes: {unknown} not in the data; {prepared_dir / 'prepared.json'} "
+                          f"has {prepared.meta['sensitive_attributes']}")
+    return attributes
+
+
+def check_model_matches_data(spec: dict, meta: dict, model_dir: Path, prepared_dir: Path) -> None:
+    mismatches = [f"{key}: model {spec[key]} vs data {meta[key]}" for key in ("classes", "channels", "image_size") if spec[key] != meta[key]]
+    if mismatches:
+        raise DataError(f"{model_dir} does not fit {prepared_dir} ({'; '.join(mismatches)}); retrain on this data")
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> tuple[float, list[dict]]:
+    """Expected calibration error of the top-label confidence over equal-width bins, and the
+    non-empty bins (for the reliability curve). scikit-learn's calibration tools are binary only."""
+    which = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    ece, bins = 0.0, []
+    for b in np.unique(which):
+        members = which == b
+        conf, acc = float(confidence[members].mean()), float(correct[members].mean())
+        ece += members.mean() * abs(acc - conf)
+        bins.append({"bin": f"{b / n_bins:.2f}-{(b + 1) / n_bins:.2f}", "confidence": conf, "accuracy": acc, "count": int(members.sum())})
+    return float(ece), bins
+
+
+def quality_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], n_bins: int) -> tuple[dict, list[dict]]:
+    y_pred, labels = probs.argmax(axis=1), list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    macro = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    ece, bins = calibration(probs.max(axis=1), y_pred == y_true, n_bins)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "precision_macro": float(macro[0]), "recall_macro": float(macro[1]), "f1_macro": float(macro[2]),
+        "ece": ece,
+        "n_test": len(y_true),
+        "per_class": {c: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]), "support": int(support[k])}
+                      for k, c in enumerate(classes)},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }, bins
+
+
+def fairness_summary(fairness: dict) -> dict:
+    """The headline fairness numbers, for `dvc metrics show/diff`."""
+    summary = {"checks_failed": sum(not c["passed"] for c in fairness["checks"])}
+    for name, report in fairness["groupings"].items():
+        gap = report["accuracy_gap"]
+        summary[name] = {
+            "accuracy_difference": report["difference"]["accuracy"],
+            "accuracy_gap_low": gap["low"], "accuracy_gap_high": gap["high"],
+            "demographic_parity_difference": report["demographic_parity_difference"]["value"],
+            "equalized_odds_difference": report["equalized_odds_difference"]["value"],
+            **{f"accuracy_{g}": r["accuracy"] for g, r in report["groups"].items()},
+        }
+    return summary
+
+
+def write_reports(ev: Evaluation, metrics: dict, classes: list[str], y_true: np.ndarray, y_pred: np.ndarray, out: Path) -> None:
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "fairness.json", {**ev.fairness, "lineage": ev.lineage})
+    write_json(out / "plots" / "confusion.json", [{"actual": classes[t], "predicted": classes[p]} for t, p in zip(y_true, y_pred)])
+    write_json(out / "plots" / "reliability.json", ev.reliability)
+    (out / "evaluation.html").write_text(render_html(ev), encoding="utf-8")
+    (out / "model_card.md").write_text(render_model_card(ev), encoding="utf-8")
+
+
+def publish(scratch: Path, reports_dir: Path) -> None:
+    # reports/ may hold other steps' files, so ours are moved in one by one, not the folder swapped.
+    for name in REPORT_FILES:
+        (reports_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(scratch / name, reports_dir / name)
+
+
+def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, reports_dir: str | Path) -> dict:
+    """Evaluate the trained model on the test split and write the reports; returns metrics.json's content."""
+    prepared_dir, model_dir, reports_dir = Path(prepared_dir), Path(model_dir), Path(reports_dir)
+    e = cfg.evaluate
+    prepared = load_prepared(prepared_dir)
+    model, norm, spec = load_trained(model_dir)
+    check_model_matches_data(spec, prepared.meta, model_dir, prepared_dir)
+    attributes = audited_attributes(cfg, prepared, prepared_dir)
+    images, index = prepared.split("test")
+    if len(images) == 0:
+        raise DataError(f"{prepared_dir}: the test split is empty; add data or change data.split")
+    require_groups(index[attributes], {a: list(prepared.meta["groups"][a]) for a in attributes}, str(prepared_dir))
+
+    device = resolve_device(cfg.train.device)
+    model, norm = model.to(device), norm.to(device)
+    probs = torch.softmax(predict_logits(model, norm, torch.from_numpy(images), device), dim=1).numpy()
+    classes, y_true, y_pred = spec["classes"], index["label_index"].to_numpy(), probs.argmax(axis=1)
+
+    quality, reliability = quality_metrics(y_true, probs, classes, e.calibration_bins)
+    fairness = fairness_report(y_true, y_pred, index[attributes], classes, e, cfg.seed)
+    errors = error_analysis(error_features(images, index, attributes, probs), y_pred != y_true, e, cfg.seed)
+    grids = attribution_grids(model, norm, images, index, probs, attributes, classes, e, device, cfg.seed)
+    ev = Evaluation(model=spec, data=prepared.meta, config=OmegaConf.to_container(cfg, resolve=True), quality=quality,
+                    reliability=reliability, fairness=fairness, error_analysis=errors, attributions=grids, lineage=lineage(cfg))
+    metrics = {**quality, "fairness": fairness_summary(fairness), "lineage": ev.lineage}
+
+    reports_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{reports_dir.name}.", dir=reports_dir.parent) as scratch:
+        write_reports(ev, metrics, classes, y_true, y_pred, Path(scratch))
+        publish(Path(scratch), reports_dir)
+    if fairness["violations"] and e.fail_on_violation:
+        raise FairnessViolation(f"fairness gate failed (evaluate.fail_on_violation=true): {'; '.join(fairness['violations'])}. "
+                                f"The reports in {reports_dir} show the evidence.")
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Evaluate the trained model: quality, fairness, interpretability, reports.")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", default="artifacts/prepared")
+    parser.add_argument("--model", default="artifacts/model")
+    parser.add_argument("--reports", default="reports")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. evaluate.fail_on_violation=true")
+    args = parser.parse_args()
+    metrics = evaluate(load_config(args.params, args.overrides), args.prepared, args.model, args.reports)
+    verdict = "passed" if not metrics["fairness"]["checks_failed"] else f"{metrics['fairness']['checks_failed']} check(s) failed"
+    print(f"evaluate: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}, "
+          f"ECE {metrics['ece']:.4f}, fairness {verdict} -> {args.reports}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,136 @@
+"""package: the trained model as ONNX (checked against torch) and as a TorchServe archive.
+
+Outputs (in `out_dir`): model.onnx (signature + lineage in its metadata), signature.json,
+<model_name>.mar (handler, model, signature, reference statistics), reference_stats.json
+(from prepare, for drift), samples/ (test images for the deploy smoke test) and
+package.json (version, sha256 of the .mar, parity figures, samples, lineage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from omegaconf import DictConfig
+from PIL import Image
+
+from components.config import ROOT, load_config
+from components.dataset import load_prepared
+from components.errors import DataError, StepError, run_cli
+from components.io import atomic_dir, write_bytes_atomic, write_json
+from components.lineage import lineage
+from components.models import load_trained
+from components.onnx_export import check_parity, embed_metadata, export_onnx, model_signature, onnx_logits
+
+HANDLER = ROOT / "serve" / "handler.py"
+FEATURES_MODULE = ROOT / "components" / "features.py"
+
+
+class ArchiveError(StepError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_mar(model_name: str, version: str, package_dir: Path, handler: Path = HANDLER) -> Path:
+    """torch-model-archiver: handler + model.onnx + signature + reference statistics + features.py."""
+    with tempfile.TemporaryDirectory() as scratch:
+        extras = Path(scratch) / "extras"
+        (extras / "components").mkdir(parents=True)
+        (extras / "components" / "__init__.py").touch()
+        shutil.copy(FEATURES_MODULE, extras / "components")
+        for name in ("signature.json", "reference_stats.json"):
+            shutil.copy(package_dir / name, extras)
+        command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", model_name, "--version", version,
+                   "--serialized-file", str(package_dir / "model.onnx"), "--handler", str(handler),
+                   "--extra-files", str(extras), "--export-path", str(package_dir), "--force"]
+        # The archiver stages files in $TMPDIR/<model_name>: a private TMPDIR keeps parallel builds apart.
+        result = subprocess.run(command, env={**os.environ, "TMPDIR": scratch}, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ArchiveError(f"torch-model-archiver failed for {model_name}: {result.stderr.strip()[-2000:]}")
+    return package_dir / f"{model_name}.mar"
+
+
+def write_samples(out: Path, pixels: np.ndarray, labels: list[str], expected: list[str]) -> list[dict]:
+    """Test images as PNG files, with the label and the prediction the server must reproduce."""
+    samples = []
+    for i, (image, label, prediction) in enumerate(zip(pixels, labels, expected)):
+        buffer = io.BytesIO()
+        Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buffer, format="PNG")
+        write_bytes_atomic(out / f"samples/{i:02d}.png", buffer.getvalue())
+        samples.append({"file": f"samples/{i:02d}.png", "label": label, "expected": prediction})
+    return samples
+
+
+def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, out_dir: str | Path) -> dict:
+    p = cfg.package
+    prepared = load_prepared(prepared_dir)
+    model, norm, spec = load_trained(model_dir)
+    if spec["classes"] != prepared.meta["classes"] or spec["image_size"] != prepared.meta["image_size"]:
+        raise DataError(f"{model_dir}: trained on other classes or image size than {prepared_dir}; re-run train")
+    pixels, index = prepared.split("test")
+    if len(pixels) == 0:
+        raise DataError(f"{prepared_dir}: the test split is empty; parity cannot be checked")
+    signature = model_signature(spec, p.top_k)
+    run_lineage = lineage(cfg)
+
+    with atomic_dir(out_dir) as tmp:
+        onnx_path = tmp / "model.onnx"
+        export_onnx(model, signature, onnx_path, p.opset_version)
+        parity = check_parity(onnx_path, model, norm, pixels, signature, p.parity_atol)
+        embed_metadata(onnx_path, {"signature": json.dumps(signature, sort_keys=True), "model_lineage": json.dumps(spec["lineage"], sort_keys=True),
+                                   **{key: str(value) for key, value in run_lineage.items()}})
+        write_json(tmp / "signature.json", signature)
+        shutil.copyfile(Path(prepared_dir) / "reference_stats.json", tmp / "reference_stats.json")
+        version = hashlib.sha256(onnx_path.read_bytes() + (tmp / "signature.json").read_bytes()).hexdigest()[:12]
+
+        chosen = np.linspace(0, len(pixels) - 1, min(p.smoke_samples, len(pixels))).astype(int)
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        predicted = onnx_logits(session, pixels[chosen], signature).argmax(1)
+        samples = write_samples(tmp, pixels[chosen], index["label"].iloc[chosen].tolist(), [spec["classes"][c] for c in predicted])
+
+        mar = build_mar(p.model_name, version, tmp)
+        manifest = {
+            "model_name": p.model_name,
+            "version": version,
+            "mar": {"file": mar.name, "sha256": sha256_file(mar)},
+            "parity": parity,
+            "samples": samples,
+            "lineage": {**run_lineage, "model": spec["lineage"]},
+        }
+        write_json(tmp / "package.json", manifest)
+    return manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Export the trained model to ONNX and build the TorchServe archive.")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", default="artifacts/prepared")
+    parser.add_argument("--model", default="artifacts/model")
+    parser.add_argument("--out", default="artifacts/package")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. package.top_k=5")
+    args = parser.parse_args()
+    manifest = package(load_config(args.params, args.overrides), args.prepared, args.model, args.out)
+    parity = manifest["parity"]
+    print(f"package: {manifest['model_name']} version {manifest['version']}, parity max |diff| {parity['max_abs_diff']:.1e} "
+          f"on {parity['images']} test images -> {args.out}/{manifest['mar']['file']}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,116 @@
+"""python -m serve up | down | status | predict FILE | drift
+
+The local TorchServe of this project: `up` starts it (if needed) and deploys the package,
+`down` stops it, `status` shows it, `predict` sends one image with the key from the key
+file, `drift` compares the prediction log with the reference statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from components.config import ROOT, load_config
+from components.deploy import default_version, deploy, list_versions, read_package
+from components.errors import run_cli
+from serve import server
+from serve.drift import check_drift
+
+
+def up(cfg, args) -> None:
+    package_dir = Path(args.package)
+    package = read_package(package_dir)
+    if server.running_pid(cfg) is None:
+        started = time.monotonic()
+        server.start(cfg)
+        print(f"serve: TorchServe started in {time.monotonic() - started:.1f} s (pid {server.running_pid(cfg)}, "
+              f"state in {server.state_dir(cfg).root})")
+    result = deploy(cfg, package_dir / package["mar"]["file"], package["version"])
+    endpoint = server.local_endpoint(cfg)
+    sample = package_dir / package["samples"][0]["file"]
+    print(f"serve: {result['model_name']} version {result['version']} is the default "
+          f"(smoke test passed on {result['smoke_samples']} images)\n"
+          f"  predict:  curl -X POST {result['endpoint']} -T {_shown(sample)} "
+          f"-H \"Authorization: Bearer {endpoint.inference_token}\"\n"
+          f"            .venv/bin/python -m serve predict {_shown(sample)}\n"
+          f"  metrics:  curl {endpoint.metrics_url}\n"
+          f"  stop:     make stop")
+
+
+def _shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def down(cfg, args) -> None:
+    print("serve: TorchServe stopped" if server.stop(cfg) else "serve: TorchServe was not running")
+
+
+def status(cfg, args) -> None:
+    pid = server.running_pid(cfg)
+    if pid is None:
+        print("serve: TorchServe is not running")
+        sys.exit(1)
+    endpoint = server.local_endpoint(cfg)
+    print(f"serve: TorchServe running (pid {pid}), inference {endpoint.inference_url}, metrics {endpoint.metrics_url}")
+    name = cfg.package.model_name
+    default = default_version(endpoint, name)
+    for version in list_versions(endpoint, name):
+        print(f"  {name} {version}{' (default)' if version == default else ''}")
+
+
+def predict(cfg, args) -> None:
+    endpoint = server.local_endpoint(cfg)
+    url = f"{endpoint.inference_url}/predictions/{cfg.package.model_name}" + (f"/{args.version}" if args.version else "")
+    response = requests.post(url, data=Path(args.file).read_bytes(), headers=server.bearer(endpoint.inference_token), timeout=30)
+    print(json.dumps(response.json() if response.content else {"status": response.status_code}, indent=2))
+    if not response.ok:
+        sys.exit(1)
+
+
+def drift(cfg, args) -> None:
+    log_file = Path(args.log) if args.log else server.prediction_log(cfg)
+    report = check_drift(cfg, log_file, Path(args.package) / "reference_stats.json", Path(args.out))
+    for name, f in report["features"].items():
+        print(f"  {name:<10} PSI {f['psi']:.4f}  KS {f['ks_statistic']:.4f}  {'DRIFT' if f['drifted'] else 'ok'}")
+    classes = report["predicted_classes"]
+    print(f"  {'classes':<10} PSI {classes['psi']:.4f}              {'DRIFT' if classes['drifted'] else 'ok'}")
+    print(f"serve: {'drift detected' if report['drift'] else 'no drift'} in the last {report['samples']} logged predictions "
+          f"-> {args.out}/drift.json, {args.out}/drift.html")
+    if report["drift"]:
+        sys.exit(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m serve", description="The project's local TorchServe.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, run, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("--params", default="params.yaml")
+        sub.add_argument("overrides", nargs="*", help="config overrides, e.g. serve.inference_port=9080")
+        sub.set_defaults(run=run)
+        return sub
+
+    command("up", up, "start TorchServe if needed and deploy the package as the default version").add_argument(
+        "--package", default="artifacts/package", help="package folder (output of the package step)")
+    command("down", down, "stop TorchServe")
+    command("status", status, "show the server and its model versions")
+    sub = command("predict", predict, "send one PNG/JPEG image, print the top-k labels")
+    sub.add_argument("file")
+    sub.add_argument("--version", default=None, help="a registered version (default: the default version)")
+    sub = command("drift", drift, "drift report of the prediction log; exit 1 above the thresholds")
+    sub.add_argument("--log", default=None, help="prediction log (default: serve.state_dir/serve.prediction_log.file)")
+    sub.add_argument("--package", default="artifacts/package", help="package folder holding reference_stats.json")
+    sub.add_argument("--out", default="reports")
+    args = parser.parse_args()
+    args.run(load_config(args.params, args.overrides), args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

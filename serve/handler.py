@@ -1,0 +1,195 @@
+"""TorchServe handler: the packaged ONNX model run with onnxruntime.
+
+A request is PNG/JPEG bytes (raw body or one multipart field) or JSON
+{"instances": [pixels, ...]} with pixels shaped [channels, height, width] in 0-255. The
+preprocessing is the one written in signature.json; the answer is the top-k labels with
+probabilities. A malformed request gets a 4xx and a message, alone: the rest of its batch
+and the worker carry on.
+
+Monitoring: custom metrics (predictions per class, confidence, input features, rejected
+inputs) on TorchServe's Prometheus endpoint, and a sampled prediction log (JSON lines)
+when the server sets SERVE_PREDICTION_LOG.
+
+Only numpy, onnxruntime and PIL, plus components/features.py shipped in the archive.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, UnidentifiedImageError
+
+from components.features import FEATURES, image_features
+
+PREDICTION_LOG_ENV = "SERVE_PREDICTION_LOG"
+SAMPLE_RATE_ENV = "SERVE_PREDICTION_LOG_SAMPLE_RATE"
+THREADS_ENV = "SERVE_ONNX_THREADS"
+IMAGE_FORMATS = ["PNG", "JPEG"]
+# Decompressing more pixels than this is refused before decoding (a tiny PNG can expand to GBs).
+MAX_PIXELS = 16_000_000
+
+
+def decode_image(data: bytes, signature: dict) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (C, H, W), converted and resized as the signature says."""
+    spec = signature["input"]
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ValueError(f"image has {img.width}x{img.height} pixels, more than {MAX_PIXELS}")
+            img.load()
+            img = img.convert(spec["color_mode"])
+            size = (spec["resize"]["width"], spec["resize"]["height"])
+            if img.size != size:
+                img = img.resize(size, Image.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise ValueError("not a PNG or JPEG image") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"truncated or corrupt image ({exc})") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def parse_instance(instance: object, signature: dict) -> np.ndarray:
+    """One JSON instance -> float32 (C, H, W) pixel values in [0, 255]."""
+    expected = tuple(signature["input"]["shape"][1:])
+    try:
+        array = np.asarray(instance, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise ValueError(f"values must be numbers in [0, 255] shaped {list(expected)} (channels, height, width)") from None
+    if array.shape != expected:
+        raise ValueError(f"expected shape {list(expected)} (channels, height, width), got {list(array.shape)}")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise ValueError("values must be finite numbers in [0, 255]")
+    return array
+
+
+def normalize(pixels: np.ndarray, signature: dict) -> np.ndarray:
+    """(N, C, H, W) pixels in [0, 255] -> the model input (same arithmetic as training)."""
+    norm = signature["input"]["normalization"]
+    mean = np.asarray(norm["mean"], dtype=np.float32).reshape(1, -1, 1, 1) * np.float32(255)
+    std = np.asarray(norm["std"], dtype=np.float32).reshape(1, -1, 1, 1) * np.float32(255)
+    return (pixels.astype(np.float32) - mean) / std
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def request_images(row: dict, signature: dict) -> tuple[list[np.ndarray], bool]:
+    """The images of one request and whether it came as JSON instances; ValueError if malformed."""
+    fields = [value for value in row.values() if value not in (None, b"", bytearray(), "")]
+    if not fields:
+        raise ValueError("empty request: send a PNG/JPEG image or JSON {\"instances\": [...]}")
+    if len(fields) > 1:
+        raise ValueError("send one image per request (or several as JSON instances)")
+    body = fields[0]
+    if isinstance(body, dict):
+        instances = body.get("instances")
+        if not isinstance(instances, list) or not instances:
+            raise ValueError("JSON body must be an object with a non-empty list \"instances\"")
+        images = []
+        for i, instance in enumerate(instances):
+            try:
+                images.append(parse_instance(instance, signature))
+            except ValueError as exc:
+                raise ValueError(f"instance {i}: {exc}") from None
+        return images, True
+    if isinstance(body, (bytes, bytearray)):
+        if body.lstrip()[:1] in (b"{", b"["):
+            raise ValueError("body is not valid JSON")
+        return [decode_image(bytes(body), signature)], False
+    raise ValueError("send a PNG/JPEG image or JSON {\"instances\": [...]}")
+
+
+class OnnxImageClassifier:
+    def initialize(self, context) -> None:
+        model_dir = Path(context.system_properties["model_dir"])
+        self.signature = json.loads((model_dir / "signature.json").read_text())
+        self.classes = self.signature["output"]["classes"]
+        self.top_k = min(self.signature["output"]["top_k"], len(self.classes))
+        self.model_name, self.version = context.model_name, context.manifest["model"]["modelVersion"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(os.environ.get(THREADS_ENV, "0"))
+        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        reference = json.loads((model_dir / "reference_stats.json").read_text())["features"]
+        self.reference_range = {name: (h["edges"][0], h["edges"][-1]) for name, h in reference.items()}
+        log_file = os.environ.get(PREDICTION_LOG_ENV)
+        self.log_file = Path(log_file) if log_file else None
+        self.sample_rate = float(os.environ.get(SAMPLE_RATE_ENV, "0")) if log_file else 0.0
+        self._declare_metrics(context.metrics)
+
+    def _declare_metrics(self, metrics) -> None:
+        def counter(name: str, *dimensions: str):
+            return metrics.add_metric_to_cache(name, "count", ["ModelName", *dimensions])
+
+        self.predictions = counter("PredictionsTotal", "Class")
+        self.confidence = counter("ConfidenceTotal")
+        self.feature_sum = counter("InputFeatureTotal", "Feature")
+        self.out_of_reference = counter("InputOutOfReferenceTotal", "Feature")
+        self.rejected = counter("RejectedInputsTotal", "Status")
+
+    def handle(self, data: list[dict], context) -> list:
+        images, owners, answers, as_json = [], [], [None] * len(data), [False] * len(data)
+        for i, row in enumerate(data):
+            try:
+                parsed, as_json[i] = request_images(row, self.signature)
+            except ValueError as exc:
+                answers[i] = self._reject(context, i, 400, str(exc))
+                continue
+            images += parsed
+            owners += [i] * len(parsed)
+        if images:
+            pixels = np.stack(images)
+            probs = softmax(self.session.run(None, {self.signature["input"]["name"]: normalize(pixels, self.signature)})[0])
+            ranked = self._record(pixels, probs)
+            for i in sorted(set(owners)):
+                mine = [ranked[j] for j, owner in enumerate(owners) if owner == i]
+                answers[i] = {"predictions": mine} if as_json[i] else mine[0]
+        return answers
+
+    def _reject(self, context, idx: int, status: int, message: str) -> dict:
+        context.set_response_status(status, message, idx)
+        self.rejected.add_or_update(1, [self.model_name, str(status)])
+        return {"code": status, "error": message}
+
+    def _record(self, pixels: np.ndarray, probs: np.ndarray) -> list[list[dict]]:
+        """Top-k per image, plus the metrics and the sampled prediction log."""
+        order = np.argsort(-probs, axis=1)[:, : self.top_k]
+        ranked = [[{"label": self.classes[c], "probability": round(float(p[c]), 6)} for c in row] for row, p in zip(order, probs)]
+        features = image_features(pixels)
+        best = order[:, 0]
+        for c, count in zip(*np.unique(best, return_counts=True)):
+            self.predictions.add_or_update(int(count), [self.model_name, self.classes[c]])
+        self.confidence.add_or_update(float(probs[np.arange(len(best)), best].sum()), [self.model_name])
+        for name in FEATURES:
+            self.feature_sum.add_or_update(float(features[name].sum()), [self.model_name, name])
+            low, high = self.reference_range[name]
+            outside = int(((features[name] < low) | (features[name] > high)).sum())
+            if outside:
+                self.out_of_reference.add_or_update(outside, [self.model_name, name])
+        if self.sample_rate:
+            self._log(features, ranked)
+        return ranked
+
+    def _log(self, features: dict[str, np.ndarray], ranked: list[list[dict]]) -> None:
+        lines = []
+        for j, top in enumerate(ranked):
+            if random.random() < self.sample_rate:
+                record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "model_version": self.version, "prediction": top[0]["label"],
+                          "confidence": top[0]["probability"], "features": {n: round(float(features[n][j]), 6) for n in FEATURES}}
+                lines.append(json.dumps(record) + "\n")
+        if lines:
+            # One O_APPEND write per batch: lines from several workers never interleave.
+            fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, "".join(lines).encode())
+            finally:
+                os.close(fd)

@@ -1,0 +1,188 @@
+"""The local TorchServe: its config generated from conf/serve, start / stop / status.
+
+Everything a server writes (config, pid file, worker sockets, logs, key file, model store)
+lives in one folder per project, `serve.state_dir` (TorchServe's /tmp defaults collide
+between servers). Secure defaults: loopback addresses only, token authorization on, the
+model API only on the loopback management address, downloads restricted to the model store,
+and a request-size limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import requests
+from omegaconf import DictConfig
+
+from components.config import ROOT
+from components.errors import StepError
+from serve.handler import PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
+
+JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
+
+
+class ServeError(StepError):
+    pass
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a TorchServe answers and the keys it wants (None: no token sent)."""
+
+    inference_url: str
+    management_url: str
+    inference_token: str | None = None
+    management_token: str | None = None
+    metrics_url: str | None = None
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    config = property(lambda self: self.root / "config.properties")
+    model_store = property(lambda self: self.root / "model-store")
+    logs = property(lambda self: self.root / "logs")
+    tmp = property(lambda self: self.root / "tmp")
+    key_file = property(lambda self: self.root / "key_file.json")  # TorchServe writes it in its working dir
+    pid_file = property(lambda self: self.root / "tmp" / ".model_server.pid")
+    console = property(lambda self: self.root / "logs" / "console.log")
+
+
+def state_dir(cfg: DictConfig) -> StateDir:
+    root = Path(cfg.serve.state_dir)
+    return StateDir(root if root.is_absolute() else ROOT / root)
+
+
+def prediction_log(cfg: DictConfig) -> Path:
+    return state_dir(cfg).root / cfg.serve.prediction_log.file
+
+
+def config_properties(cfg: DictConfig, state: StateDir) -> str:
+    s = cfg.serve
+    host = s.host if ":" not in s.host else f"[{s.host}]"
+    store = state.model_store.resolve()
+    settings = {
+        "inference_address": f"http://{host}:{s.inference_port}",
+        "management_address": f"http://{host}:{s.management_port}",
+        "metrics_address": f"http://{host}:{s.metrics_port}",
+        "grpc_inference_address": s.host,
+        "grpc_inference_port": s.grpc_inference_port,
+        "grpc_management_address": s.host,
+        "grpc_management_port": s.grpc_management_port,
+        "model_store": store,
+        # Registration may only name archives inside the model store: no downloads from anywhere.
+        "allowed_urls": f"file://{re.escape(str(store))}/[^/]+\\.mar",
+        "enable_model_api": "true",
+        "disable_token_authorization": "false",
+        "token_expiration_min": s.token_expiration_min,
+        "max_request_size": s.max_request_bytes,
+        "default_workers_per_model": s.workers,
+        "default_response_timeout": s.response_timeout_s,
+        "metrics_mode": "prometheus",
+        "model_metrics_auto_detect": "true",
+        "install_py_dep_per_model": "false",
+        "enable_envvars_config": "false",
+    }
+    return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+
+def local_endpoint(cfg: DictConfig) -> Endpoint:
+    """The local server's URLs and the keys from its key file."""
+    s, state = cfg.serve, state_dir(cfg)
+    host = s.host if ":" not in s.host else f"[{s.host}]"
+    keys = read_keys(state.key_file) if state.key_file.exists() else {}
+    return Endpoint(f"http://{host}:{s.inference_port}", f"http://{host}:{s.management_port}",
+                    keys.get("inference"), keys.get("management"), f"http://{host}:{s.metrics_port}/metrics")
+
+
+def read_keys(key_file: Path) -> dict[str, str]:
+    data = json.loads(key_file.read_text())
+    return {kind: data[kind]["key"] for kind in ("inference", "management", "API") if kind in data}
+
+
+def running_pid(cfg: DictConfig) -> int | None:
+    """Pid of this project's TorchServe frontend, None when it is not running."""
+    pid_file = state_dir(cfg).pid_file
+    try:
+        process = psutil.Process(int(pid_file.read_text().strip()))
+        return process.pid if JAVA_MAIN_CLASS in process.cmdline() else None
+    except (FileNotFoundError, ValueError, psutil.Error):
+        return None
+
+
+def start(cfg: DictConfig) -> Endpoint:
+    """Start the local TorchServe (no model yet) and wait until it answers."""
+    if running_pid(cfg):
+        raise ServeError(f"TorchServe is already running for {state_dir(cfg).root} (pid {running_pid(cfg)}); stop it first")
+    state = state_dir(cfg)
+    for folder in (state.model_store, state.logs, state.tmp):
+        folder.mkdir(parents=True, exist_ok=True)
+    state.key_file.unlink(missing_ok=True)
+    state.config.write_text(config_properties(cfg, state))
+    env = {
+        **os.environ, "TMPDIR": str(state.tmp), "TEMP": str(state.tmp), "LOG_LOCATION": str(state.logs),
+        "METRICS_LOCATION": str(state.logs), PREDICTION_LOG_ENV: str(prediction_log(cfg)),
+        SAMPLE_RATE_ENV: str(cfg.serve.prediction_log.sample_rate), THREADS_ENV: str(cfg.serve.onnx_threads),
+    }
+    command = [sys.executable, "-m", "ts.model_server", "--start", "--ts-config", str(state.config),
+               "--model-store", str(state.model_store), "--ncs"]
+    # Java inherits the launcher's stdout: a file, never a pipe (a captured pipe never closes).
+    with open(state.console, "ab") as console:
+        subprocess.run(command, cwd=state.root, env=env, stdin=subprocess.DEVNULL, stdout=console, stderr=console,
+                       start_new_session=True, check=False, timeout=60)
+    deadline = time.monotonic() + cfg.serve.startup_timeout_s
+    while time.monotonic() < deadline:
+        if running_pid(cfg) is None:
+            raise ServeError(f"TorchServe exited during start; see {state.console}:\n{tail(state.console)}")
+        if state.key_file.exists() and healthy(local_endpoint(cfg)):
+            return local_endpoint(cfg)
+        time.sleep(0.2)
+    stop(cfg)
+    raise ServeError(f"TorchServe did not answer within serve.startup_timeout_s={cfg.serve.startup_timeout_s}s; "
+                     f"see {state.console}:\n{tail(state.console)}")
+
+
+def healthy(endpoint: Endpoint) -> bool:
+    try:
+        return requests.get(endpoint.inference_url + "/ping", headers=bearer(endpoint.inference_token), timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def stop(cfg: DictConfig, timeout_s: float = 30) -> bool:
+    """Stop the local TorchServe and its workers; False when it was not running."""
+    pid = running_pid(cfg)
+    if pid is None:
+        return False
+    frontend = psutil.Process(pid)
+    processes = [frontend, *frontend.children(recursive=True)]
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for process in alive:
+        process.kill()
+    psutil.wait_procs(alive, timeout=5)
+    state = state_dir(cfg)
+    state.pid_file.unlink(missing_ok=True)
+    state.key_file.unlink(missing_ok=True)
+    return True
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"

@@ -1,0 +1,206 @@
+"""evaluate: reports end to end on the real sample, self-contained HTML, the fairness gate,
+calibration, interpretability, and bad input that writes nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from components.config import ROOT, compose
+from components.errors import ConfigError, DataError
+from components.evaluate import REPORT_FILES, FairnessViolation, calibration, evaluate
+from components.explanations import attribute, attribution_grid, error_analysis
+from components.models import load_trained, predict_logits
+from components.prepare import prepare
+from tests.conftest import make_image_dataset
+
+DIGITS = tuple("0123456789")
+FAST = ("evaluate.attribution_samples=4", "evaluate.bootstrap_samples=200")
+
+
+@pytest.fixture(scope="module")
+def reports(digits_run, tmp_path_factory) -> Path:
+    """The sample model (3 epochs) evaluated once with the default evaluate config."""
+    out = tmp_path_factory.mktemp("evaluate") / "reports"
+    evaluate(digits_run["cfg"], digits_run["prepared"], digits_run["model"], out)
+    return out
+
+
+def test_reports_exist_and_carry_lineage(reports):
+    assert sorted(str(p.relative_to(reports)) for p in reports.rglob("*") if p.is_file()) == sorted(REPORT_FILES)
+    metrics = json.loads((reports / "metrics.json").read_text())
+    fairness = json.loads((reports / "fairness.json").read_text())
+    html = (reports / "evaluation.html").read_text()
+    card = (reports / "model_card.md").read_text()
+    for key in ("git_commit", "data_hash", "config_hash"):
+        value = str(metrics["lineage"][key])
+        assert fairness["lineage"][key] == metrics["lineage"][key]
+        assert value in html and value in card
+    assert metrics["lineage"]["data_hash"] == (ROOT / "data.dvc").read_text().split("md5: ")[1].split()[0]
+
+
+def test_quality_metrics_agree_with_the_confusion_matrix_and_plots(reports):
+    metrics = json.loads((reports / "metrics.json").read_text())
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.sum() == metrics["n_test"] == 271
+    assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    recall = np.diag(matrix) / matrix.sum(axis=1)
+    assert metrics["balanced_accuracy"] == pytest.approx(recall.mean())
+    assert [metrics["per_class"][c]["recall"] for c in DIGITS] == pytest.approx(recall)
+    assert metrics["recall_macro"] == pytest.approx(recall.mean())
+    pairs = json.loads((reports / "plots" / "confusion.json").read_text())
+    assert len(pairs) == 271 and sum(p["actual"] == p["predicted"] for p in pairs) == np.trace(matrix)
+    bins = json.loads((reports / "plots" / "reliability.json").read_text())
+    assert sum(b["count"] for b in bins) == 271
+    assert metrics["ece"] == pytest.approx(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / 271)
+
+
+def test_the_low_contrast_site_gap_is_measured_and_shown(reports, digits_run):
+    fairness = json.loads((reports / "fairness.json").read_text())
+    site = fairness["groupings"]["site"]
+    # Recompute the per-site accuracy straight from the model, independently of the step.
+    model, norm, _ = load_trained(digits_run["model"])
+    index = pd.read_csv(digits_run["prepared"] / "index.csv", dtype=str)
+    test = (index["split"] == "test").to_numpy()
+    images = torch.from_numpy(np.load(digits_run["prepared"] / "images.npy")[test])
+    correct = predict_logits(model, norm, images, torch.device("cpu")).argmax(1).numpy() == index["label_index"][test].astype(int).to_numpy()
+    for group in ("site_a", "site_b"):
+        in_group = (index["site"][test] == group).to_numpy()
+        assert site["groups"][group]["count"] == in_group.sum()
+        assert site["groups"][group]["accuracy"] == pytest.approx(correct[in_group].mean())
+    assert site["accuracy_gap"]["worst_group"] == "site_b"
+    assert site["groups"]["site_b"]["accuracy"] < site["groups"]["site_a"]["accuracy"]
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics["fairness"]["site"]["accuracy_difference"] == pytest.approx(site["difference"]["accuracy"])
+    html, card = (reports / "evaluation.html").read_text(), (reports / "model_card.md").read_text()
+    sentence = f"site_b is {site['accuracy_gap']['gap']:.3f} less accurate than site_a"
+    assert sentence in html and sentence in card
+    assert all(f"| site | {c['check']} |" in card for c in fairness["checks"])
+
+
+def test_html_is_self_contained(reports):
+    html = (reports / "evaluation.html").read_text()
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert len(sources) >= 6 and all(re.fullmatch(r"data:image/png;base64,[A-Za-z0-9+/]+=*", s) for s in sources)
+    text = re.sub(r'src="[^"]*"', "", html)
+    assert not re.search(r"(?i)https?:|//[a-z0-9]|<script|<link|@import|url\(", text)
+    assert "Most confident mistakes" in html and "EBM term" in html
+
+
+def test_fairness_gate_fails_after_writing_the_reports(digits_run, tmp_path):
+    gate = (*FAST, "evaluate.thresholds.max_accuracy_difference=0", "evaluate.fail_on_violation=true")
+    out = tmp_path / "reports"
+    with pytest.raises(FairnessViolation, match=r"fairness gate failed .*site: accuracy_difference"):
+        evaluate(compose(["train.epochs=3", *gate]), digits_run["prepared"], digits_run["model"], out)
+    fairness = json.loads((out / "fairness.json").read_text())
+    assert fairness["passed"] is False and fairness["fail_on_violation"] is True
+    assert (out / "evaluation.html").exists() and (out / "model_card.md").exists()
+    # Without the gate the same violation is reported, not raised.
+    no_gate = compose(["train.epochs=3", *FAST, "evaluate.thresholds.max_accuracy_difference=0"])
+    assert evaluate(no_gate, digits_run["prepared"], digits_run["model"], tmp_path / "r2")["fairness"]["checks_failed"] >= 1
+
+
+def test_reports_leave_other_files_alone(digits_run, tmp_path):
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "package.json").write_text("{}")
+    evaluate(compose(["train.epochs=3", *FAST, "evaluate.attribution_method=occlusion"]), digits_run["prepared"], digits_run["model"], out)
+    assert (out / "package.json").read_text() == "{}"
+    assert "occlusion" in (out / "evaluation.html").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "scratch folder left behind"
+
+
+def _prepared(tmp_path: Path, classes=DIGITS, channels: int = 1, rare_group: bool = False):
+    data = make_image_dataset(tmp_path / "raw", classes=classes, per_class=8, channels=channels, size=(32, 32))
+    if rare_group:  # one image only: its stratum is too small to reach the test split
+        meta = (data / "metadata.csv").read_text().splitlines()
+        meta[1] = meta[1].rsplit(",", 1)[0] + ",g_rare"
+        (data / "metadata.csv").write_text("\n".join(meta) + "\n")
+    cfg = compose([f"data.root={data}", f"data.classes=[{','.join(classes)}]", f"data.channels={channels}", *FAST])
+    prepare(cfg, data, tmp_path / "prepared")
+    return cfg, tmp_path / "prepared"
+
+
+def _assert_writes_nothing(error, match, cfg, prepared, model, tmp_path):
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "metrics.json").write_text("old")
+    with pytest.raises(error, match=match):
+        evaluate(cfg, prepared, model, out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in out.iterdir()] == ["metrics.json"] and (out / "metrics.json").read_text() == "old"
+
+
+def test_unknown_sensitive_attribute_writes_nothing(digits_run, tmp_path):
+    cfg = compose(["train.epochs=3", "evaluate.sensitive_attributes=[site,age]"])
+    _assert_writes_nothing(ConfigError, r"evaluate.sensitive_attributes: \['age'\] not in the data", cfg,
+                           digits_run["prepared"], digits_run["model"], tmp_path)
+
+
+def test_empty_group_writes_nothing(digits_run, tmp_path):
+    cfg, prepared = _prepared(tmp_path, rare_group=True)
+    _assert_writes_nothing(DataError, r"\['site=g_rare'\] have no images in the test split", cfg, prepared, digits_run["model"], tmp_path)
+
+
+@pytest.mark.parametrize("classes,channels,mismatch", [(("a", "b", "c"), 1, "classes: model"), (DIGITS, 3, "channels: model 1 vs data 3")])
+def test_model_data_mismatch_writes_nothing(digits_run, tmp_path, classes, channels, mismatch):
+    cfg, prepared = _prepared(tmp_path, classes=classes, channels=channels)
+    _assert_writes_nothing(DataError, mismatch, cfg, prepared, digits_run["model"], tmp_path)
+
+
+def test_cli_reports_bad_input_in_one_line(digits_run, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "components.evaluate", "--prepared", str(digits_run["prepared"]), "--model", str(digits_run["model"]),
+         "--reports", str(tmp_path / "reports"), "evaluate.sensitive_attributes=[age]"],
+        cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: evaluate.sensitive_attributes: ['age'] not in the data; {digits_run['prepared'] / 'prepared.json'} has ['site']"]
+    assert not (tmp_path / "reports").exists()
+
+
+def test_expected_calibration_error_by_hand():
+    confidence = np.array([0.95, 0.95, 0.55, 0.55, 0.05])
+    correct = np.array([True, False, True, True, False])
+    ece, bins = calibration(confidence, correct, n_bins=10)
+    # bins 0.0-0.1: |0 - 0.05|, 0.5-0.6: |1 - 0.55|, 0.9-1.0: |0.5 - 0.95|, weighted by 1/5, 2/5, 2/5
+    assert ece == pytest.approx(0.2 * 0.05 + 0.4 * 0.45 + 0.4 * 0.45)
+    assert [(b["bin"], b["count"]) for b in bins] == [("0.00-0.10", 1), ("0.50-0.60", 2), ("0.90-1.00", 2)]
+
+
+def test_error_analysis_finds_the_feature_that_drives_errors():
+    rng = np.random.default_rng(0)
+    n = 400
+    features = pd.DataFrame({"brightness": rng.random(n), "contrast": rng.random(n), "site": rng.choice(["a", "b"], n)})
+    errors = features["contrast"].to_numpy() < 0.2 * rng.random(n) + 0.1  # errors happen at low contrast only
+    result = error_analysis(features, errors, compose(["evaluate.error_analysis_term_plots=2"]).evaluate, seed=0)
+    assert result["ranking"][0]["term"] == "contrast"
+    assert result["findings"][0].startswith("contrast: lower values make errors more likely")
+    assert len(result["term_plots"]) == 2 and all(p.startswith(b"\x89PNG") for p in result["term_plots"])
+    too_few = error_analysis(features, np.arange(n) == 0, compose([]).evaluate, seed=0)
+    assert too_few["ranking"] == [] and "too few" in too_few["findings"][0]
+
+
+def test_integrated_gradients_are_complete_and_occlusion_runs(digits_run):
+    """Integrated gradients add up to f(image) - f(black image) for the explained class."""
+    model, norm, _ = load_trained(digits_run["model"])
+    images = np.load(digits_run["prepared"] / "images.npy")[:3]
+    targets = np.array([0, 1, 2])
+    e = compose(["evaluate.attribution_steps=64"]).evaluate
+    attributions = attribute(model, norm, images, targets, e, torch.device("cpu"))
+    assert attributions.shape == (3, 32, 32)
+    with torch.no_grad():
+        logits = model(norm(torch.from_numpy(images))) - model(norm(torch.zeros(3, 1, 32, 32)))
+    assert attributions.sum(axis=(1, 2)) == pytest.approx(logits[range(3), targets].numpy(), rel=0.05, abs=0.05)
+    occlusion = attribute(model, norm, images, targets, compose(["evaluate.attribution_method=occlusion"]).evaluate, torch.device("cpu"))
+    assert occlusion.shape == (3, 32, 32) and np.abs(occlusion).sum() > 0
+    png = attribution_grid(images, occlusion, ["a", "b", "c"], np.array([True, False, False]))
+    assert png.startswith(b"\x89PNG")
