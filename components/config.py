@@ -7,8 +7,10 @@ type, is rejected with the full dotted key in the message.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from components.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 PARAMS_FILE = ROOT / "params.yaml"
+PORT_KEYS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
 
 
 @dataclass
@@ -94,12 +97,47 @@ class EvaluateConfig:
 
 @dataclass
 class PackageConfig:
-    pass  # fields: see conf/package/default.yaml
+    model_name: str = "digits"
+    top_k: int = 3
+    opset_version: int = 18
+    parity_atol: float = 1e-4
+    smoke_samples: int = 8
+
+
+@dataclass
+class PredictionLogConfig:
+    sample_rate: float = 0.1
+    file: str = "logs/predictions.jsonl"
+
+
+@dataclass
+class DriftConfig:
+    window: int = 1000
+    min_samples: int = 200
+    psi_threshold: float = 0.2
+    ks_threshold: float = 0.2
+    class_psi_threshold: float = 0.2
 
 
 @dataclass
 class ServeConfig:
-    pass  # fields: see conf/serve/default.yaml
+    host: str = "127.0.0.1"
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
+    state_dir: str = ".serve"
+    workers: int = 1
+    onnx_threads: int = 1
+    batch_size: int = 1
+    max_batch_delay_ms: int = 5
+    response_timeout_s: int = 30
+    max_request_bytes: int = 1048576
+    token_expiration_min: int = 1440
+    startup_timeout_s: int = 120
+    prediction_log: PredictionLogConfig = field(default_factory=PredictionLogConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
 
 @dataclass
@@ -140,8 +178,37 @@ def _check(cfg: DictConfig) -> None:
         if t[key] < 1:
             problems.append(f"train.{key} must be at least 1, got {t[key]}")
     problems += _evaluate_problems(cfg.evaluate)
+    problems += _package_and_serve_problems(cfg.package, cfg.serve)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _package_and_serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
+    problems = []
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", p.model_name):
+        problems.append(f"package.model_name must be letters, digits, '_' or '-', got {p.model_name!r}")
+    for key, low in (("top_k", 1), ("smoke_samples", 1)):
+        if p[key] < low:
+            problems.append(f"package.{key} must be at least {low}, got {p[key]}")
+    if p.parity_atol <= 0:
+        problems.append(f"package.parity_atol must be positive, got {p.parity_atol}")
+    try:
+        loopback = ipaddress.ip_address(s.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        problems.append(f"serve.host must be a loopback IP address (e.g. 127.0.0.1), got {s.host!r}")
+    ports = [s[k] for k in PORT_KEYS]
+    if len(set(ports)) != len(ports) or not all(1 <= port <= 65535 for port in ports):
+        problems.append(f"serve ports {', '.join(PORT_KEYS)} must be distinct numbers in 1-65535, got {ports}")
+    for key in ("workers", "batch_size", "max_request_bytes", "token_expiration_min"):
+        if s[key] < 1:
+            problems.append(f"serve.{key} must be at least 1, got {s[key]}")
+    if not 0 <= s.prediction_log.sample_rate <= 1:
+        problems.append(f"serve.prediction_log.sample_rate must be in [0, 1], got {s.prediction_log.sample_rate}")
+    if not 1 <= s.drift.min_samples <= s.drift.window:
+        problems.append("serve.drift.min_samples must be between 1 and serve.drift.window")
+    return problems
 
 
 def _evaluate_problems(e: DictConfig) -> list[str]:
