@@ -25,9 +25,9 @@ def image_features(images: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def feature_table(images: np.ndarray, chunk: int = 4096) -> dict[str, np.ndarray]:
-    """image_features over a large (memory-mapped) array, one chunk at a time."""
-    parts = [image_features(np.asarray(images[i : i + chunk])) for i in range(0, len(images), chunk)]
+def feature_table(images: np.ndarray, rows: np.ndarray, chunk: int = 1024) -> dict[str, np.ndarray]:
+    """image_features of images[rows] from a large (memory-mapped) array, one small chunk at a time."""
+    parts = [image_features(images[rows[i : i + chunk]]) for i in range(0, len(rows), chunk)]
     return {name: np.concatenate([p[name] for p in parts]) if parts else np.empty(0) for name in FEATURES}
 
 

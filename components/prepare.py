@@ -37,13 +37,13 @@ def stratified_split(strata: pd.Series, val: float, test: float, seed: int) -> n
     return split
 
 
-def channel_stats(images: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+def channel_stats(images: np.ndarray, rows: np.ndarray, chunk: int = 1024) -> tuple[list[float], list[float]]:
     total = np.zeros(images.shape[1])
     total_sq = np.zeros(images.shape[1])
     for i in range(0, len(rows), chunk):
-        x = np.asarray(images[rows[i : i + chunk]], dtype=np.float64) / 255.0
+        x = images[rows[i : i + chunk]].astype(np.float64) / 255.0
         total += x.sum(axis=(0, 2, 3))
-        total_sq += (x**2).sum(axis=(0, 2, 3))
+        total_sq += np.square(x, out=x).sum(axis=(0, 2, 3))
     count = len(rows) * images.shape[2] * images.shape[3]
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
@@ -79,7 +79,7 @@ def prepare(cfg: DictConfig, data_dir: str | Path, out_dir: str | Path) -> dict:
 
         train_rows = np.flatnonzero(table["split"].to_numpy() == "train")
         mean, std = channel_stats(images, train_rows)
-        features = feature_table(images[train_rows])
+        features = feature_table(images, train_rows)
         counts = {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")}
         groups = {a: table[a].value_counts().sort_index().to_dict() for a in data.sensitive_attributes}
         meta = {
