@@ -5,6 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP_VERSION := 26.3
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 # Never ask a cloud metadata service for credentials: only what the user configured counts.
@@ -18,7 +19,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 setup: $(STAMP)
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet "pip==$(PIP_VERSION)"
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-* && touch $@
@@ -26,7 +27,9 @@ $(STAMP):
 data: setup
 	@$(BIN)/python -m components.sample_data ensure
 
-params: setup
+# Regenerated only when conf/ changed (the rule compares file times), so a no-op run stays fast.
+params: params.yaml
+params.yaml: $(wildcard conf/*.yaml conf/*/*.yaml) components/config.py | $(STAMP)
 	@$(BIN)/python -m components.config
 
 run: data params
@@ -38,10 +41,10 @@ test: data
 # Re-resolve the environment from pyproject.toml and pin it again (maintainers only).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install --quiet --upgrade "pip>=24"
+	.lock-venv/bin/python -m pip install --quiet "pip==$(PIP_VERSION)"
 	.lock-venv/bin/python -m pip install --quiet .
 	( echo '# Exact environment installed by `make setup` (generated with `make lock`; do not edit by hand).'; \
-	  .lock-venv/bin/python -m pip freeze --exclude kfp-dvc-template ) > requirements.lock
+	  .lock-venv/bin/python -m pip freeze --all --exclude pip --exclude kfp-dvc-template ) > requirements.lock
 	rm -rf .lock-venv
 
 clean:
