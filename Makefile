@@ -13,7 +13,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup data params run test lock clean
+.PHONY: setup data params run stop prometheus test lock clean
 .DEFAULT_GOAL := run
 
 setup: $(STAMP)
@@ -34,8 +34,17 @@ params.yaml: $(wildcard conf/*.yaml conf/*/*.yaml) components/config.py | $(STAM
 
 run: data params
 	$(BIN)/dvc repro
+	@$(BIN)/python -m serve up
 
-test: data
+# Stop the local TorchServe started by `make run`.
+stop:
+	@$(BIN)/python -m serve down
+
+# The tests scrape TorchServe with a real Prometheus (Debian package); installed once.
+prometheus:
+	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
+
+test: data prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Re-resolve the environment from pyproject.toml and pin it again (maintainers only).

@@ -8,6 +8,7 @@ TorchServe given its management URL + token (the KFP deploy component). The help
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +19,6 @@ import requests
 from omegaconf import DictConfig
 
 from components.errors import ConfigError, StepError
-from components.package import sha256_file
 from serve.server import Endpoint, bearer, local_endpoint, state_dir
 
 TIMEOUT_S = 30
@@ -26,6 +26,11 @@ TIMEOUT_S = 30
 
 class DeployError(StepError):
     pass
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _call(method: str, url: str, token: str | None, timeout: float = TIMEOUT_S, **kwargs) -> requests.Response:
@@ -88,6 +93,7 @@ def copy_checked(mar_path: Path, sha256: str, model_store: Path, target_name: st
         fd, tmp = tempfile.mkstemp(prefix=f".{target_name}.", dir=model_store)
         os.close(fd)
         shutil.copyfile(mar_path, tmp)
+        os.chmod(tmp, 0o644)  # the server may run as another user
         os.replace(tmp, target)
     if sha256_file(target) != sha256:
         raise DeployError(f"{target}: sha256 differs from the package's ({sha256}); the archive is corrupt or was replaced")

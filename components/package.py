@@ -26,6 +26,7 @@ from PIL import Image
 
 from components.config import ROOT, load_config
 from components.dataset import load_prepared
+from components.deploy import sha256_file
 from components.errors import DataError, StepError, run_cli
 from components.io import atomic_dir, write_bytes_atomic, write_json
 from components.lineage import lineage
@@ -38,14 +39,6 @@ FEATURES_MODULE = ROOT / "components" / "features.py"
 
 class ArchiveError(StepError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_mar(model_name: str, version: str, package_dir: Path, handler: Path = HANDLER) -> Path:

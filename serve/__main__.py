@@ -93,7 +93,6 @@ def main() -> None:
     def command(name: str, run, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
         sub.add_argument("--params", default="params.yaml")
-        sub.add_argument("overrides", nargs="*", help="config overrides, e.g. serve.inference_port=9080")
         sub.set_defaults(run=run)
         return sub
 
@@ -108,6 +107,8 @@ def main() -> None:
     sub.add_argument("--log", default=None, help="prediction log (default: serve.state_dir/serve.prediction_log.file)")
     sub.add_argument("--package", default="artifacts/package", help="package folder holding reference_stats.json")
     sub.add_argument("--out", default="reports")
+    for sub in commands.choices.values():
+        sub.add_argument("overrides", nargs="*", help="config overrides, e.g. serve.inference_port=9080")
     args = parser.parse_args()
     args.run(load_config(args.params, args.overrides), args)
 

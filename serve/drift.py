@@ -60,7 +60,7 @@ def feature_drift(histogram: dict, values: np.ndarray, drift: DictConfig) -> dic
     value = psi(counts / counts.sum(), bin_fractions(values, edges))
     return {"psi": round(value, 6), "ks_statistic": round(float(ks.statistic), 6), "ks_pvalue": float(ks.pvalue),
             "live_mean": round(float(values.mean()), 6),
-            "drifted": value > drift.psi_threshold or ks.statistic > drift.ks_threshold}
+            "drifted": bool(value > drift.psi_threshold or ks.statistic > drift.ks_threshold)}
 
 
 def drift_report(records: list[dict], reference: dict, drift: DictConfig) -> dict:
@@ -79,9 +79,9 @@ def drift_report(records: list[dict], reference: dict, drift: DictConfig) -> dic
         "model_versions": sorted({r.get("model_version", "?") for r in records}),
         "features": features,
         "predicted_classes": {"psi": round(class_psi, 6), "live": dict(zip(classes, live.round(6).tolist())),
-                              "reference": reference["class_distribution"], "drifted": class_psi > drift.class_psi_threshold},
+                              "reference": reference["class_distribution"], "drifted": bool(class_psi > drift.class_psi_threshold)},
         "thresholds": {k: drift[k] for k in ("psi_threshold", "ks_threshold", "class_psi_threshold")},
-        "drift": any(f["drifted"] for f in features.values()) or class_psi > drift.class_psi_threshold,
+        "drift": any(f["drifted"] for f in features.values()) or bool(class_psi > drift.class_psi_threshold),
     }
 
 

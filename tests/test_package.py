@@ -1,0 +1,156 @@
+"""package: ONNX export and parity, signature, lineage in the metadata, the .mar contents."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+
+from components.config import ROOT, compose, config_hash
+from components.dataset import decode, load_prepared
+from components.deploy import sha256_file
+from components.errors import ConfigError
+from components.lineage import git_commit
+from components.onnx_export import ParityError, check_parity, onnx_logits
+from components.models import load_trained
+from components.package import package
+from serve.handler import decode_image
+
+
+@pytest.fixture(scope="module")
+def packaged(digits_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("package") / "package"
+    manifest = package(digits_run["cfg"], digits_run["prepared"], digits_run["model"], out)
+    return {**digits_run, "out": out, "manifest": manifest}
+
+
+def test_onnx_model_passes_the_checker_and_matches_torch(packaged):
+    out, manifest = packaged["out"], packaged["manifest"]
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    parity = manifest["parity"]
+    assert parity["images"] == len(load_prepared(packaged["prepared"]).split("test")[0]) > 200
+    assert parity["max_abs_diff"] <= 1e-4 and parity["argmax_agreement"] == 1.0
+
+
+def test_batch_axis_is_dynamic(packaged):
+    model = onnx.load(str(packaged["out"] / "model.onnx"))
+    assert model.graph.input[0].name == "image"
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic, not a fixed size
+    session = ort.InferenceSession(str(packaged["out"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 7, 64):
+        assert session.run(None, {"image": np.zeros((batch, 1, 32, 32), np.float32)})[0].shape == (batch, 10)
+
+
+def test_signature_describes_input_preprocessing_and_classes(packaged):
+    signature = json.loads((packaged["out"] / "signature.json").read_text())
+    prepared = json.loads((packaged["prepared"] / "prepared.json").read_text())
+    assert signature["input"]["name"] == "image" and signature["input"]["dtype"] == "float32"
+    assert signature["input"]["shape"] == [None, 1, 32, 32]
+    assert signature["input"]["color_mode"] == "L" and signature["input"]["channels"] == 1
+    assert signature["input"]["resize"] == {"height": 32, "width": 32, "interpolation": "bilinear"}
+    assert signature["input"]["normalization"]["mean"] == prepared["normalization"]["mean"]
+    assert signature["input"]["normalization"]["std"] == prepared["normalization"]["std"]
+    assert signature["output"]["classes"] == [str(d) for d in range(10)]
+    assert signature["output"]["top_k"] == 3
+
+
+def test_onnx_metadata_carries_signature_and_lineage(packaged):
+    props = {p.key: p.value for p in onnx.load(str(packaged["out"] / "model.onnx")).metadata_props}
+    assert json.loads(props["signature"]) == json.loads((packaged["out"] / "signature.json").read_text())
+    assert props["git_commit"] == git_commit()["git_commit"]
+    assert props["data_hash"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
+    assert props["config_hash"] == config_hash(packaged["cfg"])
+    model_spec = json.loads((packaged["model"] / "model.json").read_text())
+    assert json.loads(props["model_lineage"]) == model_spec["lineage"]
+    assert packaged["manifest"]["lineage"]["config_hash"] == props["config_hash"]
+
+
+def test_mar_holds_handler_model_signature_and_features(packaged):
+    out, manifest = packaged["out"], packaged["manifest"]
+    mar = out / "digits.mar"
+    assert manifest["mar"] == {"file": "digits.mar", "sha256": sha256_file(mar)}
+    with zipfile.ZipFile(mar) as z:
+        assert set(z.namelist()) == {"MAR-INF/MANIFEST.json", "handler.py", "model.onnx", "signature.json",
+                                     "reference_stats.json", "components/__init__.py", "components/features.py"}
+        mar_manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        assert z.read("model.onnx") == (out / "model.onnx").read_bytes()
+        assert z.read("handler.py") == (ROOT / "serve" / "handler.py").read_bytes()
+        assert z.read("reference_stats.json") == (packaged["prepared"] / "reference_stats.json").read_bytes()
+    assert mar_manifest["model"] == {"modelName": "digits", "modelVersion": manifest["version"],
+                                     "serializedFile": "model.onnx", "handler": "handler.py"}
+
+
+def test_samples_and_handler_preprocessing_reproduce_prepare(packaged):
+    """The handler decodes a raw data file exactly as prepare did, and the samples' expected
+    labels are the in-process ONNX predictions."""
+    cfg, out, manifest = packaged["cfg"], packaged["out"], packaged["manifest"]
+    signature = json.loads((out / "signature.json").read_text())
+    for file in sorted((ROOT / "data").glob("*/*.png"))[:20]:
+        assert np.array_equal(decode_image(file.read_bytes(), signature), decode(file, 1, (32, 32)))
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    pixels = np.stack([decode_image((out / s["file"]).read_bytes(), signature) for s in manifest["samples"]])
+    predicted = onnx_logits(session, pixels, signature).argmax(1)
+    assert [s["expected"] for s in manifest["samples"]] == [signature["output"]["classes"][c] for c in predicted]
+    assert len(manifest["samples"]) == cfg.package.smoke_samples
+
+
+def test_parity_failure_is_detected(packaged, tmp_path):
+    out = packaged["out"]
+    model, norm, _ = load_trained(packaged["model"])
+    signature = json.loads((out / "signature.json").read_text())
+    pixels = np.array(load_prepared(packaged["prepared"]).split("test")[0][:64])
+
+    def tampered(shift: np.ndarray):
+        graph = onnx.load(str(out / "model.onnx"))
+        bias = next(t for t in graph.graph.initializer if t.dims == [10])  # the last layer's bias
+        values = onnx.numpy_helper.to_array(bias) + shift.astype(np.float32)
+        bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+        path = tmp_path / "tampered.onnx"
+        onnx.save(graph, str(path))
+        return path
+
+    small = tampered(np.full(10, 1e-3))  # every logit off by 1e-3, same ranking
+    with pytest.raises(ParityError) as err:
+        check_parity(small, model, norm, pixels, signature, atol=1e-4)
+    report = json.loads(str(err.value).split("test split (")[1].split("); ")[0])
+    assert report["argmax_agreement"] == 1.0 and report["max_abs_diff"] == pytest.approx(1e-3, abs=1e-5)
+    flipped = tampered(np.eye(10)[0] * 1e3)  # class 0 always wins
+    with pytest.raises(ParityError) as err:
+        check_parity(flipped, model, norm, pixels, signature, atol=1e9)
+    report = json.loads(str(err.value).split("test split (")[1].split("); ")[0])
+    assert report["argmax_agreement"] < 0.5
+
+
+def test_export_is_deterministic(packaged, tmp_path):
+    again = package(packaged["cfg"], packaged["prepared"], packaged["model"], tmp_path / "again")
+    assert again["version"] == packaged["manifest"]["version"]
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == (packaged["out"] / "model.onnx").read_bytes()
+
+
+def test_cli_missing_model_is_one_line_exit_2_and_leaves_nothing(digits_run, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "components.package", "--prepared", str(digits_run["prepared"]),
+                             "--model", str(tmp_path / "none"),
+                             "--out", str(tmp_path / "package")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'none'}: no trained model (model.json + model.safetensors); run the train step first"]
+    assert not (tmp_path / "package").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("serve.host=0.0.0.0", "serve.host must be a loopback IP address"),
+    ("serve.metrics_port=8080", "must be distinct"),
+    ("package.model_name=my/model", "package.model_name must be"),
+    ("serve.prediction_log.sample_rate=2", "sample_rate must be in [0, 1]"),
+])
+def test_bad_package_and_serve_config_names_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose([override])
+    assert message in str(err.value)

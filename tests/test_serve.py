@@ -1,0 +1,347 @@
+"""The real TorchServe, started once for this module on free loopback ports: predictions,
+bad inputs, token, load, a killed worker, version rollback, Prometheus, drift."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+import pytest
+import requests
+import yaml
+from omegaconf import OmegaConf
+from PIL import Image
+
+from components.config import PORT_KEYS, ROOT, compose
+from components.dataset import load_prepared
+from components.deploy import DeployError, default_version, deploy, list_versions, set_default, sha256_file, unregister
+from components.io import write_json
+from components.onnx_export import onnx_logits
+from components.package import build_mar, package
+from serve import server
+from serve.drift import drift_report, load_window
+from tests.servers import free_ports, wait_for_port
+
+PROMETHEUS_DIR = ROOT / "serve" / "prometheus"
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[0]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def live(digits_run, tmp_path_factory):
+    """Package the session's model, start TorchServe, deploy; always stopped at the end."""
+    root = tmp_path_factory.mktemp("serve")
+    ports = free_ports(5)
+    cfg = compose(["train.epochs=3", f"serve.state_dir={root / 'state'}", "serve.prediction_log.sample_rate=1.0",
+                   *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, ports))])
+    manifest = package(cfg, digits_run["prepared"], digits_run["model"], root / "package")
+    OmegaConf.save(cfg, root / "params.yaml")  # for the CLI
+    try:
+        server.start(cfg)
+        deploy(cfg, root / "package" / "digits.mar", manifest["version"])
+        yield {"cfg": cfg, "params": root / "params.yaml", "root": root, "package": root / "package", "manifest": manifest,
+               "endpoint": server.local_endpoint(cfg), "prepared": digits_run["prepared"]}
+    finally:
+        server.stop(cfg)
+
+
+def predict_url(live) -> str:
+    return f"{live['endpoint'].inference_url}/predictions/digits"
+
+
+def auth(live) -> dict:
+    return server.bearer(live["endpoint"].inference_token)
+
+
+def worker_pids(live) -> list[int]:
+    endpoint = live["endpoint"]
+    described = requests.get(f"{endpoint.management_url}/models/digits", headers=server.bearer(endpoint.management_token), timeout=10)
+    return [w["pid"] for w in described.json()[0]["workers"] if w["status"] == "READY"]
+
+
+def test_predictions_match_the_onnx_model_in_process(live):
+    pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:60])
+    signature = json.loads((live["package"] / "signature.json").read_text())
+    session = ort.InferenceSession(str(live["package"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    probs = np.exp(onnx_logits(session, pixels, signature))
+    probs /= probs.sum(1, keepdims=True)
+    for image, p in zip(pixels, probs):
+        answer = requests.post(predict_url(live), data=png(image), headers=auth(live), timeout=30).json()
+        assert [a["label"] for a in answer] == [str(c) for c in np.argsort(-p)[:3]]
+        assert answer[0]["probability"] == pytest.approx(p.max(), abs=1e-5)
+    as_multipart = requests.post(predict_url(live), files={"file": png(pixels[0])}, headers=auth(live), timeout=30).json()
+    as_json = requests.post(predict_url(live), json={"instances": pixels[:2].tolist()}, headers=auth(live), timeout=30).json()
+    assert as_multipart[0]["label"] == as_json["predictions"][0][0]["label"] == str(probs[0].argmax())
+    assert as_json["predictions"][1][0]["label"] == str(probs[1].argmax())
+
+
+BAD_REQUESTS = {
+    "not an image": ({"data": b"hello, world"}, 400, "not a PNG or JPEG image"),
+    "a GIF": ({"data": b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"}, 400, "not a PNG or JPEG image"),
+    "truncated image": ("truncated", 400, "truncated or corrupt image"),
+    "empty body": ({"data": b""}, 400, "empty request"),
+    "oversized body": ({"data": b"\x89PNG" + b"x" * 2_000_000}, 413, ""),
+    "invalid JSON": ({"data": b'{"instances": [', "headers": {"Content-Type": "application/json"}}, 400, "body is not valid JSON"),
+    "JSON without instances": ({"json": {"images": []}}, 400, 'non-empty list "instances"'),
+    "JSON wrong size": ({"json": {"instances": [np.zeros((1, 28, 28)).tolist()]}}, 400,
+                        "instance 0: expected shape [1, 32, 32] (channels, height, width), got [1, 28, 28]"),
+    "JSON wrong channels": ({"json": {"instances": [np.zeros((3, 32, 32)).tolist()]}}, 400, "got [3, 32, 32]"),
+    "JSON non-numeric": ({"json": {"instances": [[[["x"] * 32] * 32]]}}, 400, "instance 0: values must be numbers"),
+    "JSON out of range": ({"json": {"instances": [np.full((1, 32, 32), 300).tolist()]}}, 400, "finite numbers in [0, 255]"),
+    "two multipart files": ({"files": {"a": b"1", "b": b"2"}}, 400, "one image per request"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_REQUESTS)
+def test_malformed_request_gets_4xx_with_a_message_and_the_worker_keeps_serving(live, kind):
+    request, status, message = BAD_REQUESTS[kind]
+    good = (live["package"] / "samples" / "00.png").read_bytes()
+    request = {"data": good[: len(good) // 2]} if request == "truncated" else dict(request)
+    workers_before = worker_pids(live)
+    headers = {**auth(live), **request.pop("headers", {})}
+    response = requests.post(predict_url(live), headers=headers, timeout=30, **request)
+    assert response.status_code == status
+    if status == 413:
+        assert response.reason == "Request Entity Too Large"
+    else:
+        body = response.json()
+        assert body["code"] == status and message in body["error"]
+    assert requests.post(predict_url(live), data=good, headers=auth(live), timeout=30).status_code == 200
+    assert worker_pids(live) == workers_before
+
+
+def test_token_is_required_on_inference_and_management(live):
+    endpoint, sample = live["endpoint"], (live["package"] / "samples" / "00.png").read_bytes()
+    for url, method, good_token in ((predict_url(live), "POST", endpoint.inference_token),
+                                    (f"{endpoint.management_url}/models", "GET", endpoint.management_token)):
+        for headers in ({}, server.bearer("wrong-key"), server.bearer(endpoint.inference_token if method == "GET" else endpoint.management_token)):
+            response = requests.request(method, url, data=sample, headers=headers, timeout=10)
+            assert response.status_code == 400 and "Token Authorization failed" in response.json()["message"]
+        assert requests.request(method, url, data=sample, headers=server.bearer(good_token), timeout=10).status_code == 200
+
+
+def test_only_loopback_and_only_the_model_store_can_be_registered(live):
+    endpoint, cfg = live["endpoint"], live["cfg"]
+    listening = {c.laddr for c in psutil.Process(server.running_pid(cfg)).net_connections() if c.status == psutil.CONN_LISTEN}
+    assert {address.ip.removeprefix("::ffff:") for address in listening} == {"127.0.0.1"}  # IPv4 on an IPv6 socket
+    assert {address.port for address in listening} == {cfg.serve[key] for key in PORT_KEYS}
+    management = server.bearer(endpoint.management_token)
+    for url in ("http://127.0.0.1:1/model.mar", "file:///etc/passwd", "../package/digits.mar"):
+        response = requests.post(f"{endpoint.management_url}/models", params={"url": url}, headers=management, timeout=10)
+        assert 400 <= response.status_code < 500, url
+    # The model API is not served on the inference address.
+    response = requests.post(f"{endpoint.inference_url}/models", params={"url": "digits.mar"}, headers=management, timeout=10)
+    assert response.status_code in (400, 404, 405)
+
+
+def run_load(live, count: int, clients: int, timeout_s: float = 30) -> list[object]:
+    """`count` requests over `clients` threads; each result is a status code or the exception raised."""
+    body, url, headers = (live["package"] / "samples" / "00.png").read_bytes(), predict_url(live), auth(live)
+    expected = live["manifest"]["samples"][0]["expected"]
+
+    def worker(n: int) -> list[object]:
+        results = []
+        with requests.Session() as session:
+            for _ in range(n):
+                try:
+                    response = session.post(url, data=body, headers=headers, timeout=timeout_s)
+                    ok = response.status_code == 200 and response.json()[0]["label"] == expected
+                    results.append(200 if ok else response.status_code)
+                except requests.RequestException as exc:
+                    results.append(exc)
+        return results
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        shares = [count // clients + (i < count % clients) for i in range(clients)]
+        return [r for part in pool.map(worker, shares) for r in part]
+
+
+def test_bounded_load_2000_requests_at_8_clients_has_zero_errors(live):
+    results = run_load(live, 2000, 8)
+    assert len(results) == 2000
+    assert results.count(200) == 2000, {str(r) for r in results if r != 200}
+
+
+def test_killed_worker_recovers_with_no_hung_requests(live):
+    [victim] = worker_pids(live)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        load = pool.submit(run_load, live, 800, 8)
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        results = load.result(timeout=180)
+    hung = [r for r in results if isinstance(r, requests.Timeout)]
+    assert len(results) == 800 and not hung
+    assert all(r == 200 or (isinstance(r, int) and r >= 500) for r in results), {str(r) for r in results}
+    assert results.count(200) >= 700
+    deadline = time.monotonic() + 60
+    while not worker_pids(live) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert worker_pids(live) and worker_pids(live) != [victim]
+    assert run_load(live, 40, 4).count(200) == 40
+
+
+def _variant(live, tmp_path: Path, version: str, signature_change=None) -> Path:
+    """A copy of the package rebuilt as another version, optionally with an altered signature."""
+    variant = tmp_path / version
+    shutil.copytree(live["package"], variant)
+    (variant / "digits.mar").unlink()
+    if signature_change:
+        signature = json.loads((variant / "signature.json").read_text())
+        signature_change(signature)
+        write_json(variant / "signature.json", signature)
+    mar = build_mar("digits", version, variant)
+    manifest = {**live["manifest"], "version": version, "mar": {"file": mar.name, "sha256": sha256_file(mar)}}
+    write_json(variant / "package.json", manifest)
+    return mar
+
+
+def test_deploy_new_version_then_roll_back_a_failing_one(live, tmp_path):
+    cfg, endpoint, good = live["cfg"], live["endpoint"], live["manifest"]["version"]
+    second = _variant(live, tmp_path, "second")
+    result = deploy(cfg, second, "second")
+    assert result["previous_version"] == good and default_version(endpoint, "digits") == "second"
+    assert sorted(list_versions(endpoint, "digits")) == sorted([good, "second"])
+
+    # Reversed class names: the smoke test sees wrong labels and the deploy rolls back.
+    broken = _variant(live, tmp_path, "broken", lambda s: s["output"]["classes"].reverse())
+    with pytest.raises(DeployError, match="smoke test failed on 8/8 sample.*default version is back to second"):
+        deploy(cfg, broken, "broken")
+    assert default_version(endpoint, "digits") == "second"
+    assert "broken" not in list_versions(endpoint, "digits")
+
+    set_default(endpoint, "digits", good)
+    unregister(endpoint, "digits", "second")
+    assert list_versions(endpoint, "digits") == [good]
+    sample = live["manifest"]["samples"][0]
+    answer = requests.post(predict_url(live), data=(live["package"] / sample["file"]).read_bytes(), headers=auth(live), timeout=30)
+    assert answer.json()[0]["label"] == sample["expected"]
+
+
+def test_deploy_refuses_a_corrupt_archive_or_a_wrong_version(live, tmp_path):
+    cfg = live["cfg"]
+    corrupt = _variant(live, tmp_path, "corrupt")
+    with open(corrupt, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(DeployError, match="sha256 differs from package.json"):
+        deploy(cfg, corrupt, "corrupt")
+    with pytest.raises(DeployError, match=f"holds version {live['manifest']['version']}, not v9"):
+        deploy(cfg, live["package"] / "digits.mar", "v9")
+    assert list_versions(live["endpoint"], "digits") == [live["manifest"]["version"]]
+
+
+@contextlib.contextmanager
+def prometheus(workdir: Path, metrics_port: int):
+    """The Debian `prometheus` with the shipped config, scraping the test server every second."""
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    [port] = free_ports(1)
+    with open(workdir / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
+                                 f"--storage.tsdb.path={workdir / 'data'}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, 60, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def query_until_present(url: str, query: str, timeout_s: float = 60) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = requests.get(f"{url}/api/v1/query", params={"query": query}, timeout=10).json()["data"]["result"]
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"Prometheus has no {query} after {timeout_s}s")
+
+
+def test_prometheus_scrapes_the_custom_metrics_and_loads_the_alerts(live, tmp_path):
+    assert subprocess.run(["promtool", "test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml")]).returncode == 0
+    with prometheus(tmp_path / "prometheus", live["cfg"].serve.metrics_port) as url:
+        for sample in live["manifest"]["samples"]:
+            requests.post(predict_url(live), data=(live["package"] / sample["file"]).read_bytes(), headers=auth(live), timeout=30)
+        requests.post(predict_url(live), data=b"not an image", headers=auth(live), timeout=30)
+        predicted = query_until_present(url, 'PredictionsTotal{ModelName="digits"}')
+        assert {r["metric"]["Class"] for r in predicted} >= {s["expected"] for s in live["manifest"]["samples"]}
+        assert float(query_until_present(url, "ConfidenceTotal")[0]["value"][1]) > 0
+        features = query_until_present(url, "InputFeatureTotal")
+        assert {r["metric"]["Feature"] for r in features} == {"brightness", "contrast", "ink_ratio", "sharpness"}
+        assert float(query_until_present(url, 'RejectedInputsTotal{Status="400"}')[0]["value"][1]) >= 1
+        assert float(query_until_present(url, 'up{job="torchserve"}')[0]["value"][1]) == 1
+        groups = requests.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        assert {rule["name"] for g in groups for rule in g["rules"]} == {
+            "ModelInputDrift", "ModelLowConfidence", "ModelRejectedInputs", "TorchServeDown", "TorchServeErrorRate", "TorchServeHighLatency"}
+        assert all(rule["health"] == "ok" or rule["health"] == "unknown" for g in groups for rule in g["rules"])
+
+
+def _send_instances(live, pixels: np.ndarray, chunk: int = 40) -> None:
+    for i in range(0, len(pixels), chunk):
+        response = requests.post(predict_url(live), json={"instances": pixels[i : i + chunk].tolist()}, headers=auth(live), timeout=60)
+        assert response.status_code == 200
+
+
+def _drift_cli(live, count: int, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serve", "drift", "--params", str(live["params"]), "--package", str(live["package"]),
+                           "--out", str(out), f"serve.drift.window={count}", f"serve.drift.min_samples={count}"],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp_path):
+    pixels = np.array(load_prepared(live["prepared"]).split("test")[0], dtype=np.float64)
+    reference = json.loads((live["package"] / "reference_stats.json").read_text())
+    log_file, drift_cfg = server.prediction_log(live["cfg"]), live["cfg"].serve.drift
+
+    _send_instances(live, pixels)
+    unshifted = drift_report(load_window(log_file, len(pixels)), reference, drift_cfg)
+    assert not unshifted["drift"], unshifted
+    assert all(f["psi"] < drift_cfg.psi_threshold for f in unshifted["features"].values())
+    result = _drift_cli(live, len(pixels), tmp_path / "unshifted")
+    assert result.returncode == 0, result.stderr
+    assert "no drift" in result.stdout
+
+    _send_instances(live, np.clip(pixels * 0.5 + 110, 0, 255))  # washed out: brighter, half the contrast
+    shifted = drift_report(load_window(log_file, len(pixels)), reference, drift_cfg)
+    assert shifted["drift"] and shifted["features"]["brightness"]["drifted"] and shifted["features"]["contrast"]["drifted"]
+    assert shifted["features"]["brightness"]["ks_statistic"] > 0.5
+    result = _drift_cli(live, len(pixels), tmp_path / "shifted")
+    assert result.returncode == 1 and "drift detected" in result.stdout
+    saved = json.loads((tmp_path / "shifted" / "drift.json").read_text())
+    assert saved["drift"] and saved["samples"] == len(pixels)
+    page = (tmp_path / "shifted" / "drift.html").read_text()
+    assert "Drift detected" in page and "data:image/png;base64," in page and "http" not in page.replace("http-equiv", "")
+
+
+def test_cli_status_and_predict_use_the_key_file(live):
+    params = ["--params", str(live["params"])]
+    status = subprocess.run([sys.executable, "-m", "serve", "status", *params], cwd=ROOT, capture_output=True, text=True)
+    assert status.returncode == 0 and f"digits {live['manifest']['version']} (default)" in status.stdout
+    sample = live["manifest"]["samples"][0]
+    predicted = subprocess.run([sys.executable, "-m", "serve", "predict", str(live["package"] / sample["file"]), *params],
+                               cwd=ROOT, capture_output=True, text=True)
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)[0]["label"] == sample["expected"]
