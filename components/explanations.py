@@ -57,10 +57,11 @@ def describe(term: str, features: pd.DataFrame, contribution: np.ndarray, errors
         by_value = pd.Series(contribution).groupby(values.to_numpy()).mean()
         worst = by_value.idxmax()
         rate = errors[values.to_numpy() == worst].mean()
-        return f"{term} = {worst} makes errors most likely (error rate {rate:.1%} against {errors.mean():.1%} overall)."
+        return (f"{term}: with the other features accounted for, {term} = {worst} makes errors most likely "
+                f"(on its own: error rate {rate:.1%} against {errors.mean():.1%} overall).")
     direction = "higher" if spearmanr(values, contribution).statistic > 0 else "lower"
-    return (f"{term}: {direction} values make errors more likely (mean {values[errors].mean():.3g} on errors, "
-            f"{values[~errors].mean():.3g} on correct predictions).")
+    return (f"{term}: with the other features accounted for, {direction} values make errors more likely "
+            f"(on its own: mean {values[errors].mean():.3g} on errors, {values[~errors].mean():.3g} on correct predictions).")
 
 
 def importance_plot(ranking: list[dict]) -> bytes:

@@ -198,7 +198,7 @@ def render_model_card(ev: Evaluation) -> str:
     groups = [[name, g, r["count"], r["accuracy"], f"{report['accuracy_gap']['group_accuracy'][g]['low']:.3f} to "
                f"{report['accuracy_gap']['group_accuracy'][g]['high']:.3f}"]
               for name, report in ev.fairness["groupings"].items() for g, r in report["groups"].items()]
-    train = [[k, v] for k, v in cfg["train"].items()] + [["seed", cfg["seed"]]]
+    train = [[k, str(v)] for k, v in cfg["train"].items()] + [["seed", cfg["seed"]]]
     lineage = [[k, v] for k, v in ev.lineage.items()] + [[f"model {k}", v] for k, v in m["lineage"].items()]
     ranking = ", ".join(f"{r['term']} ({r['importance']:.3f})" for r in ev.error_analysis["ranking"][:5]) or "none"
     sections = [

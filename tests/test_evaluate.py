@@ -183,7 +183,7 @@ def test_error_analysis_finds_the_feature_that_drives_errors():
     errors = features["contrast"].to_numpy() < 0.2 * rng.random(n) + 0.1  # errors happen at low contrast only
     result = error_analysis(features, errors, compose(["evaluate.error_analysis_term_plots=2"]).evaluate, seed=0)
     assert result["ranking"][0]["term"] == "contrast"
-    assert result["findings"][0].startswith("contrast: lower values make errors more likely")
+    assert result["findings"][0].startswith("contrast: with the other features accounted for, lower values make errors more likely")
     assert len(result["term_plots"]) == 2 and all(p.startswith(b"\x89PNG") for p in result["term_plots"])
     too_few = error_analysis(features, np.arange(n) == 0, compose([]).evaluate, seed=0)
     assert too_few["ranking"] == [] and "too few" in too_few["findings"][0]

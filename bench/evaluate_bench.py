@@ -1,0 +1,139 @@
+"""Cost of the evaluate step on the sample, and how its two configurable costs grow: attributions
+with the number of explained images (and integrated-gradients steps), the bootstrap with the
+number of draws and of test images. Each is timed beside a baseline and printed as a ratio.
+
+    .venv/bin/python bench/evaluate_bench.py [--repeats 3]
+
+Needs artifacts/prepared and artifacts/model (`make run` or `dvc repro train` first).
+Target: the whole step (`python -m components.evaluate`, imports included) <= 30 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from captum.attr import Saliency
+from fairlearn.metrics import MetricFrame
+from sklearn.metrics import accuracy_score
+from torch import nn
+
+from components.config import ROOT, compose
+from components.dataset import load_prepared
+from components.evaluate import evaluate
+from components.explanations import attribute
+from components.fairness import accuracy_gap_interval
+from components.models import load_trained, predict_logits
+
+PREPARED, MODEL = ROOT / "artifacts/prepared", ROOT / "artifacts/model"
+CPU = torch.device("cpu")
+
+
+def best_of(repeats: int, fn) -> float:
+    """Fastest of `repeats` runs in seconds (the least disturbed by other load on the machine)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def whole_step(repeats: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = [sys.executable, "-m", "components.evaluate", "--prepared", str(PREPARED), "--model", str(MODEL), "--reports", f"{tmp}/cli"]
+        step = best_of(repeats, lambda: subprocess.run(cli, cwd=ROOT, check=True, capture_output=True))
+        imports = best_of(repeats, lambda: subprocess.run([sys.executable, "-c", "import components.evaluate"], cwd=ROOT, check=True))
+        cfg = compose([])
+        in_process = best_of(repeats, lambda: evaluate(cfg, PREPARED, MODEL, f"{tmp}/lib"))
+    model, norm, _ = load_trained(MODEL)
+    images = torch.from_numpy(load_prepared(PREPARED).split("test")[0])
+    predict = best_of(repeats, lambda: predict_logits(model, norm, images, CPU))
+    print(f"\n== whole evaluate step on the sample ({len(images)} test images, default config) ==")
+    print(f"python -m components.evaluate (what DVC runs): {step:6.2f} s   (target <= 30 s)")
+    print(f"  of which importing the libraries:           {imports:6.2f} s")
+    print(f"evaluate() in process:                         {in_process:6.2f} s")
+    print(f"baseline, predicting the test split only:      {predict:6.3f} s   ratio step/predict {in_process / predict:6.0f}x")
+
+
+def attributions(repeats: int) -> None:
+    model, norm, _ = load_trained(MODEL)
+    test = load_prepared(PREPARED).split("test")[0]
+    forward = nn.Sequential(norm, model).eval()
+    ig, occlusion = compose([]).evaluate, compose(["evaluate.attribution_method=occlusion"]).evaluate
+    print(f"\n== attributions: cost vs explained images (IG {ig.attribution_steps} steps, occlusion window {occlusion.occlusion_window}) ==")
+    print("baseline: one plain gradient per image (captum Saliency)")
+    print(f"{'images':>6} {'saliency s':>11} {'IG s':>8} {'occl. s':>8} {'IG/sal':>7} {'occl/sal':>8} {'IG ms/img':>10} {'IG vs 4 img':>12}")
+    first = None
+    for n in (4, 16, 64):
+        images, targets = test[:n], np.zeros(n, dtype=int)
+        x = torch.from_numpy(images).float().requires_grad_()
+        saliency = best_of(repeats, lambda: Saliency(forward).attribute(x, target=torch.from_numpy(targets)))
+        t_ig = best_of(repeats, lambda: attribute(model, norm, images, targets, ig, CPU))
+        t_occ = best_of(repeats, lambda: attribute(model, norm, images, targets, occlusion, CPU))
+        first = first or t_ig
+        print(f"{n:>6} {saliency:>11.4f} {t_ig:>8.3f} {t_occ:>8.3f} {t_ig / saliency:>7.0f} {t_occ / saliency:>8.0f} "
+              f"{1000 * t_ig / n:>10.1f} {t_ig / first:>11.1f}x")
+    print("IG cost vs steps (16 images):")
+    base = None
+    for steps in (8, 32, 128):
+        e = compose([f"evaluate.attribution_steps={steps}"]).evaluate
+        t = best_of(repeats, lambda: attribute(model, norm, test[:16], np.zeros(16, dtype=int), e, CPU))
+        base = base or t
+        print(f"  steps {steps:>4}: {t:6.3f} s  ({t / base:4.1f}x steps=8)")
+
+
+def naive_bootstrap(correct: np.ndarray, groups: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Baseline: resample every group's test images with replacement, draw by draw."""
+    members = [correct[groups == g] for g in np.unique(groups)]
+    draws = np.array([[rng.choice(m, len(m)).mean() for m in members] for _ in range(samples)])
+    return draws[:, 0] - draws[:, 1]
+
+
+def bootstrap(repeats: int) -> None:
+    prepared = load_prepared(PREPARED)
+    test, index = prepared.split("test")
+    model, norm, _ = load_trained(MODEL)
+    correct = predict_logits(model, norm, torch.from_numpy(test), CPU).argmax(1).numpy() == index["label_index"].to_numpy()
+    groups = index["site"].to_numpy()
+    rng = np.random.default_rng(0)
+    print(f"\n== bootstrap of the accuracy gap: cost vs draws ({len(correct)} test images, 2 groups) ==")
+    print("baselines: resampling the images draw by draw; fairlearn MetricFrame(n_boot=...)")
+    print(f"{'draws':>7} {'ours s':>9} {'resample s':>11} {'fairlearn s':>12} {'resample/ours':>14} {'ours vs 100':>12}")
+    first = None
+    for samples in (100, 1000, 10000, 100000):
+        ours = best_of(repeats, lambda: accuracy_gap_interval(correct, pd.Series(groups), samples, 0.95, 0))
+        naive = best_of(1, lambda: naive_bootstrap(correct, groups, samples, rng)) if samples <= 10000 else float("nan")
+        fair = best_of(1, lambda: MetricFrame(metrics=accuracy_score, y_true=correct, y_pred=np.ones_like(correct),
+                                              sensitive_features=groups, n_boot=samples, ci_quantiles=[0.025, 0.975], random_state=0)) if samples <= 1000 else float("nan")
+        first = first or ours
+        print(f"{samples:>7} {ours:>9.5f} {naive:>11.3f} {fair:>12.3f} {naive / ours:>13.0f}x {ours / first:>11.1f}x")
+    print("cost vs test images (1000 draws; the test outcomes repeated k times):")
+    for k in (1, 10, 100):
+        big_correct, big_groups = np.tile(correct, k), pd.Series(np.tile(groups, k))
+        ours = best_of(repeats, lambda: accuracy_gap_interval(big_correct, big_groups, 1000, 0.95, 0))
+        naive = best_of(1, lambda: naive_bootstrap(big_correct, big_groups.to_numpy(), 1000, rng))
+        print(f"  {len(big_correct):>7} images: ours {ours:8.5f} s, resampling {naive:7.3f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if not (MODEL / "model.safetensors").exists():
+        sys.exit("needs artifacts/model: run `make run` (or `dvc repro train`) first")
+    print(f"torch threads: {torch.get_num_threads()}")
+    whole_step(args.repeats)
+    attributions(args.repeats)
+    bootstrap(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
