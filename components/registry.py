@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def fetch_package(commit: str, dest: Path, repo: Path = ROOT) -> Path:
 
 def _uncommitted_changes(repo: Path) -> list[str]:
     changed = _git(repo, "status", "--porcelain", "--", *PIPELINE_FILES).splitlines()
-    status = subprocess.run(["dvc", "status", "--json"], cwd=repo, capture_output=True, text=True)
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True, text=True)
     if status.returncode == 0 and status.stdout.strip() not in ("", "{}"):
         changed.append(f"dvc status: {status.stdout.strip()}")
     return changed

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
 from components.config import load_config
+from components.deploy import default_version
 from components.registry import RegistryError, deploy_stage, promote, rollback, versions
 from serve import server
 from tests.project import copy_project, git_commit, run
@@ -65,8 +65,11 @@ def gates_around(metrics: dict, fairness: dict, passing: bool) -> list[str]:
             f"registry.gates.max_ece={metrics['ece'] + 0.001}", f"registry.gates.require_fairness_pass={fairness['passed']}"]
 
 
-def tag_message(repo: Path, tag: str) -> str:
-    return run(["git", "for-each-ref", f"refs/tags/{tag}", "--format=%(contents)"], repo).stdout.strip()
+def latest_stage_tag_message(repo: Path, stage: str) -> str:
+    """Message of the newest `digits#<stage>#N` tag (GTO's N counts every assignment of the artifact)."""
+    tags = run(["git", "tag", "-l", f"digits#{stage}#*"], repo).stdout.split()
+    newest = max(tags, key=lambda tag: int(tag.rsplit("#", 1)[1]))
+    return run(["git", "for-each-ref", f"refs/tags/{newest}", "--format=%(contents)"], repo).stdout.strip()
 
 
 def test_artifact_declarations_agree():
@@ -89,7 +92,7 @@ def test_promotion_lifecycle(project: Project):
     assert promote(project.cfg(), "v1.0.0", "staging", repo=repo)["verdict"] == "stage not gated"
     done = promote(project.cfg(*gates_around(metrics_v1, fairness_v1, passing=True)), "v1.0.0", "prod", repo=repo)
     assert done["verdict"] == "gates passed"
-    assert "gates passed" in tag_message(repo, "digits#prod#1")
+    assert "gates passed" in latest_stage_tag_message(repo, "prod")
 
     # v2: a new experiment; refused while uncommitted, then while not pushed to the remote.
     run(["python", "-m", "components.config", "experiment=quick", "train.lr=0.004"], repo)
@@ -112,7 +115,7 @@ def test_promotion_lifecycle(project: Project):
     assert f"accuracy {metrics_v2['accuracy']:.4f} <" in str(refused.value)
     forced = promote(strict, "v1.1.0", "prod", force_reason="demo: accept a 0.1% accuracy shortfall", repo=repo)
     assert forced["verdict"].startswith("FORCED past failed gates")
-    assert "demo: accept a 0.1% accuracy shortfall" in tag_message(repo, "digits#prod#2")
+    assert "demo: accept a 0.1% accuracy shortfall" in latest_stage_tag_message(repo, "prod")
 
     # The project's view and the real gto CLI agree.
     ours = {v["version"]: (v["commit"], v["stages"]) for v in versions(repo)}
@@ -142,10 +145,7 @@ def test_promotion_lifecycle(project: Project):
 
 def live_default(project: Project) -> str:
     cfg = project.cfg()
-    endpoint = server.local_endpoint(cfg)
-    answer = requests.get(f"{endpoint.management_url}/models/{cfg.package.model_name}/all",
-                          headers=server.bearer(endpoint.management_token), timeout=10).json()
-    return next(model["modelVersion"] for model in answer if model["isDefault"])
+    return default_version(server.local_endpoint(cfg), cfg.package.model_name)
 
 
 def test_cli_refuses_force_without_reason_and_unknown_stage(project: Project):
