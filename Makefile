@@ -13,7 +13,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup data params run stop prometheus test lock clean
+.PHONY: setup data params run stop prometheus test lock clean image
 .DEFAULT_GOAL := run
 
 setup: $(STAMP)
@@ -46,6 +46,15 @@ prometheus:
 
 test: data prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Kubeflow Pipelines component images (CPU, GPU) with the locked dependencies, built from the
+# committed tree (git archive HEAD: uncommitted changes never reach a cluster); tags from conf/pipeline.
+image: setup
+	@read -r cpu gpu <<< "$$($(BIN)/python -c 'from omegaconf import OmegaConf; i = OmegaConf.load("conf/pipeline/default.yaml").image; print(i.cpu, i.gpu)')"; \
+	commit=$$(git rev-parse HEAD); \
+	git archive --format=tar HEAD | docker build -f pipelines/Dockerfile --build-arg PIP_VERSION=$(PIP_VERSION) --build-arg GIT_COMMIT=$$commit -t $$cpu - && \
+	git archive --format=tar HEAD | docker build -f pipelines/Dockerfile.gpu --build-arg PIP_VERSION=$(PIP_VERSION) --build-arg GIT_COMMIT=$$commit -t $$gpu - && \
+	echo "built $$cpu and $$gpu from $$commit; push them with: docker push $$cpu && docker push $$gpu"
 
 # Re-resolve the environment from pyproject.toml and pin it again (maintainers only).
 lock:

@@ -141,8 +141,102 @@ class ServeConfig:
 
 
 @dataclass
+class PipelineImages:
+    cpu: str = "kfp-dvc-template:latest"
+    gpu: str = "kfp-dvc-template-gpu:latest"
+    pull_policy: str = "IfNotPresent"
+
+
+@dataclass
+class PipelineResources:
+    cpu_request: str = "1"
+    cpu_limit: str = "2"
+    memory_request: str = "2G"
+    memory_limit: str = "4G"
+
+
+@dataclass
+class Toleration:
+    key: str = ""
+    operator: str = "Exists"
+    value: str | None = None
+    effect: str | None = None
+
+
+@dataclass
+class PipelineTrainResources(PipelineResources):
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_count: int = 1
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[Toleration] = field(default_factory=list)
+
+
+@dataclass
+class PipelineRetry:
+    num_retries: int = 2
+    backoff_duration: str = "60s"
+    backoff_factor: float = 2.0
+    backoff_max_duration: str = "3600s"
+
+
+@dataclass
+class SecretEnv:
+    name: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineData:
+    repo: str = ""
+    rev: str = ""
+    uri: str = ""
+
+
+@dataclass
+class PipelineGate:
+    require_fairness: bool = True
+    min_accuracy: float = 0.0
+
+
+@dataclass
+class PipelineDeploy:
+    management_url: str = ""
+    inference_url: str = ""
+    model_store_pvc: str = ""
+    model_store: str = "/mnt/model-store"
+    token_secret: str = ""
+
+
+@dataclass
+class PipelineSubmit:
+    host: str = ""
+    namespace: str = "kubeflow"
+    experiment: str = "kfp-dvc-template"
+    token_env: str = "KF_PIPELINES_TOKEN"
+    token_file: str = ""
+
+
+@dataclass
+class PipelineSweep:
+    trials: list[list[str]] = field(default_factory=list)
+    metric: str = "accuracy"
+    goal: str = "maximize"
+
+
+@dataclass
 class PipelineConfig:
-    pass  # fields: see conf/pipeline/default.yaml
+    name: str = "kfp-dvc-template"
+    image: PipelineImages = field(default_factory=PipelineImages)
+    resources: PipelineResources = field(default_factory=PipelineResources)
+    train: PipelineTrainResources = field(default_factory=PipelineTrainResources)
+    retry: PipelineRetry = field(default_factory=PipelineRetry)
+    caching: bool = True
+    s3_secret: SecretEnv = field(default_factory=SecretEnv)
+    data: PipelineData = field(default_factory=PipelineData)
+    gate: PipelineGate = field(default_factory=PipelineGate)
+    deploy: PipelineDeploy = field(default_factory=PipelineDeploy)
+    submit: PipelineSubmit = field(default_factory=PipelineSubmit)
+    sweep: PipelineSweep = field(default_factory=PipelineSweep)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines: thin component wrappers, the pipeline graphs, compile / run-local / submit."""
