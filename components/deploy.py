@@ -71,10 +71,13 @@ def unregister(endpoint: Endpoint, model_name: str, version: str) -> None:
     _call("DELETE", f"{endpoint.management_url}/models/{model_name}/{version}", endpoint.management_token)
 
 
-def register(endpoint: Endpoint, mar_file: str, serve: DictConfig) -> None:
-    """Register an archive already in the server's model store, with its workers started."""
+def register(endpoint: Endpoint, mar_file: str, serve: DictConfig, model_name: str | None = None) -> None:
+    """Register an archive already in the server's model store (under its own name unless
+    `model_name` is given), with its workers started."""
     params = {"url": mar_file, "initial_workers": serve.workers, "batch_size": serve.batch_size,
               "max_batch_delay": serve.max_batch_delay_ms, "response_timeout": serve.response_timeout_s, "synchronous": "true"}
+    if model_name:
+        params["model_name"] = model_name
     _call("POST", f"{endpoint.management_url}/models", endpoint.management_token, params=params, timeout=serve.startup_timeout_s)
 
 

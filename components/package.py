@@ -35,6 +35,7 @@ from components.onnx_export import check_parity, embed_metadata, export_onnx, mo
 
 HANDLER = ROOT / "serve" / "handler.py"
 FEATURES_MODULE = ROOT / "components" / "features.py"
+ARCHIVER = shutil.which("torch-model-archiver", path=Path(sys.executable).parent) or "torch-model-archiver"
 
 
 class ArchiveError(StepError):
@@ -50,7 +51,7 @@ def build_mar(model_name: str, version: str, package_dir: Path, handler: Path = 
         shutil.copy(FEATURES_MODULE, extras / "components")
         for name in ("signature.json", "reference_stats.json"):
             shutil.copy(package_dir / name, extras)
-        command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", model_name, "--version", version,
+        command = [ARCHIVER, "--model-name", model_name, "--version", version,
                    "--serialized-file", str(package_dir / "model.onnx"), "--handler", str(handler),
                    "--extra-files", str(extras), "--export-path", str(package_dir), "--force"]
         # The archiver stages files in $TMPDIR/<model_name>: a private TMPDIR keeps parallel builds apart.

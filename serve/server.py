@@ -143,12 +143,21 @@ def start(cfg: DictConfig) -> Endpoint:
     while time.monotonic() < deadline:
         if running_pid(cfg) is None:
             raise ServeError(f"TorchServe exited during start; see {state.console}:\n{tail(state.console)}")
-        if state.key_file.exists() and healthy(local_endpoint(cfg)):
-            return local_endpoint(cfg)
+        endpoint = _ready(cfg)
+        if endpoint:
+            return endpoint
         time.sleep(0.2)
     stop(cfg)
     raise ServeError(f"TorchServe did not answer within serve.startup_timeout_s={cfg.serve.startup_timeout_s}s; "
                      f"see {state.console}:\n{tail(state.console)}")
+
+
+def _ready(cfg: DictConfig) -> Endpoint | None:
+    try:
+        endpoint = local_endpoint(cfg)
+    except (ValueError, KeyError):  # the key file is still being written
+        return None
+    return endpoint if endpoint.inference_token and healthy(endpoint) else None
 
 
 def healthy(endpoint: Endpoint) -> bool:

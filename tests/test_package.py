@@ -21,7 +21,8 @@ from components.lineage import git_commit
 from components.onnx_export import ParityError, check_parity, onnx_logits
 from components.models import load_trained
 from components.package import package
-from serve.handler import decode_image
+from components.features import image_features
+from serve.handler import decode_image, intensity
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,9 @@ def test_samples_and_handler_preprocessing_reproduce_prepare(packaged):
     signature = json.loads((out / "signature.json").read_text())
     for file in sorted((ROOT / "data").glob("*/*.png"))[:20]:
         assert np.array_equal(decode_image(file.read_bytes(), signature), decode(file, 1, (32, 32)))
+    test_images = np.array(load_prepared(packaged["prepared"]).split("test")[0])
+    cheap, full = intensity(test_images), image_features(test_images)  # the handler's per-request metrics
+    assert all(np.array_equal(cheap[name], full[name]) for name in ("brightness", "contrast"))
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     pixels = np.stack([decode_image((out / s["file"]).read_bytes(), signature) for s in manifest["samples"]])
     predicted = onnx_logits(session, pixels, signature).argmax(1)

@@ -1,0 +1,154 @@
+"""Serving speed: the deployed model on TorchServe vs two baselines run side by side, the
+same model in-process with onnxruntime (the physical limit) and TorchServe with a no-op
+handler (TorchServe's own floor); then TorchServe batching, and the cold start.
+
+    .venv/bin/python bench/serve_bench.py [--package artifacts/package] [--requests 2000]
+
+Starts its own TorchServe on free loopback ports (a `make run` server is left alone).
+Targets: p50 at one client <= no-op floor + 1 ms; throughput at 8 clients >= 80% of the
+no-op handler's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import requests
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from components.config import PORT_KEYS, compose  # noqa: E402
+from components.deploy import copy_checked, read_package, register  # noqa: E402
+from components.package import ARCHIVER  # noqa: E402
+from serve import server  # noqa: E402
+from serve.handler import decode_image, normalize, softmax  # noqa: E402
+from tests.servers import free_ports  # noqa: E402
+
+NOOP_HANDLER = '''
+def handle(data, context):
+    return None if data is None else ["[]"] * len(data)
+'''
+
+
+def noop_mar(store: Path) -> str:
+    """An archive whose handler answers at once: what TorchServe costs by itself."""
+    with tempfile.TemporaryDirectory() as scratch:
+        handler = Path(scratch) / "noop.py"
+        handler.write_text(NOOP_HANDLER)
+        subprocess.run([ARCHIVER, "--model-name", "noop", "--version", "1",
+                        "--handler", str(handler), "--export-path", str(store), "--force"], check=True, env={**os.environ, "TMPDIR": scratch})
+    return "noop.mar"
+
+
+def in_process(package_dir: Path, body: bytes, count: int) -> tuple[float, float]:
+    """p50 latency (ms) and images/s of decode + preprocess + onnxruntime + softmax, one thread."""
+    signature = json.loads((package_dir / "signature.json").read_text())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(package_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        pixels = decode_image(body, signature)[None]
+        softmax(session.run(None, {"image": normalize(pixels, signature)})[0])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, count / sum(times)
+
+
+def load(url: str, body: bytes, headers: dict, count: int, clients: int) -> tuple[float, float]:
+    """p50 latency (ms) and requests/s of `count` requests from `clients` threads; every answer must be 200."""
+    def client(n: int) -> list[float]:
+        times = []
+        with requests.Session() as session:
+            for _ in range(n):
+                start = time.perf_counter()
+                response = session.post(url, data=body, headers=headers, timeout=30)
+                times.append(time.perf_counter() - start)
+                assert response.status_code == 200, response.text
+        return times
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        times = [t for part in pool.map(client, [count // clients] * clients) for t in part]
+    return statistics.median(times) * 1e3, len(times) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--package", default="artifacts/package")
+    parser.add_argument("--requests", type=int, default=2000, help="requests at 8 clients per handler, over all rounds")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-sizes", default="2,4,8")
+    args = parser.parse_args()
+    package_dir = Path(args.package)
+    package = read_package(package_dir)
+    body = (package_dir / package["samples"][0]["file"]).read_bytes()
+
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        cfg = compose([f"serve.state_dir={tmp}", "serve.prediction_log.sample_rate=0.01",
+                       *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])
+        store = server.state_dir(cfg).model_store
+        try:
+            started = time.perf_counter()
+            endpoint = server.start(cfg)
+            up = time.perf_counter()
+            copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], store, "digits.mar")
+            register(endpoint, "digits.mar", cfg.serve)
+            registered = time.perf_counter()
+            headers = server.bearer(endpoint.inference_token)
+            url = f"{endpoint.inference_url}/predictions"
+            assert requests.post(f"{url}/digits", data=body, headers=headers, timeout=30).status_code == 200
+            first = time.perf_counter()
+            print(f"cold start: server {up - started:.2f} s + register {registered - up:.2f} s + first prediction "
+                  f"{(first - registered) * 1e3:.0f} ms = {first - started:.2f} s")
+
+            register(endpoint, noop_mar(store), cfg.serve)
+            for name in ("digits", "noop"):  # warm-up
+                load(f"{url}/{name}", body, headers, 200, 8)
+            local_p50, local_rate = in_process(package_dir, body, 2000)
+            # Rounds alternate between the two servers' handlers, so load from elsewhere on the
+            # machine hits both alike; each figure is the median over the rounds.
+            rounds = {"digits": [], "noop": []}
+            for _ in range(args.rounds):
+                for name, results in rounds.items():
+                    results.append((*load(f"{url}/{name}", body, headers, 200, 1),
+                                     *load(f"{url}/{name}", body, headers, args.requests // args.rounds, 8)))
+            model, noop = ([statistics.median(r[i] for r in rounds[name]) for i in range(4)] for name in ("digits", "noop"))
+            print(f"{'':28}{'p50 1 client':>14}{'req/s 1 client':>16}{'p50 8 clients':>15}{'req/s 8 clients':>17}")
+            print(f"{'in-process onnxruntime':28}{local_p50:>11.2f} ms{local_rate:>16.0f}{'':>15}{'':>17}")
+            for label, (p50_1, rate_1, p50_8, rate_8) in (("TorchServe no-op handler", noop), ("TorchServe model", model)):
+                print(f"{label:28}{p50_1:>11.2f} ms{rate_1:>16.0f}{p50_8:>12.2f} ms{rate_8:>17.0f}")
+            print(f"model p50 - no-op p50 at 1 client: {model[0] - noop[0]:+.2f} ms (target <= +1 ms)")
+            print(f"model / no-op throughput at 8 clients: {model[3] / noop[3]:.2f} (target >= 0.80)")
+
+            best = None
+            for size in (int(b) for b in args.batch_sizes.split(",")):
+                name = f"digits_b{size}"
+                register(endpoint, "digits.mar", OmegaConf.merge(cfg.serve, {"batch_size": size}), model_name=name)
+                load(f"{url}/{name}", body, headers, 200, 8)
+                p50_8, rate_8 = load(f"{url}/{name}", body, headers, args.requests, 8)
+                p50_1, _ = load(f"{url}/{name}", body, headers, 200, 1)
+                print(f"batch_size {size}, max_batch_delay {cfg.serve.max_batch_delay_ms} ms: {rate_8:.0f} req/s at 8 clients "
+                      f"(p50 {p50_8:.2f} ms), p50 at 1 client {p50_1:.2f} ms")
+                if best is None or rate_8 > best[1]:
+                    best = (size, rate_8, p50_8, p50_1)
+            print(f"best batching: batch_size {best[0]}: {best[1]:.0f} req/s at 8 clients = {best[1] / model[3]:.2f}x unbatched; "
+                  f"costs p50 {best[2] - model[2]:+.2f} ms at 8 clients and {best[3] - model[0]:+.2f} ms at 1 client")
+        finally:
+            server.stop(cfg)
+
+
+if __name__ == "__main__":
+    main()
