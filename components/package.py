@@ -92,7 +92,9 @@ def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, ou
                                    **{key: str(value) for key, value in run_lineage.items()}})
         write_json(tmp / "signature.json", signature)
         shutil.copyfile(Path(prepared_dir) / "reference_stats.json", tmp / "reference_stats.json")
-        version = hashlib.sha256(onnx_path.read_bytes() + (tmp / "signature.json").read_bytes()).hexdigest()[:12]
+        # The version names what the server runs: model, signature, reference and the handler's code.
+        served = [onnx_path, tmp / "signature.json", tmp / "reference_stats.json", HANDLER, FEATURES_MODULE]
+        version = hashlib.sha256(b"".join(path.read_bytes() for path in served)).hexdigest()[:12]
 
         chosen = np.linspace(0, len(pixels) - 1, min(p.smoke_samples, len(pixels))).astype(int)
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import requests
 
 from components.config import ROOT, load_config
-from components.deploy import default_version, deploy, list_versions, read_package
+from components.deploy import default_version, deploy, list_versions, read_package, unregister
 from components.errors import run_cli
 from serve import server
 from serve.drift import check_drift
@@ -32,6 +32,9 @@ def up(cfg, args) -> None:
               f"state in {server.state_dir(cfg).root})")
     result = deploy(cfg, package_dir / package["mar"]["file"], package["version"])
     endpoint = server.local_endpoint(cfg)
+    for version in list_versions(endpoint, result["model_name"]):  # keep the previous one for a rollback
+        if version not in (result["version"], result["previous_version"]):
+            unregister(endpoint, result["model_name"], version)
     sample = package_dir / package["samples"][0]["file"]
     print(f"serve: {result['model_name']} version {result['version']} is the default "
           f"(smoke test passed on {result['smoke_samples']} images)\n"
