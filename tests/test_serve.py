@@ -156,8 +156,9 @@ def test_only_loopback_and_only_the_model_store_can_be_registered(live):
     assert response.status_code in (400, 404, 405)
 
 
-def run_load(live, count: int, clients: int, timeout_s: float = 30) -> list[object]:
-    """`count` requests over `clients` threads; each result is a status code or the exception raised."""
+def run_load(live, count: int, clients: int, timeout_s: float = 30, progress: list | None = None) -> list[object]:
+    """`count` requests over `clients` threads; each result is a status code or the exception raised.
+    Every answer also appends to `progress`, for a caller watching from another thread."""
     body, url, headers = (live["package"] / "samples" / "00.png").read_bytes(), predict_url(live), auth(live)
     expected = live["manifest"]["samples"][0]["expected"]
 
@@ -171,6 +172,8 @@ def run_load(live, count: int, clients: int, timeout_s: float = 30) -> list[obje
                     results.append(200 if ok else response.status_code)
                 except requests.RequestException as exc:
                     results.append(exc)
+                if progress is not None:
+                    progress.append(results[-1])
         return results
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -186,11 +189,16 @@ def test_bounded_load_2000_requests_at_8_clients_has_zero_errors(live):
 
 def test_killed_worker_recovers_with_no_hung_requests(live):
     [victim] = worker_pids(live)
+    progress: list = []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        load = pool.submit(run_load, live, 800, 8)
-        time.sleep(0.5)
+        load = pool.submit(run_load, live, 800, 8, progress=progress)
+        deadline = time.monotonic() + 60
+        while len(progress) < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
         os.kill(victim, signal.SIGKILL)
+        answered_before_kill = len(progress)
         results = load.result(timeout=180)
+    assert 100 <= answered_before_kill < 800
     hung = [r for r in results if isinstance(r, requests.Timeout)]
     assert len(results) == 800 and not hung
     assert all(r == 200 or (isinstance(r, int) and r >= 500) for r in results), {str(r) for r in results}
