@@ -6,7 +6,7 @@ preprocessing is the one written in signature.json; the answer is the top-k labe
 probabilities. A malformed request gets a 4xx and a message, alone: the rest of its batch
 and the worker carry on.
 
-Monitoring: custom metrics (predictions per class, confidence, input features, rejected
+Monitoring: custom metrics (predictions per class, confidence, input brightness and contrast, rejected
 inputs) on TorchServe's Prometheus endpoint, and a sampled prediction log (JSON lines)
 when the server sets SERVE_PREDICTION_LOG.
 

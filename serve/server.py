@@ -9,6 +9,7 @@ and a request-size limit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -66,9 +67,13 @@ def prediction_log(cfg: DictConfig) -> Path:
     return state_dir(cfg).root / cfg.serve.prediction_log.file
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+
+
 def config_properties(cfg: DictConfig, state: StateDir) -> str:
     s = cfg.serve
-    host = s.host if ":" not in s.host else f"[{s.host}]"
+    host = _url_host(s.host)
     store = state.model_store.resolve()
     settings = {
         "inference_address": f"http://{host}:{s.inference_port}",
@@ -98,7 +103,7 @@ def config_properties(cfg: DictConfig, state: StateDir) -> str:
 def local_endpoint(cfg: DictConfig) -> Endpoint:
     """The local server's URLs and the keys from its key file."""
     s, state = cfg.serve, state_dir(cfg)
-    host = s.host if ":" not in s.host else f"[{s.host}]"
+    host = _url_host(s.host)
     keys = read_keys(state.key_file) if state.key_file.exists() else {}
     return Endpoint(f"http://{host}:{s.inference_port}", f"http://{host}:{s.management_port}",
                     keys.get("inference"), keys.get("management"), f"http://{host}:{s.metrics_port}/metrics")
@@ -126,6 +131,7 @@ def start(cfg: DictConfig) -> Endpoint:
     state = state_dir(cfg)
     for folder in (state.model_store, state.logs, state.tmp):
         folder.mkdir(parents=True, exist_ok=True)
+    state.root.chmod(0o700)  # the key file lands here
     state.key_file.unlink(missing_ok=True)
     state.config.write_text(config_properties(cfg, state))
     env = {
@@ -155,7 +161,7 @@ def start(cfg: DictConfig) -> Endpoint:
 def _ready(cfg: DictConfig) -> Endpoint | None:
     try:
         endpoint = local_endpoint(cfg)
-    except (ValueError, KeyError):  # the key file is still being written
+    except (OSError, ValueError, KeyError):  # the key file is still being written
         return None
     return endpoint if endpoint.inference_token and healthy(endpoint) else None
 
@@ -179,13 +185,12 @@ def stop(cfg: DictConfig, timeout_s: float = 30) -> bool:
     frontend = psutil.Process(pid)
     processes = [frontend, *frontend.children(recursive=True)]
     for process in processes:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(processes, timeout=timeout_s)
     for process in alive:
-        process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
     psutil.wait_procs(alive, timeout=5)
     state = state_dir(cfg)
     state.pid_file.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from components.config import PORT_KEYS, ROOT, compose
 from components.dataset import load_prepared
-from components.deploy import DeployError, default_version, deploy, list_versions, set_default, sha256_file, unregister
+from components.deploy import DeployError, default_version, deploy, list_versions, register, set_default, sha256_file, unregister
 from components.io import write_json
 from components.onnx_export import onnx_logits
 from components.package import build_mar, package
@@ -130,6 +130,24 @@ def test_malformed_request_gets_4xx_with_a_message_and_the_worker_keeps_serving(
         assert body["code"] == status and message in body["error"]
     assert requests.post(predict_url(live), data=good, headers=auth(live), timeout=30).status_code == 200
     assert worker_pids(live) == workers_before
+
+
+def test_batched_requests_are_answered_one_by_one_with_their_own_status(live):
+    """A TorchServe batch mixing good and malformed requests: each gets its own answer."""
+    endpoint, cfg = live["endpoint"], live["cfg"]
+    mar = f"digits-{live['manifest']['version']}.mar"
+    register(endpoint, mar, OmegaConf.merge(cfg.serve, {"batch_size": 8, "max_batch_delay_ms": 200}), model_name="batched")
+    try:
+        samples = live["manifest"]["samples"]
+        bodies = [(live["package"] / s["file"]).read_bytes() for s in samples[:6]] + [b"not an image", b""]
+        url = f"{endpoint.inference_url}/predictions/batched"
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda body: requests.post(url, data=body, headers=auth(live), timeout=30), bodies))
+        assert [a.json()[0]["label"] for a in answers[:6]] == [s["expected"] for s in samples[:6]]
+        assert [a.status_code for a in answers] == [200] * 6 + [400, 400]
+        assert "not a PNG or JPEG image" in answers[6].json()["error"] and "empty request" in answers[7].json()["error"]
+    finally:
+        unregister(endpoint, "batched", live["manifest"]["version"])
 
 
 def test_token_is_required_on_inference_and_management(live):
