@@ -2,7 +2,7 @@
 with the number of explained images (and integrated-gradients steps), the bootstrap with the
 number of draws and of test images. Each is timed beside a baseline and printed as a ratio.
 
-    .venv/bin/python bench/evaluate_bench.py [--repeats 3]
+    .venv/bin/python bench/evaluate_bench.py [--repeats 3] [--parts step attributions bootstrap] [--threads N]
 
 Needs artifacts/prepared and artifacts/model (`make run` or `dvc repro train` first).
 Target: the whole step (`python -m components.evaluate`, imports included) <= 30 s on 2 cores.
@@ -36,21 +36,27 @@ PREPARED, MODEL = ROOT / "artifacts/prepared", ROOT / "artifacts/model"
 CPU = torch.device("cpu")
 
 
-def best_of(repeats: int, fn) -> float:
-    """Fastest of `repeats` runs in seconds (the least disturbed by other load on the machine)."""
-    times = []
+def side_by_side(repeats: int, *fns) -> list[float]:
+    """Fastest of `repeats` runs of each function in seconds, the functions taking turns so that a
+    burst of load from other processes on the machine hits them alike."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [min(spent) for spent in times]
+
+
+def best_of(repeats: int, fn) -> float:
+    return side_by_side(repeats, fn)[0]
 
 
 def whole_step(repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cli = [sys.executable, "-m", "components.evaluate", "--prepared", str(PREPARED), "--model", str(MODEL), "--reports", f"{tmp}/cli"]
-        step = best_of(repeats, lambda: subprocess.run(cli, cwd=ROOT, check=True, capture_output=True))
-        imports = best_of(repeats, lambda: subprocess.run([sys.executable, "-c", "import components.evaluate"], cwd=ROOT, check=True))
+        step, imports = side_by_side(repeats, lambda: subprocess.run(cli, cwd=ROOT, check=True, capture_output=True),
+                                     lambda: subprocess.run([sys.executable, "-c", "import components.evaluate"], cwd=ROOT, check=True))
         cfg = compose([])
         in_process = best_of(repeats, lambda: evaluate(cfg, PREPARED, MODEL, f"{tmp}/lib"))
     model, norm, _ = load_trained(MODEL)
@@ -75,9 +81,9 @@ def attributions(repeats: int) -> None:
     for n in (4, 16, 64):
         images, targets = test[:n], np.zeros(n, dtype=int)
         x = torch.from_numpy(images).float().requires_grad_()
-        saliency = best_of(repeats, lambda: Saliency(forward).attribute(x, target=torch.from_numpy(targets)))
-        t_ig = best_of(repeats, lambda: attribute(model, norm, images, targets, ig, CPU))
-        t_occ = best_of(repeats, lambda: attribute(model, norm, images, targets, occlusion, CPU))
+        saliency, t_ig, t_occ = side_by_side(repeats, lambda: Saliency(forward).attribute(x, target=torch.from_numpy(targets)),
+                                             lambda: attribute(model, norm, images, targets, ig, CPU),
+                                             lambda: attribute(model, norm, images, targets, occlusion, CPU))
         first = first or t_ig
         print(f"{n:>6} {saliency:>11.4f} {t_ig:>8.3f} {t_occ:>8.3f} {t_ig / saliency:>7.0f} {t_occ / saliency:>8.0f} "
               f"{1000 * t_ig / n:>10.1f} {t_ig / first:>11.1f}x")
@@ -109,16 +115,17 @@ def bootstrap(repeats: int) -> None:
     print(f"{'draws':>7} {'ours s':>9} {'resample s':>11} {'fairlearn s':>12} {'resample/ours':>14} {'ours vs 100':>12}")
     first = None
     for samples in (100, 1000, 10000, 100000):
-        ours = best_of(repeats, lambda: accuracy_gap_interval(correct, pd.Series(groups), samples, 0.95, 0))
+        ours = best_of(10 * repeats, lambda: accuracy_gap_interval(correct, pd.Series(groups), samples, 0.95, 0))
         naive = best_of(1, lambda: naive_bootstrap(correct, groups, samples, rng)) if samples <= 10000 else float("nan")
         fair = best_of(1, lambda: MetricFrame(metrics=accuracy_score, y_true=correct, y_pred=np.ones_like(correct),
                                               sensitive_features=groups, n_boot=samples, ci_quantiles=[0.025, 0.975], random_state=0)) if samples <= 1000 else float("nan")
         first = first or ours
-        print(f"{samples:>7} {ours:>9.5f} {naive:>11.3f} {fair:>12.3f} {naive / ours:>13.0f}x {ours / first:>11.1f}x")
+        print(f"{samples:>7} {ours:>9.5f} {naive:>11.3f} {fair:>12.3f} {naive / ours:>13.0f}x {ours / first:>11.1f}x"
+              .replace("nanx", "   -").replace("nan", "  -"))  # the slow baselines are skipped at large draw counts
     print("cost vs test images (1000 draws; the test outcomes repeated k times):")
     for k in (1, 10, 100):
         big_correct, big_groups = np.tile(correct, k), pd.Series(np.tile(groups, k))
-        ours = best_of(repeats, lambda: accuracy_gap_interval(big_correct, big_groups, 1000, 0.95, 0))
+        ours = best_of(10 * repeats, lambda: accuracy_gap_interval(big_correct, big_groups, 1000, 0.95, 0))
         naive = best_of(1, lambda: naive_bootstrap(big_correct, big_groups.to_numpy(), 1000, rng))
         print(f"  {len(big_correct):>7} images: ours {ours:8.5f} s, resampling {naive:7.3f} s")
 
@@ -126,13 +133,20 @@ def bootstrap(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in this process (0 = torch's default); "
+                        "1 gives steadier figures on a machine shared with other work")
     args = parser.parse_args()
     if not (MODEL / "model.safetensors").exists():
         sys.exit("needs artifacts/model: run `make run` (or `dvc repro train`) first")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
-    whole_step(args.repeats)
-    attributions(args.repeats)
-    bootstrap(args.repeats)
+    for part in args.parts:
+        PARTS[part](args.repeats)
+
+
+PARTS = {"step": whole_step, "attributions": attributions, "bootstrap": bootstrap}
 
 
 if __name__ == "__main__":
