@@ -15,7 +15,7 @@ from kfp import compiler
 from components.config import ROOT, compose
 from components.errors import ConfigError, run_cli
 from pipelines.graph import sweep_pipeline, training_pipeline
-from pipelines.local import describe, local_data_uri, run_pipeline
+from pipelines.local import LocalRunFailed, describe, local_data_uri, run_pipeline, shown
 from pipelines.submit import auth_token, data_source, run_name, submit
 
 OUT_DIR = ROOT / "artifacts" / "kfp"
@@ -36,7 +36,7 @@ def compile_command(args) -> None:
     out = Path(args.out or OUT_DIR / f"{pipeline.name}.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, str(out))
-    print(f"compile: {pipeline.name} -> {out}")
+    print(f"compile: {pipeline.name} -> {shown(out)}")
 
 
 def run_local_command(args) -> None:
@@ -45,6 +45,8 @@ def run_local_command(args) -> None:
     deploys_locally = not args.sweep and not cfg.pipeline.deploy.management_url
     run = run_pipeline(pipeline, {"data_uri": local_data_uri(cfg)}, Path(args.output_dir), deploys_locally, cfg)
     print(describe(run))
+    if run.failure:
+        raise LocalRunFailed(run.failure)
 
 
 def submit_command(args) -> None:
@@ -63,7 +65,7 @@ def submit_command(args) -> None:
     name = args.run_name or run_name(cfg, arguments["data_rev"])
     run_id = submit(out, arguments, name, host, args.namespace or s.namespace, args.experiment or s.experiment,
                     auth_token(cfg, args.token_file))
-    print(f"submit: run {run_id} ({name!r}) of {out} created on {host}")
+    print(f"submit: run {run_id} ({name!r}) of {shown(out)} created on {host}")
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ from components.config import CONF_DIR
 
 # The default image; the graph sets each task's image from the composed config.
 IMAGE = OmegaConf.load(CONF_DIR / "pipeline" / "default.yaml").image.cpu
-# The deploy step reads TorchServe's keys from these (a Kubernetes secret on a cluster).
+# The deploy step reads TorchServe's keys from these (a Kubernetes secret on a cluster); deploy_op's
+# body names them again, as a component's source runs on its own.
 MANAGEMENT_TOKEN_ENV, INFERENCE_TOKEN_ENV = "TORCHSERVE_MANAGEMENT_TOKEN", "TORCHSERVE_INFERENCE_TOKEN"
 
 component = dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -22,7 +22,7 @@ def config_json(cfg: DictConfig) -> str:
     return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
 
 
-def _on_cluster(task: PipelineTask, p: DictConfig, resources: DictConfig, image: str, retries: bool, cache: bool = True) -> PipelineTask:
+def _with_cluster_settings(task: PipelineTask, p: DictConfig, resources: DictConfig, image: str, retries: bool, cache: bool = True) -> PipelineTask:
     task.set_container_image(image)
     kubernetes.set_image_pull_policy(task, p.image.pull_policy)
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
@@ -47,33 +47,34 @@ def _on_gpu_nodes(task: PipelineTask, t: DictConfig) -> PipelineTask:
 def _steps_to_evaluate(cfg: DictConfig, config: str, data_repo: str, data_rev: str, data_uri: str, retries: bool):
     p = cfg.pipeline
     gpu = p.train.accelerator_count > 0
-    prepare = _on_cluster(prepare_op(config=config, data_repo=data_repo, data_rev=data_rev, data_uri=data_uri),
+    prepare = _with_cluster_settings(prepare_op(config=config, data_repo=data_repo, data_rev=data_rev, data_uri=data_uri),
                           p, p.resources, p.image.cpu, retries).set_display_name("prepare")
     if p.s3_secret.name:
         kubernetes.use_secret_as_env(prepare, p.s3_secret.name, dict(p.s3_secret.env))
-    train = _on_cluster(train_op(config=config, prepared=prepare.outputs["prepared"]), p, p.train,
+    train = _with_cluster_settings(train_op(config=config, prepared=prepare.outputs["prepared"]), p, p.train,
                         p.image.gpu if gpu else p.image.cpu, retries).set_display_name("train")
     _on_gpu_nodes(train, p.train)
-    evaluate = _on_cluster(evaluate_op(config=config, prepared=prepare.outputs["prepared"], model=train.outputs["model"]),
+    evaluate = _with_cluster_settings(evaluate_op(config=config, prepared=prepare.outputs["prepared"], model=train.outputs["model"]),
                            p, p.resources, p.image.cpu, retries).set_display_name("evaluate")
     return prepare, train, evaluate
 
 
-def _gate_closed(cfg: DictConfig, reason: str, evaluate: PipelineTask, retries: bool) -> None:
+def _gate_closed(cfg: DictConfig, reason: str, evaluate: PipelineTask) -> None:
     task = gate_closed_op(reason=reason, accuracy=evaluate.outputs["accuracy"],
                           fairness_violations=evaluate.outputs["fairness_violations"])
-    _on_cluster(task, cfg.pipeline, cfg.pipeline.resources, cfg.pipeline.image.cpu, retries=False, cache=False).set_display_name("gate-closed")
+    p = cfg.pipeline
+    _with_cluster_settings(task, p, p.resources, p.image.cpu, retries=False, cache=False).set_display_name("gate-closed")
 
 
 def _package_and_deploy(cfg: DictConfig, config: str, prepare: PipelineTask, train: PipelineTask, retries: bool) -> None:
     p, d = cfg.pipeline, cfg.pipeline.deploy
-    package = _on_cluster(package_op(config=config, prepared=prepare.outputs["prepared"], model=train.outputs["model"]),
+    package = _with_cluster_settings(package_op(config=config, prepared=prepare.outputs["prepared"], model=train.outputs["model"]),
                           p, p.resources, p.image.cpu, retries).set_display_name("package")
     deploy = deploy_op(config=config, package=package.outputs["package"], version=package.outputs["version"],
                        mar_file=package.outputs["mar_file"], management_url=d.management_url, inference_url=d.inference_url,
                        model_store=d.model_store if d.model_store_pvc else "")
     # Deploying is a side effect: never cached, never retried blindly (deploy rolls back itself).
-    _on_cluster(deploy, p, p.resources, p.image.cpu, retries=False, cache=False).set_display_name("deploy")
+    _with_cluster_settings(deploy, p, p.resources, p.image.cpu, retries=False, cache=False).set_display_name("deploy")
     if d.token_secret:
         kubernetes.use_secret_as_env(deploy, d.token_secret, {"management": MANAGEMENT_TOKEN_ENV, "inference": INFERENCE_TOKEN_ENV})
     if d.model_store_pvc:
@@ -87,18 +88,19 @@ def training_pipeline(cfg: DictConfig, retries: bool = True):
     @dsl.pipeline(name=p.name, description="prepare -> train -> evaluate -> fairness/quality gate -> package -> deploy")
     def pipeline(config: str = config_json(cfg), data_repo: str = p.data.repo, data_rev: str = p.data.rev,
                  data_uri: str = p.data.uri):
-        outcome = _on_cluster(record_outcome_op(), p, p.resources, p.image.cpu, retries=False, cache=False)
+        outcome = _with_cluster_settings(record_outcome_op(), p, p.resources, p.image.cpu, retries=False, cache=False)
         with dsl.ExitHandler(outcome.set_display_name("record-outcome"), name="run"):
             prepare, train, evaluate = _steps_to_evaluate(cfg, config, data_repo, data_rev, data_uri, retries)
             accuracy_too_low = evaluate.outputs["accuracy"] < gate.min_accuracy
+            quality_reason = f"test accuracy below pipeline.gate.min_accuracy={gate.min_accuracy}"
             if gate.require_fairness:
                 with dsl.If(evaluate.outputs["fairness_passed"] == False, name="fairness-gate-closed"):  # noqa: E712 (a KFP condition)
-                    _gate_closed(cfg, "a fairness check failed", evaluate, retries)
+                    _gate_closed(cfg, "a fairness check failed", evaluate)
                 with dsl.Elif(accuracy_too_low, name="quality-gate-closed"):
-                    _gate_closed(cfg, f"test accuracy below pipeline.gate.min_accuracy={gate.min_accuracy}", evaluate, retries)
+                    _gate_closed(cfg, quality_reason, evaluate)
             else:
                 with dsl.If(accuracy_too_low, name="quality-gate-closed"):
-                    _gate_closed(cfg, f"test accuracy below pipeline.gate.min_accuracy={gate.min_accuracy}", evaluate, retries)
+                    _gate_closed(cfg, quality_reason, evaluate)
             with dsl.Else(name="gate-open"):
                 _package_and_deploy(cfg, config, prepare, train, retries)
 
@@ -119,6 +121,6 @@ def sweep_pipeline(cfg: DictConfig, trials: list[tuple[str, DictConfig]], retrie
         with dsl.ParallelFor(trials, name="trial") as trial:
             _, _, evaluate = _steps_to_evaluate(cfg, trial.config, data_repo, data_rev, data_uri, retries)
         best = select_best_op(trials=trials, reports=dsl.Collected(evaluate.outputs["reports"]), metric=sweep.metric, goal=sweep.goal)
-        _on_cluster(best, p, p.resources, p.image.cpu, retries=False).set_display_name("select-best")
+        _with_cluster_settings(best, p, p.resources, p.image.cpu, retries=False).set_display_name("select-best")
 
     return pipeline

@@ -6,6 +6,7 @@ data folder; deploy goes to the local TorchServe of conf/serve, started for the 
 stopped afterwards (a server that was already running is used and left running).
 """
 
+import builtins
 import contextlib
 import json
 import re
@@ -45,6 +46,7 @@ class LocalRun:
     root: Path
     tasks: dict[str, TaskResult]
     seconds: float
+    failure: str | None  # kfp.local's message naming the failed task
 
 
 def local_data_uri(cfg: DictConfig) -> str:
@@ -62,7 +64,7 @@ def local_torchserve(cfg: DictConfig, needed: bool) -> Iterator[None]:
     if started:
         began = time.monotonic()
         server.start(cfg)
-        print(f"run-local: TorchServe started in {time.monotonic() - began:.1f} s (state in {server.state_dir(cfg).root})")
+        print(f"run-local: TorchServe started in {time.monotonic() - began:.1f} s (state in {shown(server.state_dir(cfg).root)})")
     try:
         yield
     finally:
@@ -73,23 +75,24 @@ def local_torchserve(cfg: DictConfig, needed: bool) -> Iterator[None]:
 
 
 def run_pipeline(pipeline, arguments: dict, output_dir: Path, deploys_locally: bool, cfg: DictConfig) -> LocalRun:
-    """Run a compiled-in-memory pipeline with kfp.local; raise LocalRunFailed naming the failed task."""
+    """Run a pipeline with kfp.local; what it produced, and why it failed if it did."""
     output_dir = output_dir.resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir), raise_on_error=True)
     before = set(output_dir.glob("*")) if output_dir.exists() else set()
     started = time.monotonic()
     failure = None
+    original_print = builtins.print  # kfp.local's ParallelFor threads can leave it patched to indent every line
     with local_torchserve(cfg, deploys_locally):
         try:
             pipeline(**arguments)
         except RuntimeError as exc:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
             failure = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        finally:
+            builtins.print = original_print
     run_root = max(set(output_dir.glob("*")) - before, key=lambda p: p.stat().st_mtime)
-    run = LocalRun(run_root, collect_results(run_root), time.monotonic() - started)
-    if failure:
-        gate = " (the fairness/quality gate closed: package and deploy did not run)" if "gate-closed" in failure else ""
-        raise LocalRunFailed(f"{failure}{gate}\n{describe(run)}")
-    return run
+    if failure and "gate-closed" in failure:
+        failure += " The fairness/quality gate closed: package and deploy did not run (the reason is in gate-closed-op's log)."
+    return LocalRun(run_root, collect_results(run_root), time.monotonic() - started, failure)
 
 
 def collect_results(run_root: Path) -> dict[str, TaskResult]:
@@ -109,15 +112,21 @@ def collect_results(run_root: Path) -> dict[str, TaskResult]:
     return results
 
 
+def shown(path: str | Path) -> str:
+    """A path relative to the working directory when it is inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def describe(run: LocalRun) -> str:
-    lines = [f"run-local: {run.root} ({run.seconds:.1f} s)"]
+    lines = [f"run-local: {shown(run.root)} ({run.seconds:.1f} s)"]
     for result in run.tasks.values():
         lines.append(f"  {result.task}")
-        lines += [f"    {name:<18} {path}" for name, path in result.artifacts.items()]
+        lines += [f"    {name:<18} {shown(path)}" for name, path in result.artifacts.items()]
         for name, values in result.metrics.items():
             numbers = {k: v for k, v in values.items() if isinstance(v, (int, float))}
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in list(numbers.items())[:5])
+            first = ", ".join(f"{k}={v:.4g}" for k, v in list(numbers.items())[:5])
             more = f", ... ({len(numbers)} values)" if len(numbers) > 5 else ""
-            lines.append(f"    {name:<18} {shown or ', '.join(values)}{more}")
+            lines.append(f"    {name:<18} {first or ', '.join(values) + ' (in executor_output.json)'}{more}")
         lines += [f"    {name:<18} = {value}" for name, value in result.parameters.items()]
     return "\n".join(lines)

@@ -169,7 +169,9 @@ def test_a_closed_gate_ends_the_run_failed_without_package_or_deploy(tmp_path, t
     result, run_dir = run_local(tmp_path, *tiny_overrides(tiny_data), *overrides, check=False)
     assert result.returncode == 2
     assert message in result.stdout
-    assert f"Inner task failed: 'gate-closed-op" in result.stderr and "the fairness/quality gate closed" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Pipeline 'kfp-dvc-template' finished with status FAILURE. "
+                                                              "Inner task failed: 'gate-closed-op")
+    assert "The fairness/quality gate closed: package and deploy did not run" in result.stderr
     tasks = collect_results(run_dir)
     assert list(tasks) == ["prepare-op", "train-op", "evaluate-op", "record-outcome-op"]
     verdicts = tasks["evaluate-op"].parameters
