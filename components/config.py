@@ -240,6 +240,21 @@ class PipelineConfig:
 
 
 @dataclass
+class GatesConfig:
+    min_accuracy: float = 0.95
+    min_balanced_accuracy: float = 0.95
+    max_ece: float = 0.05
+    require_fairness_pass: bool = True
+
+
+@dataclass
+class RegistryConfig:
+    stages: list[str] = field(default_factory=lambda: ["staging", "prod"])
+    gated_stages: list[str] = field(default_factory=lambda: ["prod"])
+    gates: GatesConfig = field(default_factory=GatesConfig)
+
+
+@dataclass
 class Config:
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
@@ -249,6 +264,7 @@ class Config:
     package: PackageConfig = field(default_factory=PackageConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
 def _check(cfg: DictConfig) -> None:

@@ -195,6 +195,16 @@ def rollback(cfg: DictConfig, stage: str, push: bool = False, repo: Path = ROOT)
     return {"name": name, "stage": stage, "version": previous, "replaced": current}
 
 
+def stage_package(cfg: DictConfig, stage: str, repo: Path = ROOT) -> tuple[Path, dict]:
+    """Fetch the package of the version in `stage` from the DVC remote into the serve state folder."""
+    from serve import server
+
+    holder = stage_holder(stage, repo)
+    release = server.state_dir(cfg).root / "releases" / holder["version"]
+    shutil.rmtree(release, ignore_errors=True)
+    return fetch_package(holder["commit"], release, repo), holder
+
+
 def deploy_stage(cfg: DictConfig, stage: str, repo: Path = ROOT, **remote: str | None) -> dict:
     """Deploy exactly the version in `stage`: fetch its package from the remote, check, register, smoke test.
 
@@ -204,10 +214,7 @@ def deploy_stage(cfg: DictConfig, stage: str, repo: Path = ROOT, **remote: str |
     from components.deploy import deploy, read_package
     from serve import server
 
-    holder = stage_holder(stage, repo)
-    release = server.state_dir(cfg).root / "releases" / holder["version"]
-    shutil.rmtree(release, ignore_errors=True)
-    fetch_package(holder["commit"], release, repo)
+    release, holder = stage_package(cfg, stage, repo)
     package = read_package(release)
     if not remote.get("management_url") and server.running_pid(cfg) is None:
         server.start(cfg)

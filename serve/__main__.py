@@ -18,12 +18,16 @@ import requests
 from components.config import ROOT, load_config
 from components.deploy import default_version, deploy, list_versions, read_package, unregister
 from components.errors import run_cli
+from components.registry import stage_package
 from serve import server
 from serve.drift import check_drift
 
 
 def up(cfg, args) -> None:
     package_dir = Path(args.package)
+    if args.stage:
+        package_dir, holder = stage_package(cfg, args.stage)
+        print(f"serve: stage {args.stage} -> {holder['version']} (commit {holder['commit'][:10]}), package fetched from the DVC remote")
     package = read_package(package_dir)
     if server.running_pid(cfg) is None:
         started = time.monotonic()
@@ -99,8 +103,9 @@ def main() -> None:
         sub.set_defaults(run=run)
         return sub
 
-    command("up", up, "start TorchServe if needed and deploy the package as the default version").add_argument(
-        "--package", default="artifacts/package", help="package folder (output of the package step)")
+    sub = command("up", up, "start TorchServe if needed and deploy the package as the default version")
+    sub.add_argument("--package", default="artifacts/package", help="package folder (output of the package step)")
+    sub.add_argument("--stage", default=None, help="deploy the version a git tag assigns to this stage (e.g. prod) instead")
     command("down", down, "stop TorchServe")
     command("status", status, "show the server and its model versions")
     sub = command("predict", predict, "send one PNG/JPEG image, print the top-k labels")

@@ -138,8 +138,8 @@ def test_promotion_lifecycle(project: Project):
     back = rollback(project.cfg(), "prod", repo=repo)
     assert (back["replaced"], back["version"]) == ("v1.1.0", "v1.0.0")
     assert json.loads(run(["gto", "show", "--json"], repo).stdout)["digits"]["stage"]["prod"] == "v1.0.0"
-    redeployed = deploy_stage(project.cfg(), "prod", repo=repo)
-    assert (redeployed["registry_version"], redeployed["version"]) == ("v1.0.0", package_v1)
+    redeployed = run(["python", "-m", "serve", "up", "--stage", "prod", *project.serve_overrides], repo).stdout
+    assert "serve: stage prod -> v1.0.0" in redeployed and f"version {package_v1} is the default" in redeployed
     assert live_default(project) == package_v1
 
 
