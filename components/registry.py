@@ -64,12 +64,12 @@ def versions(repo: Path = ROOT) -> list[dict]:
 
 
 def _show(repo: Path, query: str) -> list[dict]:
-    """`gto show <query>` as data; nothing registered yet is an empty list, not an error."""
+    """`gto show <query>` as data (registered versions only); nothing registered yet is an empty list."""
     import gto.api
     from gto.exceptions import ArtifactNotFound
 
     try:
-        return gto.api.show(str(repo), query)
+        return gto.api.show(str(repo), query, registered_only=True)
     except ArtifactNotFound:
         return []
 
@@ -127,15 +127,22 @@ def fetch_package(commit: str, dest: Path, repo: Path = ROOT) -> Path:
         except Exception as exc:  # DVC raises many types here; all mean "not retrievable"
             raise RegistryError(
                 f"{path} at {commit[:10]} cannot be fetched from the DVC remote ({exc.__class__.__name__}: {exc}); "
-                "run `dvc push` (and check the remote's endpoint/credentials)") from None
+                "run `dvc push` (`dvc commit` first if `dvc push` reports missing cache files; "
+                "and check the remote's endpoint/credentials)") from None
     return dest
 
 
 def _uncommitted_changes(repo: Path) -> list[str]:
+    """Pipeline files changed in git, and stages whose workspace no longer matches dvc.lock."""
     changed = _git(repo, "status", "--porcelain", "--", *PIPELINE_FILES).splitlines()
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True, text=True)
-    if status.returncode == 0 and status.stdout.strip() not in ("", "{}"):
-        changed.append(f"dvc status: {status.stdout.strip()}")
+    stages = json.loads(status.stdout or "{}") if status.returncode == 0 else {}
+    for stage, changes in stages.items():
+        # "not in cache" only means never cached here; whether the remote has it is checked by fetching.
+        real = [c for c in changes if not (isinstance(c, dict) and c.keys() == {"changed outs"}
+                                           and set(c["changed outs"].values()) == {"not in cache"})]
+        if real:
+            changed.append(f"dvc status: {stage}: {json.dumps(real)}")
     return changed
 
 
