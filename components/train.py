@@ -12,6 +12,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from components import distributed
 from components.config import config_hash, load_config
 from components.dataset import Prepared, load_prepared
 from components.errors import ConfigError, DataError, run_cli
@@ -84,7 +86,7 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     prepared = load_prepared(prepared_dir)
     if prepared.meta["classes"] != list(cfg.data.classes) or prepared.meta["channels"] != cfg.data.channels:
         raise DataError(f"{prepared_dir}: prepared with other classes/channels than the config; re-run prepare")
-    device = resolve_device(t.device)
+    processes, device = distributed.setup(resolve_device(t.device))
     seed_everything(cfg.seed, device)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -97,6 +99,7 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     val_images, val_labels = torch.from_numpy(x_val), torch.tensor(index_val["label_index"].to_numpy())
     spec = model_spec(cfg, prepared)
     model = build_model(cfg.model.name, spec["channels"], len(spec["classes"]), tuple(spec["image_size"]), cfg.model.width, cfg.model.dropout).to(device)
+    trainer = distributed.wrap(model, processes, device)
     norm = Normalize(**spec["normalization"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
@@ -116,41 +119,47 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
 
-    live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=False)
+    live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=False) if processes.is_main else None
     n, batch = len(images), t.batch_size
-    epochs = tqdm(range(state["epoch"], t.epochs), desc="train", unit="epoch", initial=state["epoch"], total=t.epochs, disable=None)
+    epochs = tqdm(range(state["epoch"], t.epochs), desc="train", unit="epoch", initial=state["epoch"], total=t.epochs,
+                  disable=None if processes.is_main else True)
     for epoch in epochs:
-        model.train()
+        trainer.train()
         order = torch.multinomial(weights, n, replacement=True, generator=generator) if weights is not None else torch.randperm(n, generator=generator)
+        order = distributed.shard(order, processes)
+        n_local = len(order)
         total_loss = 0.0
-        for i in range(0, n, batch):
+        for i in range(0, n_local, batch):
             ids = order[i : i + batch]
             x, y = norm(images[ids].to(device, non_blocking=True)), labels[ids].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(trainer(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.item() * len(ids)
+        distributed.sync_buffers(model, processes)
         logits = predict_logits(model, norm, val_images, device)
         val_loss = loss_fn(logits, val_labels).item()
         val_acc = (logits.argmax(1) == val_labels).float().mean().item()
-        live.log_metric("train/loss", total_loss / n)
-        live.log_metric("val/loss", val_loss)
-        live.log_metric("val/accuracy", val_acc)
-        live.next_step()
-        epochs.set_postfix(train_loss=f"{total_loss / n:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        if live:
+            live.log_metric("train/loss", total_loss / n_local)
+            live.log_metric("val/loss", val_loss)
+            live.log_metric("val/accuracy", val_acc)
+            live.next_step()
+        epochs.set_postfix(train_loss=f"{total_loss / n_local:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
 
         if val_loss < state["best_loss"]:
             state.update(best_loss=val_loss, best_epoch=epoch, bad_epochs=0, best_state=copy.deepcopy(model.state_dict()))
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(), "state": state, "resume_key": _resume_key(cfg)}, tmp)
-        tmp.replace(checkpoint)
+        if processes.is_main:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                        "torch_rng": torch.get_rng_state(), "state": state, "resume_key": _resume_key(cfg)}, tmp)
+            tmp.replace(checkpoint)
         if t.early_stopping_patience and state["bad_epochs"] >= t.early_stopping_patience:
             tqdm.write(f"train: early stop after epoch {epoch + 1} (best epoch {state['best_epoch'] + 1})")
             break
@@ -163,6 +172,9 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
         "best_epoch": state["best_epoch"] + 1,
         "epochs_run": state["epoch"],
     }
+    distributed.teardown(processes)
+    if not processes.is_main:
+        return metrics
     for key, value in metrics.items():
         live.summary[key] = value
     live.make_summary()
@@ -186,7 +198,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=0.01")
     args = parser.parse_args()
     metrics = train(load_config(args.params, args.overrides), args.prepared, args.out, args.live, args.checkpoints)
-    print(f"train: {metrics} -> {args.out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(f"train: {metrics} -> {args.out}")
 
 
 if __name__ == "__main__":

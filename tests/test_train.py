@@ -103,3 +103,32 @@ def test_resnet18_trains_end_to_end_on_rgb(tmp_path):
     cfg = small_config(data, "model=resnet18", "train.epochs=1", channels=3)
     metrics = _run(cfg, data, tmp_path, "model")
     assert metrics["epochs_run"] == 1
+
+
+def test_data_parallel_training_with_two_processes(tiny_dataset, tmp_path):
+    """torchrun with 2 processes (gloo on CPU, the same code path as one process per GPU)."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from components.config import ROOT
+
+    cfg = small_config(tiny_dataset, "train.epochs=12", "train.lr=0.01", "train.early_stopping_patience=0")
+    prepare(cfg, tiny_dataset, tmp_path / "prepared")
+    params = tmp_path / "params.yaml"
+    params.write_text(OmegaConf.to_yaml(cfg))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "components.train",
+         "--params", str(params), "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "model"),
+         "--live", str(tmp_path / "live"), "--checkpoints", str(tmp_path / "ckpt")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("train: {") == 1  # only rank 0 reports and writes
+    spec = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert spec["metrics"]["epochs_run"] == 12 and spec["metrics"]["val_accuracy"] >= 0.8
+    live = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert live["step"] == 12
+    model, norm, _ = load_trained(tmp_path / "model")
+    assert model(norm(torch.zeros(1, 1, 16, 16, dtype=torch.uint8))).shape == (1, 3)
