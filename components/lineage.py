@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,15 @@ from omegaconf import DictConfig
 from components.config import ROOT, config_hash
 
 
+# Inside a component image there is no git checkout: the pipeline compiler passes the
+# lineage of the checkout it compiled from through these variables.
+COMMIT_ENV, DIRTY_ENV, DATA_HASH_ENV = "LINEAGE_GIT_COMMIT", "LINEAGE_GIT_DIRTY", "LINEAGE_DATA_HASH"
+
+
 def git_commit(repo: Path = ROOT) -> dict[str, object]:
+    if COMMIT_ENV in os.environ:
+        return {"git_commit": os.environ[COMMIT_ENV], "git_dirty": os.environ.get(DIRTY_ENV) == "true"}
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -26,6 +35,8 @@ def git_commit(repo: Path = ROOT) -> dict[str, object]:
 
 def data_hash(dvc_file: Path = ROOT / "data.dvc") -> str:
     """The md5 DVC recorded for the dataset (the `outs` of data.dvc)."""
+    if DATA_HASH_ENV in os.environ:
+        return os.environ[DATA_HASH_ENV]
     if not dvc_file.exists():
         return "unknown"
     outs = yaml.safe_load(dvc_file.read_text())["outs"]

@@ -6,6 +6,7 @@ speaks the KFP API (checked against a fake server: a real one needs Kubernetes).
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,6 +58,9 @@ def test_compiled_spec_carries_gpu_resources_scheduling_retries_caching_and_secr
     executors = spec["deploymentSpec"]["executors"]
     train = executors["exec-train-op"]["container"]
     assert train["image"] == "registry.example/gpu:7"
+    env = {e["name"]: e["value"] for e in train["env"]}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    assert env["LINEAGE_GIT_COMMIT"] == head and env["LINEAGE_DATA_HASH"].endswith(".dir")
     assert train["resources"]["accelerator"] == {"count": "2", "resourceCount": "2", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
     assert {k: train["resources"][k] for k in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit")} == \
         {"resourceCpuRequest": "4", "resourceCpuLimit": "8", "resourceMemoryRequest": "16G", "resourceMemoryLimit": "32G"}

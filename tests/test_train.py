@@ -132,3 +132,12 @@ def test_data_parallel_training_with_two_processes(tiny_dataset, tmp_path):
     assert live["step"] == 12
     model, norm, _ = load_trained(tmp_path / "model")
     assert model(norm(torch.zeros(1, 1, 16, 16, dtype=torch.uint8))).shape == (1, 3)
+
+
+def test_lineage_comes_from_the_environment_inside_a_component_image(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("LINEAGE_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("LINEAGE_GIT_DIRTY", "false")
+    monkeypatch.setenv("LINEAGE_DATA_HASH", "feedbeef.dir")
+    _run(small_config(tiny_dataset, "train.epochs=1"), tiny_dataset, tmp_path, "model")
+    lineage = json.loads((tmp_path / "model" / "model.json").read_text())["lineage"]
+    assert (lineage["git_commit"], lineage["git_dirty"], lineage["data_hash"]) == ("abc123", False, "feedbeef.dir")
