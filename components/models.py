@@ -29,7 +29,7 @@ class Normalize(nn.Module):
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, norm: Normalize, images: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
+def predict_logits(model: nn.Module, norm: Normalize, images: torch.Tensor, device: torch.device, batch: int = 64) -> torch.Tensor:
     model.eval()
     outs = []
     for i in range(0, len(images), batch):

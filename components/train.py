@@ -106,7 +106,7 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     weights = balanced_weights(group_keys(index_train, spec["sensitive_attributes"])) if t.balanced_sampling else None
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0, "best_state": None}
+    state = {"epoch": 0, "best_loss": math.inf, "best_accuracy": 0.0, "best_epoch": -1, "bad_epochs": 0, "best_state": None}
     checkpoint = Path(checkpoint_dir) / CHECKPOINT
     resumed = t.resume and checkpoint.exists()
     if resumed:
@@ -150,7 +150,8 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
         epochs.set_postfix(train_loss=f"{total_loss / n_local:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
 
         if val_loss < state["best_loss"]:
-            state.update(best_loss=val_loss, best_epoch=epoch, bad_epochs=0, best_state=copy.deepcopy(model.state_dict()))
+            state.update(best_loss=val_loss, best_accuracy=val_acc, best_epoch=epoch, bad_epochs=0,
+                         best_state=copy.deepcopy(model.state_dict()))
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
@@ -165,10 +166,9 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
             break
 
     model.load_state_dict(state["best_state"])
-    logits = predict_logits(model, norm, val_images, device)
     metrics = {
-        "val_loss": round(loss_fn(logits, val_labels).item(), 6),
-        "val_accuracy": round((logits.argmax(1) == val_labels).float().mean().item(), 6),
+        "val_loss": round(state["best_loss"], 6),
+        "val_accuracy": round(state["best_accuracy"], 6),
         "best_epoch": state["best_epoch"] + 1,
         "epochs_run": state["epoch"],
     }
