@@ -48,24 +48,22 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def row_problems(table: pd.DataFrame, data: DictConfig, source: str) -> list[str]:
-    """Every problem with the listing itself (labels, attributes, duplicates), one line each."""
+    """Every problem with the listing itself (labels, attributes, duplicates), one line each.
+
+    Checks run column-wise (a 100k-row listing takes milliseconds); only flagged rows are visited.
+    """
+    files, labels = table["file"], table["label"]
+    checks = [(files == "", lambda i: "empty file name"),
+              (files.duplicated(keep="first"), lambda i: "file listed twice"),
+              (labels == "", lambda i: "missing label"),
+              ((labels != "") & ~labels.isin(list(data.classes)), lambda i: f"label {labels.iloc[i]!r} is not in data.classes")]
+    for attr in data.sensitive_attributes:
+        checks.append((table[attr].isna() | (table[attr] == ""), lambda i, attr=attr: f"missing sensitive attribute {attr!r}"))
+    masks = [mask.to_numpy() for mask, _ in checks]
     problems = []
-    classes = set(data.classes)
-    duplicated = table["file"].duplicated(keep="first")
-    for i, row in enumerate(table.itertuples(index=False)):
-        where = f"{source} row {i + 2} ({row.file or '<empty file name>'})"
-        if not row.file:
-            problems.append(f"{where}: empty file name")
-        if duplicated.iloc[i]:
-            problems.append(f"{where}: file listed twice")
-        if row.label == "":
-            problems.append(f"{where}: missing label")
-        elif row.label not in classes:
-            problems.append(f"{where}: label {row.label!r} is not in data.classes")
-        for attr in data.sensitive_attributes:
-            value = getattr(row, attr) if attr.isidentifier() else table.iloc[i][attr]
-            if pd.isna(value) or value == "":
-                problems.append(f"{where}: missing sensitive attribute {attr!r}")
+    for i in np.flatnonzero(np.logical_or.reduce(masks)):
+        where = f"{source} row {i + 2} ({files.iloc[i] or '<empty file name>'})"
+        problems += [f"{where}: {message(i)}" for mask, (_, message) in zip(masks, checks) if mask[i]]
     return problems
 
 
