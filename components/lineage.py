@@ -28,8 +28,10 @@ def git_commit(repo: Path = ROOT) -> dict[str, object]:
         commit = git("rev-parse", "HEAD")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"git_commit": "unknown", "git_dirty": None}
-    # Generated outputs and params.yaml (rewritten by `dvc exp run`) don't make a tree dirty.
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!params.yaml", ":!dvc.lock"))
+    # Generated files don't make a tree dirty: params.yaml (rewritten by `dvc exp run`), dvc.lock,
+    # and the git-tracked metrics/reports that the pipeline itself rewrites while it runs.
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!params.yaml", ":!dvc.lock", ":!reports",
+                     ":!dvclive"))
     return {"git_commit": commit, "git_dirty": dirty}
 
 
