@@ -91,13 +91,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests at 8 clients per handler, over all rounds")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-sizes", default="2,4,8")
+    parser.add_argument("overrides", nargs="*", help="config overrides for both handlers, e.g. serve.workers=2")
     args = parser.parse_args()
     package_dir = Path(args.package)
     package = read_package(package_dir)
     body = (package_dir / package["samples"][0]["file"]).read_bytes()
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        cfg = compose([f"serve.state_dir={tmp}", "serve.prediction_log.sample_rate=0.01",
+        cfg = compose([*args.overrides, f"serve.state_dir={tmp}", "serve.prediction_log.sample_rate=0.01",
                        *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])
         store = server.state_dir(cfg).model_store
         try:
