@@ -130,6 +130,9 @@ class OnnxImageClassifier:
         self.model_name, self.version = context.model_name, context.manifest["model"]["modelVersion"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(os.environ.get(THREADS_ENV, "0"))
+        options.inter_op_num_threads = 1
+        # Spinning pool threads would steal the cores TorchServe's frontend needs between requests.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
         reference = json.loads((model_dir / "reference_stats.json").read_text())["features"]
         self.reference_range = {name: (h["edges"][0], h["edges"][-1]) for name, h in reference.items()}
