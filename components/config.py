@@ -130,8 +130,8 @@ class ServeConfig:
     state_dir: str = ".serve"
     workers: int = 1
     onnx_threads: int = 1
-    batch_size: int = 1
-    max_batch_delay_ms: int = 5
+    batch_size: int = 2
+    max_batch_delay_ms: int = 0
     response_timeout_s: int = 30
     max_request_bytes: int = 1048576
     token_expiration_min: int = 1440
@@ -314,6 +314,8 @@ def _package_and_serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
     for key in ("workers", "batch_size", "max_request_bytes", "token_expiration_min"):
         if s[key] < 1:
             problems.append(f"serve.{key} must be at least 1, got {s[key]}")
+    if s.max_batch_delay_ms < 0:
+        problems.append(f"serve.max_batch_delay_ms must be 0 or more, got {s.max_batch_delay_ms}")
     if not 0 <= s.prediction_log.sample_rate <= 1:
         problems.append(f"serve.prediction_log.sample_rate must be in [0, 1], got {s.prediction_log.sample_rate}")
     if not 1 <= s.drift.min_samples <= s.drift.window:

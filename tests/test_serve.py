@@ -32,6 +32,7 @@ from components.onnx_export import onnx_logits
 from components.package import build_mar, package
 from serve import server
 from serve.drift import drift_report, load_window
+from serve.handler import MONITOR_INTERVAL_S
 from tests.servers import free_ports, wait_for_port
 
 PROMETHEUS_DIR = ROOT / "serve" / "prometheus"
@@ -89,6 +90,9 @@ def test_predictions_match_the_onnx_model_in_process(live):
     as_json = requests.post(predict_url(live), json={"instances": pixels[:2].tolist()}, headers=auth(live), timeout=30).json()
     assert as_multipart[0]["label"] == as_json["predictions"][0][0]["label"] == str(probs[0].argmax())
     assert as_json["predictions"][1][0]["label"] == str(probs[1].argmax())
+    untyped_json = requests.post(predict_url(live), data=json.dumps({"instances": pixels[:1].tolist()}), headers=auth(live), timeout=30)
+    assert untyped_json.headers["Content-Type"] == "application/json"
+    assert untyped_json.json()["predictions"][0][0]["label"] == str(probs[0].argmax())
 
 
 BAD_REQUESTS = {
@@ -99,6 +103,7 @@ BAD_REQUESTS = {
     "oversized body": ({"data": b"\x89PNG" + b"x" * 2_000_000}, 413, ""),
     "invalid JSON": ({"data": b'{"instances": [', "headers": {"Content-Type": "application/json"}}, 400, "body is not valid JSON"),
     "JSON without instances": ({"json": {"images": []}}, 400, 'non-empty list "instances"'),
+    "JSON list": ({"json": [1, 2]}, 400, 'send a PNG/JPEG image or JSON {"instances": [...]}'),
     "JSON wrong size": ({"json": {"instances": [np.zeros((1, 28, 28)).tolist()]}}, 400,
                         "instance 0: expected shape [1, 32, 32] (channels, height, width), got [1, 28, 28]"),
     "JSON wrong channels": ({"json": {"instances": [np.zeros((3, 32, 32)).tolist()]}}, 400, "got [3, 32, 32]"),
@@ -127,6 +132,7 @@ def test_malformed_request_gets_4xx_with_a_message_and_the_worker_keeps_serving(
         assert response.reason == "Request Entity Too Large"
     else:
         body = response.json()
+        assert response.headers["Content-Type"] == "application/json"
         assert body["code"] == status and message in body["error"]
     assert requests.post(predict_url(live), data=good, headers=auth(live), timeout=30).status_code == 200
     assert worker_pids(live) == workers_before
@@ -331,10 +337,44 @@ def test_prometheus_scrapes_the_custom_metrics_and_loads_the_alerts(live, tmp_pa
         assert all(rule["health"] == "ok" or rule["health"] == "unknown" for g in groups for rule in g["rules"])
 
 
+def _metric_total(live, name: str, **labels: str) -> float:
+    """Sum of a custom metric over its series on TorchServe's Prometheus endpoint."""
+    text = requests.get(f"http://{live['cfg'].serve.host}:{live['cfg'].serve.metrics_port}/metrics", timeout=10).text
+    wanted = [f'{key}="{value}"' for key, value in {"ModelName": "digits", **labels}.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(label in line for label in wanted))
+
+
+def test_custom_metrics_count_every_prediction_and_rejection(live):
+    samples = live["manifest"]["samples"]
+    before = {"predictions": _metric_total(live, "PredictionsTotal"), "rejected": _metric_total(live, "RejectedInputsTotal", Status="400"),
+              "first class": _metric_total(live, "PredictionsTotal", Class=samples[0]["expected"])}
+    for sample in samples:
+        assert requests.post(predict_url(live), data=(live["package"] / sample["file"]).read_bytes(), headers=auth(live), timeout=30).ok
+    for _ in range(3):
+        assert requests.post(predict_url(live), data=b"not an image", headers=auth(live), timeout=30).status_code == 400
+    time.sleep(3 * MONITOR_INTERVAL_S)  # the worker emits its counters once per interval
+    assert _metric_total(live, "PredictionsTotal") - before["predictions"] == len(samples)
+    assert _metric_total(live, "RejectedInputsTotal", Status="400") - before["rejected"] == 3
+    first_class = sum(s["expected"] == samples[0]["expected"] for s in samples)
+    assert _metric_total(live, "PredictionsTotal", Class=samples[0]["expected"]) - before["first class"] == first_class
+
+
+def _line_count(path: Path) -> int:
+    return len(path.read_bytes().splitlines()) if path.exists() else 0
+
+
 def _send_instances(live, pixels: np.ndarray, chunk: int = 40) -> None:
+    """Sends the images and waits until the worker's monitoring thread has logged them all."""
+    log_file = server.prediction_log(live["cfg"])
+    expected = _line_count(log_file) + len(pixels)
     for i in range(0, len(pixels), chunk):
         response = requests.post(predict_url(live), json={"instances": pixels[i : i + chunk].tolist()}, headers=auth(live), timeout=60)
         assert response.status_code == 200
+    deadline = time.monotonic() + 10
+    while _line_count(log_file) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _line_count(log_file) == expected
 
 
 def _drift_cli(live, count: int, out: Path) -> subprocess.CompletedProcess:
