@@ -8,7 +8,9 @@ and the worker carry on.
 
 Monitoring: custom metrics (predictions per class, confidence, input brightness and contrast, rejected
 inputs) on TorchServe's Prometheus endpoint, and a sampled prediction log (JSON lines)
-when the server sets SERVE_PREDICTION_LOG.
+when the server sets SERVE_PREDICTION_LOG, both written by a worker thread once per
+MONITOR_INTERVAL_S from what the requests queued (at most an interval's worth of images,
+which the worker's own speed bounds).
 
 Only numpy, onnxruntime and PIL, plus components/features.py shipped in the archive.
 """
@@ -84,8 +86,8 @@ def normalize(pixels: np.ndarray, signature: dict) -> np.ndarray:
 
 
 def intensity(pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """Brightness and contrast exactly as components.features computes them, cheap enough for
-    every request (the full feature set is computed for the logged sample only)."""
+    """Brightness and contrast exactly as components.features computes them: cheap enough for
+    every image (the full feature set is computed for the logged sample only)."""
     gray = (pixels.astype(np.float32) / 255.0).mean(axis=1).reshape(len(pixels), -1)
     return {"brightness": gray.mean(axis=1), "contrast": gray.std(axis=1)}
 

@@ -28,6 +28,7 @@ from components.errors import StepError
 from serve.handler import PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
 
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
+LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
 
 
 class ServeError(StepError):
@@ -140,7 +141,7 @@ def start(cfg: DictConfig) -> Endpoint:
         SAMPLE_RATE_ENV: str(cfg.serve.prediction_log.sample_rate), THREADS_ENV: str(cfg.serve.onnx_threads),
     }
     command = [sys.executable, "-m", "ts.model_server", "--start", "--ts-config", str(state.config),
-               "--model-store", str(state.model_store), "--ncs"]
+               "--model-store", str(state.model_store), "--log-config", str(LOG_CONFIG), "--ncs"]
     # Java inherits the launcher's stdout: a file, never a pipe (a captured pipe never closes).
     with open(state.console, "ab") as console:
         subprocess.run(command, cwd=state.root, env=env, stdin=subprocess.DEVNULL, stdout=console, stderr=console,

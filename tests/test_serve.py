@@ -206,9 +206,16 @@ def run_load(live, count: int, clients: int, timeout_s: float = 30, progress: li
 
 
 def test_bounded_load_2000_requests_at_8_clients_has_zero_errors(live):
+    logs = server.state_dir(live["cfg"]).logs
+    sizes = {name: (logs / name).stat().st_size for name in ("console.log", "ts_log.log", "model_log.log")}
+    access_lines = _line_count(logs / "access_log.log")
     results = run_load(live, 2000, 8)
     assert len(results) == 2000
     assert results.count(200) == 2000, {str(r) for r in results if r != 200}
+    # One access-log line per request and no other per-request logging (serve/log4j2.xml).
+    assert _line_count(logs / "access_log.log") == access_lines + 2000
+    growth = {name: (logs / name).stat().st_size - size for name, size in sizes.items()}
+    assert growth["console.log"] == 0 and growth["ts_log.log"] < 2000 and growth["model_log.log"] < 2000, growth
 
 
 def test_killed_worker_recovers_with_no_hung_requests(live):
