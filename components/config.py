@@ -108,6 +108,8 @@ class PackageConfig:
 class PredictionLogConfig:
     sample_rate: float = 0.1
     file: str = "logs/predictions.jsonl"
+    max_mb: float = 100.0
+    backups: int = 5
 
 
 @dataclass
@@ -318,6 +320,9 @@ def _package_and_serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
         problems.append(f"serve.max_batch_delay_ms must be 0 or more, got {s.max_batch_delay_ms}")
     if not 0 <= s.prediction_log.sample_rate <= 1:
         problems.append(f"serve.prediction_log.sample_rate must be in [0, 1], got {s.prediction_log.sample_rate}")
+    if s.prediction_log.max_mb <= 0 or s.prediction_log.backups < 1:
+        problems.append("serve.prediction_log.max_mb must be positive and serve.prediction_log.backups at least 1, "
+                        f"got {s.prediction_log.max_mb} and {s.prediction_log.backups}")
     if not 1 <= s.drift.min_samples <= s.drift.window:
         problems.append("serve.drift.min_samples must be between 1 and serve.drift.window")
     return problems

@@ -22,6 +22,7 @@ from scipy import stats
 from components.errors import StepError
 from components.features import FEATURES
 from components.io import write_bytes_atomic, write_json
+from serve.handler import rotated_logs
 
 EPSILON = 1e-4  # stands in for an empty bin, so PSI stays finite
 
@@ -31,15 +32,21 @@ class DriftError(StepError):
 
 
 def load_window(log_file: Path, window: int) -> list[dict]:
-    """The last `window` records of the prediction log."""
-    if not log_file.exists():
+    """The last `window` records of the prediction log, reading its rotated files as needed."""
+    files = [path for path in [log_file, *rotated_logs(log_file)] if path.exists()]  # none current just after a rotation
+    if not files:
         raise DriftError(f"{log_file}: no prediction log (is serve.prediction_log.sample_rate above 0 and the model serving?)")
-    with open(log_file) as f:
-        lines = deque(f, maxlen=window)
-    try:
-        return [json.loads(line) for line in lines if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise DriftError(f"{log_file}: a line in the last {window} is not JSON ({exc})") from None
+    records: list[dict] = []
+    for path in files:
+        with open(path) as f:
+            lines = [line for line in deque(f, maxlen=window - len(records)) if line.strip()]
+        try:
+            records = [json.loads(line) for line in lines] + records
+        except json.JSONDecodeError as exc:
+            raise DriftError(f"{path}: a line in the last {window} records is not JSON ({exc})") from None
+        if len(records) >= window:
+            break
+    return records
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:

@@ -17,6 +17,7 @@ Only numpy, onnxruntime and PIL, plus components/features.py shipped in the arch
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
@@ -35,6 +36,8 @@ from components.features import image_features
 
 PREDICTION_LOG_ENV = "SERVE_PREDICTION_LOG"
 SAMPLE_RATE_ENV = "SERVE_PREDICTION_LOG_SAMPLE_RATE"
+LOG_MAX_BYTES_ENV = "SERVE_PREDICTION_LOG_MAX_BYTES"
+LOG_BACKUPS_ENV = "SERVE_PREDICTION_LOG_BACKUPS"
 THREADS_ENV = "SERVE_ONNX_THREADS"
 IMAGE_FORMATS = ["PNG", "JPEG"]
 MONITOR_INTERVAL_S = 1.0
@@ -126,6 +129,30 @@ def request_images(row: dict, signature: dict) -> tuple[list[np.ndarray], bool]:
     raise ValueError("send a PNG/JPEG image or JSON {\"instances\": [...]}")
 
 
+def rotated_logs(log_file: Path) -> list[Path]:
+    """The log's older files, newest first: <file>.1, <file>.2, ..."""
+    older = []
+    while (path := log_file.with_name(f"{log_file.name}.{len(older) + 1}")).exists():
+        older.append(path)
+    return older
+
+
+def rotate_log(log_file: Path, max_bytes: int, backups: int) -> None:
+    """<file> -> <file>.1 -> <file>.2 ... once <file> is over max_bytes, keeping `backups` old files.
+    Every worker appends to the same file, so the check and the renames happen under a lock."""
+    with open(log_file.with_name(log_file.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not log_file.exists() or log_file.stat().st_size <= max_bytes:
+            return  # another worker rotated it first
+        for i in range(len(rotated_logs(log_file)), 0, -1):
+            older = log_file.with_name(f"{log_file.name}.{i}")
+            if i >= backups:
+                older.unlink()
+            else:
+                older.replace(log_file.with_name(f"{log_file.name}.{i + 1}"))
+        log_file.replace(log_file.with_name(f"{log_file.name}.1"))
+
+
 class OnnxImageClassifier:
     def initialize(self, context) -> None:
         model_dir = Path(context.system_properties["model_dir"])
@@ -144,6 +171,8 @@ class OnnxImageClassifier:
         log_file = os.environ.get(PREDICTION_LOG_ENV)
         self.log_file = Path(log_file) if log_file else None
         self.sample_rate = float(os.environ.get(SAMPLE_RATE_ENV, "0")) if log_file else 0.0
+        self.log_max_bytes = int(os.environ.get(LOG_MAX_BYTES_ENV, "100000000"))
+        self.log_backups = int(os.environ.get(LOG_BACKUPS_ENV, "5"))
         self._start_monitoring(context.metrics)
 
     def _start_monitoring(self, metrics) -> None:
@@ -238,5 +267,8 @@ class OnnxImageClassifier:
         fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, lines.encode())
+            size = os.fstat(fd).st_size
         finally:
             os.close(fd)
+        if size > self.log_max_bytes:
+            rotate_log(self.log_file, self.log_max_bytes, self.log_backups)

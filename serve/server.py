@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from components.config import ROOT
 from components.errors import StepError
-from serve.handler import PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
+from serve.handler import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
 
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
@@ -139,6 +139,7 @@ def start(cfg: DictConfig) -> Endpoint:
         **os.environ, "TMPDIR": str(state.tmp), "TEMP": str(state.tmp), "LOG_LOCATION": str(state.logs),
         "METRICS_LOCATION": str(state.logs), PREDICTION_LOG_ENV: str(prediction_log(cfg)),
         SAMPLE_RATE_ENV: str(cfg.serve.prediction_log.sample_rate), THREADS_ENV: str(cfg.serve.onnx_threads),
+        LOG_MAX_BYTES_ENV: str(int(cfg.serve.prediction_log.max_mb * 1e6)), LOG_BACKUPS_ENV: str(cfg.serve.prediction_log.backups),
     }
     command = [sys.executable, "-m", "ts.model_server", "--start", "--ts-config", str(state.config),
                "--model-store", str(state.model_store), "--log-config", str(LOG_CONFIG), "--ncs"]

@@ -41,6 +41,7 @@ def test_experiment_preset_is_applied_last():
         ("data.channels=2", "data.channels must be 1 or 3"),
         ("train.device=tpu", "train.device must be auto, cpu or cuda"),
         ("serve.max_batch_delay_ms=-1", "serve.max_batch_delay_ms must be 0 or more, got -1"),
+        ("serve.prediction_log.backups=0", "serve.prediction_log.backups at least 1, got 100.0 and 0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -32,7 +32,7 @@ from components.onnx_export import onnx_logits
 from components.package import build_mar, package
 from serve import server
 from serve.drift import drift_report, load_window
-from serve.handler import MONITOR_INTERVAL_S
+from serve.handler import MONITOR_INTERVAL_S, rotate_log, rotated_logs
 from tests.servers import free_ports, wait_for_port
 
 PROMETHEUS_DIR = ROOT / "serve" / "prometheus"
@@ -49,7 +49,9 @@ def live(digits_run, tmp_path_factory):
     """Package the session's model, start TorchServe, deploy; always stopped at the end."""
     root = tmp_path_factory.mktemp("serve")
     ports = free_ports(5)
+    # Every prediction logged, in files of 100 kB: the load test rotates the log a few times.
     cfg = compose(["train.epochs=3", f"serve.state_dir={root / 'state'}", "serve.prediction_log.sample_rate=1.0",
+                   "serve.prediction_log.max_mb=0.1", "serve.prediction_log.backups=100",
                    *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, ports))])
     manifest = package(cfg, digits_run["prepared"], digits_run["model"], root / "package")
     OmegaConf.save(cfg, root / "params.yaml")  # for the CLI
@@ -208,7 +210,7 @@ def run_load(live, count: int, clients: int, timeout_s: float = 30, progress: li
 def test_bounded_load_2000_requests_at_8_clients_has_zero_errors(live):
     logs = server.state_dir(live["cfg"]).logs
     sizes = {name: (logs / name).stat().st_size for name in ("console.log", "ts_log.log", "model_log.log")}
-    access_lines = _line_count(logs / "access_log.log")
+    access_lines, logged, rotated = _line_count(logs / "access_log.log"), _logged_predictions(live, settle=True), rotated_logs(server.prediction_log(live["cfg"]))
     results = run_load(live, 2000, 8)
     assert len(results) == 2000
     assert results.count(200) == 2000, {str(r) for r in results if r != 200}
@@ -216,6 +218,9 @@ def test_bounded_load_2000_requests_at_8_clients_has_zero_errors(live):
     assert _line_count(logs / "access_log.log") == access_lines + 2000
     growth = {name: (logs / name).stat().st_size - size for name, size in sizes.items()}
     assert growth["console.log"] == 0 and growth["ts_log.log"] < 2000 and growth["model_log.log"] < 2000, growth
+    # The prediction log (every prediction here) rotates at 100 kB and loses no line doing so.
+    _wait_for_logged_predictions(live, logged + 2000)
+    assert len(rotated_logs(server.prediction_log(live["cfg"]))) > len(rotated)
 
 
 def test_killed_worker_recovers_with_no_hung_requests(live):
@@ -371,23 +376,50 @@ def _line_count(path: Path) -> int:
     return len(path.read_bytes().splitlines()) if path.exists() else 0
 
 
+def _logged_predictions(live, settle: bool = False) -> int:
+    """Lines in the prediction log and its rotated files; `settle`: once earlier requests are written too."""
+    if settle:
+        time.sleep(2 * MONITOR_INTERVAL_S)
+    log_file = server.prediction_log(live["cfg"])
+    return sum(_line_count(path) for path in [log_file, *rotated_logs(log_file)])
+
+
 def _send_instances(live, pixels: np.ndarray, chunk: int = 40) -> None:
     """Sends the images and waits until the worker's monitoring thread has logged them all."""
-    log_file = server.prediction_log(live["cfg"])
-    expected = _line_count(log_file) + len(pixels)
+    expected = _logged_predictions(live, settle=True) + len(pixels)
     for i in range(0, len(pixels), chunk):
         response = requests.post(predict_url(live), json={"instances": pixels[i : i + chunk].tolist()}, headers=auth(live), timeout=60)
         assert response.status_code == 200
+    _wait_for_logged_predictions(live, expected)
+
+
+def _wait_for_logged_predictions(live, expected: int) -> None:
+    """The worker's monitoring thread writes the log once per interval."""
     deadline = time.monotonic() + 10
-    while _line_count(log_file) < expected and time.monotonic() < deadline:
+    while _logged_predictions(live) < expected and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _line_count(log_file) == expected
+    assert _logged_predictions(live) == expected
 
 
 def _drift_cli(live, count: int, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "serve", "drift", "--params", str(live["params"]), "--package", str(live["package"]),
                            "--out", str(out), f"serve.drift.window={count}", f"serve.drift.min_samples={count}"],
                           cwd=ROOT, capture_output=True, text=True)
+
+
+def test_prediction_log_rotation_keeps_the_newest_files_and_drift_reads_across_them(tmp_path):
+    log_file = tmp_path / "predictions.jsonl"
+    for i in range(100):
+        with open(log_file, "a") as f:
+            f.write(json.dumps({"i": i}) + "\n")
+        if log_file.stat().st_size > 50:
+            rotate_log(log_file, 50, backups=2)
+    assert [path.name for path in rotated_logs(log_file)] == ["predictions.jsonl.1", "predictions.jsonl.2"]
+    kept = [record["i"] for record in load_window(log_file, 1000)]
+    assert 10 < len(kept) < 100 and kept == list(range(100 - len(kept), 100))  # the newest, in order, none missing
+    assert [record["i"] for record in load_window(log_file, 15)] == list(range(85, 100))
+    rotate_log(log_file, 0, backups=3)  # just rotated: no current file until the next write
+    assert not log_file.exists() and [record["i"] for record in load_window(log_file, 15)] == list(range(85, 100))
 
 
 def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp_path):
