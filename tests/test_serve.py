@@ -359,6 +359,7 @@ def _metric_total(live, name: str, **labels: str) -> float:
 
 def test_custom_metrics_count_every_prediction_and_rejection(live):
     samples = live["manifest"]["samples"]
+    time.sleep(2 * MONITOR_INTERVAL_S)  # counts of earlier tests' requests are emitted by now
     before = {"predictions": _metric_total(live, "PredictionsTotal"), "rejected": _metric_total(live, "RejectedInputsTotal", Status="400"),
               "first class": _metric_total(live, "PredictionsTotal", Class=samples[0]["expected"])}
     for sample in samples:
