@@ -9,17 +9,28 @@ import numpy as np
 FEATURES = ("brightness", "contrast", "ink_ratio", "sharpness")
 
 
+def _gray(images: np.ndarray) -> np.ndarray:
+    return (images.astype(np.float32) / 255.0).mean(axis=1)
+
+
+def _intensity(flat: np.ndarray) -> dict[str, np.ndarray]:
+    return {"brightness": flat.mean(axis=1), "contrast": flat.std(axis=1)}
+
+
+def intensity(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Brightness and contrast only: cheap enough for every image the server sees."""
+    return _intensity(_gray(images).reshape(len(images), -1))
+
+
 def image_features(images: np.ndarray) -> dict[str, np.ndarray]:
     """Features of a uint8 batch shaped (N, C, H, W); values are in [0, 1]-ish units."""
-    x = images.astype(np.float32) / 255.0
-    gray = x.mean(axis=1)
+    gray = _gray(images)
     flat = gray.reshape(len(gray), -1)
     background = np.median(flat, axis=1, keepdims=True)
     grad_y = np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2))
     grad_x = np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2))
     return {
-        "brightness": flat.mean(axis=1),
-        "contrast": flat.std(axis=1),
+        **_intensity(flat),
         "ink_ratio": (np.abs(flat - background) > 0.25).mean(axis=1),
         "sharpness": (grad_x + grad_y) / 2,
     }

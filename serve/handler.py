@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
-from components.features import image_features
+from components.features import image_features, intensity
 
 PREDICTION_LOG_ENV = "SERVE_PREDICTION_LOG"
 SAMPLE_RATE_ENV = "SERVE_PREDICTION_LOG_SAMPLE_RATE"
@@ -86,13 +86,6 @@ def normalize(pixels: np.ndarray, signature: dict) -> np.ndarray:
     mean = np.asarray(norm["mean"], dtype=np.float32).reshape(1, -1, 1, 1) * np.float32(255)
     std = np.asarray(norm["std"], dtype=np.float32).reshape(1, -1, 1, 1) * np.float32(255)
     return (pixels.astype(np.float32) - mean) / std
-
-
-def intensity(pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """Brightness and contrast exactly as components.features computes them: cheap enough for
-    every image (the full feature set is computed for the logged sample only)."""
-    gray = (pixels.astype(np.float32) / 255.0).mean(axis=1).reshape(len(pixels), -1)
-    return {"brightness": gray.mean(axis=1), "contrast": gray.std(axis=1)}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

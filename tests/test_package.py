@@ -21,8 +21,8 @@ from components.lineage import git_commit
 from components.onnx_export import ParityError, check_parity, onnx_logits
 from components.models import load_trained
 from components.package import package
-from components.features import image_features
-from serve.handler import decode_image, intensity
+from components.features import image_features, intensity
+from serve.handler import decode_image
 
 
 @pytest.fixture(scope="module")
