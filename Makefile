@@ -25,12 +25,12 @@ $(STAMP):
 	@rm -f $(VENV)/.installed-* && touch $@
 
 data: setup
-	@$(BIN)/python -m components.sample_data ensure
+	@$(BIN)/python -m components.data.sample ensure
 
 # Regenerated only when conf/ changed (the rule compares file times), so a no-op run stays fast.
 params: params.yaml
-params.yaml: $(wildcard conf/*.yaml conf/*/*.yaml) components/config.py | $(STAMP)
-	@$(BIN)/python -m components.config
+params.yaml: $(wildcard conf/*.yaml conf/*/*.yaml) components/core/config.py | $(STAMP)
+	@$(BIN)/python -m components.core.config
 
 run: data params
 	$(BIN)/dvc repro

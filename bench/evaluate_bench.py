@@ -24,12 +24,12 @@ from fairlearn.metrics import MetricFrame
 from sklearn.metrics import accuracy_score
 from torch import nn
 
-from components.config import ROOT, compose
-from components.dataset import load_prepared
+from components.core.config import ROOT, compose
+from components.data.dataset import load_prepared
 from components.evaluate import evaluate
-from components.explanations import attribute
-from components.fairness import accuracy_gap_interval
-from components.models import load_trained, predict_logits
+from components.evaluation.explanations import attribute
+from components.evaluation.fairness import accuracy_gap_interval
+from components.model.networks import load_trained, predict_logits
 
 PREPARED, MODEL = ROOT / "artifacts/prepared", ROOT / "artifacts/model"
 CPU = torch.device("cpu")

@@ -22,16 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.config import PORT_KEYS, ROOT  # noqa: E402
-from tests.project import copy_project, run  # noqa: E402
-from tests.servers import free_ports  # noqa: E402
+from components.core.config import PORT_KEYS, ROOT  # noqa: E402
+from bench.support import copy_project, run  # noqa: E402
+from bench.support import free_ports  # noqa: E402
 
 OPEN_GATE = "pipeline.gate.require_fairness=false"  # so package and deploy run whatever the fairness verdict
 
 
 def dvc_repro(overrides: list[str], tmp: Path) -> float:
     repo = copy_project(tmp / "repo")
-    run(["python", "-m", "components.config", *overrides], repo)
+    run(["python", "-m", "components.core.config", *overrides], repo)
     start = time.perf_counter()
     run(["dvc", "repro"], repo)
     return time.perf_counter() - start

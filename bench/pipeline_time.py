@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.project import copy_project, run  # noqa: E402
+from bench.support import copy_project, run  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path) -> float:

@@ -26,8 +26,8 @@ import json, resource, sys, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from components.config import compose
-from components.dataset import decode
+from components.core.config import compose
+from components.data.dataset import decode
 from components.prepare import prepare
 mode, root, out, size = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 cfg = compose([f"data.root={root}", "data.classes=[a,b,c,d]", f"data.image_size=[{size},{size}]"])

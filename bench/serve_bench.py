@@ -30,12 +30,12 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.config import PORT_KEYS, compose  # noqa: E402
+from components.core.config import PORT_KEYS, compose  # noqa: E402
 from components.deploy import copy_checked, read_package, register  # noqa: E402
 from components.package import ARCHIVER  # noqa: E402
-from serve import server  # noqa: E402
+from components.serving import server  # noqa: E402
 from serve.handler import decode_image, normalize, softmax  # noqa: E402
-from tests.servers import free_ports  # noqa: E402
+from bench.support import free_ports  # noqa: E402
 
 NOOP_HANDLER = '''
 def handle(data, context):

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from components.config import compose
-from components.dataset import load_prepared
-from components.models import Normalize, build_model
+from components.core.config import compose
+from components.data.dataset import load_prepared
+from components.model.networks import Normalize, build_model
 from components.train import train
 
 

@@ -1,84 +1,34 @@
-"""deploy: register a packaged .mar on a TorchServe by version, make it the default, smoke
-test it on the package's sample images, and roll back to the previous default if that fails.
+"""deploy: register a packaged .mar on a TorchServe by version, make it the default, smoke test
+it on the package's sample images, and roll back to the previous default if that fails.
 
-Works on the local server started by `python -m serve up` (no URL given) and on any remote
-TorchServe given its management URL + token (the KFP deploy component). The helpers below
-(list_versions, default_version, set_default, unregister) serve promotion as well.
+One behaviour wherever it runs (`serve up`, `serve up --stage`, the KFP deploy component,
+`run-local`): the local server of conf/serve is started when needed (no URL given), or any
+remote TorchServe is used given its management URL + token; afterwards the server keeps the
+new default and the one before it (for a rollback), and nothing older. Every deployment
+appends a record (when, what, from which commit or tag) to the server's deploy log.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
+import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 import requests
 from omegaconf import DictConfig
 
-from components.errors import ConfigError, StepError
-from serve.server import Endpoint, bearer, local_endpoint, state_dir
-
-TIMEOUT_S = 30
+from components.core.config import ROOT
+from components.core.errors import ConfigError, StepError
+from components.core.io import sha256_file
+from components.serving import server
+from components.serving.server import Endpoint, bearer
+from components.serving.torchserve import (TIMEOUT_S, copy_checked, default_version, list_versions, register, set_default,
+                                           unregister)
 
 
 class DeployError(StepError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _call(method: str, url: str, token: str | None, timeout: float = TIMEOUT_S, **kwargs) -> requests.Response:
-    try:
-        response = requests.request(method, url, headers=bearer(token), timeout=timeout, **kwargs)
-    except requests.RequestException as exc:
-        raise DeployError(f"{method} {url}: TorchServe unreachable ({exc})") from None
-    if not response.ok:
-        raise DeployError(f"{method} {url}: HTTP {response.status_code}: {response.text.strip()}")
-    return response
-
-
-def list_versions(endpoint: Endpoint, model_name: str) -> list[str]:
-    """Versions of `model_name` registered on the server ([] when none)."""
-    try:
-        described = _call("GET", f"{endpoint.management_url}/models/{model_name}/all", endpoint.management_token).json()
-    except DeployError as exc:
-        if "HTTP 404" in str(exc):
-            return []
-        raise
-    return [d["modelVersion"] for d in described]
-
-
-def default_version(endpoint: Endpoint, model_name: str) -> str | None:
-    try:
-        return _call("GET", f"{endpoint.management_url}/models/{model_name}", endpoint.management_token).json()[0]["modelVersion"]
-    except DeployError as exc:
-        if "HTTP 404" in str(exc):
-            return None
-        raise
-
-
-def set_default(endpoint: Endpoint, model_name: str, version: str) -> None:
-    _call("PUT", f"{endpoint.management_url}/models/{model_name}/{version}/set-default", endpoint.management_token)
-
-
-def unregister(endpoint: Endpoint, model_name: str, version: str) -> None:
-    _call("DELETE", f"{endpoint.management_url}/models/{model_name}/{version}", endpoint.management_token)
-
-
-def register(endpoint: Endpoint, mar_file: str, serve: DictConfig, model_name: str | None = None) -> None:
-    """Register an archive already in the server's model store (under its own name unless
-    `model_name` is given), with its workers started."""
-    params = {"url": mar_file, "initial_workers": serve.workers, "batch_size": serve.batch_size,
-              "max_batch_delay": serve.max_batch_delay_ms, "response_timeout": serve.response_timeout_s, "synchronous": "true"}
-    if model_name:
-        params["model_name"] = model_name
-    _call("POST", f"{endpoint.management_url}/models", endpoint.management_token, params=params, timeout=serve.startup_timeout_s)
 
 
 def read_package(package_dir: Path) -> dict:
@@ -86,21 +36,6 @@ def read_package(package_dir: Path) -> dict:
     if not manifest.exists():
         raise DeployError(f"{package_dir}: no package.json; run the package step first")
     return json.loads(manifest.read_text())
-
-
-def copy_checked(mar_path: Path, sha256: str, model_store: Path, target_name: str) -> Path:
-    """Copy the archive into the model store atomically; its sha256 must match the package."""
-    target = model_store / target_name
-    if not (target.exists() and sha256_file(target) == sha256):
-        model_store.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target_name}.", dir=model_store)
-        os.close(fd)
-        shutil.copyfile(mar_path, tmp)
-        os.chmod(tmp, 0o644)  # the server may run as another user
-        os.replace(tmp, target)
-    if sha256_file(target) != sha256:
-        raise DeployError(f"{target}: sha256 differs from the package's ({sha256}); the archive is corrupt or was replaced")
-    return target
 
 
 def smoke_test(endpoint: Endpoint, model_name: str, package_dir: Path, samples: list[dict]) -> None:
@@ -120,15 +55,18 @@ def smoke_test(endpoint: Endpoint, model_name: str, package_dir: Path, samples: 
         raise DeployError(f"smoke test failed on {len(failures)}/{len(samples)} sample(s): " + "; ".join(failures))
 
 
-def deploy(cfg: DictConfig, mar_path: str | Path, version: str, management_url: str | None = None, token: str | None = None,
-           *, inference_url: str | None = None, inference_token: str | None = None, model_store: str | Path | None = None) -> dict:
-    """Register `version` of the packaged model, make it the default and smoke test it.
+def source_commit(repo: Path = ROOT) -> dict:
+    """The commit the working tree is at, and whether it has uncommitted changes (for the deploy record)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
 
-    Without `management_url`, the local server of `serve.state_dir` is used. A remote server
-    needs its management URL + token, its inference URL + token (for the smoke test) and a
-    model store folder it shares with this machine.
-    """
-    mar_path = Path(mar_path)
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"commit": "unknown", "uncommitted_changes": None}
+
+
+def check_package(mar_path: Path, version: str) -> dict:
     package = read_package(mar_path.parent)
     if not mar_path.exists():
         raise DeployError(f"{mar_path}: archive not found")
@@ -136,22 +74,32 @@ def deploy(cfg: DictConfig, mar_path: str | Path, version: str, management_url: 
         raise DeployError(f"{mar_path}: the archive holds version {package['version']}, not {version}")
     if sha256_file(mar_path) != package["mar"]["sha256"]:
         raise DeployError(f"{mar_path}: sha256 differs from package.json; the archive is corrupt or was replaced")
-    if management_url is None:
-        endpoint, store = local_endpoint(cfg), state_dir(cfg).model_store
-    elif inference_url is None or model_store is None:
-        raise ConfigError("deploy to a remote TorchServe needs inference_url (smoke test) and model_store (shared with the server)")
-    else:
-        endpoint, store = Endpoint(inference_url, management_url, inference_token, token), Path(model_store)
+    return package
 
-    name = package["model_name"]
-    target = copy_checked(mar_path, package["mar"]["sha256"], store, f"{name}-{version}.mar")
+
+def target(cfg: DictConfig, management_url: str | None, token: str | None, inference_url: str | None,
+           inference_token: str | None, model_store: str | Path | None) -> tuple[Endpoint, Path]:
+    """The server to deploy to and its model store: the local one (started if needed) or a remote one."""
+    if management_url is None:
+        if server.running_pid(cfg) is None:
+            server.start(cfg)
+        return server.local_endpoint(cfg), server.state_dir(cfg).model_store
+    if inference_url is None or model_store is None:
+        raise ConfigError("deploy to a remote TorchServe needs inference_url (smoke test) and model_store (shared with the server)")
+    return Endpoint(inference_url, management_url, inference_token, token), Path(model_store)
+
+
+def switch_default(cfg: DictConfig, endpoint: Endpoint, store: Path, package: dict, package_dir: Path) -> str | None:
+    """Register and make `package` the default; on a failed smoke test, put the previous default back."""
+    name, version = package["model_name"], package["version"]
+    archive = copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], store, f"{name}-{version}.mar")
     previous = default_version(endpoint, name)
     newly_registered = version not in list_versions(endpoint, name)
     if newly_registered:
-        register(endpoint, target.name, cfg.serve)
+        register(endpoint, archive.name, cfg.serve)
     set_default(endpoint, name, version)
     try:
-        smoke_test(endpoint, name, mar_path.parent, package["samples"])
+        smoke_test(endpoint, name, package_dir, package["samples"])
     except DeployError as failure:
         rolled_back = bool(previous) and previous != version
         if rolled_back:
@@ -160,5 +108,31 @@ def deploy(cfg: DictConfig, mar_path: str | Path, version: str, management_url: 
             unregister(endpoint, name, version)
         outcome = f"the default version is back to {previous}" if rolled_back else "no previous version to roll back to"
         raise DeployError(f"{name} version {version}: {failure}; {outcome}") from None
-    return {"model_name": name, "version": version, "previous_version": previous, "smoke_samples": len(package["samples"]),
-            "endpoint": f"{endpoint.inference_url}/predictions/{name}"}
+    return previous
+
+
+def deploy(cfg: DictConfig, mar_path: str | Path, version: str, management_url: str | None = None, token: str | None = None,
+           *, inference_url: str | None = None, inference_token: str | None = None, model_store: str | Path | None = None,
+           source: dict | None = None) -> dict:
+    """Deploy `version` of the packaged model as the default; returns the deploy record.
+
+    `source` says where the package came from (e.g. the git tag, stage and commit of a
+    registry version); by default, the commit of this working tree.
+    """
+    mar_path = Path(mar_path)
+    package = check_package(mar_path, version)
+    endpoint, store = target(cfg, management_url, token, inference_url, inference_token, model_store)
+    name = package["model_name"]
+    previous = switch_default(cfg, endpoint, store, package, mar_path.parent)
+    for old in list_versions(endpoint, name):  # keep the previous default for a rollback, nothing older
+        if old not in (version, previous):
+            unregister(endpoint, name, old)
+    record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_name": name, "version": version,
+              "previous_version": previous, "smoke_samples": len(package["samples"]),
+              "endpoint": f"{endpoint.inference_url}/predictions/{name}", "management_url": endpoint.management_url,
+              "package_lineage": package["lineage"], "source": source or source_commit()}
+    if management_url is None:
+        log = server.state_dir(cfg).deploy_log
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+    return record

@@ -22,16 +22,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from components.config import load_config
-from components.dataset import Prepared, load_prepared
-from components.errors import ConfigError, DataError, StepError, run_cli
-from components.explanations import attribution_grids, error_analysis, error_features
-from components.fairness import fairness_report, require_groups
-from components.io import write_json
-from components.lineage import lineage
-from components.models import load_trained, predict_logits
-from components.report import Evaluation, render_html, render_model_card
-from components.train import resolve_device
+from components.core.config import load_config
+from components.data.dataset import Prepared, load_prepared
+from components.core.errors import ConfigError, DataError, StepError, run_cli
+from components.evaluation.explanations import attribution_grids, error_analysis, error_features
+from components.evaluation.fairness import fairness_report, require_groups
+from components.core.io import write_json
+from components.core.lineage import lineage
+from components.model.networks import load_trained, predict_logits, resolve_device
+from components.evaluation.report import Evaluation, render_html, render_model_card
 
 REPORT_FILES = ("metrics.json", "fairness.json", "plots/confusion.json", "plots/reliability.json", "evaluation.html", "model_card.md")
 

@@ -24,14 +24,13 @@ import onnxruntime as ort
 from omegaconf import DictConfig
 from PIL import Image
 
-from components.config import ROOT, load_config
-from components.dataset import load_prepared
-from components.deploy import sha256_file
-from components.errors import DataError, StepError, run_cli
-from components.io import atomic_dir, write_bytes_atomic, write_json
-from components.lineage import lineage
-from components.models import load_trained
-from components.onnx_export import check_parity, embed_metadata, export_onnx, model_signature, onnx_logits
+from components.core.config import ROOT, load_config
+from components.data.dataset import load_prepared
+from components.core.errors import DataError, StepError, run_cli
+from components.core.io import atomic_dir, sha256_file, write_bytes_atomic, write_json
+from components.core.lineage import lineage
+from components.model.networks import load_trained
+from components.packaging.onnx import check_parity, embed_metadata, export_onnx, model_signature, onnx_logits
 
 HANDLER = ROOT / "serve" / "handler.py"
 FEATURES_MODULE = ROOT / "components" / "features.py"

@@ -23,21 +23,15 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from components import distributed
-from components.config import config_hash, load_config
-from components.dataset import Prepared, load_prepared
-from components.errors import ConfigError, DataError, run_cli
-from components.io import atomic_dir, write_json
-from components.lineage import lineage
-from components.models import Normalize, build_model, predict_logits
+from components.training import distributed
+from components.core.config import config_hash, load_config
+from components.data.dataset import Prepared, load_prepared
+from components.core.errors import ConfigError, DataError, run_cli
+from components.core.io import atomic_dir, write_json
+from components.core.lineage import lineage
+from components.model.networks import Normalize, build_model, predict_logits, resolve_device
 
 CHECKPOINT = "last.pt"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def seed_everything(seed: int, device: torch.device) -> None:

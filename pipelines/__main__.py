@@ -12,8 +12,8 @@ from pathlib import Path
 
 from kfp import compiler
 
-from components.config import ROOT, compose
-from components.errors import ConfigError, run_cli
+from components.core.config import ROOT, compose
+from components.core.errors import ConfigError, run_cli
 from pipelines.graph import sweep_pipeline, training_pipeline
 from pipelines.local import LocalRunFailed, describe, local_data_uri, run_pipeline, shown
 from pipelines.submit import auth_token, data_source, run_name, submit

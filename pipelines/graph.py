@@ -13,9 +13,9 @@ from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 from omegaconf import DictConfig, OmegaConf
 
-from components.errors import ConfigError
-from components.lineage import COMMIT_ENV, DATA_HASH_ENV, DIRTY_ENV, data_hash, git_commit
-from pipelines.components import (INFERENCE_TOKEN_ENV, MANAGEMENT_TOKEN_ENV, deploy_op, evaluate_op, gate_closed_op,
+from components.core.errors import ConfigError
+from components.core.lineage import COMMIT_ENV, DATA_HASH_ENV, DIRTY_ENV, data_hash, git_commit
+from pipelines.wrappers import (INFERENCE_TOKEN_ENV, MANAGEMENT_TOKEN_ENV, deploy_op, evaluate_op, gate_closed_op,
                                   package_op, prepare_op, record_outcome_op, select_best_op, train_op)
 
 

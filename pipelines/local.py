@@ -19,9 +19,9 @@ from pathlib import Path
 from kfp import local
 from omegaconf import DictConfig
 
-from components.config import ROOT
-from components.errors import StepError
-from serve import server
+from components.core.config import ROOT
+from components.core.errors import StepError
+from components.serving import server
 
 # kfp.local warns for every task whose image is not a python image, and for settings
 # (resources, GPU) that only a cluster applies; both are expected here.

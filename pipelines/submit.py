@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from components.config import ROOT
-from components.errors import ConfigError, StepError
+from components.core.config import ROOT
+from components.core.errors import ConfigError, StepError
 
 
 class SubmitError(StepError):

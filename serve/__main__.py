@@ -9,44 +9,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import time
 from pathlib import Path
 
 import requests
 
-from components.config import ROOT, load_config
-from components.deploy import default_version, deploy, list_versions, read_package, unregister
-from components.errors import run_cli
-from components.registry import stage_package
-from serve import server
+from components.core.config import ROOT, load_config
+from components.core.errors import run_cli
+from components.deploy import deploy, read_package
+from components.registry.tags import stage_package
+from components.serving import server
+from components.serving.torchserve import default_version, list_versions
 from serve.drift import check_drift
 
 
-def up(cfg, args) -> None:
-    package_dir = Path(args.package)
-    if args.stage:
-        package_dir, holder = stage_package(cfg, args.stage)
-        print(f"serve: stage {args.stage} -> {holder['version']} (commit {holder['commit'][:10]}), package fetched from the DVC remote")
+def deploy_stage(cfg, stage: str, repo: Path = ROOT, **remote) -> tuple[dict, Path]:
+    """Deploy exactly the version a git tag assigns to `stage`, fetched from the DVC remote."""
+    package_dir, holder = stage_package(cfg, stage, repo)
+    print(f"serve: stage {stage} -> {holder['version']} (commit {holder['commit'][:10]}), package fetched from the DVC remote")
     package = read_package(package_dir)
-    if server.running_pid(cfg) is None:
-        started = time.monotonic()
-        server.start(cfg)
-        print(f"serve: TorchServe started in {time.monotonic() - started:.1f} s (pid {server.running_pid(cfg)}, "
-              f"state in {server.state_dir(cfg).root})")
-    result = deploy(cfg, package_dir / package["mar"]["file"], package["version"])
-    endpoint = server.local_endpoint(cfg)
-    for version in list_versions(endpoint, result["model_name"]):  # keep the previous one for a rollback
-        if version not in (result["version"], result["previous_version"]):
-            unregister(endpoint, result["model_name"], version)
-    sample = package_dir / package["samples"][0]["file"]
+    source = {"stage": stage, "registry_version": holder["version"], "commit": holder["commit"]}
+    return deploy(cfg, package_dir / package["mar"]["file"], package["version"], source=source, **remote), package_dir
+
+
+def up(cfg, args) -> None:
+    remote = {}
+    if args.management_url:
+        remote = {"management_url": args.management_url, "token": os.environ.get("TORCHSERVE_MANAGEMENT_TOKEN"),
+                  "inference_url": args.inference_url, "inference_token": os.environ.get("TORCHSERVE_INFERENCE_TOKEN"),
+                  "model_store": args.model_store}
+    if args.stage:
+        result, package_dir = deploy_stage(cfg, args.stage, **remote)
+    else:
+        package_dir = Path(args.package)
+        package = read_package(package_dir)
+        result = deploy(cfg, package_dir / package["mar"]["file"], package["version"], **remote)
     print(f"serve: {result['model_name']} version {result['version']} is the default "
-          f"(smoke test passed on {result['smoke_samples']} images)\n"
-          f"  predict:  curl -X POST {result['endpoint']} -T {_shown(sample)} "
-          f"-H \"Authorization: Bearer {endpoint.inference_token}\"\n"
-          f"            .venv/bin/python -m serve predict {_shown(sample)}\n"
-          f"  metrics:  curl {endpoint.metrics_url}\n"
-          f"  stop:     make stop")
+          f"(smoke test passed on {result['smoke_samples']} images)")
+    if not remote:
+        endpoint = server.local_endpoint(cfg)
+        sample = package_dir / read_package(package_dir)["samples"][0]["file"]
+        print(f"  predict:  curl -X POST {result['endpoint']} -T {_shown(sample)} "
+              f"-H \"Authorization: Bearer {endpoint.inference_token}\"\n"
+              f"            .venv/bin/python -m serve predict {_shown(sample)}\n"
+              f"  metrics:  curl {endpoint.metrics_url}\n"
+              f"  stop:     make stop")
 
 
 def _shown(path: Path) -> str:
@@ -106,6 +114,9 @@ def main() -> None:
     sub = command("up", up, "start TorchServe if needed and deploy the package as the default version")
     sub.add_argument("--package", default="artifacts/package", help="package folder (output of the package step)")
     sub.add_argument("--stage", default=None, help="deploy the version a git tag assigns to this stage (e.g. prod) instead")
+    sub.add_argument("--management-url", help="a remote TorchServe's management API (token: $TORCHSERVE_MANAGEMENT_TOKEN)")
+    sub.add_argument("--inference-url", help="its inference API, for the smoke test (token: $TORCHSERVE_INFERENCE_TOKEN)")
+    sub.add_argument("--model-store", help="its model store, mounted on this machine")
     command("down", down, "stop TorchServe")
     command("status", status, "show the server and its model versions")
     sub = command("predict", predict, "send one PNG/JPEG image, print the top-k labels")

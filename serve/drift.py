@@ -19,9 +19,9 @@ import numpy as np
 from omegaconf import DictConfig
 from scipy import stats
 
-from components.errors import StepError
+from components.core.errors import StepError
 from components.features import FEATURES
-from components.io import write_bytes_atomic, write_json
+from components.core.io import write_bytes_atomic, write_json
 from serve.handler import rotated_logs
 
 EPSILON = 1e-4  # stands in for an empty bin, so PSI stays finite

@@ -8,8 +8,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from components.config import PARAMS_FILE, ROOT, compose, load_config, write_params
-from components.errors import ConfigError
+from components.core.config import PARAMS_FILE, ROOT, compose, load_config, write_params
+from components.core.errors import ConfigError
 
 
 def test_params_yaml_is_in_sync_with_conf():

@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from tests.project import copy_project, git_commit, run
-from tests.servers import seaweed_s3
+from tests.helpers.project import copy_project, git_commit, run
+from tests.helpers.servers import seaweed_s3
 
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
     """A project copy with a short experiment reproduced and committed."""
     repo = copy_project(tmp_path_factory.mktemp("pipeline") / "repo")
-    run(["python", "-m", "components.config", "experiment=quick"], repo)
+    run(["python", "-m", "components.core.config", "experiment=quick"], repo)
     first = run(["dvc", "repro"], repo)
     git_commit(repo, "quick experiment")
     return repo, first.stdout
@@ -33,7 +33,7 @@ def test_repro_runs_every_stage_then_is_up_to_date(reproduced):
 
 def test_changing_a_train_param_reruns_train_but_not_prepare(reproduced, tmp_path):
     repo, _ = reproduced
-    run(["python", "-m", "components.config", "experiment=quick", "train.lr=0.001"], repo)
+    run(["python", "-m", "components.core.config", "experiment=quick", "train.lr=0.001"], repo)
     out = run(["dvc", "repro"], repo).stdout
     assert "Stage 'prepare' didn't change, skipping" in out
     assert "Running stage 'train'" in out

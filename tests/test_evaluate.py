@@ -14,13 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
-from components.config import ROOT, compose
-from components.errors import ConfigError, DataError
+from components.core.config import ROOT, compose
+from components.core.errors import ConfigError, DataError
 from components.evaluate import REPORT_FILES, FairnessViolation, calibration, evaluate
-from components.explanations import attribute, attribution_grid, error_analysis
-from components.models import load_trained, predict_logits
+from components.evaluation.explanations import attribute, attribution_grid, error_analysis
+from components.model.networks import load_trained, predict_logits
 from components.prepare import prepare
-from tests.conftest import make_image_dataset
+from tests.helpers.datasets import make_image_dataset
 
 DIGITS = tuple("0123456789")
 FAST = ("evaluate.attribution_samples=4", "evaluate.bootstrap_samples=200")

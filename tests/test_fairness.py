@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.config import compose
-from components.errors import DataError
-from components.fairness import accuracy_gap_interval, fairness_report, require_groups
+from components.core.config import compose
+from components.core.errors import DataError
+from components.evaluation.fairness import accuracy_gap_interval, fairness_report, require_groups
 
 CLASSES = ["x", "y", "z"]
 # 12 hand-made predictions: site a errs once, site b three times; sex m never errs.

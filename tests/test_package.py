@@ -13,13 +13,13 @@ import onnxruntime as ort
 import pytest
 import yaml
 
-from components.config import ROOT, compose, config_hash
-from components.dataset import decode, load_prepared
-from components.deploy import sha256_file
-from components.errors import ConfigError
-from components.lineage import git_commit
-from components.onnx_export import ParityError, check_parity, onnx_logits
-from components.models import load_trained
+from components.core.config import ROOT, compose, config_hash
+from components.data.dataset import decode, load_prepared
+from components.core.io import sha256_file
+from components.core.errors import ConfigError
+from components.core.lineage import git_commit
+from components.packaging.onnx import ParityError, check_parity, onnx_logits
+from components.model.networks import load_trained
 from components.package import package
 from components.features import image_features, intensity
 from serve.handler import decode_image

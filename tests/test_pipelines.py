@@ -16,15 +16,15 @@ import yaml
 from kfp import local
 from safetensors.torch import load_file
 
-from components.config import PORT_KEYS, ROOT, compose
-from components.lineage import data_hash
-from pipelines.components import prepare_op
+from components.core.config import PORT_KEYS, ROOT, compose
+from components.core.lineage import data_hash
+from pipelines.wrappers import prepare_op
 from pipelines.graph import config_json
 from pipelines.local import collect_results
-from serve import server
-from tests.conftest import make_image_dataset
-from tests.project import copy_project, git_commit, run
-from tests.servers import free_ports, seaweed_s3
+from components.serving import server
+from tests.helpers.datasets import make_image_dataset
+from tests.helpers.project import copy_project, git_commit, run
+from tests.helpers.servers import free_ports, seaweed_s3
 
 OPEN_GATE = "pipeline.gate.require_fairness=false"
 
@@ -116,7 +116,7 @@ def test_compiled_sweep_fans_out_one_trial_per_override_set(tmp_path):
 @pytest.fixture(scope="module")
 def dvc_quick(tmp_path_factory) -> Path:
     repo = copy_project(tmp_path_factory.mktemp("dvc") / "repo")
-    run(["python", "-m", "components.config", "experiment=quick"], repo)
+    run(["python", "-m", "components.core.config", "experiment=quick"], repo)
     run(["dvc", "repro"], repo)
     return repo
 

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.config import ROOT
-from components.dataset import load_prepared
-from components.errors import DataError
+from components.core.config import ROOT
+from components.data.dataset import load_prepared
+from components.core.errors import DataError
 from components.features import FEATURES
 from components.prepare import prepare, stratified_split
-from tests.conftest import make_image_dataset, small_config
+from tests.helpers.datasets import make_image_dataset, small_config
 
 
 def test_outputs_cache_index_and_statistics(tiny_dataset, tmp_path):

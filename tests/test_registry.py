@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import load_config
+from components.core.config import load_config
 from components.deploy import default_version
-from components.registry import RegistryError, deploy_stage, promote, rollback, versions
-from serve import server
-from tests.project import copy_project, git_commit, run
-from tests.servers import S3Server, free_ports, seaweed_s3
+from components.promote import promote, rollback
+from components.registry.tags import RegistryError, versions
+from serve.__main__ import deploy_stage
+from components.serving import server
+from tests.helpers.project import copy_project, git_commit, run
+from tests.helpers.servers import S3Server, free_ports, seaweed_s3
 
 
 @dataclass
@@ -46,7 +48,7 @@ def project(tmp_path_factory):
     with seaweed_s3(root / "s3") as s3:
         for key, value in (("endpointurl", s3.endpoint), ("access_key_id", s3.access_key), ("secret_access_key", s3.secret_key)):
             run(["dvc", "remote", "modify", "--local", "storage", key, value], repo)
-        run(["python", "-m", "components.config", "experiment=quick"], repo)
+        run(["python", "-m", "components.core.config", "experiment=quick"], repo)
         run(["dvc", "repro"], repo)
         git_commit(repo, "model v1")
         run(["dvc", "push"], repo)
@@ -73,7 +75,7 @@ def latest_stage_tag_message(repo: Path, stage: str) -> str:
 
 
 def test_artifact_declarations_agree():
-    from components.config import ROOT
+    from components.core.config import ROOT
 
     dvc_artifacts = yaml.safe_load((ROOT / "dvc.yaml").read_text())["artifacts"]
     gto_artifacts = yaml.safe_load((ROOT / "artifacts.yaml").read_text())
@@ -95,7 +97,7 @@ def test_promotion_lifecycle(project: Project):
     assert "gates passed" in latest_stage_tag_message(repo, "prod")
 
     # v2: a new experiment; refused while uncommitted, then while not pushed to the remote.
-    run(["python", "-m", "components.config", "experiment=quick", "train.lr=0.004"], repo)
+    run(["python", "-m", "components.core.config", "experiment=quick", "train.lr=0.004"], repo)
     run(["dvc", "repro"], repo)
     with pytest.raises(RegistryError, match="uncommitted pipeline changes"):
         promote(project.cfg(), "v1.1.0", "staging", repo=repo)
@@ -130,8 +132,9 @@ def test_promotion_lifecycle(project: Project):
     assert json.loads((out / "package.json").read_text())["version"] == package_v2
 
     # Deploy prod: exactly v2's package, fetched from the remote, is the live default.
-    deployed = deploy_stage(project.cfg(), "prod", repo=repo)
-    assert (deployed["registry_version"], deployed["version"]) == ("v1.1.0", package_v2)
+    deployed, _ = deploy_stage(project.cfg(), "prod", repo=repo)
+    assert (deployed["source"]["registry_version"], deployed["version"]) == ("v1.1.0", package_v2)
+    assert deployed["source"]["commit"] == ours["v1.1.0"][0]  # served version -> package -> tag -> commit
     assert live_default(project) == package_v2
 
     # Roll back: prod goes back to v1 and v1 is what serves.
@@ -149,12 +152,12 @@ def live_default(project: Project) -> str:
 
 
 def test_cli_refuses_force_without_reason_and_unknown_stage(project: Project):
-    cli = ["python", "-m", "components.registry", "promote", "--version", "v9.0.0"]
+    cli = ["python", "-m", "components.promote", "promote", "--version", "v9.0.0"]
     no_reason = run([*cli, "--stage", "prod", "--force"], project.repo, check=False)
     assert no_reason.returncode == 2 and "--force needs --reason" in no_reason.stderr
     unknown = run([*cli, "--stage", "production"], project.repo, check=False)
     assert unknown.returncode == 2 and "unknown stage 'production'" in unknown.stderr
-    listed = run(["python", "-m", "components.registry", "versions"], project.repo)
+    listed = run(["python", "-m", "components.promote", "versions"], project.repo)
     assert listed.stdout.splitlines()[0].split() == ["version", "commit", "stages"]
 
 

@@ -6,12 +6,12 @@ import re
 
 import pandas as pd
 
-from tests.project import copy_project, run
+from tests.helpers.project import copy_project, run
 
 
 def test_regenerated_sample_matches_the_hash_in_data_dvc(tmp_path):
     repo = copy_project(tmp_path / "repo", with_data=False)
-    result = run(["python", "-m", "components.sample_data", "ensure"], repo)
+    result = run(["python", "-m", "components.data.sample", "ensure"], repo)
     assert "hash matches data.dvc" in result.stdout
     assert run(["dvc", "status", "--json", "data.dvc"], repo).stdout.strip() == "{}"
     table = pd.read_csv(repo / "data" / "metadata.csv")
@@ -19,7 +19,7 @@ def test_regenerated_sample_matches_the_hash_in_data_dvc(tmp_path):
     assert table["site"].value_counts().to_dict().keys() == {"site_a", "site_b"}
     assert 0.25 < (table["site"] == "site_b").mean() < 0.35
     # A second call leaves existing data alone.
-    assert "present" in run(["python", "-m", "components.sample_data", "ensure"], repo).stdout
+    assert "present" in run(["python", "-m", "components.data.sample", "ensure"], repo).stdout
 
 
 def test_mismatch_with_data_dvc_is_an_error(tmp_path):
@@ -27,7 +27,7 @@ def test_mismatch_with_data_dvc_is_an_error(tmp_path):
     dvc_file = repo / "data.dvc"
     original = dvc_file.read_text()
     dvc_file.write_text(re.sub(r"md5: [0-9a-f]{32}\.dir", "md5: 0123456789abcdef0123456789abcdef.dir", original))
-    result = run(["python", "-m", "components.sample_data", "ensure"], repo, check=False)
+    result = run(["python", "-m", "components.data.sample", "ensure"], repo, check=False)
     assert result.returncode == 2
     assert "does not match data.dvc" in result.stderr
     assert dvc_file.read_text() != original and not (repo / "data").exists()

@@ -24,16 +24,18 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from components.config import PORT_KEYS, ROOT, compose
-from components.dataset import load_prepared
-from components.deploy import DeployError, default_version, deploy, list_versions, register, set_default, sha256_file, unregister
-from components.io import write_json
-from components.onnx_export import onnx_logits
+from components.core.config import PORT_KEYS, ROOT, compose
+from components.data.dataset import load_prepared
+from components.core.io import sha256_file
+from components.deploy import DeployError, deploy
+from components.serving.torchserve import default_version, list_versions, register, set_default, unregister
+from components.core.io import write_json
+from components.packaging.onnx import onnx_logits
 from components.package import build_mar, package
-from serve import server
+from components.serving import server
 from serve.drift import drift_report, load_window
 from serve.handler import MONITOR_INTERVAL_S, rotate_log, rotated_logs
-from tests.servers import free_ports, wait_for_port
+from tests.helpers.servers import free_ports, wait_for_port
 
 PROMETHEUS_DIR = ROOT / "serve" / "prometheus"
 

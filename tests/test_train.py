@@ -9,11 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from components.errors import ConfigError
-from components.models import build_model, load_trained
+from components.core.errors import ConfigError
+from components.model.networks import build_model, load_trained
 from components.prepare import prepare
 from components.train import balanced_weights, train
-from tests.conftest import small_config
+from tests.helpers.datasets import small_config
 
 
 def _run(cfg, data, out, name):
@@ -97,7 +97,7 @@ def test_unknown_model_name_is_a_config_error():
 
 
 def test_resnet18_trains_end_to_end_on_rgb(tmp_path):
-    from tests.conftest import make_image_dataset
+    from tests.helpers.datasets import make_image_dataset
 
     data = make_image_dataset(tmp_path / "rgb", channels=3, per_class=14)
     cfg = small_config(data, "model=resnet18", "train.epochs=1", channels=3)
@@ -112,7 +112,7 @@ def test_data_parallel_training_with_two_processes(tiny_dataset, tmp_path):
 
     from omegaconf import OmegaConf
 
-    from components.config import ROOT
+    from components.core.config import ROOT
 
     cfg = small_config(tiny_dataset, "train.epochs=12", "train.lr=0.01", "train.early_stopping_patience=0")
     prepare(cfg, tiny_dataset, tmp_path / "prepared")

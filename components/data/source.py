@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.errors import ConfigError, DataError
+from components.core.errors import ConfigError, DataError
 
 
 def fetch_data(dest: str | Path, data_path: str, repo: str = "", rev: str = "", uri: str = "") -> Path:

@@ -18,7 +18,7 @@ from fairlearn.metrics import (
 from omegaconf import DictConfig
 from sklearn.metrics import accuracy_score, precision_score, recall_score
 
-from components.errors import DataError
+from components.core.errors import DataError
 
 GAP_METRICS = ("accuracy", "recall_macro", "precision_macro")
 

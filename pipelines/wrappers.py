@@ -15,7 +15,7 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 from omegaconf import OmegaConf
 
-from components.config import CONF_DIR
+from components.core.config import CONF_DIR
 
 # The default image; the graph sets each task's image from the composed config.
 IMAGE = OmegaConf.load(CONF_DIR / "pipeline" / "default.yaml").image.cpu
@@ -31,8 +31,8 @@ def prepare_op(config: str, data_repo: str, data_rev: str, data_uri: str, prepar
     import json
     import tempfile
 
-    from components.config import validate
-    from components.data_source import fetch_data
+    from components.core.config import validate
+    from components.data.source import fetch_data
     from components.prepare import prepare
 
     cfg = validate(json.loads(config), "pipeline parameter 'config'")
@@ -49,7 +49,7 @@ def train_op(config: str, prepared: Input[Dataset], model: Output[Model], metric
     import sys
     import tempfile
 
-    from components.config import validate
+    from components.core.config import validate
     from components.train import train
 
     cfg = validate(json.loads(config), "pipeline parameter 'config'")
@@ -78,7 +78,7 @@ def evaluate_op(config: str, prepared: Input[Dataset], model: Input[Model], repo
     import shutil
     from collections import namedtuple
 
-    from components.config import validate
+    from components.core.config import validate
     from components.evaluate import evaluate
 
     cfg = validate(json.loads(config), "pipeline parameter 'config'")
@@ -106,7 +106,7 @@ def package_op(config: str, prepared: Input[Dataset], model: Input[Model], packa
     import json
     from collections import namedtuple
 
-    from components.config import validate
+    from components.core.config import validate
     from components.package import package as package_step
 
     manifest = package_step(validate(json.loads(config), "pipeline parameter 'config'"), prepared.path, model.path, package.path)
@@ -120,7 +120,7 @@ def deploy_op(config: str, package: Input[Model], version: str, mar_file: str, m
     import json
     import os
 
-    from components.config import validate
+    from components.core.config import validate
     from components.deploy import deploy
 
     cfg = validate(json.loads(config), "pipeline parameter 'config'")

@@ -11,9 +11,15 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from components.errors import ConfigError, DataError
+from components.core.errors import ConfigError, DataError
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 class Normalize(nn.Module):

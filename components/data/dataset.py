@@ -11,7 +11,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from components.errors import DataError
+from components.core.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MAX_LISTED_PROBLEMS = 200

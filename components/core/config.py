@@ -19,9 +19,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from components.errors import ConfigError
+from components.core.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
 PARAMS_FILE = ROOT / "params.yaml"
 PORT_KEYS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
@@ -410,7 +410,7 @@ def config_hash(cfg: DictConfig) -> str:
 if __name__ == "__main__":
     import argparse
 
-    from components.errors import run_cli
+    from components.core.errors import run_cli
 
     parser = argparse.ArgumentParser(description="Regenerate params.yaml from conf/.")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.lr=0.01")

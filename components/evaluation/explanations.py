@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from components.features import image_features
-from components.report import figure_png, new_figure
+from components.evaluation.report import figure_png, new_figure
 
 MIN_PER_OUTCOME = 2  # fewer errors (or correct predictions) than this leave nothing to learn from
 

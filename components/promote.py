@@ -1,6 +1,5 @@
-"""Model registry on git tags, the GTO way: `<name>@vX.Y.Z` registers a version at a commit,
-`<name>#<stage>#N` assigns a stage. Tags are read and written with the gto package, so
-`gto show` and `dvc artifacts get --stage` see exactly what this module sees.
+"""promote: assign a stage to a model version with git tags (GTO), and roll a stage back.
+Deploying the version a stage holds is `python -m serve up --stage <stage>`.
 
 Promotion checks, before any tag is written:
 - the version's package can be fetched from the DVC remote (an empty cache proves it), and
@@ -13,90 +12,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig
 
-from components.config import ROOT, load_config
-from components.errors import StepError, run_cli
+from components.core.config import ROOT, load_config
+from components.core.errors import run_cli
+from components.registry.tags import RegistryError, committed_json, fetch_package, git, holders, model_artifact, stage_holder, versions
 
 METRICS_FILE = "reports/metrics.json"
 FAIRNESS_FILE = "reports/fairness.json"
 PIPELINE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", "conf", "reports", "dvclive")
 
 
-class RegistryError(StepError):
-    pass
-
-
-def _git(repo: Path, *args: str) -> str:
-    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RegistryError(f"git {' '.join(args)}: {result.stderr.strip()}")
-    return result.stdout.strip()
-
-
-def model_artifact(repo: Path = ROOT) -> tuple[str, str]:
-    """(name, path) of the model artifact declared in dvc.yaml's `artifacts:` section."""
-    artifacts = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("artifacts") or {}
-    models = [(name, spec["path"]) for name, spec in artifacts.items() if spec.get("type") == "model"]
-    if len(models) != 1:
-        raise RegistryError(f"{repo / 'dvc.yaml'}: declare exactly one artifact of type model under `artifacts:`")
-    return models[0]
-
-
-def versions(repo: Path = ROOT) -> list[dict]:
-    """Every registered version, newest first: version, commit, stages."""
-    name, _ = model_artifact(repo)
-    rows = _show(repo, name)
-    stages = {}
-    for stage in {s["stage"] for row in rows for s in row["stages"]}:
-        for holder in _show(repo, f"{name}#{stage}"):
-            stages.setdefault(holder["version"], []).append(stage)
-    return [{"version": row["version"], "commit": row["commit_hexsha"], "stages": sorted(stages.get(row["version"], []))}
-            for row in rows]
-
-
-def _show(repo: Path, query: str) -> list[dict]:
-    """`gto show <query>` as data (registered versions only); nothing registered yet is an empty list."""
-    import gto.api
-    from gto.exceptions import ArtifactNotFound
-
-    try:
-        return gto.api.show(str(repo), query, registered_only=True)
-    except ArtifactNotFound:
-        return []
-
-
-def _holders(stage: str, repo: Path) -> list[dict]:
-    name, _ = model_artifact(repo)
-    return _show(repo, f"{name}#{stage}")
-
-
-def stage_holder(stage: str, repo: Path = ROOT) -> dict:
-    """The version that holds `stage` now (as `gto show <name>#<stage>` reports it)."""
-    holders = _holders(stage, repo)
-    if not holders:
-        name, _ = model_artifact(repo)
-        raise RegistryError(f"no version of {name} is in stage {stage!r}; promote one first")
-    return {"version": holders[0]["version"], "commit": holders[0]["commit_hexsha"]}
-
-
-def _committed_json(repo: Path, commit: str, path: str) -> dict | None:
-    result = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=repo, capture_output=True, text=True)
-    return json.loads(result.stdout) if result.returncode == 0 else None
-
-
 def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
     """Every gate the reports committed at `commit` do not pass (empty list: all pass)."""
     gates = cfg.registry.gates
-    metrics, fairness = _committed_json(repo, commit, METRICS_FILE), _committed_json(repo, commit, FAIRNESS_FILE)
+    metrics, fairness = committed_json(repo, commit, METRICS_FILE), committed_json(repo, commit, FAIRNESS_FILE)
     if metrics is None or fairness is None:
         return [f"no {METRICS_FILE} / {FAIRNESS_FILE} committed at {commit[:10]}: run the evaluate step and commit its reports"]
     failures = []
@@ -111,30 +46,9 @@ def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
     return failures
 
 
-def fetch_package(commit: str, dest: Path, repo: Path = ROOT) -> Path:
-    """Download the model artifact as committed at `commit` from the DVC remote only.
-
-    An empty, throw-away DVC cache forces every byte to come from the remote, which proves
-    that anyone with the remote's credentials can retrieve this version.
-    """
-    from dvc.api import DVCFileSystem
-
-    _, path = model_artifact(repo)
-    with tempfile.TemporaryDirectory() as empty_cache:
-        try:
-            fs = DVCFileSystem(str(repo), rev=commit, config={"cache": {"dir": empty_cache}})
-            fs.get(path, str(dest), recursive=True)
-        except Exception as exc:  # DVC raises many types here; all mean "not retrievable"
-            raise RegistryError(
-                f"{path} at {commit[:10]} cannot be fetched from the DVC remote ({exc.__class__.__name__}: {exc}); "
-                "run `dvc push` (`dvc commit` first if `dvc push` reports missing cache files; "
-                "and check the remote's endpoint/credentials)") from None
-    return dest
-
-
 def _uncommitted_changes(repo: Path) -> list[str]:
     """Pipeline files changed in git, and stages whose workspace no longer matches dvc.lock."""
-    changed = _git(repo, "status", "--porcelain", "--", *PIPELINE_FILES).splitlines()
+    changed = git(repo, "status", "--porcelain", "--", *PIPELINE_FILES).splitlines()
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True, text=True)
     stages = json.loads(status.stdout or "{}") if status.returncode == 0 else {}
     for stage, changes in stages.items():
@@ -161,14 +75,14 @@ def promote(cfg: DictConfig, version: str | None, stage: str, force_reason: str 
         if dirty:
             raise RegistryError("uncommitted pipeline changes; commit (and `dvc push`) them before registering a version:\n  "
                                 + "\n  ".join(dirty))
-        commit = _git(repo, "rev-parse", "HEAD")
+        commit = git(repo, "rev-parse", "HEAD")
     with tempfile.TemporaryDirectory() as tmp:
         fetch_package(commit, Path(tmp) / "package", repo)
     failures = gate_failures(cfg, commit, repo) if stage in cfg.registry.gated_stages else []
     if failures and not force_reason:
         raise RegistryError(f"{name} {version or commit[:10]} may not enter {stage!r}; failed gates:\n  " + "\n  ".join(failures)
                             + "\n(use --force --reason '...' to override; the reason is written into the tag)")
-    if version in known and version in [h["version"] for h in _holders(stage, repo)]:
+    if version in known and version in [h["version"] for h in holders(stage, repo)]:
         return {"name": name, "version": version, "stage": stage, "commit": commit, "verdict": f"already in {stage!r}; nothing to do"}
     if version not in known:
         registered = gto.api.register(str(repo), name, commit, version=version, push=push,
@@ -202,33 +116,6 @@ def rollback(cfg: DictConfig, stage: str, push: bool = False, repo: Path = ROOT)
     return {"name": name, "stage": stage, "version": previous, "replaced": current}
 
 
-def stage_package(cfg: DictConfig, stage: str, repo: Path = ROOT) -> tuple[Path, dict]:
-    """Fetch the package of the version in `stage` from the DVC remote into the serve state folder."""
-    from serve import server
-
-    holder = stage_holder(stage, repo)
-    release = server.state_dir(cfg).root / "releases" / holder["version"]
-    shutil.rmtree(release, ignore_errors=True)
-    return fetch_package(holder["commit"], release, repo), holder
-
-
-def deploy_stage(cfg: DictConfig, stage: str, repo: Path = ROOT, **remote: str | None) -> dict:
-    """Deploy exactly the version in `stage`: fetch its package from the remote, check, register, smoke test.
-
-    Without `remote` arguments the local TorchServe is used (started if needed); otherwise they
-    go to components.deploy.deploy (management_url, token, inference_url, inference_token, model_store).
-    """
-    from components.deploy import deploy, read_package
-    from serve import server
-
-    release, holder = stage_package(cfg, stage, repo)
-    package = read_package(release)
-    if not remote.get("management_url") and server.running_pid(cfg) is None:
-        server.start(cfg)
-    result = deploy(cfg, release / package["mar"]["file"], package["version"], **remote)
-    return {**result, "stage": stage, "registry_version": holder["version"], "commit": holder["commit"]}
-
-
 def _print_versions(rows: list[dict]) -> None:
     print(f"{'version':<12} {'commit':<12} stages")
     for row in rows:
@@ -246,15 +133,9 @@ def main() -> None:
     p.add_argument("--reason", help="why the gates are overridden; written into the tag message")
     p.add_argument("--push", action="store_true", help="push the new tags to origin")
     sub.add_parser("versions", help="registered versions and their stages")
-    r = sub.add_parser("rollback", help="give a stage back to its previous version, then redeploy it locally")
+    r = sub.add_parser("rollback", help="give a stage back to its previous version (deploy it with `python -m serve up --stage`)")
     r.add_argument("--stage", required=True)
     r.add_argument("--push", action="store_true")
-    r.add_argument("--no-deploy", action="store_true", help="only move the tag (CI deploys on the tag push)")
-    d = sub.add_parser("deploy", help="deploy the version in a stage (local TorchServe, or a remote one)")
-    d.add_argument("--stage", required=True)
-    d.add_argument("--management-url", help="remote TorchServe management API (token: $TORCHSERVE_MANAGEMENT_TOKEN)")
-    d.add_argument("--inference-url", help="remote TorchServe inference API (token: $TORCHSERVE_INFERENCE_TOKEN)")
-    d.add_argument("--model-store", help="the remote server's model store, mounted on this machine")
     args = parser.parse_args()
     cfg = load_config(args.params)
     if args.command == "versions":
@@ -264,20 +145,9 @@ def main() -> None:
             raise RegistryError("--force needs --reason '...' (it is written into the tag message)")
         done = promote(cfg, args.version, args.stage, args.reason if args.force else None, args.push)
         print(f"{done['name']} {done['version']} ({done['commit'][:10]}) -> {done['stage']}: {done['verdict']}")
-    elif args.command == "deploy":
-        remote = {}
-        if args.management_url:
-            remote = {"management_url": args.management_url, "token": os.environ.get("TORCHSERVE_MANAGEMENT_TOKEN"),
-                      "inference_url": args.inference_url, "inference_token": os.environ.get("TORCHSERVE_INFERENCE_TOKEN"),
-                      "model_store": args.model_store}
-        deployed = deploy_stage(cfg, args.stage, **remote)
-        print(f"{args.stage}: deployed {deployed['registry_version']} (package {deployed['version']}) at {deployed['endpoint']}")
     else:
         done = rollback(cfg, args.stage, args.push)
         print(f"{done['name']} {done['stage']}: {done['replaced']} -> {done['version']}")
-        if not args.no_deploy:
-            deployed = deploy_stage(cfg, args.stage)
-            print(f"deployed {deployed['registry_version']} (package {deployed['version']}) at {deployed['endpoint']}")
 
 
 if __name__ == "__main__":

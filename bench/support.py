@@ -1,14 +1,17 @@
-"""A throw-away copy of this project as its own git repository, for DVC/git integration tests."""
+"""What the benchmarks (and the integration tests) need to run the project somewhere else:
+a throw-away copy of this working tree as its own git repository, commands run in it with
+this venv first on PATH, and free loopback ports."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from components.config import ROOT
+from components.core.config import ROOT
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -39,6 +42,13 @@ def copy_project(dst: Path, with_data: bool = True) -> Path:
     return dst
 
 
-def git_commit(repo: Path, message: str) -> None:
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message], repo)
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

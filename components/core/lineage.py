@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from components.config import ROOT, config_hash
+from components.core.config import ROOT, config_hash
 
 
 # Inside a component image there is no git checkout: the pipeline compiler passes the

@@ -23,12 +23,12 @@ import psutil
 import requests
 from omegaconf import DictConfig
 
-from components.config import ROOT
-from components.errors import StepError
+from components.core.config import ROOT
+from components.core.errors import StepError
 from serve.handler import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
 
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
-LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
+LOG_CONFIG = ROOT / "serve" / "log4j2.xml"
 
 
 class ServeError(StepError):
@@ -57,6 +57,7 @@ class StateDir:
     key_file = property(lambda self: self.root / "key_file.json")  # TorchServe writes it in its working dir
     pid_file = property(lambda self: self.root / "tmp" / ".model_server.pid")
     console = property(lambda self: self.root / "logs" / "console.log")
+    deploy_log = property(lambda self: self.root / "deployments.jsonl")  # one JSON record per deployment
 
 
 def state_dir(cfg: DictConfig) -> StateDir:

@@ -19,8 +19,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from components.errors import StepError
-from components.models import Normalize, predict_logits
+from components.core.errors import StepError
+from components.model.networks import Normalize, predict_logits
 from serve.handler import normalize
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"

@@ -1,0 +1,1 @@
+"""core helpers (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""data helpers (see docs/architecture.md)."""

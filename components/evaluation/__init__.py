@@ -1,0 +1,1 @@
+"""evaluation helpers (see docs/architecture.md)."""

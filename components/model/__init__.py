@@ -1,0 +1,1 @@
+"""model helpers (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""packaging helpers (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""registry helpers (see docs/architecture.md)."""

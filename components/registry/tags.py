@@ -1,0 +1,109 @@
+"""The model registry as git tags, read and written the GTO way: `<name>@vX.Y.Z` registers a
+version at a commit, `<name>#<stage>#N` assigns a stage. Tags are read with the gto package, so
+`gto show` and `dvc artifacts get --stage` see exactly what this module sees."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig
+
+from components.core.config import ROOT
+from components.core.errors import StepError
+from components.serving import server
+
+
+class RegistryError(StepError):
+    pass
+
+
+def git(repo: Path, *args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RegistryError(f"git {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def model_artifact(repo: Path = ROOT) -> tuple[str, str]:
+    """(name, path) of the model artifact declared in dvc.yaml's `artifacts:` section."""
+    artifacts = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("artifacts") or {}
+    models = [(name, spec["path"]) for name, spec in artifacts.items() if spec.get("type") == "model"]
+    if len(models) != 1:
+        raise RegistryError(f"{repo / 'dvc.yaml'}: declare exactly one artifact of type model under `artifacts:`")
+    return models[0]
+
+
+def versions(repo: Path = ROOT) -> list[dict]:
+    """Every registered version, newest first: version, commit, stages."""
+    name, _ = model_artifact(repo)
+    rows = show(repo, name)
+    stages = {}
+    for stage in {s["stage"] for row in rows for s in row["stages"]}:
+        for holder in show(repo, f"{name}#{stage}"):
+            stages.setdefault(holder["version"], []).append(stage)
+    return [{"version": row["version"], "commit": row["commit_hexsha"], "stages": sorted(stages.get(row["version"], []))}
+            for row in rows]
+
+
+def show(repo: Path, query: str) -> list[dict]:
+    """`gto show <query>` as data (registered versions only); nothing registered yet is an empty list."""
+    import gto.api
+    from gto.exceptions import ArtifactNotFound
+
+    try:
+        return gto.api.show(str(repo), query, registered_only=True)
+    except ArtifactNotFound:
+        return []
+
+
+def holders(stage: str, repo: Path) -> list[dict]:
+    name, _ = model_artifact(repo)
+    return show(repo, f"{name}#{stage}")
+
+
+def stage_holder(stage: str, repo: Path = ROOT) -> dict:
+    """The version that holds `stage` now (as `gto show <name>#<stage>` reports it)."""
+    holders = holders(stage, repo)
+    if not holders:
+        name, _ = model_artifact(repo)
+        raise RegistryError(f"no version of {name} is in stage {stage!r}; promote one first")
+    return {"version": holders[0]["version"], "commit": holders[0]["commit_hexsha"]}
+
+
+def committed_json(repo: Path, commit: str, path: str) -> dict | None:
+    result = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=repo, capture_output=True, text=True)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def fetch_package(commit: str, dest: Path, repo: Path = ROOT) -> Path:
+    """Download the model artifact as committed at `commit` from the DVC remote only.
+
+    An empty, throw-away DVC cache forces every byte to come from the remote, which proves
+    that anyone with the remote's credentials can retrieve this version.
+    """
+    from dvc.api import DVCFileSystem
+
+    _, path = model_artifact(repo)
+    with tempfile.TemporaryDirectory() as empty_cache:
+        try:
+            fs = DVCFileSystem(str(repo), rev=commit, config={"cache": {"dir": empty_cache}})
+            fs.get(path, str(dest), recursive=True)
+        except Exception as exc:  # DVC raises many types here; all mean "not retrievable"
+            raise RegistryError(
+                f"{path} at {commit[:10]} cannot be fetched from the DVC remote ({exc.__class__.__name__}: {exc}); "
+                "run `dvc push` (`dvc commit` first if `dvc push` reports missing cache files; "
+                "and check the remote's endpoint/credentials)") from None
+    return dest
+
+
+def stage_package(cfg: DictConfig, stage: str, repo: Path = ROOT) -> tuple[Path, dict]:
+    """Fetch the package of the version in `stage` from the DVC remote into the serve state folder."""
+    holder = stage_holder(stage, repo)
+    release = server.state_dir(cfg).root / "releases" / holder["version"]
+    shutil.rmtree(release, ignore_errors=True)
+    return fetch_package(holder["commit"], release, repo), holder

@@ -1,0 +1,1 @@
+"""serving helpers (see docs/architecture.md)."""

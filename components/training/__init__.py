@@ -1,0 +1,1 @@
+"""training helpers (see docs/architecture.md)."""

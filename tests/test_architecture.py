@@ -1,0 +1,39 @@
+"""The layout shows the architecture, and imports point one way (contracts in pyproject.toml)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from components.core.config import ROOT
+
+STEPS = {"prepare", "train", "evaluate", "package", "deploy", "promote"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+    return modules
+
+
+def test_import_contracts_hold():
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint), str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 3 kept, 0 broken." in result.stdout
+
+
+def test_top_of_components_holds_the_steps_and_nothing_else():
+    modules = {p.stem for p in (ROOT / "components").glob("*.py")} - {"__init__"}
+    assert modules == STEPS
+
+
+def test_bench_never_imports_the_tests():
+    offenders = {p.name: m for p in (ROOT / "bench").glob("*.py") for m in imported_modules(p) if m.split(".")[0] == "tests"}
+    assert offenders == {}
