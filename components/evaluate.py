@@ -1,7 +1,8 @@
 """evaluate: quality metrics, fairness across sensitive groups, interpretability, and the
 reports a reviewer reads before a model may be promoted.
 
-Outputs (in `reports_dir`): metrics.json (DVC metrics), fairness.json (a verdict per check),
+Outputs (in `reports_dir`): metrics.json (the headline DVC metrics), quality.json (per-class detail,
+confusion matrix), fairness.json (a verdict per check),
 plots/confusion.json and plots/reliability.json (DVC plots), evaluation.html (self-contained)
 and model_card.md. They are built in a scratch folder and moved into place only when all of
 them are complete; other files in `reports_dir` are left alone.
@@ -12,7 +13,6 @@ reports are written: they are the evidence a reviewer needs to see why the gate 
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -22,9 +22,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from components.core.config import load_config
+from components.core.cli import run_step
+from components.core.config import select
 from components.data.dataset import Prepared, load_prepared
-from components.core.errors import ConfigError, DataError, StepError, run_cli
+from components.core.errors import ConfigError, DataError, StepError
 from components.evaluation.explanations import attribution_grids, error_analysis, error_features
 from components.evaluation.fairness import fairness_report, require_groups
 from components.core.io import write_json
@@ -32,7 +33,8 @@ from components.core.lineage import lineage
 from components.model.networks import load_trained, predict_logits, resolve_device
 from components.evaluation.report import Evaluation, render_html, render_model_card
 
-REPORT_FILES = ("metrics.json", "fairness.json", "plots/confusion.json", "plots/reliability.json", "evaluation.html", "model_card.md")
+SECTIONS = ("seed", "data", "train.device", "evaluate")  # the config this step reads: its DVC params and its config hash
+REPORT_FILES = ("metrics.json", "quality.json", "fairness.json", "plots/confusion.json", "plots/reliability.json", "evaluation.html", "model_card.md")
 
 
 class FairnessViolation(StepError):
@@ -85,23 +87,19 @@ def quality_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], n
     }, bins
 
 
-def fairness_summary(fairness: dict) -> dict:
-    """The headline fairness numbers, for `dvc metrics show/diff`."""
-    summary = {"checks_failed": sum(not c["passed"] for c in fairness["checks"])}
-    for name, report in fairness["groupings"].items():
-        gap = report["accuracy_gap"]
-        summary[name] = {
-            "accuracy_difference": report["difference"]["accuracy"],
-            "accuracy_gap_low": gap["low"], "accuracy_gap_high": gap["high"],
-            "demographic_parity_difference": report["demographic_parity_difference"]["value"],
-            "equalized_odds_difference": report["equalized_odds_difference"]["value"],
-            **{f"accuracy_{g}": r["accuracy"] for g, r in report["groups"].items()},
-        }
-    return summary
+def headline(quality: dict, fairness: dict) -> dict:
+    """The numbers `dvc metrics show/diff` and `dvc exp show` lead with; the detail stays in the reports."""
+    gaps = [report["difference"]["accuracy"] for report in fairness["groupings"].values()]
+    failed = sum(not c["passed"] for c in fairness["checks"])
+    return {
+        **{key: quality[key] for key in ("accuracy", "balanced_accuracy", "f1_macro", "ece", "n_test")},
+        "fairness": {"verdict": "fail" if failed else "pass", "checks_failed": failed, "worst_accuracy_gap": max(gaps, default=0.0)},
+    }
 
 
 def write_reports(ev: Evaluation, metrics: dict, classes: list[str], y_true: np.ndarray, y_pred: np.ndarray, out: Path) -> None:
     write_json(out / "metrics.json", metrics)
+    write_json(out / "quality.json", {**ev.quality, "lineage": ev.lineage})
     write_json(out / "fairness.json", {**ev.fairness, "lineage": ev.lineage})
     write_json(out / "plots" / "confusion.json", [{"actual": classes[t], "predicted": classes[p]} for t, p in zip(y_true, y_pred)])
     write_json(out / "plots" / "reliability.json", ev.reliability)
@@ -118,6 +116,7 @@ def publish(scratch: Path, reports_dir: Path) -> None:
 
 def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, reports_dir: str | Path) -> dict:
     """Evaluate the trained model on the test split and write the reports; returns metrics.json's content."""
+    cfg = select(cfg, SECTIONS)
     prepared_dir, model_dir, reports_dir = Path(prepared_dir), Path(model_dir), Path(reports_dir)
     e = cfg.evaluate
     prepared = load_prepared(prepared_dir)
@@ -139,8 +138,8 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
     errors = error_analysis(error_features(images, index, attributes, probs), y_pred != y_true, e, cfg.seed)
     grids = attribution_grids(model, norm, images, index, probs, attributes, classes, e, device, cfg.seed)
     ev = Evaluation(model=spec, data=prepared.meta, config=OmegaConf.to_container(cfg, resolve=True), quality=quality,
-                    reliability=reliability, fairness=fairness, error_analysis=errors, attributions=grids, lineage=lineage(cfg))
-    metrics = {**quality, "fairness": fairness_summary(fairness), "lineage": ev.lineage}
+                    reliability=reliability, fairness=fairness, error_analysis=errors, attributions=grids, lineage=lineage(cfg, __name__, device.type))
+    metrics = headline(quality, fairness)
 
     reports_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{reports_dir.name}.", dir=reports_dir.parent) as scratch:
@@ -152,19 +151,12 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
     return metrics
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Evaluate the trained model: quality, fairness, interpretability, reports.")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared", default="artifacts/prepared")
-    parser.add_argument("--model", default="artifacts/model")
-    parser.add_argument("--reports", default="reports")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. evaluate.fail_on_violation=true")
-    args = parser.parse_args()
-    metrics = evaluate(load_config(args.params, args.overrides), args.prepared, args.model, args.reports)
-    verdict = "passed" if not metrics["fairness"]["checks_failed"] else f"{metrics['fairness']['checks_failed']} check(s) failed"
-    print(f"evaluate: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}, "
-          f"ECE {metrics['ece']:.4f}, fairness {verdict} -> {args.reports}")
+def summary(metrics: dict, args) -> str:
+    fairness = metrics["fairness"]
+    return (f"evaluate: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}, "
+            f"ECE {metrics['ece']:.4f}, fairness {fairness['verdict']} -> {args.reports}")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_step(evaluate, "Evaluate the trained model: quality, fairness, interpretability, reports.", summary,
+             prepared="artifacts/prepared", model="artifacts/model", reports="reports")

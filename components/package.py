@@ -8,7 +8,6 @@ package.json (version, sha256 of the .mar, parity figures, samples, lineage).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -24,9 +23,10 @@ import onnxruntime as ort
 from omegaconf import DictConfig
 from PIL import Image
 
-from components.core.config import ROOT, load_config
+from components.core.cli import run_step
+from components.core.config import ROOT, select
 from components.data.dataset import load_prepared
-from components.core.errors import DataError, StepError, run_cli
+from components.core.errors import DataError, StepError
 from components.core.io import atomic_dir, sha256_file, write_bytes_atomic, write_json
 from components.core.lineage import lineage
 from components.model.networks import load_trained
@@ -34,6 +34,9 @@ from components.packaging.onnx import check_parity, embed_metadata, export_onnx,
 
 HANDLER = ROOT / "serve" / "handler.py"
 FEATURES_MODULE = ROOT / "components" / "features.py"
+SECTIONS = ("package",)  # the config this step reads: its DVC params and its config hash
+# Files the .mar carries besides the imported code: part of this step's code hash and DVC deps.
+SHIPPED = ("serve/handler.py", "components/features.py")
 ARCHIVER = shutil.which("torch-model-archiver", path=Path(sys.executable).parent) or "torch-model-archiver"
 
 
@@ -72,6 +75,7 @@ def write_samples(out: Path, pixels: np.ndarray, labels: list[str], expected: li
 
 
 def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, out_dir: str | Path) -> dict:
+    cfg = select(cfg, SECTIONS)
     p = cfg.package
     prepared = load_prepared(prepared_dir)
     model, norm, spec = load_trained(model_dir)
@@ -81,14 +85,14 @@ def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, ou
     if len(pixels) == 0:
         raise DataError(f"{prepared_dir}: the test split is empty; parity cannot be checked")
     signature = model_signature(spec, p.top_k)
-    run_lineage = lineage(cfg)
+    run_lineage = lineage(cfg, __name__, shipped=SHIPPED)
 
     with atomic_dir(out_dir) as tmp:
         onnx_path = tmp / "model.onnx"
         export_onnx(model, signature, onnx_path, p.opset_version)
         parity = check_parity(onnx_path, model, norm, pixels, signature, p.parity_atol)
         embed_metadata(onnx_path, {"signature": json.dumps(signature, sort_keys=True), "model_lineage": json.dumps(spec["lineage"], sort_keys=True),
-                                   **{key: str(value) for key, value in run_lineage.items()}})
+                                   **{key: json.dumps(value, sort_keys=True) for key, value in run_lineage.items()}})
         write_json(tmp / "signature.json", signature)
         shutil.copyfile(Path(prepared_dir) / "reference_stats.json", tmp / "reference_stats.json")
         # The version names what the server runs: model, signature, reference and the handler's code.
@@ -113,19 +117,12 @@ def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, ou
     return manifest
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Export the trained model to ONNX and build the TorchServe archive.")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared", default="artifacts/prepared")
-    parser.add_argument("--model", default="artifacts/model")
-    parser.add_argument("--out", default="artifacts/package")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. package.top_k=5")
-    args = parser.parse_args()
-    manifest = package(load_config(args.params, args.overrides), args.prepared, args.model, args.out)
+def summary(manifest: dict, args) -> str:
     parity = manifest["parity"]
-    print(f"package: {manifest['model_name']} version {manifest['version']}, parity max |diff| {parity['max_abs_diff']:.1e} "
-          f"on {parity['images']} test images -> {args.out}/{manifest['mar']['file']}")
+    return (f"package: {manifest['model_name']} version {manifest['version']}, parity max |diff| {parity['max_abs_diff']:.1e} "
+            f"on {parity['images']} test images -> {args.out}/{manifest['mar']['file']}")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_step(package, "Export the trained model to ONNX and build the TorchServe archive.", summary,
+             prepared="artifacts/prepared", model="artifacts/model", out="artifacts/package")

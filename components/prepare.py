@@ -8,7 +8,6 @@ label_index, split, sensitive attributes; row i is images.npy[i]), prepared.json
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,10 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from components.core.config import load_config
+from components.core.cli import run_step
+from components.core.config import select
 from components.data.dataset import decode_error, format_problems, list_dataset, row_problems
-from components.core.errors import DataError, run_cli
+from components.core.errors import DataError
 from components.features import feature_table, reference_histograms
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
@@ -50,9 +50,13 @@ def channel_stats(images: np.ndarray, rows: np.ndarray, chunk: int = 1024) -> tu
     return mean.round(6).tolist(), std.round(6).tolist()
 
 
-def prepare(cfg: DictConfig, data_dir: str | Path, out_dir: str | Path) -> dict:
-    data = cfg.data
-    root = Path(data_dir)
+SECTIONS = ("seed", "data")  # the config this step reads: its DVC params and its config hash
+
+
+def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
+    """Validate the raw data in `data` (default: data.root), split it and write the cache to `out`."""
+    cfg = select(cfg, SECTIONS)
+    root, out_dir, data = Path(data or cfg.data.root), out, cfg.data
     table = list_dataset(data, root)
     if table.empty:
         raise DataError(f"{root}: the dataset lists no images")
@@ -91,7 +95,7 @@ def prepare(cfg: DictConfig, data_dir: str | Path, out_dir: str | Path) -> dict:
             "counts": counts,
             "groups": groups,
             "data_config": OmegaConf.to_container(data),
-            "lineage": lineage(cfg),
+            "lineage": lineage(cfg, __name__),
         }
         write_json(tmp / "prepared.json", meta)
         train_labels = table["label"].to_numpy()[train_rows]
@@ -108,17 +112,7 @@ def prepare(cfg: DictConfig, data_dir: str | Path, out_dir: str | Path) -> dict:
     return meta
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Validate, split and cache the raw dataset.")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default=None, help="raw data folder (default: data.root)")
-    parser.add_argument("--out", default="artifacts/prepared")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.image_size=[28,28]")
-    args = parser.parse_args()
-    cfg = load_config(args.params, args.overrides)
-    meta = prepare(cfg, args.data or cfg.data.root, args.out)
-    print(f"prepare: {meta['counts']} images, groups {meta['groups']} -> {args.out}")
-
-
 if __name__ == "__main__":
-    run_cli(main)
+    run_step(prepare, "Validate, split and cache the raw dataset.",
+             lambda meta, args: f"prepare: {meta['counts']} images, groups {meta['groups']} -> {args.out}",
+             data=None, out="artifacts/prepared")

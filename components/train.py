@@ -8,7 +8,6 @@ metrics and plots in `live_dir`, and a resumable checkpoint in `checkpoint_dir`.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -24,14 +23,16 @@ from torch import nn
 from tqdm import tqdm
 
 from components.training import distributed
-from components.core.config import config_hash, load_config
+from components.core.cli import run_step
+from components.core.config import config_hash, select
 from components.data.dataset import Prepared, load_prepared
-from components.core.errors import ConfigError, DataError, run_cli
+from components.core.errors import ConfigError, DataError
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
 from components.model.networks import Normalize, build_model, predict_logits, resolve_device
 
 CHECKPOINT = "last.pt"
+SECTIONS = ("seed", "data", "model", "train")  # the config this step reads: its DVC params and its config hash
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -76,6 +77,7 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
           checkpoint_dir: str | Path = "artifacts/checkpoints") -> dict:
     from dvclive import Live
 
+    cfg = select(cfg, SECTIONS)
     t = cfg.train
     prepared = load_prepared(prepared_dir)
     if prepared.meta["classes"] != list(cfg.data.classes) or prepared.meta["channels"] != cfg.data.channels:
@@ -169,12 +171,14 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     distributed.teardown(processes)
     if not processes.is_main:
         return metrics
-    for key, value in metrics.items():
-        live.summary[key] = value
+    # The summary names each quantity once: the best epoch's validation numbers (the per-epoch
+    # values stay in the plots).
+    live.summary = {"val": {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"]},
+                    "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"]}
     live.make_summary()
     live.end()
 
-    spec.update(metrics=metrics, lineage=lineage(cfg), device=device.type)
+    spec.update(metrics=metrics, lineage=lineage(cfg, __name__, device.type))
     with atomic_dir(out_dir) as tmp_dir:
         weights_cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights_cpu, str(tmp_dir / "model.safetensors"), metadata={"spec": json.dumps(spec, sort_keys=True)})
@@ -182,19 +186,8 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     return metrics
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Train the configured model on the prepared data.")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared", default="artifacts/prepared")
-    parser.add_argument("--out", default="artifacts/model")
-    parser.add_argument("--live", default="dvclive")
-    parser.add_argument("--checkpoints", default="artifacts/checkpoints")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=0.01")
-    args = parser.parse_args()
-    metrics = train(load_config(args.params, args.overrides), args.prepared, args.out, args.live, args.checkpoints)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
-        print(f"train: {metrics} -> {args.out}")
-
-
 if __name__ == "__main__":
-    run_cli(main)
+    # under torchrun, rank 0 speaks for all
+    run_step(train, "Train the configured model on the prepared data.",
+             lambda metrics, args: f"train: {metrics} -> {args.out}" if os.environ.get("RANK", "0") == "0" else None,
+             prepared="artifacts/prepared", out="artifacts/model", live="dvclive", checkpoints="artifacts/checkpoints")

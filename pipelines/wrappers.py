@@ -84,9 +84,10 @@ def evaluate_op(config: str, prepared: Input[Dataset], model: Input[Model], repo
     cfg = validate(json.loads(config), "pipeline parameter 'config'")
     results = evaluate(cfg, prepared.path, model.path, reports.path)
     fairness = json.loads(open(f"{reports.path}/fairness.json").read())
+    quality = json.loads(open(f"{reports.path}/quality.json").read())
     shutil.copy(f"{reports.path}/evaluation.html", evaluation_report.path)
     shutil.copy(f"{reports.path}/model_card.md", model_card.path)
-    confusion_matrix.log_confusion_matrix(list(cfg.data.classes), results["confusion_matrix"])
+    confusion_matrix.log_confusion_matrix(list(cfg.data.classes), quality["confusion_matrix"])
 
     def log_numbers(prefix: str, values: dict) -> None:
         for key, value in values.items():

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from components.core.errors import ConfigError
@@ -29,210 +29,210 @@ PORT_KEYS = ("inference_port", "management_port", "metrics_port", "grpc_inferenc
 
 @dataclass
 class SplitConfig:
-    val: float = 0.15
-    test: float = 0.15
+    val: float = MISSING
+    test: float = MISSING
 
 
 @dataclass
 class DataConfig:
-    root: str = "data"
-    format: str = "csv"
-    metadata: str | None = "metadata.csv"
-    file_column: str = "file"
-    label_column: str = "label"
-    classes: list[str] = field(default_factory=list)
-    sensitive_attributes: list[str] = field(default_factory=list)
-    channels: int = 1
-    image_size: list[int] = field(default_factory=lambda: [32, 32])
+    root: str = MISSING
+    format: str = MISSING
+    metadata: str | None = MISSING
+    file_column: str = MISSING
+    label_column: str = MISSING
+    classes: list[str] = MISSING
+    sensitive_attributes: list[str] = MISSING
+    channels: int = MISSING
+    image_size: list[int] = MISSING
     split: SplitConfig = field(default_factory=SplitConfig)
-    histogram_bins: int = 20
+    histogram_bins: int = MISSING
 
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"
-    width: int = 32
-    dropout: float = 0.25
+    name: str = MISSING
+    width: int = MISSING
+    dropout: float = MISSING
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 0.002
-    weight_decay: float = 0.0001
-    early_stopping_patience: int = 4
-    balanced_sampling: bool = False
-    device: str = "auto"
-    num_threads: int = 0
-    resume: bool = False
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    early_stopping_patience: int = MISSING
+    balanced_sampling: bool = MISSING
+    device: str = MISSING
+    num_threads: int = MISSING
+    resume: bool = MISSING
 
 
 @dataclass
 class FairnessThresholds:
-    max_accuracy_difference: float = 0.05
-    min_accuracy_ratio: float = 0.95
-    max_recall_macro_difference: float = 0.05
-    max_demographic_parity_difference: float = 0.05
-    max_equalized_odds_difference: float = 0.10
+    max_accuracy_difference: float = MISSING
+    min_accuracy_ratio: float = MISSING
+    max_recall_macro_difference: float = MISSING
+    max_demographic_parity_difference: float = MISSING
+    max_equalized_odds_difference: float = MISSING
 
 
 @dataclass
 class EvaluateConfig:
-    sensitive_attributes: list[str] | None = None
-    calibration_bins: int = 10
+    sensitive_attributes: list[str] | None = MISSING
+    calibration_bins: int = MISSING
     thresholds: FairnessThresholds = field(default_factory=FairnessThresholds)
-    fail_on_violation: bool = False
-    bootstrap_samples: int = 1000
-    bootstrap_confidence: float = 0.95
-    error_analysis_interactions: int = 0
-    error_analysis_term_plots: int = 4
-    attribution_method: str = "integrated_gradients"
-    attribution_samples: int = 16
-    attribution_steps: int = 32
-    occlusion_window: int = 4
-    intended_use: str = ""
-    limitations: list[str] = field(default_factory=list)
+    fail_on_violation: bool = MISSING
+    bootstrap_samples: int = MISSING
+    bootstrap_confidence: float = MISSING
+    error_analysis_interactions: int = MISSING
+    error_analysis_term_plots: int = MISSING
+    attribution_method: str = MISSING
+    attribution_samples: int = MISSING
+    attribution_steps: int = MISSING
+    occlusion_window: int = MISSING
+    intended_use: str = MISSING
+    limitations: list[str] = MISSING
 
 
 @dataclass
 class PackageConfig:
-    model_name: str = "digits"
-    top_k: int = 3
-    opset_version: int = 18
-    parity_atol: float = 1e-4
-    smoke_samples: int = 8
+    model_name: str = MISSING
+    top_k: int = MISSING
+    opset_version: int = MISSING
+    parity_atol: float = MISSING
+    smoke_samples: int = MISSING
 
 
 @dataclass
 class PredictionLogConfig:
-    sample_rate: float = 0.1
-    file: str = "logs/predictions.jsonl"
-    max_mb: float = 100.0
-    backups: int = 5
+    sample_rate: float = MISSING
+    file: str = MISSING
+    max_mb: float = MISSING
+    backups: int = MISSING
 
 
 @dataclass
 class DriftConfig:
-    window: int = 1000
-    min_samples: int = 200
-    psi_threshold: float = 0.2
-    ks_threshold: float = 0.2
-    class_psi_threshold: float = 0.2
+    window: int = MISSING
+    min_samples: int = MISSING
+    psi_threshold: float = MISSING
+    ks_threshold: float = MISSING
+    class_psi_threshold: float = MISSING
 
 
 @dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
-    inference_port: int = 8080
-    management_port: int = 8081
-    metrics_port: int = 8082
-    grpc_inference_port: int = 7070
-    grpc_management_port: int = 7071
-    state_dir: str = ".serve"
-    workers: int = 1
-    onnx_threads: int = 1
-    batch_size: int = 2
-    max_batch_delay_ms: int = 0
-    response_timeout_s: int = 30
-    max_request_bytes: int = 1048576
-    token_expiration_min: int = 1440
-    startup_timeout_s: int = 120
+    host: str = MISSING
+    inference_port: int = MISSING
+    management_port: int = MISSING
+    metrics_port: int = MISSING
+    grpc_inference_port: int = MISSING
+    grpc_management_port: int = MISSING
+    state_dir: str = MISSING
+    workers: int = MISSING
+    onnx_threads: int = MISSING
+    batch_size: int = MISSING
+    max_batch_delay_ms: int = MISSING
+    response_timeout_s: int = MISSING
+    max_request_bytes: int = MISSING
+    token_expiration_min: int = MISSING
+    startup_timeout_s: int = MISSING
     prediction_log: PredictionLogConfig = field(default_factory=PredictionLogConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
 
 
 @dataclass
 class PipelineImages:
-    cpu: str = "kfp-dvc-template:latest"
-    gpu: str = "kfp-dvc-template-gpu:latest"
-    pull_policy: str = "IfNotPresent"
+    cpu: str = MISSING
+    gpu: str = MISSING
+    pull_policy: str = MISSING
 
 
 @dataclass
 class PipelineResources:
-    cpu_request: str = "1"
-    cpu_limit: str = "2"
-    memory_request: str = "2G"
-    memory_limit: str = "4G"
+    cpu_request: str = MISSING
+    cpu_limit: str = MISSING
+    memory_request: str = MISSING
+    memory_limit: str = MISSING
 
 
 @dataclass
 class Toleration:
-    key: str = ""
-    operator: str = "Exists"
-    value: str | None = None
+    key: str = MISSING
+    operator: str = MISSING
+    value: str | None = None  # optional Kubernetes fields: absent means unset
     effect: str | None = None
 
 
 @dataclass
 class PipelineTrainResources(PipelineResources):
-    accelerator_type: str = "nvidia.com/gpu"
-    accelerator_count: int = 1
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[Toleration] = field(default_factory=list)
+    accelerator_type: str = MISSING
+    accelerator_count: int = MISSING
+    node_selector: dict[str, str] = MISSING
+    tolerations: list[Toleration] = MISSING
 
 
 @dataclass
 class PipelineRetry:
-    num_retries: int = 2
-    backoff_duration: str = "60s"
-    backoff_factor: float = 2.0
-    backoff_max_duration: str = "3600s"
+    num_retries: int = MISSING
+    backoff_duration: str = MISSING
+    backoff_factor: float = MISSING
+    backoff_max_duration: str = MISSING
 
 
 @dataclass
 class SecretEnv:
-    name: str = ""
-    env: dict[str, str] = field(default_factory=dict)
+    name: str = MISSING
+    env: dict[str, str] = MISSING
 
 
 @dataclass
 class PipelineData:
-    repo: str = ""
-    rev: str = ""
-    uri: str = ""
+    repo: str = MISSING
+    rev: str = MISSING
+    uri: str = MISSING
 
 
 @dataclass
 class PipelineGate:
-    require_fairness: bool = True
-    min_accuracy: float = 0.0
+    require_fairness: bool = MISSING
+    min_accuracy: float = MISSING
 
 
 @dataclass
 class PipelineDeploy:
-    management_url: str = ""
-    inference_url: str = ""
-    model_store_pvc: str = ""
-    model_store: str = "/mnt/model-store"
-    token_secret: str = ""
+    management_url: str = MISSING
+    inference_url: str = MISSING
+    model_store_pvc: str = MISSING
+    model_store: str = MISSING
+    token_secret: str = MISSING
 
 
 @dataclass
 class PipelineSubmit:
-    host: str = ""
-    namespace: str = "kubeflow"
-    experiment: str = "kfp-dvc-template"
-    token_env: str = "KF_PIPELINES_TOKEN"
-    token_file: str = ""
+    host: str = MISSING
+    namespace: str = MISSING
+    experiment: str = MISSING
+    token_env: str = MISSING
+    token_file: str = MISSING
 
 
 @dataclass
 class PipelineSweep:
-    trials: list[list[str]] = field(default_factory=list)
-    metric: str = "accuracy"
-    goal: str = "maximize"
+    trials: list[list[str]] = MISSING
+    metric: str = MISSING
+    goal: str = MISSING
 
 
 @dataclass
 class PipelineConfig:
-    name: str = "kfp-dvc-template"
+    name: str = MISSING
     image: PipelineImages = field(default_factory=PipelineImages)
     resources: PipelineResources = field(default_factory=PipelineResources)
     train: PipelineTrainResources = field(default_factory=PipelineTrainResources)
     retry: PipelineRetry = field(default_factory=PipelineRetry)
-    caching: bool = True
+    caching: bool = MISSING
     s3_secret: SecretEnv = field(default_factory=SecretEnv)
     data: PipelineData = field(default_factory=PipelineData)
     gate: PipelineGate = field(default_factory=PipelineGate)
@@ -243,22 +243,22 @@ class PipelineConfig:
 
 @dataclass
 class GatesConfig:
-    min_accuracy: float = 0.95
-    min_balanced_accuracy: float = 0.95
-    max_ece: float = 0.05
-    require_fairness_pass: bool = True
+    min_accuracy: float = MISSING
+    min_balanced_accuracy: float = MISSING
+    max_ece: float = MISSING
+    require_fairness_pass: bool = MISSING
 
 
 @dataclass
 class RegistryConfig:
-    stages: list[str] = field(default_factory=lambda: ["staging", "prod"])
-    gated_stages: list[str] = field(default_factory=lambda: ["prod"])
+    stages: list[str] = MISSING
+    gated_stages: list[str] = MISSING
     gates: GatesConfig = field(default_factory=GatesConfig)
 
 
 @dataclass
 class Config:
-    seed: int = 42
+    seed: int = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -351,23 +351,24 @@ def validate(raw: Any, source: str) -> DictConfig:
         key = getattr(exc, "full_key", None)
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"{source}: {reason}" + (f" (key: {key})" if key else "")) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{source}: no value for {', '.join(missing)} (every key needs one in conf/)")
     _check(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
 def load_config(params_file: str | os.PathLike = PARAMS_FILE, overrides: list[str] = ()) -> DictConfig:
-    """Load params.yaml (plus `key=value` overrides) and validate it against the schema."""
+    """The config a step runs with: params.yaml as DVC wrote it, or, given Hydra overrides,
+    conf/ composed with them exactly as `dvc exp run -S` does (keys, group choices such as
+    `model=resnet18`, presets such as `experiment=quick`)."""
+    if overrides:
+        return compose(list(overrides))
     path = Path(params_file)
     if not path.exists():
         raise ConfigError(f"{path}: not found (run `make params` to generate it from conf/)")
-    raw = OmegaConf.load(path)
-    if overrides:
-        try:
-            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"overrides {list(overrides)}: {exc}") from None
-    return validate(raw, str(path))
+    return validate(OmegaConf.load(path), str(path))
 
 
 def compose(overrides: list[str] = ()) -> DictConfig:
@@ -375,7 +376,8 @@ def compose(overrides: list[str] = ()) -> DictConfig:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "params.yaml"
         _compose_to(out, overrides)
-        return validate(OmegaConf.load(out), "conf/")
+        source = f"command-line overrides {list(overrides)}" if overrides else "conf/"
+        return validate(OmegaConf.load(out), source)
 
 
 def _compose_to(out: Path, overrides: list[str]) -> None:
@@ -385,7 +387,8 @@ def _compose_to(out: Path, overrides: list[str]) -> None:
     try:
         compose_and_dump(out, str(CONF_DIR), None, "config", str(ROOT / ".dvc" / "hydra_plugins"), list(overrides))
     except HydraException as exc:
-        raise ConfigError(f"conf/: {exc}") from None
+        source = f"command-line overrides {list(overrides)}" if overrides else "conf/"
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def write_params(overrides: list[str] = (), params_file: Path = PARAMS_FILE) -> bool:
@@ -401,6 +404,42 @@ def write_params(overrides: list[str] = (), params_file: Path = PARAMS_FILE) -> 
         return True
 
 
+def stale_keys(params_file: Path = PARAMS_FILE) -> list[str]:
+    """Keys whose value in params.yaml differs from conf/ (as `key: params.yaml value -> conf/ value`)."""
+    fresh = _flat(OmegaConf.to_container(compose([])))
+    current = _flat(OmegaConf.to_container(validate(OmegaConf.load(params_file), str(params_file)))) if params_file.exists() else {}
+    return [f"{key}: {current.get(key, '(absent)')!r} -> {fresh.get(key, '(absent)')!r}"
+            for key in sorted(fresh.keys() | current.keys()) if fresh.get(key, MISSING) != current.get(key, MISSING)]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()} if tree else {prefix: {}}
+
+
+def check_params(params_file: Path = PARAMS_FILE) -> None:
+    """Refuse a params.yaml that conf/ no longer matches (plain `dvc repro` never recomposes it).
+    Under `dvc exp run`, DVC has just composed params.yaml from conf/ and the -S overrides."""
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return
+    stale = stale_keys(params_file)
+    if stale:
+        raise ConfigError(f"{params_file.name} is stale: conf/ changed {len(stale)} key(s) since it was generated "
+                          f"({'; '.join(stale[:10])}{'; ...' if len(stale) > 10 else ''}). "
+                          "Run `make params` (then `dvc repro`), or `dvc exp run`, which composes conf/ itself.")
+
+
+def select(cfg: DictConfig, sections: tuple[str, ...]) -> DictConfig:
+    """Only the config sections a step reads (`seed`, `data`, `train.device`, ...): reading any other
+    key fails, so a step's declared sections are exactly what it depends on."""
+    view = OmegaConf.create({})
+    for dotted in sections:
+        OmegaConf.update(view, dotted, OmegaConf.select(cfg, dotted), force_add=True)
+    OmegaConf.set_readonly(view, True)
+    return view
+
+
 def config_hash(cfg: DictConfig) -> str:
     """Hash of the resolved config, stable across key order and formatting."""
     blob = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, separators=(",", ":"))
@@ -412,12 +451,17 @@ if __name__ == "__main__":
 
     from components.core.errors import run_cli
 
-    parser = argparse.ArgumentParser(description="Regenerate params.yaml from conf/.")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.lr=0.01")
+    parser = argparse.ArgumentParser(description="params.yaml from conf/: regenerate it, or check that it is current.")
+    parser.add_argument("command", nargs="?", choices=["write", "check"], default="write")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for `write`, e.g. train.lr=0.01")
 
     def _main() -> None:
         args = parser.parse_args()
-        changed = write_params(args.overrides)
-        print(f"params.yaml {'regenerated' if changed else 'already up to date'} from conf/")
+        if args.command == "check":
+            check_params()
+            print("params.yaml matches conf/")
+        else:
+            changed = write_params(args.overrides)
+            print(f"params.yaml {'regenerated' if changed else 'already up to date'} from conf/")
 
     run_cli(_main)

@@ -1,9 +1,18 @@
-"""Lineage recorded inside every artifact: git commit, data hash (data.dvc), config hash."""
+"""Lineage recorded inside every artifact, content-addressed: what determined it, never when or
+where it was built. A DVC output records the data hash (data.dvc), the hash of the config
+sections its step reads, a hash of exactly the project source files its step imports, and the
+environment. No git commit: a commit cannot name its own hash, so an output that embedded it
+would be stale in every commit. The commit is recorded where it is true: the GTO tag, the KFP
+run, the deploy record.
+"""
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import os
-import subprocess
+import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
@@ -11,28 +20,9 @@ from omegaconf import DictConfig
 
 from components.core.config import ROOT, config_hash
 
-
-# Inside a component image there is no git checkout: the pipeline compiler passes the
-# lineage of the checkout it compiled from through these variables.
-COMMIT_ENV, DIRTY_ENV, DATA_HASH_ENV = "LINEAGE_GIT_COMMIT", "LINEAGE_GIT_DIRTY", "LINEAGE_DATA_HASH"
-
-
-def git_commit(repo: Path = ROOT) -> dict[str, object]:
-    if COMMIT_ENV in os.environ:
-        return {"git_commit": os.environ[COMMIT_ENV], "git_dirty": os.environ.get(DIRTY_ENV) == "true"}
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return {"git_commit": "unknown", "git_dirty": None}
-    # Generated files don't make a tree dirty: params.yaml (rewritten by `dvc exp run`), dvc.lock,
-    # and the git-tracked metrics/reports that the pipeline itself rewrites while it runs.
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!params.yaml", ":!dvc.lock", ":!reports",
-                     ":!dvclive"))
-    return {"git_commit": commit, "git_dirty": dirty}
+# Inside a component image there is no data.dvc of the run's revision: the pipeline passes the hash.
+DATA_HASH_ENV = "LINEAGE_DATA_HASH"
+ENVIRONMENT_PACKAGES = ("torch", "onnxruntime")
 
 
 def data_hash(dvc_file: Path = ROOT / "data.dvc") -> str:
@@ -45,5 +35,64 @@ def data_hash(dvc_file: Path = ROOT / "data.dvc") -> str:
     return ",".join(out["md5"] for out in outs)
 
 
-def lineage(cfg: DictConfig) -> dict[str, object]:
-    return {**git_commit(), "data_hash": data_hash(), "config_hash": config_hash(cfg)}
+def _module_file(module: str) -> Path | None:
+    parts = module.split(".")
+    for candidate in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py")):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Project modules a file imports, anywhere in it (lazy imports inside functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.split(".")[0] == "components"}
+
+
+def source_files(module: str, shipped: tuple[str, ...] = ()) -> list[str]:
+    """The project source files `module` runs (its transitive project imports and their packages'
+    __init__ files) plus the files it ships (e.g. the handler in the .mar), relative to the project
+    root: exactly the code deps of its DVC stage."""
+    seen: set[Path] = {ROOT / name for name in shipped}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        for prefix in (".".join(name.split(".")[: i + 1]) for i in range(name.count(".") + 1)):
+            path = _module_file(prefix)
+            if path and path not in seen:
+                seen.add(path)
+                todo.extend(_project_imports(path))
+    return sorted(str(path.relative_to(ROOT)) for path in seen)
+
+
+def code_hash(module: str, shipped: tuple[str, ...] = ()) -> str:
+    digest = hashlib.sha256()
+    for name in source_files(module, shipped):
+        digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def environment(device: str | None = None) -> dict[str, str]:
+    lock = ROOT / "requirements.lock"
+    env = {"requirements_lock": hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.exists() else "unknown",
+           "python": platform.python_version()}
+    for package in ENVIRONMENT_PACKAGES:
+        try:
+            env[package] = version(package)
+        except PackageNotFoundError:
+            env[package] = "absent"
+    if device:
+        env["device"] = device
+    return env
+
+
+def lineage(cfg: DictConfig, module: str, device: str | None = None, shipped: tuple[str, ...] = ()) -> dict[str, object]:
+    """What determined a step's outputs: `cfg` is the step's own config sections (see config.select)."""
+    return {"data_hash": data_hash(), "config_hash": config_hash(cfg), "code_hash": code_hash(module, shipped),
+            "environment": environment(device)}

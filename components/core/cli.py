@@ -1,0 +1,38 @@
+"""The one command line of every step: path options, then Hydra overrides of conf/.
+
+    python -m components.train                          # params.yaml (what `dvc repro` runs)
+    python -m components.train train.lr=0.01 model=resnet18 experiment=quick
+
+Without overrides a step reads params.yaml, and refuses it when conf/ has changed since it was
+generated; with overrides it composes conf/ exactly as `dvc exp run -S` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from components.core.config import check_params, load_config
+from components.core.errors import run_cli
+
+OVERRIDES_HELP = "Hydra overrides of conf/: keys (train.lr=0.01), groups (model=resnet18), presets (experiment=quick)"
+
+
+def run_step(step: Callable, description: str, summary: Callable[[object, argparse.Namespace], str | None], **paths: str | None) -> None:
+    """Parse `--<path>` options (defaults given here, in the order `step` takes them) and overrides,
+    run `step(cfg, *paths)`, print its summary."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, default in paths.items():
+        parser.add_argument(f"--{name}", default=default)
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+    def main() -> None:
+        args = parser.parse_args()
+        if not args.overrides:
+            check_params()
+        result = step(load_config(overrides=args.overrides), *(getattr(args, name) for name in paths))
+        message = summary(result, args)
+        if message:
+            print(message)
+
+    run_cli(main)
