@@ -14,7 +14,7 @@ from kfp.dsl import PipelineTask
 from omegaconf import DictConfig, OmegaConf
 
 from components.core.errors import ConfigError
-from components.core.lineage import COMMIT_ENV, DATA_HASH_ENV, DIRTY_ENV, data_hash, git_commit
+from components.core.lineage import DATA_HASH_ENV, data_hash
 from pipelines.wrappers import (INFERENCE_TOKEN_ENV, MANAGEMENT_TOKEN_ENV, deploy_op, evaluate_op, gate_closed_op,
                                   package_op, prepare_op, record_outcome_op, select_best_op, train_op)
 
@@ -25,9 +25,7 @@ def config_json(cfg: DictConfig) -> str:
 
 def _with_cluster_settings(task: PipelineTask, p: DictConfig, resources: DictConfig, image: str, retries: bool, cache: bool = True) -> PipelineTask:
     task.set_container_image(image)
-    checkout = git_commit()  # the image has no git checkout: hand it the compiling checkout's lineage
-    task.set_env_variable(COMMIT_ENV, str(checkout["git_commit"])).set_env_variable(DIRTY_ENV, str(checkout["git_dirty"]).lower())
-    task.set_env_variable(DATA_HASH_ENV, data_hash())
+    task.set_env_variable(DATA_HASH_ENV, data_hash())  # the image holds no data.dvc of the run's revision
     kubernetes.set_image_pull_policy(task, p.image.pull_policy)
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
     task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
