@@ -30,6 +30,7 @@ from components.core.errors import DataError, StepError
 from components.core.io import atomic_dir, sha256_file, write_bytes_atomic, write_json
 from components.core.lineage import lineage
 from components.model.networks import load_trained
+from components.packaging.archive import make_reproducible
 from components.packaging.onnx import check_parity, embed_metadata, export_onnx, model_signature, onnx_logits
 
 HANDLER = ROOT / "serve" / "handler.py"
@@ -60,6 +61,7 @@ def build_mar(model_name: str, version: str, package_dir: Path, handler: Path = 
         result = subprocess.run(command, env={**os.environ, "TMPDIR": scratch}, capture_output=True, text=True)
     if result.returncode != 0:
         raise ArchiveError(f"torch-model-archiver failed for {model_name}: {result.stderr.strip()[-2000:]}")
+    make_reproducible(package_dir / f"{model_name}.mar")
     return package_dir / f"{model_name}.mar"
 
 

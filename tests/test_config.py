@@ -61,5 +61,5 @@ def test_cli_reports_config_error_in_one_line_and_exit_2():
     result = subprocess.run([sys.executable, "-m", "components.train", "train.lr=abc"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: params.yaml: Value 'abc' of type 'str' could not be converted to Float (key: train.lr)"
+        "error: command-line overrides ['train.lr=abc']: Value 'abc' of type 'str' could not be converted to Float (key: train.lr)"
     ]

@@ -36,15 +36,16 @@ def reports(digits_run, tmp_path_factory) -> Path:
 
 def test_reports_exist_and_carry_lineage(reports):
     assert sorted(str(p.relative_to(reports)) for p in reports.rglob("*") if p.is_file()) == sorted(REPORT_FILES)
-    metrics = json.loads((reports / "metrics.json").read_text())
+    quality = json.loads((reports / "quality.json").read_text())
     fairness = json.loads((reports / "fairness.json").read_text())
     html = (reports / "evaluation.html").read_text()
     card = (reports / "model_card.md").read_text()
-    for key in ("git_commit", "data_hash", "config_hash"):
-        value = str(metrics["lineage"][key])
-        assert fairness["lineage"][key] == metrics["lineage"][key]
+    for key in ("data_hash", "config_hash", "code_hash"):
+        value = str(quality["lineage"][key])
+        assert fairness["lineage"][key] == quality["lineage"][key]
         assert value in html and value in card
-    assert metrics["lineage"]["data_hash"] == (ROOT / "data.dvc").read_text().split("md5: ")[1].split()[0]
+    assert "git_commit" not in html + card
+    assert quality["lineage"]["data_hash"] == (ROOT / "data.dvc").read_text().split("md5: ")[1].split()[0]
 
 
 def test_quality_metrics_agree_with_the_confusion_matrix_and_plots(reports):

@@ -13,14 +13,14 @@ import onnxruntime as ort
 import pytest
 import yaml
 
-from components.core.config import ROOT, compose, config_hash
+from components.core.config import ROOT, compose, config_hash, select
 from components.data.dataset import decode, load_prepared
 from components.core.io import sha256_file
 from components.core.errors import ConfigError
-from components.core.lineage import git_commit
+from components.core.lineage import code_hash
 from components.packaging.onnx import ParityError, check_parity, onnx_logits
 from components.model.networks import load_trained
-from components.package import package
+from components.package import SECTIONS, SHIPPED, package
 from components.features import image_features, intensity
 from serve.handler import decode_image
 
@@ -65,9 +65,10 @@ def test_signature_describes_input_preprocessing_and_classes(packaged):
 def test_onnx_metadata_carries_signature_and_lineage(packaged):
     props = {p.key: p.value for p in onnx.load(str(packaged["out"] / "model.onnx")).metadata_props}
     assert json.loads(props["signature"]) == json.loads((packaged["out"] / "signature.json").read_text())
-    assert props["git_commit"] == git_commit()["git_commit"]
-    assert props["data_hash"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
-    assert props["config_hash"] == config_hash(packaged["cfg"])
+    assert "git_commit" not in props
+    assert json.loads(props["data_hash"]) == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
+    assert json.loads(props["config_hash"]) == config_hash(select(packaged["cfg"], SECTIONS))
+    assert json.loads(props["code_hash"]) == code_hash("components.package", SHIPPED)
     model_spec = json.loads((packaged["model"] / "model.json").read_text())
     assert json.loads(props["model_lineage"]) == model_spec["lineage"]
     assert packaged["manifest"]["lineage"]["config_hash"] == props["config_hash"]

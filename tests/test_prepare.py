@@ -33,7 +33,7 @@ def test_outputs_cache_index_and_statistics(tiny_dataset, tmp_path):
     assert set(stats["features"]) == set(FEATURES)
     assert sum(stats["features"]["brightness"]["counts"]) == 24 == stats["n_images"]
     assert stats["class_distribution"] == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
-    assert set(meta["lineage"]) == {"git_commit", "git_dirty", "data_hash", "config_hash"}
+    assert set(meta["lineage"]) == {"data_hash", "config_hash", "code_hash", "environment"}
 
 
 def test_split_is_stratified_by_label_and_group_and_seeded():

@@ -61,8 +61,13 @@ def export_onnx(model: nn.Module, signature: dict, path: Path, opset_version: in
 
 
 def embed_metadata(path: Path, metadata: dict[str, str]) -> None:
-    """Write metadata_props into the model, then run the full onnx.checker on the result."""
+    """Write metadata_props into the model, then run the full onnx.checker on the result.
+
+    The exporter annotates every node with the Python stack that made it (absolute paths of this
+    checkout and of the venv): dropped, so the bytes depend on the model, not on where it was built."""
     model = onnx.load(str(path))
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
+        del node.metadata_props[:]
     onnx.helper.set_model_props(model, metadata)
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)

@@ -28,8 +28,11 @@ def make_image_dataset(root: Path, classes=("a", "b", "c"), per_class: int = 12,
     return root
 
 
+def small_overrides(data_root: Path, *overrides: str, classes=("a", "b", "c"), channels: int = 1) -> list[str]:
+    """Hydra overrides that fit make_image_dataset's output (usable on any step's command line)."""
+    return [f"data.root={data_root}", f"data.classes=[{','.join(classes)}]", f"data.channels={channels}",
+            "data.image_size=[16,16]", "train.epochs=2", "train.batch_size=8", *overrides]
+
+
 def small_config(data_root: Path, *overrides: str, classes=("a", "b", "c"), channels: int = 1):
-    return compose([
-        f"data.root={data_root}", f"data.classes=[{','.join(classes)}]", f"data.channels={channels}",
-        "data.image_size=[16,16]", "train.epochs=2", "train.batch_size=8", *overrides,
-    ])
+    return compose(small_overrides(data_root, *overrides, classes=classes, channels=channels))
