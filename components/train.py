@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from components.core.config import config_hash, select
 from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError
 from components.core.io import atomic_dir, write_json
-from components.core.lineage import lineage
+from components.core.lineage import code_hash, lineage
 from components.model.networks import Normalize, build_model, predict_logits, resolve_device
 
 CHECKPOINT = "last.pt"
@@ -65,11 +66,13 @@ def model_spec(cfg: DictConfig, prepared: Prepared) -> dict:
     }
 
 
-def _resume_key(cfg: DictConfig) -> str:
-    """Config hash that ignores the knobs allowed to change between a run and its resume."""
+def _resume_key(cfg: DictConfig, prepared: Prepared) -> str:
+    """What a checkpoint must share with this run to be continued: the prepared data, the config
+    (but for the knobs allowed to change between a run and its resume) and the training code."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container["train"].pop("resume")
     container["train"].pop("epochs")  # resuming may extend a run
+    container["resume_of"] = {"data": prepared.meta["lineage"], "code": code_hash(__name__)}
     return config_hash(OmegaConf.create(container))
 
 
@@ -104,11 +107,13 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
 
     state = {"epoch": 0, "best_loss": math.inf, "best_accuracy": 0.0, "best_epoch": -1, "bad_epochs": 0, "best_state": None}
     checkpoint = Path(checkpoint_dir) / CHECKPOINT
-    resumed = t.resume and checkpoint.exists()
+    resume_key = _resume_key(cfg, prepared)
+    saved = torch.load(checkpoint, weights_only=True) if t.resume and checkpoint.exists() else None
+    if saved is not None and saved["resume_key"] != resume_key:
+        print(f"warning: {checkpoint} was written for other data, config or code; training starts afresh", file=sys.stderr)
+        saved = None
+    resumed = saved is not None
     if resumed:
-        saved = torch.load(checkpoint, weights_only=True)
-        if saved["resume_key"] != _resume_key(cfg):
-            raise ConfigError(f"{checkpoint}: checkpoint was written with another config; delete it or set train.resume=false")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
@@ -155,13 +160,15 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(), "state": state, "resume_key": _resume_key(cfg)}, tmp)
+                        "torch_rng": torch.get_rng_state(), "state": state, "resume_key": resume_key}, tmp)
             tmp.replace(checkpoint)
         if t.early_stopping_patience and state["bad_epochs"] >= t.early_stopping_patience:
             tqdm.write(f"train: early stop after epoch {epoch + 1} (best epoch {state['best_epoch'] + 1})")
             break
 
     model.load_state_dict(state["best_state"])
+    if processes.is_main:
+        checkpoint.unlink(missing_ok=True)  # a finished run leaves no checkpoint behind to resume by mistake
     metrics = {
         "val_loss": round(state["best_loss"], 6),
         "val_accuracy": round(state["best_accuracy"], 6),

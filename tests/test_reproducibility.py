@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,6 +20,7 @@ import components.train
 from components.core import config as schema
 from components.core.config import ROOT, compose, select
 from components.core.lineage import lineage, source_files
+from bench.support import VENV_BIN
 from tests.helpers.project import copy_project, run
 
 STEPS = {"prepare": components.prepare, "train": components.train, "evaluate": components.evaluate, "package": components.package}
@@ -149,3 +151,23 @@ def test_serving_settings_rerun_no_stage_and_a_stale_params_file_stops_repro(rep
     assert "params.yaml is stale" in failed.stderr + failed.stdout and "train.epochs: 15 -> 1" in failed.stderr + failed.stdout
     assert "make params" in failed.stderr + failed.stdout
     assert (reproduced / "artifacts" / "model" / "model.safetensors").read_bytes() == model_before
+
+
+@pytest.mark.slow
+def test_a_failed_run_leaves_the_previous_outputs_in_place(reproduced):
+    run(["git", "checkout", "--", "conf"], reproduced)
+    run(["python", "-m", "components.core.config"], reproduced)
+    prepared = reproduced / "artifacts" / "prepared" / "images.npy"
+    before = prepared.read_bytes()
+
+    venv_dvc = str(Path(VENV_BIN) / "dvc")  # the README's command, typed in a shell without the venv on PATH
+    wrong = run([venv_dvc, "repro", "-f", "-s", "prepare"], reproduced, check=False, env={"PATH": "/usr/bin:/bin"})
+    assert wrong.returncode != 0
+    assert "is not this project's environment" in wrong.stderr and "source .venv/bin/activate" in wrong.stderr
+    assert prepared.read_bytes() == before
+
+    image = next((reproduced / "data").rglob("*.png"))
+    image.write_bytes(b"not an image")
+    rejected = run(["dvc", "repro"], reproduced, check=False)
+    assert rejected.returncode != 0 and f"{image.name}: cannot decode image" in rejected.stderr
+    assert prepared.read_bytes() == before

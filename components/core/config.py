@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,27 @@ PARAMS_FILE = ROOT / "params.yaml"
 PORT_KEYS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
 
 
+def _setting(low: float | None, high: float | None, low_open: bool = False) -> Any:
+    """A config key with no default (conf/ holds every value) and the range its value must lie in."""
+    return field(default=MISSING, metadata={"range": (low, high, low_open)})
+
+
+def at_least(low: float) -> Any:
+    return _setting(low, None)
+
+
+def above(low: float) -> Any:
+    return _setting(low, None, low_open=True)
+
+
+def between(low: float, high: float) -> Any:
+    return _setting(low, high)
+
+
 @dataclass
 class SplitConfig:
-    val: float = MISSING
-    test: float = MISSING
+    val: float = between(0, 0.9)
+    test: float = between(0.01, 0.9)
 
 
 @dataclass
@@ -42,55 +60,56 @@ class DataConfig:
     label_column: str = MISSING
     classes: list[str] = MISSING
     sensitive_attributes: list[str] = MISSING
-    channels: int = MISSING
+    channels: int = between(1, 3)
     image_size: list[int] = MISSING
     split: SplitConfig = field(default_factory=SplitConfig)
-    histogram_bins: int = MISSING
+    histogram_bins: int = at_least(2)
+    warn_below: int = at_least(0)
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    width: int = MISSING
-    dropout: float = MISSING
+    width: int = at_least(1)
+    dropout: float = between(0, 0.99)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    weight_decay: float = MISSING
-    early_stopping_patience: int = MISSING
+    epochs: int = at_least(1)
+    batch_size: int = at_least(1)
+    lr: float = above(0)
+    weight_decay: float = at_least(0)
+    early_stopping_patience: int = at_least(0)
     balanced_sampling: bool = MISSING
     device: str = MISSING
-    num_threads: int = MISSING
+    num_threads: int = at_least(0)
     resume: bool = MISSING
 
 
 @dataclass
 class FairnessThresholds:
-    max_accuracy_difference: float = MISSING
-    min_accuracy_ratio: float = MISSING
-    max_recall_macro_difference: float = MISSING
-    max_demographic_parity_difference: float = MISSING
-    max_equalized_odds_difference: float = MISSING
+    max_accuracy_difference: float = between(0, 1)
+    min_accuracy_ratio: float = between(0, 1)
+    max_recall_macro_difference: float = between(0, 1)
+    max_demographic_parity_difference: float = between(0, 1)
+    max_equalized_odds_difference: float = between(0, 1)
 
 
 @dataclass
 class EvaluateConfig:
     sensitive_attributes: list[str] | None = MISSING
-    calibration_bins: int = MISSING
+    calibration_bins: int = at_least(1)
     thresholds: FairnessThresholds = field(default_factory=FairnessThresholds)
     fail_on_violation: bool = MISSING
-    bootstrap_samples: int = MISSING
-    bootstrap_confidence: float = MISSING
-    error_analysis_interactions: int = MISSING
-    error_analysis_term_plots: int = MISSING
+    bootstrap_samples: int = at_least(1)
+    bootstrap_confidence: float = between(0.5, 0.999)
+    error_analysis_interactions: int = at_least(0)
+    error_analysis_term_plots: int = at_least(0)
     attribution_method: str = MISSING
-    attribution_samples: int = MISSING
-    attribution_steps: int = MISSING
-    occlusion_window: int = MISSING
+    attribution_samples: int = at_least(0)
+    attribution_steps: int = at_least(1)
+    occlusion_window: int = at_least(1)
     intended_use: str = MISSING
     limitations: list[str] = MISSING
 
@@ -98,46 +117,46 @@ class EvaluateConfig:
 @dataclass
 class PackageConfig:
     model_name: str = MISSING
-    top_k: int = MISSING
-    opset_version: int = MISSING
-    parity_atol: float = MISSING
-    smoke_samples: int = MISSING
+    top_k: int = at_least(1)
+    opset_version: int = between(18, 23)
+    parity_atol: float = above(0)
+    smoke_samples: int = at_least(1)
 
 
 @dataclass
 class PredictionLogConfig:
-    sample_rate: float = MISSING
+    sample_rate: float = between(0, 1)
     file: str = MISSING
-    max_mb: float = MISSING
-    backups: int = MISSING
+    max_mb: float = above(0)
+    backups: int = at_least(1)
 
 
 @dataclass
 class DriftConfig:
-    window: int = MISSING
-    min_samples: int = MISSING
-    psi_threshold: float = MISSING
-    ks_threshold: float = MISSING
-    class_psi_threshold: float = MISSING
+    window: int = at_least(1)
+    min_samples: int = at_least(1)
+    psi_threshold: float = above(0)
+    ks_threshold: float = between(0, 1)
+    class_psi_threshold: float = above(0)
 
 
 @dataclass
 class ServeConfig:
     host: str = MISSING
-    inference_port: int = MISSING
-    management_port: int = MISSING
-    metrics_port: int = MISSING
-    grpc_inference_port: int = MISSING
-    grpc_management_port: int = MISSING
+    inference_port: int = between(1, 65535)
+    management_port: int = between(1, 65535)
+    metrics_port: int = between(1, 65535)
+    grpc_inference_port: int = between(1, 65535)
+    grpc_management_port: int = between(1, 65535)
     state_dir: str = MISSING
-    workers: int = MISSING
-    onnx_threads: int = MISSING
-    batch_size: int = MISSING
-    max_batch_delay_ms: int = MISSING
-    response_timeout_s: int = MISSING
-    max_request_bytes: int = MISSING
-    token_expiration_min: int = MISSING
-    startup_timeout_s: int = MISSING
+    workers: int = at_least(1)
+    onnx_threads: int = at_least(0)
+    batch_size: int = at_least(1)
+    max_batch_delay_ms: int = at_least(0)
+    response_timeout_s: int = at_least(1)
+    max_request_bytes: int = at_least(1)
+    token_expiration_min: int = at_least(1)
+    startup_timeout_s: int = at_least(1)
     prediction_log: PredictionLogConfig = field(default_factory=PredictionLogConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
 
@@ -168,16 +187,16 @@ class Toleration:
 @dataclass
 class PipelineTrainResources(PipelineResources):
     accelerator_type: str = MISSING
-    accelerator_count: int = MISSING
+    accelerator_count: int = at_least(0)
     node_selector: dict[str, str] = MISSING
     tolerations: list[Toleration] = MISSING
 
 
 @dataclass
 class PipelineRetry:
-    num_retries: int = MISSING
+    num_retries: int = at_least(0)
     backoff_duration: str = MISSING
-    backoff_factor: float = MISSING
+    backoff_factor: float = at_least(1)
     backoff_max_duration: str = MISSING
 
 
@@ -197,7 +216,7 @@ class PipelineData:
 @dataclass
 class PipelineGate:
     require_fairness: bool = MISSING
-    min_accuracy: float = MISSING
+    min_accuracy: float = between(0, 1)
 
 
 @dataclass
@@ -243,9 +262,9 @@ class PipelineConfig:
 
 @dataclass
 class GatesConfig:
-    min_accuracy: float = MISSING
-    min_balanced_accuracy: float = MISSING
-    max_ece: float = MISSING
+    min_accuracy: float = between(0, 1)
+    min_balanced_accuracy: float = between(0, 1)
+    max_ece: float = between(0, 1)
     require_fairness_pass: bool = MISSING
 
 
@@ -258,7 +277,7 @@ class RegistryConfig:
 
 @dataclass
 class Config:
-    seed: int = MISSING
+    seed: int = at_least(0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -269,9 +288,24 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
-def _check(cfg: DictConfig) -> None:
-    d, t = cfg.data, cfg.train
+def range_problems(cfg: DictConfig, schema: type = None, prefix: str = "") -> list[str]:
+    """Every number outside the range its schema field declares (NaN and infinity never pass)."""
     problems = []
+    for f in fields(schema or Config):
+        value, key = cfg[f.name], prefix + f.name
+        if is_dataclass(f.default_factory):
+            problems += range_problems(value, f.default_factory, key + ".")
+        elif "range" in f.metadata and value is not None:
+            low, high, low_open = f.metadata["range"]
+            if not (math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value <= high)):
+                bounds = f"above {low}" if low_open else f"at least {low}" if high is None else f"between {low} and {high}"
+                problems.append(f"{key} must be {bounds}, got {value}")
+    return problems
+
+
+def _check(cfg: DictConfig) -> list[str]:
+    d = cfg.data
+    problems = range_problems(cfg)
     if d.format not in ("csv", "imagefolder"):
         problems.append(f"data.format must be 'csv' or 'imagefolder', got {d.format!r}")
     if d.format == "csv" and not d.metadata:
@@ -282,28 +316,19 @@ def _check(cfg: DictConfig) -> None:
         problems.append(f"data.image_size must be [height, width], got {list(d.image_size)}")
     if len(set(d.classes)) != len(d.classes) or len(d.classes) < 2:
         problems.append("data.classes must list at least two distinct class names")
-    if not (0 <= d.split.val < 1 and 0 < d.split.test < 1 and d.split.val + d.split.test < 1):
-        problems.append("data.split.val and data.split.test must be fractions that sum below 1")
-    if t.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"train.device must be auto, cpu or cuda, got {t.device!r}")
-    for key in ("epochs", "batch_size"):
-        if t[key] < 1:
-            problems.append(f"train.{key} must be at least 1, got {t[key]}")
-    problems += _evaluate_problems(cfg.evaluate)
-    problems += _package_and_serve_problems(cfg.package, cfg.serve)
-    if problems:
-        raise ConfigError("; ".join(problems))
+    if d.split.val + d.split.test >= 1:
+        problems.append("data.split.val and data.split.test must sum below 1 (the rest is the training split)")
+    if cfg.train.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
+    if cfg.evaluate.attribution_method not in ("integrated_gradients", "occlusion"):
+        problems.append(f"evaluate.attribution_method must be integrated_gradients or occlusion, got {cfg.evaluate.attribution_method!r}")
+    return problems + _serve_problems(cfg.package, cfg.serve)
 
 
-def _package_and_serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
+def _serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
     problems = []
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", p.model_name):
         problems.append(f"package.model_name must be letters, digits, '_' or '-', got {p.model_name!r}")
-    for key, low in (("top_k", 1), ("smoke_samples", 1)):
-        if p[key] < low:
-            problems.append(f"package.{key} must be at least {low}, got {p[key]}")
-    if p.parity_atol <= 0:
-        problems.append(f"package.parity_atol must be positive, got {p.parity_atol}")
     try:
         loopback = ipaddress.ip_address(s.host).is_loopback
     except ValueError:
@@ -311,35 +336,10 @@ def _package_and_serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
     if not loopback:
         problems.append(f"serve.host must be a loopback IP address (e.g. 127.0.0.1), got {s.host!r}")
     ports = [s[k] for k in PORT_KEYS]
-    if len(set(ports)) != len(ports) or not all(1 <= port <= 65535 for port in ports):
-        problems.append(f"serve ports {', '.join(PORT_KEYS)} must be distinct numbers in 1-65535, got {ports}")
-    for key in ("workers", "batch_size", "max_request_bytes", "token_expiration_min"):
-        if s[key] < 1:
-            problems.append(f"serve.{key} must be at least 1, got {s[key]}")
-    if s.max_batch_delay_ms < 0:
-        problems.append(f"serve.max_batch_delay_ms must be 0 or more, got {s.max_batch_delay_ms}")
-    if not 0 <= s.prediction_log.sample_rate <= 1:
-        problems.append(f"serve.prediction_log.sample_rate must be in [0, 1], got {s.prediction_log.sample_rate}")
-    if s.prediction_log.max_mb <= 0 or s.prediction_log.backups < 1:
-        problems.append("serve.prediction_log.max_mb must be positive and serve.prediction_log.backups at least 1, "
-                        f"got {s.prediction_log.max_mb} and {s.prediction_log.backups}")
-    if not 1 <= s.drift.min_samples <= s.drift.window:
-        problems.append("serve.drift.min_samples must be between 1 and serve.drift.window")
-    return problems
-
-
-def _evaluate_problems(e: DictConfig) -> list[str]:
-    problems = []
-    if e.attribution_method not in ("integrated_gradients", "occlusion"):
-        problems.append(f"evaluate.attribution_method must be integrated_gradients or occlusion, got {e.attribution_method!r}")
-    if not 0 < e.bootstrap_confidence < 1:
-        problems.append(f"evaluate.bootstrap_confidence must be a fraction between 0 and 1, got {e.bootstrap_confidence}")
-    for key in ("calibration_bins", "bootstrap_samples", "attribution_steps", "occlusion_window"):
-        if e[key] < 1:
-            problems.append(f"evaluate.{key} must be at least 1, got {e[key]}")
-    for key in ("attribution_samples", "error_analysis_interactions", "error_analysis_term_plots"):
-        if e[key] < 0:
-            problems.append(f"evaluate.{key} must not be negative, got {e[key]}")
+    if len(set(ports)) != len(ports):
+        problems.append(f"serve ports {', '.join(PORT_KEYS)} must be distinct, got {ports}")
+    if s.drift.min_samples > s.drift.window:
+        problems.append("serve.drift.min_samples must not exceed serve.drift.window")
     return problems
 
 
@@ -354,7 +354,9 @@ def validate(raw: Any, source: str) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{source}: no value for {', '.join(missing)} (every key needs one in conf/)")
-    _check(cfg)
+    problems = _check(cfg)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
