@@ -53,6 +53,7 @@ class SplitConfig:
 
 @dataclass
 class DataConfig:
+    name: str = MISSING
     root: str = MISSING
     format: str = MISSING
     metadata: str | None = MISSING
@@ -64,6 +65,8 @@ class DataConfig:
     image_size: list[int] = MISSING
     split: SplitConfig = field(default_factory=SplitConfig)
     histogram_bins: int = at_least(2)
+    intended_use: str = MISSING
+    limitations: list[str] = MISSING
     warn_below: int = at_least(0)
 
 
@@ -110,8 +113,6 @@ class EvaluateConfig:
     attribution_samples: int = at_least(0)
     attribution_steps: int = at_least(1)
     occlusion_window: int = at_least(1)
-    intended_use: str = MISSING
-    limitations: list[str] = MISSING
 
 
 @dataclass

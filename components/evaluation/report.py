@@ -182,7 +182,7 @@ def _md_table(headers: list[str], rows: list[list]) -> str:
 
 def limitations(ev: Evaluation) -> list[str]:
     """The configured limitations plus those measured in this evaluation."""
-    found = list(ev.config["evaluate"]["limitations"])
+    found = list(ev.config["data"]["limitations"])
     found += [f"Fairness check failed: {v}." for v in ev.fairness["violations"]]
     for name, report in ev.fairness["groupings"].items():
         small = [g for g, r in report["groups"].items() if r["count"] < SMALL_GROUP]
@@ -209,7 +209,7 @@ def render_model_card(ev: Evaluation) -> str:
             ["classes", ", ".join(m["classes"])],
             ["validation accuracy at training", m["metrics"]["val_accuracy"]],
             ["epochs run (best)", f"{m['metrics']['epochs_run']} ({m['metrics']['best_epoch']})"]]),
-        "## Intended use\n" + cfg["evaluate"]["intended_use"],
+        "## Intended use\n" + cfg["data"]["intended_use"],
         "## Data\n" + _md_table(["field", "value"], [
             ["data hash (data.dvc)", ev.lineage["data_hash"]],
             ["images per split", ", ".join(f"{k} {v}" for k, v in d["counts"].items())],
