@@ -136,6 +136,7 @@ class ServeConfig:
     max_batch_delay_ms: int = 0
     response_timeout_s: int = 30
     max_request_bytes: int = 1048576
+    max_image_pixels: int = 1000000
     token_expiration_min: int = 1440
     startup_timeout_s: int = 120
     prediction_log: PredictionLogConfig = field(default_factory=PredictionLogConfig)
@@ -313,7 +314,7 @@ def _package_and_serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
     ports = [s[k] for k in PORT_KEYS]
     if len(set(ports)) != len(ports) or not all(1 <= port <= 65535 for port in ports):
         problems.append(f"serve ports {', '.join(PORT_KEYS)} must be distinct numbers in 1-65535, got {ports}")
-    for key in ("workers", "batch_size", "max_request_bytes", "token_expiration_min"):
+    for key in ("workers", "batch_size", "max_request_bytes", "max_image_pixels", "token_expiration_min"):
         if s[key] < 1:
             problems.append(f"serve.{key} must be at least 1, got {s[key]}")
     if s.max_batch_delay_ms < 0:

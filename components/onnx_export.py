@@ -21,7 +21,7 @@ from torch import nn
 
 from components.errors import StepError
 from components.models import Normalize, predict_logits
-from serve.handler import normalize
+from components.runtime.inference import normalize
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 

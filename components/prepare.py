@@ -19,9 +19,9 @@ from tqdm import tqdm
 from components.config import load_config
 from components.dataset import decode_error, format_problems, list_dataset, row_problems
 from components.errors import DataError, run_cli
-from components.features import feature_table, reference_histograms
 from components.io import atomic_dir, write_json
 from components.lineage import lineage
+from components.runtime.features import feature_table, reference_histograms
 
 
 def stratified_split(strata: pd.Series, val: float, test: float, seed: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from components.config import ROOT
 from components.errors import StepError
-from serve.handler import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
+from serve.handler import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
 
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
@@ -91,6 +91,9 @@ def config_properties(cfg: DictConfig, state: StateDir) -> str:
         "disable_token_authorization": "false",
         "token_expiration_min": s.token_expiration_min,
         "max_request_size": s.max_request_bytes,
+        # The worker would json.loads application/json bodies itself, outside the handler's error
+        # handling (a hostile body logs a traceback); the handler parses every body.
+        "decode_input_request": "false",
         "default_workers_per_model": s.workers,
         "default_response_timeout": s.response_timeout_s,
         "metrics_mode": "prometheus",
@@ -140,6 +143,7 @@ def start(cfg: DictConfig) -> Endpoint:
         "METRICS_LOCATION": str(state.logs), PREDICTION_LOG_ENV: str(prediction_log(cfg)),
         SAMPLE_RATE_ENV: str(cfg.serve.prediction_log.sample_rate), THREADS_ENV: str(cfg.serve.onnx_threads),
         LOG_MAX_BYTES_ENV: str(int(cfg.serve.prediction_log.max_mb * 1e6)), LOG_BACKUPS_ENV: str(cfg.serve.prediction_log.backups),
+        MAX_PIXELS_ENV: str(cfg.serve.max_image_pixels),
     }
     command = [sys.executable, "-m", "ts.model_server", "--start", "--ts-config", str(state.config),
                "--model-store", str(state.model_store), "--log-config", str(LOG_CONFIG), "--ncs"]

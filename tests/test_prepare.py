@@ -14,7 +14,7 @@ from PIL import Image
 from components.config import ROOT
 from components.dataset import load_prepared
 from components.errors import DataError
-from components.features import FEATURES
+from components.runtime.features import FEATURES
 from components.prepare import prepare, stratified_split
 from tests.conftest import make_image_dataset, small_config
 
