@@ -140,22 +140,118 @@ def test_malformed_request_gets_4xx_with_a_message_and_the_worker_keeps_serving(
     assert worker_pids(live) == workers_before
 
 
+@contextlib.contextmanager
+def batched_model(live, name: str):
+    """The package registered again as `name`, batching up to 8 requests that arrive within 200 ms."""
+    endpoint, version = live["endpoint"], live["manifest"]["version"]
+    register(endpoint, f"digits-{version}.mar", OmegaConf.merge(live["cfg"].serve, {"batch_size": 8, "max_batch_delay_ms": 200}), model_name=name)
+    try:
+        yield f"{endpoint.inference_url}/predictions/{name}"
+    finally:
+        unregister(endpoint, name, version)
+
+
 def test_batched_requests_are_answered_one_by_one_with_their_own_status(live):
     """A TorchServe batch mixing good and malformed requests: each gets its own answer."""
-    endpoint, cfg = live["endpoint"], live["cfg"]
-    mar = f"digits-{live['manifest']['version']}.mar"
-    register(endpoint, mar, OmegaConf.merge(cfg.serve, {"batch_size": 8, "max_batch_delay_ms": 200}), model_name="batched")
-    try:
-        samples = live["manifest"]["samples"]
-        bodies = [(live["package"] / s["file"]).read_bytes() for s in samples[:6]] + [b"not an image", b""]
-        url = f"{endpoint.inference_url}/predictions/batched"
-        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-            answers = list(pool.map(lambda body: requests.post(url, data=body, headers=auth(live), timeout=30), bodies))
-        assert [a.json()[0]["label"] for a in answers[:6]] == [s["expected"] for s in samples[:6]]
-        assert [a.status_code for a in answers] == [200] * 6 + [400, 400]
-        assert "not a PNG or JPEG image" in answers[6].json()["error"] and "empty request" in answers[7].json()["error"]
-    finally:
-        unregister(endpoint, "batched", live["manifest"]["version"])
+    samples = live["manifest"]["samples"]
+    bodies = [(live["package"] / s["file"]).read_bytes() for s in samples[:6]] + [b"not an image", b""]
+    with batched_model(live, "batched") as url, concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: requests.post(url, data=body, headers=auth(live), timeout=30), bodies))
+    assert [a.json()[0]["label"] for a in answers[:6]] == [s["expected"] for s in samples[:6]]
+    assert [a.status_code for a in answers] == [200] * 6 + [400, 400]
+    assert "not a PNG or JPEG image" in answers[6].json()["error"] and "empty request" in answers[7].json()["error"]
+
+
+NESTED = b"[" * 100_000  # json.loads raises RecursionError on it
+HOSTILE_REQUESTS = {  # kind: (requests.post arguments, status, message)
+    "nested brackets, no content type": ({"data": NESTED}, 400, "body is not valid JSON: nested too deeply"),
+    "nested brackets as application/json": ({"data": NESTED, "headers": {"Content-Type": "application/json"}}, 400, "nested too deeply"),
+    "nested brackets as text/plain": ({"data": NESTED, "headers": {"Content-Type": "text/plain"}}, 400, "nested too deeply"),
+    "nested brackets in a multipart JSON field": ({"files": {"file": ("x.json", NESTED, "application/json")}}, 400, "nested too deeply"),
+    "nested instances": ({"data": b'{"instances": ' + NESTED, "headers": {"Content-Type": "application/json"}}, 400, "nested too deeply"),
+    "instance nested 500 deep": ({"json": {"instances": [json.loads("[" * 500 + "]" * 500)]}}, 400, "instance 0: values must be numbers"),
+    "a number beyond any float": ({"data": b'{"instances": [[[' + b"9" * 4000 + b"]]]}"}, 400, "instance 0: values must be numbers"),
+    "numbers as strings": ({"json": {"instances": [[["1"] * 32] * 32]}}, 400, "instance 0: values must be numbers"),
+    "invalid UTF-8 as application/json": ({"data": b"{\xff\xfe}", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+    "16 megapixel PNG": ("16 megapixels", 413, "image is 4000x3999 = 15996000 pixels, more than the server's limit of 1000000"),
+}
+
+
+def hostile_request(live, kind: str) -> dict:
+    request, _, _ = HOSTILE_REQUESTS[kind]
+    if request == "16 megapixels":  # 16 kB on the wire
+        return {"data": png(np.zeros((1, 3999, 4000), np.uint8)), "headers": auth(live)}
+    request = dict(request)
+    return {**request, "headers": {**auth(live), **request.get("headers", {})}}
+
+
+@pytest.mark.parametrize("kind", HOSTILE_REQUESTS)
+def test_hostile_request_gets_4xx_naming_the_problem(live, kind):
+    _, status, message = HOSTILE_REQUESTS[kind]
+    response = requests.post(predict_url(live), timeout=30, **hostile_request(live, kind))
+    assert response.status_code == status
+    body = response.json()
+    assert set(body) == {"code", "error"} and body["code"] == status and message in body["error"]
+
+
+def test_hostile_clients_beside_valid_ones_fail_no_valid_request_and_log_one_line_per_second(live):
+    """4 clients cycling through the hostile requests, 4 valid clients, all in the same batches."""
+    model_log = server.state_dir(live["cfg"]).logs / "model_log.log"
+    logged_before = model_log.stat().st_size
+    samples = live["manifest"]["samples"]
+    good = [((live["package"] / s["file"]).read_bytes(), s["expected"]) for s in samples]
+    hostile = [hostile_request(live, kind) for kind in HOSTILE_REQUESTS]
+
+    def valid_client(n: int) -> list[object]:
+        with requests.Session() as session:
+            answers = [session.post(url, data=body, headers=auth(live), timeout=30) for body, _ in good * n]
+        return [a.json()[0]["label"] if a.status_code == 200 else a.status_code for a in answers]
+
+    def hostile_client(n: int) -> list[int]:
+        with requests.Session() as session:
+            return [session.post(url, timeout=30, **request).status_code for request in hostile * n]
+
+    started = time.monotonic()
+    with batched_model(live, "mixed") as url, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        valid = [pool.submit(valid_client, 10) for _ in range(4)]
+        bad = [pool.submit(hostile_client, 10) for _ in range(4)]
+        valid_answers, bad_statuses = [f.result() for f in valid], [f.result() for f in bad]
+        time.sleep(2 * MONITOR_INTERVAL_S)  # the worker's summary of the last interval lands
+    elapsed = time.monotonic() - started
+    assert valid_answers == [[expected for _, expected in good] * 10] * 4
+    assert bad_statuses == [[status for _, status, _ in HOSTILE_REQUESTS.values()] * 10] * 4
+    added = model_log.read_text(errors="replace")[logged_before:]
+    assert "Traceback" not in added and "RecursionError" not in added
+    summaries = [line for line in added.splitlines() if "malformed requests" in line]
+    assert 1 <= len(summaries) <= elapsed / MONITOR_INTERVAL_S + 2  # one line per interval, not per request
+    assert len(added.splitlines()) <= len(summaries) + 10, added[-2000:]
+
+
+def test_a_body_sent_as_a_form_gets_415_or_the_frontends_500_logged_in_one_line(live):
+    """curl --data-binary sends Content-Type application/x-www-form-urlencoded. TorchServe's Java
+    frontend decodes such a body as a form before any handler runs: when it holds a '%' not followed
+    by two hex digits (most PNGs do), the decoder throws and the frontend answers 500 itself, echoing
+    the body; otherwise the handler gets the decoded fields and answers 415 with what to do."""
+    logs = server.state_dir(live["cfg"]).logs
+    console, ts_log = (logs / "console.log").stat().st_size, _line_count(logs / "ts_log.log")
+    sample = live["package"] / "samples" / "00.png"
+    assert b"%(" in sample.read_bytes()
+    curl = subprocess.run(["curl", "-s", "-X", "POST", predict_url(live), "--data-binary", f"@{sample}",
+                           "-H", f"Authorization: Bearer {live['endpoint'].inference_token}", "-w", "\n%{http_code}"],
+                          capture_output=True, check=True)
+    body, status = curl.stdout.rsplit(b"\n", 1)
+    assert status == b"500" and json.loads(body)["type"] == "ErrorDataDecoderException"
+    assert (logs / "console.log").stat().st_size == console
+    [logged] = (logs / "ts_log.log").read_text(errors="replace").splitlines()[ts_log:]
+    assert logged.endswith("HttpRequestHandler - io.netty.handler.codec.http.multipart.HttpPostStandardRequestDecoder"), logged
+
+    decodable = png(np.zeros((1, 28, 28), np.uint8))
+    assert b"%" not in decodable
+    response = requests.post(predict_url(live), data=decodable, timeout=30,
+                             headers={**auth(live), "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 415 and "send it with -H 'Content-Type: image/png'" in response.json()["error"]
+    with_type = requests.post(predict_url(live), data=sample.read_bytes(), headers={**auth(live), "Content-Type": "image/png"}, timeout=30)
+    assert with_type.status_code == 200 and with_type.json()[0]["label"] == live["manifest"]["samples"][0]["expected"]
 
 
 def test_token_is_required_on_inference_and_management(live):
