@@ -137,7 +137,7 @@ class ServeConfig:
     response_timeout_s: int = 30
     max_request_bytes: int = 1048576
     max_image_pixels: int = 1000000
-    token_expiration_min: int = 1440
+    token_expiration_min: float = 1440
     startup_timeout_s: int = 120
     prediction_log: PredictionLogConfig = field(default_factory=PredictionLogConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
@@ -314,9 +314,11 @@ def _package_and_serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
     ports = [s[k] for k in PORT_KEYS]
     if len(set(ports)) != len(ports) or not all(1 <= port <= 65535 for port in ports):
         problems.append(f"serve ports {', '.join(PORT_KEYS)} must be distinct numbers in 1-65535, got {ports}")
-    for key in ("workers", "batch_size", "max_request_bytes", "max_image_pixels", "token_expiration_min"):
+    for key in ("workers", "batch_size", "max_request_bytes", "max_image_pixels"):
         if s[key] < 1:
             problems.append(f"serve.{key} must be at least 1, got {s[key]}")
+    if s.token_expiration_min <= 0:
+        problems.append(f"serve.token_expiration_min must be positive, got {s.token_expiration_min}")
     if s.max_batch_delay_ms < 0:
         problems.append(f"serve.max_batch_delay_ms must be 0 or more, got {s.max_batch_delay_ms}")
     if not 0 <= s.prediction_log.sample_rate <= 1:

@@ -16,7 +16,7 @@ from pathlib import Path
 import requests
 
 from components.config import ROOT, load_config
-from components.deploy import default_version, deploy, list_versions, read_package, unregister
+from components.deploy import deploy, list_versions, read_package, unregister
 from components.errors import run_cli
 from components.registry import stage_package
 from serve import server
@@ -58,17 +58,23 @@ def down(cfg, args) -> None:
     print("serve: TorchServe stopped" if server.stop(cfg) else "serve: TorchServe was not running")
 
 
+STATUS_EXIT_CODES = {"serving": 0, "stopped": 1, "degraded": 3, "down": 4}  # 2: an error (message on stderr)
+STATUS_HELP = """exit status: 0 serving (every worker of every version READY), 1 TorchServe not running,
+2 error (message on stderr), 3 degraded (the default version answers, some worker is not READY,
+e.g. restarting), 4 down (TorchServe runs but no worker of the default version is READY, or the
+model is not registered)"""
+
+
 def status(cfg, args) -> None:
     pid = server.running_pid(cfg)
     if pid is None:
         print("serve: TorchServe is not running")
-        sys.exit(1)
+        sys.exit(STATUS_EXIT_CODES["stopped"])
     endpoint = server.local_endpoint(cfg)
-    print(f"serve: TorchServe running (pid {pid}), inference {endpoint.inference_url}, metrics {endpoint.metrics_url}")
-    name = cfg.package.model_name
-    default = default_version(endpoint, name)
-    for version in list_versions(endpoint, name):
-        print(f"  {name} {version}{' (default)' if version == default else ''}")
+    state, lines = server.serving_state(endpoint, cfg.package.model_name)
+    print(f"serve: {cfg.package.model_name} {state}; TorchServe pid {pid}, inference {endpoint.inference_url}, metrics {endpoint.metrics_url}")
+    print("\n".join(lines))
+    sys.exit(STATUS_EXIT_CODES[state])
 
 
 def predict(cfg, args) -> None:
@@ -97,8 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m serve", description="The project's local TorchServe.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, run, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help)
+    def command(name: str, run, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, epilog=epilog)
         sub.add_argument("--params", default="params.yaml")
         sub.set_defaults(run=run)
         return sub
@@ -107,7 +113,7 @@ def main() -> None:
     sub.add_argument("--package", default="artifacts/package", help="package folder (output of the package step)")
     sub.add_argument("--stage", default=None, help="deploy the version a git tag assigns to this stage (e.g. prod) instead")
     command("down", down, "stop TorchServe")
-    command("status", status, "show the server and its model versions")
+    command("status", status, "show the server, its model versions and their workers", STATUS_HELP)
     sub = command("predict", predict, "send one PNG/JPEG image, print the top-k labels")
     sub.add_argument("file")
     sub.add_argument("--version", default=None, help="a registered version (default: the default version)")

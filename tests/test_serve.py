@@ -329,8 +329,11 @@ def test_killed_worker_recovers_with_no_hung_requests(live):
             time.sleep(0.01)
         os.kill(victim, signal.SIGKILL)
         answered_before_kill = len(progress)
+        seen_while_restarting = _state_until_not_serving(live)
         results = load.result(timeout=180)
     assert 100 <= answered_before_kill < 800
+    state, lines = seen_while_restarting
+    assert state == "down" and "0/1 workers READY" in lines[0], lines
     hung = [r for r in results if isinstance(r, requests.Timeout)]
     assert len(results) == 800 and not hung
     assert all(r == 200 or (isinstance(r, int) and r >= 500) for r in results), {str(r) for r in results}
@@ -340,6 +343,15 @@ def test_killed_worker_recovers_with_no_hung_requests(live):
         time.sleep(0.5)
     assert worker_pids(live) and worker_pids(live) != [victim]
     assert run_load(live, 40, 4).count(200) == 40
+    assert server.serving_state(live["endpoint"], "digits")[0] == "serving"
+
+
+def _state_until_not_serving(live, timeout_s: float = 10) -> tuple[str, list[str]]:
+    """What `serve status` reports, polled until a worker is seen missing (TorchServe restarts it in ~2.5 s)."""
+    deadline = time.monotonic() + timeout_s
+    while (seen := server.serving_state(live["endpoint"], "digits"))[0] == "serving" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return seen
 
 
 def _variant(live, tmp_path: Path, version: str, signature_change=None) -> Path:
@@ -547,9 +559,47 @@ def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp
 def test_cli_status_and_predict_use_the_key_file(live):
     params = ["--params", str(live["params"])]
     status = subprocess.run([sys.executable, "-m", "serve", "status", *params], cwd=ROOT, capture_output=True, text=True)
-    assert status.returncode == 0 and f"digits {live['manifest']['version']} (default)" in status.stdout
+    assert status.returncode == 0 and status.stdout.startswith("serve: digits serving;")
+    assert f"digits {live['manifest']['version']} (default): 1/1 workers READY (pid {worker_pids(live)[0]} READY)" in status.stdout
     sample = live["manifest"]["samples"][0]
     predicted = subprocess.run([sys.executable, "-m", "serve", "predict", str(live["package"] / sample["file"]), *params],
                                cwd=ROOT, capture_output=True, text=True)
     assert predicted.returncode == 0, predicted.stderr
     assert json.loads(predicted.stdout)[0]["label"] == sample["expected"]
+
+
+def test_expired_keys_are_renewed_by_every_command_and_status_exit_codes_tell_the_state(live, tmp_path):
+    """A second TorchServe whose keys live 12 s (token_expiration_min is a float for TorchServe too)."""
+    cfg = compose(["serve.token_expiration_min=0.2", f"serve.state_dir={tmp_path / 'state'}",
+                   *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])
+    OmegaConf.save(cfg, tmp_path / "params.yaml")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "serve", *args, "--params", str(tmp_path / "params.yaml")], cwd=ROOT, capture_output=True, text=True)
+
+    def wait_until_expired(endpoint: server.Endpoint) -> None:
+        time.sleep(cfg.serve.token_expiration_min * 60 + 1)
+        for url, token in ((endpoint.inference_url + "/ping", endpoint.inference_token), (endpoint.management_url + "/models", endpoint.management_token)):
+            expired = requests.get(url, headers=server.bearer(token), timeout=10)
+            assert expired.status_code == 400 and "Token Authorization failed" in expired.json()["message"]
+
+    assert cli("status").returncode == 1
+    try:
+        first = server.start(cfg)
+        unregistered = cli("status")
+        assert unregistered.returncode == 4 and "digits: not registered" in unregistered.stdout, unregistered.stderr
+        wait_until_expired(first)
+        up = cli("up", "--package", str(live["package"]))
+        assert up.returncode == 0, up.stderr
+        assert f"digits version {live['manifest']['version']} is the default" in up.stdout
+        second = server.local_endpoint(cfg, renew=False)
+        assert {second.inference_token, second.management_token}.isdisjoint({first.inference_token, first.management_token})
+        wait_until_expired(second)
+        status = cli("status")
+        assert status.returncode == 0 and f"digits {live['manifest']['version']} (default): 1/1 workers READY" in status.stdout, status.stderr
+        sample = live["manifest"]["samples"][0]
+        wait_until_expired(server.local_endpoint(cfg, renew=False))
+        predicted = cli("predict", str(live["package"] / sample["file"]))
+        assert predicted.returncode == 0 and json.loads(predicted.stdout)[0]["label"] == sample["expected"], predicted.stderr
+    finally:
+        server.stop(cfg)
