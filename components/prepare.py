@@ -20,7 +20,7 @@ from components.core.cli import run_step
 from components.core.config import select
 from components.data.dataset import decode_error, format_problems, list_dataset, row_problems
 from components.core.errors import DataError
-from components.features import feature_table, reference_histograms
+from components.runtime.features import feature_table, reference_histograms
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
 

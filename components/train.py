@@ -27,7 +27,7 @@ from components.training import distributed
 from components.core.cli import run_step
 from components.core.config import config_hash, select
 from components.data.dataset import Prepared, load_prepared
-from components.core.errors import ConfigError, DataError
+from components.core.errors import DataError
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import code_hash, lineage
 from components.model.networks import Normalize, build_model, predict_logits, resolve_device

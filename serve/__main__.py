@@ -20,7 +20,6 @@ from components.core.errors import run_cli
 from components.deploy import deploy, read_package
 from components.registry.tags import stage_package
 from components.serving import server
-from components.serving.torchserve import default_version, list_versions
 from serve.drift import check_drift
 
 
@@ -66,17 +65,23 @@ def down(cfg, args) -> None:
     print("serve: TorchServe stopped" if server.stop(cfg) else "serve: TorchServe was not running")
 
 
+STATUS_EXIT_CODES = {"serving": 0, "stopped": 1, "degraded": 3, "down": 4}  # 2: an error (message on stderr)
+STATUS_HELP = """exit status: 0 serving (every worker of every version READY), 1 TorchServe not running,
+2 error (message on stderr), 3 degraded (the default version answers, some worker is not READY,
+e.g. restarting), 4 down (TorchServe runs but no worker of the default version is READY, or the
+model is not registered)"""
+
+
 def status(cfg, args) -> None:
     pid = server.running_pid(cfg)
     if pid is None:
         print("serve: TorchServe is not running")
-        sys.exit(1)
+        sys.exit(STATUS_EXIT_CODES["stopped"])
     endpoint = server.local_endpoint(cfg)
-    print(f"serve: TorchServe running (pid {pid}), inference {endpoint.inference_url}, metrics {endpoint.metrics_url}")
-    name = cfg.package.model_name
-    default = default_version(endpoint, name)
-    for version in list_versions(endpoint, name):
-        print(f"  {name} {version}{' (default)' if version == default else ''}")
+    state, lines = server.serving_state(endpoint, cfg.package.model_name)
+    print(f"serve: {cfg.package.model_name} {state}; TorchServe pid {pid}, inference {endpoint.inference_url}, metrics {endpoint.metrics_url}")
+    print("\n".join(lines))
+    sys.exit(STATUS_EXIT_CODES[state])
 
 
 def predict(cfg, args) -> None:
@@ -105,8 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m serve", description="The project's local TorchServe.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, run, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help)
+    def command(name: str, run, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, epilog=epilog)
         sub.add_argument("--params", default="params.yaml")
         sub.set_defaults(run=run)
         return sub
@@ -118,7 +123,7 @@ def main() -> None:
     sub.add_argument("--inference-url", help="its inference API, for the smoke test (token: $TORCHSERVE_INFERENCE_TOKEN)")
     sub.add_argument("--model-store", help="its model store, mounted on this machine")
     command("down", down, "stop TorchServe")
-    command("status", status, "show the server and its model versions")
+    command("status", status, "show the server, its model versions and their workers", STATUS_HELP)
     sub = command("predict", predict, "send one PNG/JPEG image, print the top-k labels")
     sub.add_argument("file")
     sub.add_argument("--version", default=None, help="a registered version (default: the default version)")

@@ -21,8 +21,8 @@ from components.core.lineage import code_hash
 from components.packaging.onnx import ParityError, check_parity, onnx_logits
 from components.model.networks import load_trained
 from components.package import SECTIONS, SHIPPED, package
-from components.features import image_features, intensity
-from serve.handler import decode_image
+from components.runtime.features import image_features, intensity
+from components.runtime.request import decode_image
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,8 @@ def test_mar_holds_handler_model_signature_and_features(packaged):
     assert manifest["mar"] == {"file": "digits.mar", "sha256": sha256_file(mar)}
     with zipfile.ZipFile(mar) as z:
         assert set(z.namelist()) == {"MAR-INF/MANIFEST.json", "handler.py", "model.onnx", "signature.json",
-                                     "reference_stats.json", "components/__init__.py", "components/features.py"}
+                                     "reference_stats.json", "components/__init__.py",
+                                     *(f"components/runtime/{name}.py" for name in ("__init__", "features", "inference", "monitoring", "request"))}
         mar_manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         assert z.read("model.onnx") == (out / "model.onnx").read_bytes()
         assert z.read("handler.py") == (ROOT / "serve" / "handler.py").read_bytes()
@@ -95,12 +96,12 @@ def test_samples_and_handler_preprocessing_reproduce_prepare(packaged):
     cfg, out, manifest = packaged["cfg"], packaged["out"], packaged["manifest"]
     signature = json.loads((out / "signature.json").read_text())
     for file in sorted((ROOT / "data").glob("*/*.png"))[:20]:
-        assert np.array_equal(decode_image(file.read_bytes(), signature), decode(file, 1, (32, 32)))
+        assert np.array_equal(decode_image(file.read_bytes(), signature, cfg.serve.max_image_pixels), decode(file, 1, (32, 32)))
     test_images = np.array(load_prepared(packaged["prepared"]).split("test")[0])
     cheap, full = intensity(test_images), image_features(test_images)  # the handler's per-request metrics
     assert all(np.array_equal(cheap[name], full[name]) for name in ("brightness", "contrast"))
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    pixels = np.stack([decode_image((out / s["file"]).read_bytes(), signature) for s in manifest["samples"]])
+    pixels = np.stack([decode_image((out / s["file"]).read_bytes(), signature, cfg.serve.max_image_pixels) for s in manifest["samples"]])
     predicted = onnx_logits(session, pixels, signature).argmax(1)
     assert [s["expected"] for s in manifest["samples"]] == [signature["output"]["classes"][c] for c in predicted]
     assert len(manifest["samples"]) == cfg.package.smoke_samples

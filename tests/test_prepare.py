@@ -15,7 +15,7 @@ from PIL import Image
 from components.core.config import ROOT
 from components.data.dataset import load_prepared
 from components.core.errors import DataError
-from components.features import FEATURES
+from components.runtime.features import FEATURES
 from components.prepare import prepare, stratified_split
 from tests.helpers.datasets import make_image_dataset, small_config
 

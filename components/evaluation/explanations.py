@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from scipy.stats import spearmanr
 from torch import nn
 
-from components.features import image_features
 from components.evaluation.report import figure_png, new_figure
+from components.runtime.features import image_features
 
 MIN_PER_OUTCOME = 2  # fewer errors (or correct predictions) than this leave nothing to learn from
 

@@ -68,11 +68,11 @@ def holders(stage: str, repo: Path) -> list[dict]:
 
 def stage_holder(stage: str, repo: Path = ROOT) -> dict:
     """The version that holds `stage` now (as `gto show <name>#<stage>` reports it)."""
-    holders = holders(stage, repo)
-    if not holders:
+    current = holders(stage, repo)
+    if not current:
         name, _ = model_artifact(repo)
         raise RegistryError(f"no version of {name} is in stage {stage!r}; promote one first")
-    return {"version": holders[0]["version"], "commit": holders[0]["commit_hexsha"]}
+    return {"version": current[0]["version"], "commit": current[0]["commit_hexsha"]}
 
 
 def committed_json(repo: Path, commit: str, path: str) -> dict | None:
