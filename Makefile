@@ -24,21 +24,24 @@ $(STAMP):
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
+# A missing data/ is pulled from the DVC remote (when configured) or regenerated and verified;
+# an existing one is DVC's to check (`dvc repro` re-hashes a changed data/).
 data: setup
-	@$(BIN)/python -m components.data.sample ensure
+	@test -d data || $(BIN)/python -m components.data.sample ensure
 
 # Regenerated only when conf/ changed (the rule compares file times), so a no-op run stays fast.
 params: params.yaml
 params.yaml: $(wildcard conf/*.yaml conf/*/*.yaml) components/core/config.py | $(STAMP)
-	@$(BIN)/python -m components.core.config
+	@$(BIN)/python -m components.core.config && touch $@
 
+# SERVE_ARGS: overrides for the local server, e.g. SERVE_ARGS="serve.inference_port=9080".
 run: data params
 	$(BIN)/dvc repro
-	@$(BIN)/python -m serve up
+	@$(BIN)/python -m serve up $(SERVE_ARGS)
 
 # Stop the local TorchServe started by `make run`.
 stop:
-	@$(BIN)/python -m serve down
+	@$(BIN)/python -m serve down $(SERVE_ARGS)
 
 # The tests scrape TorchServe with a real Prometheus (Debian package); installed once.
 prometheus:

@@ -112,7 +112,6 @@ def main() -> None:
 
     def command(name: str, run, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help, epilog=epilog)
-        sub.add_argument("--params", default="params.yaml")
         sub.set_defaults(run=run)
         return sub
 
@@ -134,7 +133,7 @@ def main() -> None:
     for sub in commands.choices.values():
         sub.add_argument("overrides", nargs="*", help="config overrides, e.g. serve.inference_port=9080")
     args = parser.parse_args()
-    args.run(load_config(args.params, args.overrides), args)
+    args.run(load_config(overrides=args.overrides), args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from components.runtime.settings import (LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX
                                          THREADS_ENV)
 
 
-
 class OnnxImageClassifier:
     def initialize(self, context) -> None:
         """Signature, onnxruntime session and monitoring of the archive in context's model_dir."""

@@ -26,6 +26,8 @@ from tests.helpers.datasets import make_image_dataset
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.servers import free_ports, seaweed_s3
 
+pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
+
 OPEN_GATE = "pipeline.gate.require_fairness=false"
 
 

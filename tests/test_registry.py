@@ -20,6 +20,8 @@ from components.serving import server
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.servers import S3Server, free_ports, seaweed_s3
 
+pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
+
 
 @dataclass
 class Project:

@@ -37,6 +37,8 @@ from serve.drift import drift_report, load_window
 from components.runtime.monitoring import MONITOR_INTERVAL_S, rotate_log, rotated_logs
 from tests.helpers.servers import free_ports, wait_for_port
 
+pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
+
 PROMETHEUS_DIR = ROOT / "serve" / "prometheus"
 
 
@@ -52,15 +54,15 @@ def live(digits_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     ports = free_ports(5)
     # Every prediction logged, in files of 100 kB: the load test rotates the log a few times.
-    cfg = compose(["train.epochs=3", f"serve.state_dir={root / 'state'}", "serve.prediction_log.sample_rate=1.0",
-                   "serve.prediction_log.max_mb=0.1", "serve.prediction_log.backups=100",
-                   *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, ports))])
+    overrides = ["train.epochs=3", f"serve.state_dir={root / 'state'}", "serve.prediction_log.sample_rate=1.0",
+                 "serve.prediction_log.max_mb=0.1", "serve.prediction_log.backups=100",
+                 *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, ports))]  # also the CLI's arguments
+    cfg = compose(overrides)
     manifest = package(cfg, digits_run["prepared"], digits_run["model"], root / "package")
-    OmegaConf.save(cfg, root / "params.yaml")  # for the CLI
     try:
         server.start(cfg)
         deploy(cfg, root / "package" / "digits.mar", manifest["version"])
-        yield {"cfg": cfg, "params": root / "params.yaml", "root": root, "package": root / "package", "manifest": manifest,
+        yield {"cfg": cfg, "overrides": overrides, "root": root, "package": root / "package", "manifest": manifest,
                "endpoint": server.local_endpoint(cfg), "prepared": digits_run["prepared"]}
     finally:
         server.stop(cfg)
@@ -513,8 +515,8 @@ def _wait_for_logged_predictions(live, expected: int) -> None:
 
 
 def _drift_cli(live, count: int, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve", "drift", "--params", str(live["params"]), "--package", str(live["package"]),
-                           "--out", str(out), f"serve.drift.window={count}", f"serve.drift.min_samples={count}"],
+    return subprocess.run([sys.executable, "-m", "serve", "drift", "--package", str(live["package"]), "--out", str(out),
+                           *live["overrides"], f"serve.drift.window={count}", f"serve.drift.min_samples={count}"],
                           cwd=ROOT, capture_output=True, text=True)
 
 
@@ -559,7 +561,7 @@ def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp
 
 
 def test_cli_status_and_predict_use_the_key_file(live):
-    params = ["--params", str(live["params"])]
+    params = live["overrides"]
     status = subprocess.run([sys.executable, "-m", "serve", "status", *params], cwd=ROOT, capture_output=True, text=True)
     assert status.returncode == 0 and status.stdout.startswith("serve: digits serving;")
     assert f"digits {live['manifest']['version']} (default): 1/1 workers READY (pid {worker_pids(live)[0]} READY)" in status.stdout
@@ -572,12 +574,12 @@ def test_cli_status_and_predict_use_the_key_file(live):
 
 def test_expired_keys_are_renewed_by_every_command_and_status_exit_codes_tell_the_state(live, tmp_path):
     """A second TorchServe whose keys live 12 s (token_expiration_min is a float for TorchServe too)."""
-    cfg = compose(["serve.token_expiration_min=0.2", f"serve.state_dir={tmp_path / 'state'}",
-                   *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])
-    OmegaConf.save(cfg, tmp_path / "params.yaml")
+    overrides = ["serve.token_expiration_min=0.2", f"serve.state_dir={tmp_path / 'state'}",
+                 *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))]
+    cfg = compose(overrides)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "serve", *args, "--params", str(tmp_path / "params.yaml")], cwd=ROOT, capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-m", "serve", *args, *overrides], cwd=ROOT, capture_output=True, text=True)
 
     def wait_until_expired(endpoint: server.Endpoint) -> None:
         time.sleep(cfg.serve.token_expiration_min * 60 + 1)

@@ -456,12 +456,12 @@ if __name__ == "__main__":
     from components.core.errors import run_cli
 
     parser = argparse.ArgumentParser(description="params.yaml from conf/: regenerate it, or check that it is current.")
-    parser.add_argument("command", nargs="?", choices=["write", "check"], default="write")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for `write`, e.g. train.lr=0.01")
+    parser.add_argument("--check", action="store_true", help="only check that params.yaml matches conf/ (the `config` stage)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides written into params.yaml, e.g. train.lr=0.01")
 
     def _main() -> None:
         args = parser.parse_args()
-        if args.command == "check":
+        if args.check:
             check_params()
             print("params.yaml matches conf/")
         else:
