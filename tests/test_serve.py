@@ -254,6 +254,34 @@ def test_a_body_sent_as_a_form_gets_415_or_the_frontends_500_logged_in_one_line(
     assert with_type.status_code == 200 and with_type.json()[0]["label"] == live["manifest"]["samples"][0]["expected"]
 
 
+def test_open_inference_protocol_requests_get_v2_answers(live):
+    pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:3])
+    signature = json.loads((live["package"] / "signature.json").read_text())
+    session = ort.InferenceSession(str(live["package"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    probs = np.exp(onnx_logits(session, pixels, signature))
+    probs /= probs.sum(1, keepdims=True)
+    url = f"{live['endpoint'].inference_url}/v2/models/digits/infer"
+    flat_uint8 = {"id": "r-1", "inputs": [{"name": "image", "shape": [3, 1, 32, 32], "datatype": "UINT8", "data": pixels.ravel().tolist()}]}
+    nested_fp32 = {"inputs": [{"name": "image", "shape": [3, 1, 32, 32], "datatype": "FP32", "data": pixels.astype(float).tolist()}]}
+    for body in (flat_uint8, nested_fp32):
+        response = requests.post(url, json=body, headers=auth(live), timeout=30)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer.get("id") == body.get("id") and (answer["model_name"], answer["model_version"]) == ("digits", live["manifest"]["version"])
+        [probabilities, labels] = answer["outputs"]
+        assert (probabilities["name"], probabilities["shape"], probabilities["datatype"]) == ("probabilities", [3, 10], "FP32")
+        assert np.allclose(np.reshape(probabilities["data"], (3, 10)), probs, atol=1e-5)
+        assert labels == {"name": "label", "shape": [3], "datatype": "BYTES", "data": [str(c) for c in probs.argmax(1)]}
+    bad = {"datatype": ({"datatype": "INT64"}, "inputs[0].datatype must be one of ['FP32', 'UINT8'], got INT64"),
+           "shape": ({"shape": [3, 1, 28, 28]}, "inputs[0].shape must be [N, 1, 32, 32]"),
+           "data length": ({"data": pixels.ravel().tolist()[:-1]}, "inputs[0].data: expected shape [3072], got [3071]"),
+           "fractional UINT8": ({"data": [0.5] * 3072}, "UINT8 values must be whole numbers")}
+    for change, message in bad.values():
+        body = {"inputs": [{**flat_uint8["inputs"][0], **change}]}
+        response = requests.post(url, json=body, headers=auth(live), timeout=30)
+        assert response.status_code == 400 and message in response.json()["error"], response.text
+
+
 def test_token_is_required_on_inference_and_management(live):
     endpoint, sample = live["endpoint"], (live["package"] / "samples" / "00.png").read_bytes()
     for url, method, good_token in ((predict_url(live), "POST", endpoint.inference_token),
