@@ -78,12 +78,17 @@ def worker_pids(live) -> list[int]:
     return [w["pid"] for w in described.json()[0]["workers"] if w["status"] == "READY"]
 
 
-def test_predictions_match_the_onnx_model_in_process(live):
-    pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:60])
+def in_process_probabilities(live, pixels: np.ndarray) -> np.ndarray:
+    """The packaged model's probabilities computed here with onnxruntime, for comparison with the server's."""
     signature = json.loads((live["package"] / "signature.json").read_text())
     session = ort.InferenceSession(str(live["package"] / "model.onnx"), providers=["CPUExecutionProvider"])
     probs = np.exp(onnx_logits(session, pixels, signature))
-    probs /= probs.sum(1, keepdims=True)
+    return probs / probs.sum(1, keepdims=True)
+
+
+def test_predictions_match_the_onnx_model_in_process(live):
+    pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:60])
+    probs = in_process_probabilities(live, pixels)
     for image, p in zip(pixels, probs):
         answer = requests.post(predict_url(live), data=png(image), headers=auth(live), timeout=30).json()
         assert [a["label"] for a in answer] == [str(c) for c in np.argsort(-p)[:3]]
@@ -256,10 +261,7 @@ def test_a_body_sent_as_a_form_gets_415_or_the_frontends_500_logged_in_one_line(
 
 def test_open_inference_protocol_requests_get_v2_answers(live):
     pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:3])
-    signature = json.loads((live["package"] / "signature.json").read_text())
-    session = ort.InferenceSession(str(live["package"] / "model.onnx"), providers=["CPUExecutionProvider"])
-    probs = np.exp(onnx_logits(session, pixels, signature))
-    probs /= probs.sum(1, keepdims=True)
+    probs = in_process_probabilities(live, pixels)
     url = f"{live['endpoint'].inference_url}/v2/models/digits/infer"
     flat_uint8 = {"id": "r-1", "inputs": [{"name": "image", "shape": [3, 1, 32, 32], "datatype": "UINT8", "data": pixels.ravel().tolist()}]}
     nested_fp32 = {"inputs": [{"name": "image", "shape": [3, 1, 32, 32], "datatype": "FP32", "data": pixels.astype(float).tolist()}]}
