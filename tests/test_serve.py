@@ -599,36 +599,31 @@ def test_cli_status_and_predict_use_the_key_file(live):
 
 
 def test_expired_keys_are_renewed_by_every_command_and_status_exit_codes_tell_the_state(live, tmp_path):
-    """A second TorchServe whose keys live 12 s (token_expiration_min is a float for TorchServe too)."""
-    cfg = compose(["serve.token_expiration_min=0.2", f"serve.state_dir={tmp_path / 'state'}",
+    """A second TorchServe whose keys live 30 s (token_expiration_min is a float for TorchServe too)."""
+    cfg = compose(["serve.token_expiration_min=0.5", f"serve.state_dir={tmp_path / 'state'}",
                    *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])
     OmegaConf.save(cfg, tmp_path / "params.yaml")
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "serve", *args, "--params", str(tmp_path / "params.yaml")], cwd=ROOT, capture_output=True, text=True)
 
-    def wait_until_expired(endpoint: server.Endpoint) -> None:
-        time.sleep(cfg.serve.token_expiration_min * 60 + 1)
-        for url, token in ((endpoint.inference_url + "/ping", endpoint.inference_token), (endpoint.management_url + "/models", endpoint.management_token)):
-            expired = requests.get(url, headers=server.bearer(token), timeout=10)
-            assert expired.status_code == 400 and "Token Authorization failed" in expired.json()["message"]
-
     assert cli("status").returncode == 1
     try:
         first = server.start(cfg)
         unregistered = cli("status")
         assert unregistered.returncode == 4 and "digits: not registered" in unregistered.stdout, unregistered.stderr
-        wait_until_expired(first)
-        up = cli("up", "--package", str(live["package"]))
-        assert up.returncode == 0, up.stderr
-        assert f"digits version {live['manifest']['version']} is the default" in up.stdout
-        second = server.local_endpoint(cfg, renew=False)
-        assert {second.inference_token, second.management_token}.isdisjoint({first.inference_token, first.management_token})
-        wait_until_expired(second)
+        assert cli("up", "--package", str(live["package"])).returncode == 0
+        time.sleep(cfg.serve.token_expiration_min * 60 + 1)
+        for url, token in ((first.inference_url + "/ping", first.inference_token), (first.management_url + "/models", first.management_token)):
+            expired = requests.get(url, headers=server.bearer(token), timeout=10)
+            assert expired.status_code == 400 and "Token Authorization failed" in expired.json()["message"]
+        up = cli("up", "--package", str(live["package"]))  # what `make run` runs
+        assert up.returncode == 0 and f"digits version {live['manifest']['version']} is the default" in up.stdout, up.stderr
+        renewed = server.local_endpoint(cfg, renew=False)
+        assert {renewed.inference_token, renewed.management_token}.isdisjoint({first.inference_token, first.management_token})
         status = cli("status")
         assert status.returncode == 0 and f"digits {live['manifest']['version']} (default): 1/1 workers READY" in status.stdout, status.stderr
         sample = live["manifest"]["samples"][0]
-        wait_until_expired(server.local_endpoint(cfg, renew=False))
         predicted = cli("predict", str(live["package"] / sample["file"]))
         assert predicted.returncode == 0 and json.loads(predicted.stdout)[0]["label"] == sample["expected"], predicted.stderr
     finally:
