@@ -44,7 +44,7 @@ class ParsedRequest:
 def decode_image(data: bytes, signature: dict, max_pixels: int) -> np.ndarray:
     """PNG/JPEG bytes -> uint8 (C, H, W), converted and resized as the signature says. The size is
     checked before decoding: a 50 kB PNG can hold 16 megapixels. A large JPEG decodes at 1/2, 1/4
-    or 1/8 scale (its DCT allows it for free); then the limit applies to what is actually decoded."""
+    or 1/8 scale (its DCT allows it); then the limit applies to what is actually decoded."""
     spec = signature["input"]
     size = (spec["resize"]["width"], spec["resize"]["height"])
     try:
