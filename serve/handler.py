@@ -43,6 +43,9 @@ class OnnxImageClassifier:
         self.classes = self.signature["output"]["classes"]
         self.top_k = min(self.signature["output"]["top_k"], len(self.classes))
         self.model_name, self.version = context.model_name, context.manifest["model"]["modelVersion"]
+        if MAX_PIXELS_ENV not in os.environ:  # fail closed: no limit would let one client stall the worker
+            raise RuntimeError(f"{MAX_PIXELS_ENV} is not set: serve/server.py sets it from serve.max_image_pixels; "
+                               "a TorchServe started otherwise needs it in its environment")
         self.max_pixels = int(os.environ[MAX_PIXELS_ENV])
         self.session = create_session(model_dir / "model.onnx", int(os.environ.get(THREADS_ENV, "0")))
         reference = json.loads((model_dir / "reference_stats.json").read_text())["features"]
