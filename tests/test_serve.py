@@ -177,6 +177,10 @@ HOSTILE_REQUESTS = {  # kind: (requests.post arguments, status, message)
     "instance nested 500 deep": ({"json": {"instances": [json.loads("[" * 500 + "]" * 500)]}}, 400, "instance 0: values must be numbers"),
     "a number beyond any float": ({"data": b'{"instances": [[[' + b"9" * 4000 + b"]]]}"}, 400, "instance 0: values must be numbers"),
     "numbers as strings": ({"json": {"instances": [[["1"] * 32] * 32]}}, 400, "instance 0: values must be numbers"),
+    "v2 with a list as datatype": ({"json": {"inputs": [{"name": "image", "shape": [1, 1, 32, 32], "datatype": [[["UINT8"]]], "data": []}]}},
+                                   400, "inputs[0].datatype must be one of ['FP32', 'UINT8'], got list"),
+    "v2 with fractional dimensions": ({"json": {"inputs": [{"name": "image", "shape": [1.0, 1, 32, 32], "datatype": "UINT8", "data": [0] * 1024}]}},
+                                      400, "inputs[0].shape must be [N, 1, 32, 32]"),
     "invalid UTF-8 as application/json": ({"data": b"{\xff\xfe}", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
     "16 megapixel PNG": ("16 megapixels", 413, "image is 4000x3999 = 15996000 pixels, more than the server's limit of 1000000"),
 }
