@@ -5,14 +5,16 @@ v2) tensor (components/runtime/request.py); the answer is the top-k labels with 
 or the v2 outputs. A malformed request gets a 4xx and one message, alone: the rest of its batch
 and the worker carry on. The work lives in components/runtime/, which the archive carries.
 
-To adapt it, subclass OnnxImageClassifier (in a handler file of your own) and override one step:
+To adapt it, replace one step (override its method); each keeps this contract, so the others
+stay as they are:
 
 - initialize(context): load the model and its settings once per worker.
 - preprocess(data, context): each request -> ParsedRequest (its pixels) or RequestError.
 - inference(pixels): float32 (N, C, H, W) pixels in [0, 255] -> (N, classes) probabilities.
 - postprocess(parsed, probs, context): one JSON answer per request, statuses set on the context.
 
-handle() only chains them. Settings come from environment variables set by components/serving/server.py.
+handle() only chains them. TorchServe loads the one class a handler file defines. Settings come
+from environment variables set by components/serving/server.py.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class OnnxImageClassifier:
         self.classes = self.signature["output"]["classes"]
         self.top_k = min(self.signature["output"]["top_k"], len(self.classes))
         self.model_name, self.version = context.model_name, context.manifest["model"]["modelVersion"]
+        if MAX_PIXELS_ENV not in os.environ:  # fail closed: no limit would let one client stall the worker
+            raise RuntimeError(f"{MAX_PIXELS_ENV} is not set: serve/server.py sets it from serve.max_image_pixels; "
+                               "a TorchServe started otherwise needs it in its environment")
         self.max_pixels = int(os.environ[MAX_PIXELS_ENV])
         self.session = create_session(model_dir / "model.onnx", int(os.environ.get(THREADS_ENV, "0")))
         reference = json.loads((model_dir / "reference_stats.json").read_text())["features"]

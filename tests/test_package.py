@@ -90,6 +90,17 @@ def test_mar_holds_handler_model_signature_and_features(packaged):
                                      "serializedFile": "model.onnx", "handler": "handler.py"}
 
 
+def test_the_archived_handler_imports_only_its_runtime_numpy_pil_and_onnxruntime(packaged, tmp_path):
+    """Unpacked as TorchServe does, the handler loads the archive's own components/runtime and no other package."""
+    with zipfile.ZipFile(packaged["out"] / "digits.mar") as z:
+        z.extractall(tmp_path)
+    code = ("import sys; sys.path.insert(0, '.'); import handler, components; print(components.__file__); "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
+    shown = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert shown[0] == str(tmp_path / "components" / "__init__.py")
+    assert {name for name in shown[1].split() if not name.startswith("_")} == {"handler", "components", "numpy", "PIL", "onnxruntime"}
+
+
 def test_samples_and_handler_preprocessing_reproduce_prepare(packaged):
     """The handler decodes a raw data file exactly as prepare did, and the samples' expected
     labels are the in-process ONNX predictions."""

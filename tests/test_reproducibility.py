@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import typing
 from pathlib import Path
 
@@ -160,8 +161,11 @@ def test_a_failed_run_leaves_the_previous_outputs_in_place(reproduced):
     prepared = reproduced / "artifacts" / "prepared" / "images.npy"
     before = prepared.read_bytes()
 
+    system_bin = reproduced.parent / "system-bin"  # a shell whose `python` is the system's, not the venv's
+    system_bin.mkdir(exist_ok=True)
+    (system_bin / "python").symlink_to(sys.base_prefix + "/bin/python3")
     venv_dvc = str(Path(VENV_BIN) / "dvc")  # the README's command, typed in a shell without the venv on PATH
-    wrong = run([venv_dvc, "repro", "-f", "-s", "prepare"], reproduced, check=False, env={"PATH": "/usr/bin:/bin"})
+    wrong = run([venv_dvc, "repro", "-f", "-s", "prepare"], reproduced, check=False, env={"PATH": f"{system_bin}:/usr/bin:/bin"})
     assert wrong.returncode != 0
     assert "is not this project's environment" in wrong.stderr and "source .venv/bin/activate" in wrong.stderr
     assert prepared.read_bytes() == before

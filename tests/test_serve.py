@@ -82,12 +82,17 @@ def worker_pids(live) -> list[int]:
     return [w["pid"] for w in described.json()[0]["workers"] if w["status"] == "READY"]
 
 
-def test_predictions_match_the_onnx_model_in_process(live):
-    pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:60])
+def in_process_probabilities(live, pixels: np.ndarray) -> np.ndarray:
+    """The packaged model's probabilities computed here with onnxruntime, for comparison with the server's."""
     signature = json.loads((live["package"] / "signature.json").read_text())
     session = ort.InferenceSession(str(live["package"] / "model.onnx"), providers=["CPUExecutionProvider"])
     probs = np.exp(onnx_logits(session, pixels, signature))
-    probs /= probs.sum(1, keepdims=True)
+    return probs / probs.sum(1, keepdims=True)
+
+
+def test_predictions_match_the_onnx_model_in_process(live):
+    pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:60])
+    probs = in_process_probabilities(live, pixels)
     for image, p in zip(pixels, probs):
         answer = requests.post(predict_url(live), data=png(image), headers=auth(live), timeout=30).json()
         assert [a["label"] for a in answer] == [str(c) for c in np.argsort(-p)[:3]]
@@ -176,6 +181,10 @@ HOSTILE_REQUESTS = {  # kind: (requests.post arguments, status, message)
     "instance nested 500 deep": ({"json": {"instances": [json.loads("[" * 500 + "]" * 500)]}}, 400, "instance 0: values must be numbers"),
     "a number beyond any float": ({"data": b'{"instances": [[[' + b"9" * 4000 + b"]]]}"}, 400, "instance 0: values must be numbers"),
     "numbers as strings": ({"json": {"instances": [[["1"] * 32] * 32]}}, 400, "instance 0: values must be numbers"),
+    "v2 with a list as datatype": ({"json": {"inputs": [{"name": "image", "shape": [1, 1, 32, 32], "datatype": [[["UINT8"]]], "data": []}]}},
+                                   400, "inputs[0].datatype must be one of ['FP32', 'UINT8'], got list"),
+    "v2 with fractional dimensions": ({"json": {"inputs": [{"name": "image", "shape": [1.0, 1, 32, 32], "datatype": "UINT8", "data": [0] * 1024}]}},
+                                      400, "inputs[0].shape must be [N, 1, 32, 32]"),
     "invalid UTF-8 as application/json": ({"data": b"{\xff\xfe}", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
     "16 megapixel PNG": ("16 megapixels", 413, "image is 4000x3999 = 15996000 pixels, more than the server's limit of 1000000"),
 }
@@ -256,6 +265,31 @@ def test_a_body_sent_as_a_form_gets_415_or_the_frontends_500_logged_in_one_line(
     assert response.status_code == 415 and "send it with -H 'Content-Type: image/png'" in response.json()["error"]
     with_type = requests.post(predict_url(live), data=sample.read_bytes(), headers={**auth(live), "Content-Type": "image/png"}, timeout=30)
     assert with_type.status_code == 200 and with_type.json()[0]["label"] == live["manifest"]["samples"][0]["expected"]
+
+
+def test_open_inference_protocol_requests_get_v2_answers(live):
+    pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:3])
+    probs = in_process_probabilities(live, pixels)
+    url = f"{live['endpoint'].inference_url}/v2/models/digits/infer"
+    flat_uint8 = {"id": "r-1", "inputs": [{"name": "image", "shape": [3, 1, 32, 32], "datatype": "UINT8", "data": pixels.ravel().tolist()}]}
+    nested_fp32 = {"inputs": [{"name": "image", "shape": [3, 1, 32, 32], "datatype": "FP32", "data": pixels.astype(float).tolist()}]}
+    for body in (flat_uint8, nested_fp32):
+        response = requests.post(url, json=body, headers=auth(live), timeout=30)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer.get("id") == body.get("id") and (answer["model_name"], answer["model_version"]) == ("digits", live["manifest"]["version"])
+        [probabilities, labels] = answer["outputs"]
+        assert (probabilities["name"], probabilities["shape"], probabilities["datatype"]) == ("probabilities", [3, 10], "FP32")
+        assert np.allclose(np.reshape(probabilities["data"], (3, 10)), probs, atol=1e-5)
+        assert labels == {"name": "label", "shape": [3], "datatype": "BYTES", "data": [str(c) for c in probs.argmax(1)]}
+    bad = {"datatype": ({"datatype": "INT64"}, "inputs[0].datatype must be one of ['FP32', 'UINT8'], got INT64"),
+           "shape": ({"shape": [3, 1, 28, 28]}, "inputs[0].shape must be [N, 1, 32, 32]"),
+           "data length": ({"data": pixels.ravel().tolist()[:-1]}, "inputs[0].data: expected shape [3072], got [3071]"),
+           "fractional UINT8": ({"data": [0.5] * 3072}, "UINT8 values must be whole numbers")}
+    for change, message in bad.values():
+        body = {"inputs": [{**flat_uint8["inputs"][0], **change}]}
+        response = requests.post(url, json=body, headers=auth(live), timeout=30)
+        assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
 def test_token_is_required_on_inference_and_management(live):
@@ -573,36 +607,31 @@ def test_cli_status_and_predict_use_the_key_file(live):
 
 
 def test_expired_keys_are_renewed_by_every_command_and_status_exit_codes_tell_the_state(live, tmp_path):
-    """A second TorchServe whose keys live 12 s (token_expiration_min is a float for TorchServe too)."""
-    overrides = ["serve.token_expiration_min=0.2", f"serve.state_dir={tmp_path / 'state'}",
+    """A second TorchServe whose keys live 30 s (token_expiration_min is a float for TorchServe too)."""
+    overrides = ["serve.token_expiration_min=0.5", f"serve.state_dir={tmp_path / 'state'}",
                  *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))]
     cfg = compose(overrides)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "serve", *args, *overrides], cwd=ROOT, capture_output=True, text=True)
 
-    def wait_until_expired(endpoint: server.Endpoint) -> None:
-        time.sleep(cfg.serve.token_expiration_min * 60 + 1)
-        for url, token in ((endpoint.inference_url + "/ping", endpoint.inference_token), (endpoint.management_url + "/models", endpoint.management_token)):
-            expired = requests.get(url, headers=server.bearer(token), timeout=10)
-            assert expired.status_code == 400 and "Token Authorization failed" in expired.json()["message"]
-
     assert cli("status").returncode == 1
     try:
         first = server.start(cfg)
         unregistered = cli("status")
         assert unregistered.returncode == 4 and "digits: not registered" in unregistered.stdout, unregistered.stderr
-        wait_until_expired(first)
-        up = cli("up", "--package", str(live["package"]))
-        assert up.returncode == 0, up.stderr
-        assert f"digits version {live['manifest']['version']} is the default" in up.stdout
-        second = server.local_endpoint(cfg, renew=False)
-        assert {second.inference_token, second.management_token}.isdisjoint({first.inference_token, first.management_token})
-        wait_until_expired(second)
+        assert cli("up", "--package", str(live["package"])).returncode == 0
+        time.sleep(cfg.serve.token_expiration_min * 60 + 1)
+        for url, token in ((first.inference_url + "/ping", first.inference_token), (first.management_url + "/models", first.management_token)):
+            expired = requests.get(url, headers=server.bearer(token), timeout=10)
+            assert expired.status_code == 400 and "Token Authorization failed" in expired.json()["message"]
+        up = cli("up", "--package", str(live["package"]))  # what `make run` runs
+        assert up.returncode == 0 and f"digits version {live['manifest']['version']} is the default" in up.stdout, up.stderr
+        renewed = server.local_endpoint(cfg, renew=False)
+        assert {renewed.inference_token, renewed.management_token}.isdisjoint({first.inference_token, first.management_token})
         status = cli("status")
         assert status.returncode == 0 and f"digits {live['manifest']['version']} (default): 1/1 workers READY" in status.stdout, status.stderr
         sample = live["manifest"]["samples"][0]
-        wait_until_expired(server.local_endpoint(cfg, renew=False))
         predicted = cli("predict", str(live["package"] / sample["file"]))
         assert predicted.returncode == 0 and json.loads(predicted.stdout)[0]["label"] == sample["expected"], predicted.stderr
     finally:

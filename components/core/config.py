@@ -395,22 +395,33 @@ def _compose_to(out: Path, overrides: list[str]) -> None:
         raise ConfigError(f"{source}: {exc}") from None
 
 
+OVERRIDES_HEADER = "# Generated from conf/ with overrides: "  # first line of params.yaml; never edit the file
+
+
 def write_params(overrides: list[str] = (), params_file: Path = PARAMS_FILE) -> bool:
-    """Regenerate params.yaml from conf/; returns True when the file changed."""
+    """Regenerate params.yaml from conf/ (plus overrides, recorded in its first line so the
+    `config` stage can recompose it); returns True when the file changed."""
     with tempfile.TemporaryDirectory(dir=params_file.parent) as tmp:
         out = Path(tmp) / "params.yaml"
         _compose_to(out, overrides)
         validate(OmegaConf.load(out), "conf/")
-        new = out.read_bytes()
+        new = (OVERRIDES_HEADER + json.dumps(list(overrides)) + "\n").encode() + out.read_bytes()
         if params_file.exists() and params_file.read_bytes() == new:
             return False
+        out.write_bytes(new)
         os.replace(out, params_file)
         return True
 
 
+def recorded_overrides(params_file: Path) -> list[str]:
+    first = params_file.read_text().split("\n", 1)[0] if params_file.exists() else ""
+    return json.loads(first[len(OVERRIDES_HEADER):]) if first.startswith(OVERRIDES_HEADER) else []
+
+
 def stale_keys(params_file: Path = PARAMS_FILE) -> list[str]:
-    """Keys whose value in params.yaml differs from conf/ (as `key: params.yaml value -> conf/ value`)."""
-    fresh = _flat(OmegaConf.to_container(compose([])))
+    """Keys whose value in params.yaml differs from conf/ composed with the overrides params.yaml
+    was written with (as `key: params.yaml value -> conf/ value`)."""
+    fresh = _flat(OmegaConf.to_container(compose(recorded_overrides(params_file))))
     current = _flat(OmegaConf.to_container(validate(OmegaConf.load(params_file), str(params_file)))) if params_file.exists() else {}
     return [f"{key}: {current.get(key, '(absent)')!r} -> {fresh.get(key, '(absent)')!r}"
             for key in sorted(fresh.keys() | current.keys()) if fresh.get(key, MISSING) != current.get(key, MISSING)]
@@ -430,6 +441,7 @@ def check_params(params_file: Path = PARAMS_FILE) -> None:
     stale = stale_keys(params_file)
     if stale:
         raise ConfigError(f"{params_file.name} is stale: conf/ changed {len(stale)} key(s) since it was generated "
+                          f"with overrides {recorded_overrides(params_file)} "
                           f"({'; '.join(stale[:10])}{'; ...' if len(stale) > 10 else ''}). "
                           "Run `make params` (then `dvc repro`), or `dvc exp run`, which composes conf/ itself.")
 

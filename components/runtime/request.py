@@ -44,7 +44,7 @@ class ParsedRequest:
 def decode_image(data: bytes, signature: dict, max_pixels: int) -> np.ndarray:
     """PNG/JPEG bytes -> uint8 (C, H, W), converted and resized as the signature says. The size is
     checked before decoding: a 50 kB PNG can hold 16 megapixels. A large JPEG decodes at 1/2, 1/4
-    or 1/8 scale (its DCT allows it for free); then the limit applies to what is actually decoded."""
+    or 1/8 scale (its DCT allows it); then the limit applies to what is actually decoded."""
     spec = signature["input"]
     size = (spec["resize"]["width"], spec["resize"]["height"])
     try:
@@ -101,12 +101,12 @@ def parse_v2(body: dict, signature: dict) -> ParsedRequest:
         raise RequestError('"inputs" must hold exactly one tensor {"name", "shape", "datatype", "data"}')
     tensor = inputs[0]
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
-    if datatype not in V2_DATATYPES:
+    if not isinstance(datatype, str) or datatype not in V2_DATATYPES:
         shown = datatype[:20] if isinstance(datatype, str) else type(datatype).__name__
         raise RequestError(f"inputs[0].datatype must be one of {sorted(V2_DATATYPES)}, got {shown}")
     image_shape = tuple(signature["input"]["shape"][1:])
-    if not (isinstance(shape, list) and len(shape) == 4 and tuple(shape[1:]) == image_shape
-            and isinstance(shape[0], int) and shape[0] > 0):
+    if not (isinstance(shape, list) and len(shape) == 4 and all(type(n) is int for n in shape)
+            and tuple(shape[1:]) == image_shape and shape[0] > 0):
         raise RequestError(f"inputs[0].shape must be [N, {', '.join(map(str, image_shape))}] (N images, channels, height, width)")
     data = tensor.get("data")
     flat = np.ravel(pixel_array(data, (math.prod(shape),), "inputs[0].data")) if _is_flat(data) else None

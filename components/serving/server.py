@@ -31,8 +31,9 @@ from components.runtime.settings import (LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX
 
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 LOG_CONFIG = ROOT / "serve" / "log4j2.xml"
-# A key this close to its expiry is renewed before use: the command using it must not outlive it.
-KEY_RENEWAL_MARGIN_S = 30
+# A key with less than this (or half its lifetime, if shorter) left is renewed before use:
+# the command using it must not outlive it.
+KEY_RENEWAL_MARGIN_S = 300
 
 
 class ServeError(StepError):
@@ -111,14 +112,14 @@ def config_properties(cfg: DictConfig, state: StateDir) -> str:
 
 def local_endpoint(cfg: DictConfig, renew: bool = True) -> Endpoint:
     """The local server's URLs and the keys from its key file. While the server runs, keys that
-    have expired or are about to (KEY_RENEWAL_MARGIN_S, or a quarter of their lifetime if shorter)
-    are renewed first: TorchServe answers an expired key with a bare 400."""
+    have expired or are about to (KEY_RENEWAL_MARGIN_S, or half their lifetime if shorter) are
+    renewed first: TorchServe answers an expired key with a bare 400."""
     s, state = cfg.serve, state_dir(cfg)
     host = _url_host(s.host)
     management_url = f"http://{host}:{s.management_port}"
     keys = {}
     if state.key_file.exists() and renew and running_pid(cfg):
-        keys = renew_expiring_keys(state.key_file, management_url, min(KEY_RENEWAL_MARGIN_S, s.token_expiration_min * 60 / 4))
+        keys = renew_expiring_keys(state.key_file, management_url, min(KEY_RENEWAL_MARGIN_S, s.token_expiration_min * 60 / 2))
     elif state.key_file.exists():
         keys = read_keys(state.key_file)
     return Endpoint(f"http://{host}:{s.inference_port}", management_url,
