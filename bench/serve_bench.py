@@ -31,7 +31,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components.core.config import PORT_KEYS, compose  # noqa: E402
-from components.deploy import copy_checked, read_package, register  # noqa: E402
+from components.deploy import read_package  # noqa: E402
+from components.serving.torchserve import copy_checked, register  # noqa: E402
 from components.package import ARCHIVER  # noqa: E402
 from bench.support import free_ports  # noqa: E402
 from components.runtime.inference import normalize, softmax  # noqa: E402

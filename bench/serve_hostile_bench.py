@@ -30,11 +30,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.config import PORT_KEYS, compose  # noqa: E402
 from bench.serve_bench import load  # noqa: E402
-from components.deploy import copy_checked, read_package, register  # noqa: E402
-from serve import server  # noqa: E402
-from tests.servers import free_ports  # noqa: E402
+from bench.support import free_ports  # noqa: E402
+from components.core.config import PORT_KEYS, compose  # noqa: E402
+from components.deploy import read_package  # noqa: E402
+from components.serving import server  # noqa: E402
+from components.serving.torchserve import copy_checked, register  # noqa: E402
 
 ATTACKERS = 8
 UNLIMITED = 16_000_000

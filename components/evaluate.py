@@ -138,7 +138,7 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
     errors = error_analysis(error_features(images, index, attributes, probs), y_pred != y_true, e, cfg.seed)
     grids = attribution_grids(model, norm, images, index, probs, attributes, classes, e, device, cfg.seed)
     ev = Evaluation(model=spec, data=prepared.meta, config=OmegaConf.to_container(cfg, resolve=True), quality=quality,
-                    reliability=reliability, fairness=fairness, error_analysis=errors, attributions=grids, lineage=lineage(cfg, __name__, device.type))
+                    reliability=reliability, fairness=fairness, error_analysis=errors, attributions=grids, lineage=lineage(cfg, __spec__.name, device.type))
     metrics = headline(quality, fairness)
 
     reports_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, ou
     if len(pixels) == 0:
         raise DataError(f"{prepared_dir}: the test split is empty; parity cannot be checked")
     signature = model_signature(spec, p.top_k)
-    run_lineage = lineage(cfg, __name__, shipped=SHIPPED)
+    run_lineage = lineage(cfg, __spec__.name, shipped=SHIPPED)
 
     with atomic_dir(out_dir) as tmp:
         onnx_path = tmp / "model.onnx"

@@ -118,7 +118,7 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
             "counts": counts,
             "groups": groups,
             "data_config": OmegaConf.to_container(data),
-            "lineage": lineage(cfg, __name__),
+            "lineage": lineage(cfg, __spec__.name),
         }
         write_json(tmp / "prepared.json", meta)
         train_labels = table["label"].to_numpy()[train_rows]

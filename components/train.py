@@ -72,7 +72,7 @@ def _resume_key(cfg: DictConfig, prepared: Prepared) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     container["train"].pop("resume")
     container["train"].pop("epochs")  # resuming may extend a run
-    container["resume_of"] = {"data": prepared.meta["lineage"], "code": code_hash(__name__)}
+    container["resume_of"] = {"data": prepared.meta["lineage"], "code": code_hash(__spec__.name)}
     return config_hash(OmegaConf.create(container))
 
 
@@ -185,7 +185,7 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     live.make_summary()
     live.end()
 
-    spec.update(metrics=metrics, lineage=lineage(cfg, __name__, device.type))
+    spec.update(metrics=metrics, lineage=lineage(cfg, __spec__.name, device.type))
     with atomic_dir(out_dir) as tmp_dir:
         weights_cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights_cpu, str(tmp_dir / "model.safetensors"), metadata={"spec": json.dumps(spec, sort_keys=True)})

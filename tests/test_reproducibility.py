@@ -20,7 +20,7 @@ import components.prepare
 import components.train
 from components.core import config as schema
 from components.core.config import ROOT, compose, select
-from components.core.lineage import lineage, source_files
+from components.core.lineage import code_hash, lineage, source_files
 from bench.support import VENV_BIN
 from tests.helpers.project import copy_project, run
 
@@ -114,6 +114,15 @@ def reproduced(tmp_path_factory):
 def test_a_fresh_copy_reproduces_every_committed_byte(reproduced):
     assert _tracked_changes(reproduced) == "", "dvc.lock or the reports do not match the committed code: run `dvc repro` and commit"
     assert "Data and pipelines are up to date" in run(["dvc", "repro"], reproduced).stdout
+
+
+@pytest.mark.slow
+def test_outputs_made_by_the_stage_commands_name_their_code(reproduced):
+    """`python -m components.<step>` (DVC) and an import (KFP, tests) record the same code hash."""
+    quality = json.loads((reproduced / "reports" / "quality.json").read_text())
+    assert quality["lineage"]["code_hash"] == code_hash("components.evaluate")
+    package = json.loads((reproduced / "artifacts" / "package" / "package.json").read_text())
+    assert package["lineage"]["code_hash"] == code_hash("components.package", components.package.SHIPPED)
 
 
 @pytest.mark.slow

@@ -72,6 +72,10 @@ def source_files(module: str, shipped: tuple[str, ...] = ()) -> list[str]:
 
 
 def code_hash(module: str, shipped: tuple[str, ...] = ()) -> str:
+    """Hash of the step's source files. Pass the module's `__spec__.name`: under `python -m`,
+    `__name__` is "__main__", which names no file."""
+    if _module_file(module) is None:
+        raise ValueError(f"{module!r} is not a module of this project")
     digest = hashlib.sha256()
     for name in source_files(module, shipped):
         digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes() + b"\0")
