@@ -24,6 +24,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 
 from components.core.cli import run_step
 from components.core.config import select
+from components.core.events import emit
 from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError, StepError
 from components.evaluation.explanations import attribution_grids, error_analysis, error_features
@@ -116,6 +117,7 @@ def publish(scratch: Path, reports_dir: Path) -> None:
 
 def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, reports_dir: str | Path) -> dict:
     """Evaluate the trained model on the test split and write the reports; returns metrics.json's content."""
+    events = cfg.events  # a side channel (components/core/events.py): it determines no output, so it is not in SECTIONS
     cfg = select(cfg, SECTIONS)
     prepared_dir, model_dir, reports_dir = Path(prepared_dir), Path(model_dir), Path(reports_dir)
     e = cfg.evaluate
@@ -145,18 +147,21 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
     with tempfile.TemporaryDirectory(prefix=f".{reports_dir.name}.", dir=reports_dir.parent) as scratch:
         write_reports(ev, metrics, classes, y_true, y_pred, Path(scratch))
         publish(Path(scratch), reports_dir)
+    emit(events, "experiment_finished", summary(metrics, reports_dir), details={"metrics": metrics, "lineage": ev.lineage,
+         "dvc_experiment": os.environ.get("DVC_EXP_NAME")})
     if fairness["violations"] and e.fail_on_violation:
         raise FairnessViolation(f"fairness gate failed (evaluate.fail_on_violation=true): {'; '.join(fairness['violations'])}. "
                                 f"The reports in {reports_dir} show the evidence.")
     return metrics
 
 
-def summary(metrics: dict, args) -> str:
+def summary(metrics: dict, reports_dir) -> str:
     fairness = metrics["fairness"]
     return (f"evaluate: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}, "
-            f"ECE {metrics['ece']:.4f}, fairness {fairness['verdict']} -> {args.reports}")
+            f"ECE {metrics['ece']:.4f}, fairness {fairness['verdict']} -> {reports_dir}")
 
 
 if __name__ == "__main__":
-    run_step(evaluate, "Evaluate the trained model: quality, fairness, interpretability, reports.", summary,
+    run_step(evaluate, "Evaluate the trained model: quality, fairness, interpretability, reports.",
+             lambda metrics, args: summary(metrics, args.reports),
              prepared="artifacts/prepared", model="artifacts/model", reports="reports")

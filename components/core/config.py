@@ -257,6 +257,21 @@ class RegistryConfig:
 
 
 @dataclass
+class EventsConfig:
+    log_file: str = MISSING
+    webhooks: list[str] = MISSING
+    timeout_s: float = MISSING
+
+
+@dataclass
+class ScoreConfig:
+    input: str = MISSING
+    extensions: list[str] = MISSING
+    workers: int = MISSING
+    chunk_size: int = MISSING
+
+
+@dataclass
 class Config:
     seed: int = MISSING
     data: DataConfig = field(default_factory=DataConfig)
@@ -267,6 +282,8 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
 
 def _check(cfg: DictConfig) -> None:
@@ -291,6 +308,7 @@ def _check(cfg: DictConfig) -> None:
             problems.append(f"train.{key} must be at least 1, got {t[key]}")
     problems += _evaluate_problems(cfg.evaluate)
     problems += _package_and_serve_problems(cfg.package, cfg.serve)
+    problems += _events_and_score_problems(cfg.events, cfg.score)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -325,6 +343,19 @@ def _package_and_serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
                         f"got {s.prediction_log.max_mb} and {s.prediction_log.backups}")
     if not 1 <= s.drift.min_samples <= s.drift.window:
         problems.append("serve.drift.min_samples must be between 1 and serve.drift.window")
+    return problems
+
+
+def _events_and_score_problems(e: DictConfig, s: DictConfig) -> list[str]:
+    problems = [f"events.webhooks: {url!r} is not an http(s) URL" for url in e.webhooks if not re.match(r"https?://", url)]
+    if e.timeout_s <= 0:
+        problems.append(f"events.timeout_s must be positive, got {e.timeout_s}")
+    if s.workers < 0:
+        problems.append(f"score.workers must be 0 (one per core) or more, got {s.workers}")
+    if s.chunk_size < 1:
+        problems.append(f"score.chunk_size must be at least 1, got {s.chunk_size}")
+    if not s.extensions or not all(ext.startswith(".") for ext in s.extensions):
+        problems.append(f"score.extensions must list suffixes starting with '.', got {list(s.extensions)}")
     return problems
 
 
