@@ -31,6 +31,7 @@ from components.evaluation.explanations import attribution_grids, error_analysis
 from components.evaluation.fairness import fairness_report, require_groups
 from components.core.io import write_json
 from components.core.lineage import lineage
+from components.core.progress import progress
 from components.model.networks import load_trained, predict_logits, resolve_device
 from components.evaluation.report import Evaluation, render_html, render_model_card
 
@@ -132,13 +133,19 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
 
     device = resolve_device(cfg.train.device)
     model, norm = model.to(device), norm.to(device)
+    phases = progress((), "evaluate", total=4, unit="phase", every_s=0)
     probs = torch.softmax(predict_logits(model, norm, torch.from_numpy(images), device), dim=1).numpy()
+    phases.step(done=f"predictions on {len(images)} test images")
     classes, y_true, y_pred = spec["classes"], index["label_index"].to_numpy(), probs.argmax(axis=1)
 
     quality, reliability = quality_metrics(y_true, probs, classes, e.calibration_bins)
     fairness = fairness_report(y_true, y_pred, index[attributes], classes, e, cfg.seed)
+    phases.step(done=f"quality and fairness ({e.bootstrap_samples} bootstrap samples)")
     errors = error_analysis(error_features(images, index, attributes, probs), y_pred != y_true, e, cfg.seed)
+    phases.step(done="error analysis")
     grids = attribution_grids(model, norm, images, index, probs, attributes, classes, e, device, cfg.seed)
+    phases.step(done="attributions")
+    phases.close()
     ev = Evaluation(model=spec, data=prepared.meta, config=OmegaConf.to_container(cfg, resolve=True), quality=quality,
                     reliability=reliability, fairness=fairness, error_analysis=errors, attributions=grids, lineage=lineage(cfg, __name__, device.type))
     metrics = headline(quality, fairness)
