@@ -238,3 +238,27 @@ def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project)
     assert "may be deployed to prod" in checked.stdout and "demo: accepted below the new policy" in checked.stdout
     plain_again = run(["python", "-m", "components.promote", "check", "--tag", tag], repo, check=False)
     assert plain_again.returncode == 2 and "may not enter 'prod'" in plain_again.stderr  # the override is the forced tag's, not the version's
+
+
+def test_batch_scoring_by_tag_and_as_the_on_demand_dvc_stage(project: Project):
+    repo = project.repo
+    if not run(["git", "tag", "-l", "digits@v*"], repo).stdout.split():  # this test alone: nothing registered yet
+        run(["gto", "register", "digits", "--version", "v1.0.0"], repo)
+    tag = max(run(["git", "tag", "-l", "digits@v*"], repo).stdout.split(),
+              key=lambda t: tuple(int(n) for n in t.split("@v")[1].split(".")))
+    newest = {"version": tag.split("@")[1], "commit": run(["git", "rev-list", "-n1", tag], repo).stdout.strip()}
+    out = repo.parent / "scored_by_tag"
+    printed = run(["python", "-m", "components.score", "--tag", f"digits@{newest['version']}", "--input", "data/images",
+                   "--out", str(out), f"events.log_file={repo.parent / 'events.jsonl'}"], repo).stdout
+    assert "score: 1797 of 1797 files scored with digits" in printed
+    summary = json.loads((out / "score.json").read_text())
+    assert (summary["model"]["registry_version"], summary["model"]["commit"]) == (newest["version"], newest["commit"])
+
+    # On demand only: the root pipeline never runs it; its own dvc.yaml does.
+    assert "serve/batch/dvc.yaml:score" not in run(["dvc", "repro", "--dry"], repo, check=False).stdout
+    # Steps refuse a params.yaml conf/ no longer matches; here `dvc exp run -S experiment=quick` composed it.
+    run(["python", "-m", "components.core.config", "write"], repo)
+    staged = run(["dvc", "repro", "--single-item", "serve/batch/dvc.yaml:score"], repo).stdout
+    assert "Running stage 'serve/batch/dvc.yaml:score'" in staged
+    assert json.loads((repo / "artifacts/score/score.json").read_text())["scored"] == 1797
+    assert "didn't change, skipping" in run(["dvc", "repro", "--single-item", "serve/batch/dvc.yaml:score"], repo).stdout
