@@ -57,7 +57,8 @@ def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
 def _uncommitted_changes(repo: Path) -> list[str]:
     """Pipeline files changed in git, and stages whose workspace no longer matches dvc.lock."""
     changed = git(repo, "status", "--porcelain", "--", *PIPELINE_FILES).splitlines()
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True, text=True)
+    # The root dvc.yaml is the pipeline a version comes from; on-demand stages (serve/batch/dvc.yaml) are not part of it.
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"], cwd=repo, capture_output=True, text=True)
     stages = json.loads(status.stdout or "{}") if status.returncode == 0 else {}
     for stage, changes in stages.items():
         # "not in cache" only means never cached here; whether the remote has it is checked by fetching.
