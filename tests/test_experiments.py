@@ -57,4 +57,4 @@ def test_exp_show_with_the_documented_options_is_a_readable_table(swept):
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert {"Experiment", "train.lr", "train.epochs", "accuracy", "val.accuracy", "fairness.verdict"} <= set(columns)
     assert not [c for c in columns if "/" in c or c in ("Created", "data.root", "model.name")]  # no dep hashes, no unchanged params
-    assert len(table.splitlines()) == 2 + 4  # header, rule, workspace, main and its two experiments
+    assert len(table.strip().splitlines()) == 2 + 4  # header, rule, workspace, main and its two experiments
