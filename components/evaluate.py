@@ -24,16 +24,19 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 
 from components.core.cli import run_step
 from components.core.config import select
+from components.core.events import emit
 from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError, StepError
 from components.evaluation.explanations import attribution_grids, error_analysis, error_features
 from components.evaluation.fairness import fairness_report, require_groups
 from components.core.io import write_json
 from components.core.lineage import lineage
+from components.core.progress import progress
 from components.model.networks import load_trained, predict_logits, resolve_device
 from components.evaluation.report import Evaluation, render_html, render_model_card
 
 SECTIONS = ("seed", "data", "train.device", "evaluate")  # the config this step reads: its DVC params and its config hash
+CODE_FILES = ("components/evaluation/templates",)  # the reports' Jinja2 templates: code, though not Python
 REPORT_FILES = ("metrics.json", "quality.json", "fairness.json", "plots/confusion.json", "plots/reliability.json", "evaluation.html", "model_card.md")
 
 
@@ -116,6 +119,7 @@ def publish(scratch: Path, reports_dir: Path) -> None:
 
 def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, reports_dir: str | Path) -> dict:
     """Evaluate the trained model on the test split and write the reports; returns metrics.json's content."""
+    events = cfg.events  # a side channel (components/core/events.py): it determines no output, so it is not in SECTIONS
     cfg = select(cfg, SECTIONS)
     prepared_dir, model_dir, reports_dir = Path(prepared_dir), Path(model_dir), Path(reports_dir)
     e = cfg.evaluate
@@ -130,33 +134,42 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
 
     device = resolve_device(cfg.train.device)
     model, norm = model.to(device), norm.to(device)
+    phases = progress((), "evaluate", total=4, unit="phase", every_s=0)
     probs = torch.softmax(predict_logits(model, norm, torch.from_numpy(images), device), dim=1).numpy()
+    phases.step(done=f"predictions on {len(images)} test images")
     classes, y_true, y_pred = spec["classes"], index["label_index"].to_numpy(), probs.argmax(axis=1)
 
     quality, reliability = quality_metrics(y_true, probs, classes, e.calibration_bins)
     fairness = fairness_report(y_true, y_pred, index[attributes], classes, e, cfg.seed)
+    phases.step(done=f"quality and fairness ({e.bootstrap_samples} bootstrap samples)")
     errors = error_analysis(error_features(images, index, attributes, probs), y_pred != y_true, e, cfg.seed)
+    phases.step(done="error analysis")
     grids = attribution_grids(model, norm, images, index, probs, attributes, classes, e, device, cfg.seed)
+    phases.step(done="attributions")
+    phases.close()
     ev = Evaluation(model=spec, data=prepared.meta, config=OmegaConf.to_container(cfg, resolve=True), quality=quality,
-                    reliability=reliability, fairness=fairness, error_analysis=errors, attributions=grids, lineage=lineage(cfg, __spec__.name, device.type))
+                    reliability=reliability, fairness=fairness, error_analysis=errors, attributions=grids, lineage=lineage(cfg, __spec__.name, device.type, CODE_FILES))
     metrics = headline(quality, fairness)
 
     reports_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{reports_dir.name}.", dir=reports_dir.parent) as scratch:
         write_reports(ev, metrics, classes, y_true, y_pred, Path(scratch))
         publish(Path(scratch), reports_dir)
+    emit(events, "experiment_finished", summary(metrics, reports_dir), details={"metrics": metrics, "lineage": ev.lineage,
+         "dvc_experiment": os.environ.get("DVC_EXP_NAME")})
     if fairness["violations"] and e.fail_on_violation:
         raise FairnessViolation(f"fairness gate failed (evaluate.fail_on_violation=true): {'; '.join(fairness['violations'])}. "
                                 f"The reports in {reports_dir} show the evidence.")
     return metrics
 
 
-def summary(metrics: dict, args) -> str:
+def summary(metrics: dict, reports_dir) -> str:
     fairness = metrics["fairness"]
     return (f"evaluate: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}, "
-            f"ECE {metrics['ece']:.4f}, fairness {fairness['verdict']} -> {args.reports}")
+            f"ECE {metrics['ece']:.4f}, fairness {fairness['verdict']} -> {reports_dir}")
 
 
 if __name__ == "__main__":
-    run_step(evaluate, "Evaluate the trained model: quality, fairness, interpretability, reports.", summary,
+    run_step(evaluate, "Evaluate the trained model: quality, fairness, interpretability, reports.",
+             lambda metrics, args: summary(metrics, args.reports),
              prepared="artifacts/prepared", model="artifacts/model", reports="reports")

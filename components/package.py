@@ -37,7 +37,7 @@ HANDLER = ROOT / "serve" / "handler.py"
 RUNTIME = ROOT / "components" / "runtime"  # the package the handler imports, shipped in the archive
 SECTIONS = ("package",)  # the config this step reads: its DVC params and its config hash
 # Files the .mar carries besides the imported code: part of this step's code hash and DVC deps.
-SHIPPED = ("serve/handler.py", *sorted(f"components/runtime/{p.name}" for p in RUNTIME.glob("*.py")))
+CODE_FILES = ("serve/handler.py", *sorted(f"components/runtime/{p.name}" for p in RUNTIME.glob("*.py")))
 ARCHIVER = shutil.which("torch-model-archiver", path=Path(sys.executable).parent) or "torch-model-archiver"
 
 
@@ -87,7 +87,7 @@ def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, ou
     if len(pixels) == 0:
         raise DataError(f"{prepared_dir}: the test split is empty; parity cannot be checked")
     signature = model_signature(spec, p.top_k)
-    run_lineage = lineage(cfg, __spec__.name, shipped=SHIPPED)
+    run_lineage = lineage(cfg, __spec__.name, code_files=CODE_FILES)
 
     with atomic_dir(out_dir) as tmp:
         onnx_path = tmp / "model.onnx"

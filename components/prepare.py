@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from components.core.cli import run_step
 from components.core.config import select
@@ -23,6 +22,7 @@ from components.core.errors import DataError
 from components.runtime.features import feature_table, reference_histograms
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
+from components.core.progress import progress
 
 
 def stratified_split(strata: pd.Series, val: float, test: float, seed: int) -> np.ndarray:
@@ -86,7 +86,7 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
 
     with atomic_dir(out_dir) as tmp:
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(table), channels, *size))
-        for i, file in enumerate(tqdm(table["file"], desc="prepare: decoding", unit="img", mininterval=1, disable=None)):
+        for i, file in enumerate(progress(table["file"], "prepare: decoding", unit="img")):
             if flagged[i]:
                 continue
             array, problem = decode_error(root / file, channels, size)

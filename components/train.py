@@ -14,6 +14,7 @@ import math
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from components.data.dataset import Prepared, load_prepared
 from components.core.errors import DataError
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import code_hash, lineage
+from components.core.progress import progress
 from components.model.networks import Normalize, build_model, predict_logits, resolve_device
 
 CHECKPOINT = "last.pt"
@@ -122,9 +124,10 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
 
     live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=False) if processes.is_main else None
     n, batch = len(images), t.batch_size
-    epochs = tqdm(range(state["epoch"], t.epochs), desc="train", unit="epoch", initial=state["epoch"], total=t.epochs,
-                  disable=None if processes.is_main else True)
+    epochs = progress(range(state["epoch"], t.epochs), "train", total=t.epochs, unit="epoch", initial=state["epoch"], every_s=0,
+                      disable=not processes.is_main)
     for epoch in epochs:
+        epoch_start = time.perf_counter()
         trainer.train()
         order = torch.multinomial(weights, n, replacement=True, generator=generator) if weights is not None else torch.randperm(n, generator=generator)
         order = distributed.shard(order, processes)
@@ -148,7 +151,8 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
             live.log_metric("val/loss", val_loss)
             live.log_metric("val/accuracy", val_acc)
             live.next_step()
-        epochs.set_postfix(train_loss=f"{total_loss / n_local:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        epochs.note(train_loss=total_loss / n_local, val_loss=val_loss, val_accuracy=val_acc,
+                    images_per_s=round(n_local / (time.perf_counter() - epoch_start)))
 
         if val_loss < state["best_loss"]:
             state.update(best_loss=val_loss, best_accuracy=val_acc, best_epoch=epoch, bad_epochs=0,

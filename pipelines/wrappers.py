@@ -164,3 +164,25 @@ def select_best_op(trials: list, reports: Input[List[Artifact]], metric: str, go
     best.metadata["trial"] = names[chosen]
     print(f"sweep: best trial {names[chosen]!r}: {metric} = {scores[chosen]:.6g}")
     return names[chosen]
+
+
+@component
+def score_op(config: str, input_uri: str, package_uri: str, scored: Output[Dataset], drift_report: Output[HTML],
+             metrics: Output[Metrics]):
+    """Batch scoring: `input_uri` (s3:// prefix or folder) with the package at `package_uri` (s3:// or folder)."""
+    import json
+    import os
+    import shutil
+
+    from components.core.config import validate
+    from components.score import score
+
+    result = score(validate(json.loads(config), "pipeline parameter 'config'"), input_uri, package_uri, None, scored.path)
+    drift_html = f"{scored.path}/drift.html"
+    if os.path.exists(drift_html):
+        shutil.copy(drift_html, drift_report.path)
+    else:
+        open(drift_report.path, "w").write(f"<p>drift not checked: {result['drift']['reason']}</p>\n")
+    for key in ("files", "scored", "rejected"):
+        metrics.log_metric(key, result[key])
+    metrics.log_metric("drift", float(bool(result["drift"].get("drift"))))

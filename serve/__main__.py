@@ -17,10 +17,11 @@ import requests
 
 from components.core.config import ROOT, load_config
 from components.core.errors import run_cli
+from components.core.events import emit
 from components.deploy import deploy, read_package
 from components.registry.tags import stage_package
 from components.serving import server
-from serve.drift import check_drift
+from components.monitoring.drift import check_drift
 
 
 def deploy_stage(cfg, stage: str, repo: Path = ROOT, **remote) -> tuple[dict, Path]:
@@ -103,6 +104,9 @@ def drift(cfg, args) -> None:
     print(f"serve: {'drift detected' if report['drift'] else 'no drift'} in the last {report['samples']} logged predictions "
           f"-> {args.out}/drift.json, {args.out}/drift.html")
     if report["drift"]:
+        emit(cfg.events, "drift_detected", f"drift in the last {report['samples']} logged predictions of {cfg.package.model_name}",
+             model=cfg.package.model_name, details={"report": str(Path(args.out) / "drift.json"), "features": report["features"],
+                                                    "predicted_classes": report["predicted_classes"]})
         sys.exit(1)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from components.core.config import ROOT
 
-STEPS = {"prepare", "train", "evaluate", "package", "deploy", "promote"}
+STEPS = {"prepare", "train", "evaluate", "package", "deploy", "promote", "score"}
 
 
 def imported_modules(path: Path) -> set[str]:

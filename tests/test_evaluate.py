@@ -49,7 +49,10 @@ def test_reports_exist_and_carry_lineage(reports):
 
 
 def test_quality_metrics_agree_with_the_confusion_matrix_and_plots(reports):
-    metrics = json.loads((reports / "metrics.json").read_text())
+    metrics = json.loads((reports / "quality.json").read_text())
+    headline = json.loads((reports / "metrics.json").read_text())
+    assert {k: headline[k] for k in ("accuracy", "balanced_accuracy", "f1_macro", "ece")} == {
+        k: metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro", "ece")}
     matrix = np.array(metrics["confusion_matrix"])
     assert matrix.sum() == metrics["n_test"] == 271
     assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
@@ -80,7 +83,7 @@ def test_the_low_contrast_site_gap_is_measured_and_shown(reports, digits_run):
     assert site["accuracy_gap"]["worst_group"] == "site_b"
     assert site["groups"]["site_b"]["accuracy"] < site["groups"]["site_a"]["accuracy"]
     metrics = json.loads((reports / "metrics.json").read_text())
-    assert metrics["fairness"]["site"]["accuracy_difference"] == pytest.approx(site["difference"]["accuracy"])
+    assert metrics["fairness"]["worst_accuracy_gap"] == pytest.approx(site["difference"]["accuracy"])
     html, card = (reports / "evaluation.html").read_text(), (reports / "model_card.md").read_text()
     sentence = f"site_b is {site['accuracy_gap']['gap']:.3f} less accurate than site_a"
     assert sentence in html and sentence in card

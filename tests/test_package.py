@@ -20,7 +20,7 @@ from components.core.errors import ConfigError
 from components.core.lineage import code_hash
 from components.packaging.onnx import ParityError, check_parity, onnx_logits
 from components.model.networks import load_trained
-from components.package import SECTIONS, SHIPPED, package
+from components.package import SECTIONS, CODE_FILES, package
 from components.runtime.features import image_features, intensity
 from components.runtime.request import decode_image
 
@@ -68,7 +68,7 @@ def test_onnx_metadata_carries_signature_and_lineage(packaged):
     assert "git_commit" not in props
     assert json.loads(props["data_hash"]) == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
     assert json.loads(props["config_hash"]) == config_hash(select(packaged["cfg"], SECTIONS))
-    assert json.loads(props["code_hash"]) == code_hash("components.package", SHIPPED)
+    assert json.loads(props["code_hash"]) == code_hash("components.package", CODE_FILES)
     model_spec = json.loads((packaged["model"] / "model.json").read_text())
     assert json.loads(props["model_lineage"]) == model_spec["lineage"]
     assert packaged["manifest"]["lineage"]["config_hash"] == props["config_hash"]

@@ -36,7 +36,7 @@ def stages() -> dict:
 @pytest.mark.parametrize("name", sorted(STEPS))
 def test_stage_deps_are_exactly_the_import_closure_and_params_the_steps_sections(name):
     module = STEPS[name]
-    expected = [*STAGE_INPUTS[name], "requirements.lock", *source_files(module.__name__, getattr(module, "SHIPPED", ()))]
+    expected = [*STAGE_INPUTS[name], "requirements.lock", *source_files(module.__name__, getattr(module, "CODE_FILES", ()))]
     stage = stages()[name]
     assert stage["deps"] == expected, "regenerate them: python -m components.core.lineage"
     assert stage["params"] == list(module.SECTIONS)
@@ -46,6 +46,14 @@ def test_the_config_check_runs_before_every_stage_and_depends_on_conf():
     config = stages()["config"]
     assert config["deps"] == ["conf", *source_files("components.core.config")]
     assert config["outs"] == [{"params.yaml": {"cache": False, "persist": True}}]
+
+
+def test_the_on_demand_score_stage_deps_are_its_import_closure():
+    import components.score
+
+    stage = yaml.safe_load((ROOT / "serve" / "batch" / "dvc.yaml").read_text())["stages"]["score"]
+    assert stage["deps"] == ["${score.input}", "artifacts/package", "requirements.lock", *source_files("components.score")]
+    assert stage["params"] == [{"params.yaml": list(components.score.SECTIONS)}]
 
 
 def test_an_edit_of_the_report_code_does_not_retrain():
@@ -122,7 +130,7 @@ def test_outputs_made_by_the_stage_commands_name_their_code(reproduced):
     quality = json.loads((reproduced / "reports" / "quality.json").read_text())
     assert quality["lineage"]["code_hash"] == code_hash("components.evaluate")
     package = json.loads((reproduced / "artifacts" / "package" / "package.json").read_text())
-    assert package["lineage"]["code_hash"] == code_hash("components.package", components.package.SHIPPED)
+    assert package["lineage"]["code_hash"] == code_hash("components.package", components.package.CODE_FILES)
 
 
 @pytest.mark.slow

@@ -33,9 +33,9 @@ from components.core.io import write_json
 from components.packaging.onnx import onnx_logits
 from components.package import build_mar, package
 from components.serving import server
-from serve.drift import drift_report, load_window
+from components.monitoring.drift import drift_report, load_window
 from components.runtime.monitoring import MONITOR_INTERVAL_S, rotate_log, rotated_logs
-from tests.helpers.servers import free_ports, wait_for_port
+from tests.helpers.servers import free_ports, prometheus_server
 
 pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
 
@@ -448,22 +448,8 @@ def prometheus(workdir: Path, metrics_port: int):
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]
     config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    [port] = free_ports(1)
-    with open(workdir / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen(["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
-                                 f"--storage.tsdb.path={workdir / 'data'}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_port(port, 60, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with prometheus_server(workdir, config) as url:
+        yield url
 
 
 def query_until_present(url: str, query: str, timeout_s: float = 60) -> list[dict]:

@@ -278,6 +278,21 @@ class RegistryConfig:
 
 
 @dataclass
+class EventsConfig:
+    log_file: str = MISSING
+    webhooks: list[str] = MISSING
+    timeout_s: float = above(0)
+
+
+@dataclass
+class ScoreConfig:
+    input: str = MISSING
+    extensions: list[str] = MISSING
+    workers: int = at_least(0)
+    chunk_size: int = at_least(1)
+
+
+@dataclass
 class Config:
     seed: int = at_least(0)
     data: DataConfig = field(default_factory=DataConfig)
@@ -288,6 +303,8 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
 
 def range_problems(cfg: DictConfig, schema: type = None, prefix: str = "") -> list[str]:
@@ -324,7 +341,7 @@ def _check(cfg: DictConfig) -> list[str]:
         problems.append(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
     if cfg.evaluate.attribution_method not in ("integrated_gradients", "occlusion"):
         problems.append(f"evaluate.attribution_method must be integrated_gradients or occlusion, got {cfg.evaluate.attribution_method!r}")
-    return problems + _serve_problems(cfg.package, cfg.serve)
+    return problems + _serve_problems(cfg.package, cfg.serve) + _events_and_score_problems(cfg.events, cfg.score)
 
 
 def _serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
@@ -342,6 +359,13 @@ def _serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
         problems.append(f"serve ports {', '.join(PORT_KEYS)} must be distinct, got {ports}")
     if s.drift.min_samples > s.drift.window:
         problems.append("serve.drift.min_samples must not exceed serve.drift.window")
+    return problems
+
+
+def _events_and_score_problems(e: DictConfig, s: DictConfig) -> list[str]:
+    problems = [f"events.webhooks: {url!r} is not an http(s) URL" for url in e.webhooks if not re.match(r"https?://", url)]
+    if not s.extensions or not all(ext.startswith(".") for ext in s.extensions):
+        problems.append(f"score.extensions must list suffixes starting with '.', got {list(s.extensions)}")
     return problems
 
 

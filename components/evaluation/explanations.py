@@ -36,7 +36,9 @@ def error_analysis(features: pd.DataFrame, errors: np.ndarray, e: DictConfig, se
     if min(n_errors, len(errors) - n_errors) < MIN_PER_OUTCOME:
         summary["findings"] = [f"Not fitted: {n_errors} error(s) in {len(errors)} test images is too few to tell where errors concentrate."]
         return summary
-    ebm = ExplainableBoostingClassifier(interactions=e.error_analysis_interactions, random_state=seed)
+    # Text columns (true label, sensitive attributes) are categories, even when they read as numbers ("0".."9").
+    types = ["continuous" if pd.api.types.is_numeric_dtype(features[c]) else "nominal" for c in features.columns]
+    ebm = ExplainableBoostingClassifier(feature_types=types, interactions=e.error_analysis_interactions, random_state=seed)
     ebm.fit(features, errors.astype(int))
     order = np.argsort(-ebm.term_importances(), kind="stable")
     summary["ranking"] = [{"term": ebm.term_names_[i], "importance": float(ebm.term_importances()[i])} for i in order]

@@ -60,3 +60,22 @@ def seaweed_s3(workdir: Path, bucket: str = "dvc-storage") -> Iterator[S3Server]
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@contextlib.contextmanager
+def prometheus_server(workdir: Path, config: dict) -> Iterator[str]:
+    """The real `prometheus` (Debian package) with `config`, on a free loopback port; yields its URL."""
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    [port] = free_ports(1)
+    with open(workdir / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
+                                 f"--storage.tsdb.path={workdir / 'data'}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, 60, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
