@@ -5,7 +5,7 @@ Promotion checks, before any tag is written:
 - the version's package can be fetched from the DVC remote (an empty cache proves it), and
   a commit registered from the working tree has no uncommitted pipeline changes;
 - for a gated stage, the metrics and fairness verdicts committed at that commit pass the
-  gates in conf/registry (`--force` with a reason overrides; the reason goes in the tag).
+  gate policy of conf/gate (`--force` with a reason overrides; the reason goes in the tag).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from components.core.config import ROOT, load_config
 from components.core.errors import run_cli
+from components.evaluation.gates import decide
 from components.registry.tags import RegistryError, committed_json, fetch_package, git, holders, model_artifact, stage_holder, versions
 
 METRICS_FILE = "reports/metrics.json"
@@ -29,21 +30,11 @@ PIPELINE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", "conf", "reports", "dvc
 
 
 def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
-    """Every gate the reports committed at `commit` do not pass (empty list: all pass)."""
-    gates = cfg.registry.gates
+    """What blocks the reports committed at `commit` under the gate policy of conf/gate (empty list: the gate is open)."""
     metrics, fairness = committed_json(repo, commit, METRICS_FILE), committed_json(repo, commit, FAIRNESS_FILE)
     if metrics is None or fairness is None:
         return [f"no {METRICS_FILE} / {FAIRNESS_FILE} committed at {commit[:10]}: run the evaluate step and commit its reports"]
-    failures = []
-    for key, bound, passes in (("accuracy", gates.min_accuracy, lambda v, b: v >= b),
-                               ("balanced_accuracy", gates.min_balanced_accuracy, lambda v, b: v >= b),
-                               ("ece", gates.max_ece, lambda v, b: v <= b)):
-        if not passes(metrics[key], bound):
-            failures.append(f"{key} {metrics[key]:.4f} {'<' if key != 'ece' else '>'} {bound}")
-    if gates.require_fairness_pass:
-        failures += [f"fairness {c['check']} ({c['grouping']}) {c['value']:.4f} not {c['rule']} {c['threshold']}"
-                     for c in fairness["checks"] if not c["passed"]]
-    return failures
+    return decide(metrics, fairness["checks"], cfg.gate)["blocking"]
 
 
 def _uncommitted_changes(repo: Path) -> list[str]:

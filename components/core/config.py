@@ -63,26 +63,16 @@ class TrainConfig:
     weight_decay: float = MISSING
     early_stopping_patience: int = MISSING
     balanced_sampling: bool = MISSING
+    exclude_groups: list[str] = MISSING
     device: str = MISSING
     num_threads: int = MISSING
     resume: bool = MISSING
 
 
 @dataclass
-class FairnessThresholds:
-    max_accuracy_difference: float = MISSING
-    min_accuracy_ratio: float = MISSING
-    max_recall_macro_difference: float = MISSING
-    max_demographic_parity_difference: float = MISSING
-    max_equalized_odds_difference: float = MISSING
-
-
-@dataclass
 class EvaluateConfig:
     sensitive_attributes: list[str] | None = MISSING
     calibration_bins: int = MISSING
-    thresholds: FairnessThresholds = field(default_factory=FairnessThresholds)
-    fail_on_violation: bool = MISSING
     bootstrap_samples: int = MISSING
     bootstrap_confidence: float = MISSING
     error_analysis_interactions: int = MISSING
@@ -93,6 +83,31 @@ class EvaluateConfig:
     occlusion_window: int = MISSING
     intended_use: str = MISSING
     limitations: list[str] = MISSING
+
+
+@dataclass
+class QualityGate:
+    min_accuracy: float = MISSING
+    min_balanced_accuracy: float = MISSING
+    max_ece: float = MISSING
+
+
+@dataclass
+class FairnessGate:
+    max_accuracy_difference: float = MISSING
+    min_accuracy_ratio: float = MISSING
+    max_recall_macro_difference: float = MISSING
+    max_demographic_parity_difference: float = MISSING
+    max_equalized_odds_difference: float = MISSING
+    min_group_size: int = MISSING
+
+
+@dataclass
+class GateConfig:
+    quality: QualityGate = field(default_factory=QualityGate)
+    fairness: FairnessGate = field(default_factory=FairnessGate)
+    on_fail: str = MISSING
+    on_inconclusive: str = MISSING
 
 
 @dataclass
@@ -144,8 +159,8 @@ class ServeConfig:
 
 @dataclass
 class PipelineImages:
-    cpu: str = MISSING
-    gpu: str = MISSING
+    cpu_repository: str = MISSING
+    gpu_repository: str = MISSING
     pull_policy: str = MISSING
 
 
@@ -155,6 +170,7 @@ class PipelineResources:
     cpu_limit: str = MISSING
     memory_request: str = MISSING
     memory_limit: str = MISSING
+    timeout_s: int = MISSING
 
 
 @dataclass
@@ -171,6 +187,7 @@ class PipelineTrainResources(PipelineResources):
     accelerator_count: int = MISSING
     node_selector: dict[str, str] = MISSING
     tolerations: list[Toleration] = MISSING
+    shm_size: str = MISSING
 
 
 @dataclass
@@ -185,6 +202,7 @@ class PipelineRetry:
 class SecretEnv:
     name: str = MISSING
     env: dict[str, str] = MISSING
+    optional_env: dict[str, str] = MISSING
 
 
 @dataclass
@@ -192,21 +210,18 @@ class PipelineData:
     repo: str = MISSING
     rev: str = MISSING
     uri: str = MISSING
-
-
-@dataclass
-class PipelineGate:
-    require_fairness: bool = MISSING
-    min_accuracy: float = MISSING
+    git_secret: str = MISSING
 
 
 @dataclass
 class PipelineDeploy:
+    enabled: bool = MISSING
     management_url: str = MISSING
     inference_url: str = MISSING
     model_store_pvc: str = MISSING
+    volume_path: str = MISSING
     model_store: str = MISSING
-    token_secret: str = MISSING
+    key_file: str = MISSING
 
 
 @dataclass
@@ -235,25 +250,15 @@ class PipelineConfig:
     caching: bool = MISSING
     s3_secret: SecretEnv = field(default_factory=SecretEnv)
     data: PipelineData = field(default_factory=PipelineData)
-    gate: PipelineGate = field(default_factory=PipelineGate)
     deploy: PipelineDeploy = field(default_factory=PipelineDeploy)
     submit: PipelineSubmit = field(default_factory=PipelineSubmit)
     sweep: PipelineSweep = field(default_factory=PipelineSweep)
 
 
 @dataclass
-class GatesConfig:
-    min_accuracy: float = MISSING
-    min_balanced_accuracy: float = MISSING
-    max_ece: float = MISSING
-    require_fairness_pass: bool = MISSING
-
-
-@dataclass
 class RegistryConfig:
     stages: list[str] = MISSING
     gated_stages: list[str] = MISSING
-    gates: GatesConfig = field(default_factory=GatesConfig)
 
 
 @dataclass
@@ -263,6 +268,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -290,6 +296,8 @@ def _check(cfg: DictConfig) -> None:
         if t[key] < 1:
             problems.append(f"train.{key} must be at least 1, got {t[key]}")
     problems += _evaluate_problems(cfg.evaluate)
+    problems += _gate_problems(cfg.gate)
+    problems += _pipeline_problems(cfg.pipeline)
     problems += _package_and_serve_problems(cfg.package, cfg.serve)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -340,6 +348,32 @@ def _evaluate_problems(e: DictConfig) -> list[str]:
     for key in ("attribution_samples", "error_analysis_interactions", "error_analysis_term_plots"):
         if e[key] < 0:
             problems.append(f"evaluate.{key} must not be negative, got {e[key]}")
+    return problems
+
+
+def _gate_problems(g: DictConfig) -> list[str]:
+    problems = [f"gate.{key} must be block or warn, got {g[key]!r}" for key in ("on_fail", "on_inconclusive")
+                if g[key] not in ("block", "warn")]
+    for key in ("min_accuracy", "min_balanced_accuracy", "max_ece"):
+        if not 0 <= g.quality[key] <= 1:
+            problems.append(f"gate.quality.{key} must be in [0, 1], got {g.quality[key]}")
+    for key, value in g.fairness.items():
+        if key != "min_group_size" and not 0 <= value <= 1:
+            problems.append(f"gate.fairness.{key} must be in [0, 1], got {value}")
+    if g.fairness.min_group_size < 1:
+        problems.append(f"gate.fairness.min_group_size must be at least 1, got {g.fairness.min_group_size}")
+    return problems
+
+
+def _pipeline_problems(p: DictConfig) -> list[str]:
+    problems = []
+    if p.train.accelerator_count < 0:
+        problems.append(f"pipeline.train.accelerator_count must be 0 or more, got {p.train.accelerator_count}")
+    for key, value in (("resources.timeout_s", p.resources.timeout_s), ("train.timeout_s", p.train.timeout_s)):
+        if value < 1:
+            problems.append(f"pipeline.{key} must be at least 1 (seconds), got {value}")
+    if p.retry.num_retries < 0:
+        problems.append(f"pipeline.retry.num_retries must be 0 or more, got {p.retry.num_retries}")
     return problems
 
 

@@ -108,8 +108,20 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _verdict(passed: bool) -> str:
-    return "pass" if passed else "FAIL"
+def _gate_line(fairness: dict) -> str:
+    gate = fairness["gate"]
+    verdicts = ", ".join(f"{n} {v}" for v, n in fairness["verdicts"].items())
+    return f"gate {'open' if gate['open'] else 'CLOSED'} (checks: {verdicts}; policy: conf/gate)"
+
+
+def check_rows(fairness: dict) -> list[list]:
+    """One row per check: its value, interval, the count it rests on, tolerance and verdict."""
+    return [[c["grouping"], c["check"], c["value"], f"{c['low']:.4f} to {c['high']:.4f}", c["min_count"],
+             f"{c['rule']} {c['threshold']}", c["verdict"] if c["verdict"] == "pass" else c["verdict"].upper()]
+            for c in fairness["checks"]]
+
+
+CHECK_HEADERS = ["grouping", "check", "value", "interval", "fewest images", "tolerance", "verdict"]
 
 
 def _quality_html(ev: Evaluation) -> str:
@@ -124,10 +136,11 @@ def _quality_html(ev: Evaluation) -> str:
 
 def _fairness_html(ev: Evaluation) -> str:
     f = ev.fairness
-    checks = [[c["grouping"], c["check"], c["value"], f"{c['rule']} {c['threshold']}", _verdict(c["passed"])] for c in f["checks"]]
-    parts = [f"<h2>Fairness: {_verdict(f['passed'])}</h2>",
-             f"<p>fail_on_violation: {f['fail_on_violation']}</p>",
-             _table(["grouping", "check", "value", "threshold", "verdict"], checks)]
+    parts = [f"<h2>Fairness: {html.escape(_gate_line(f))}</h2>",
+             f"<p>Intervals: {f['checks'][0]['confidence']:.0%} bootstrap. A check fails only when its whole interval lies beyond "
+             "its tolerance, and is inconclusive when the data cannot tell.</p>" if f["checks"] else "",
+             _table(CHECK_HEADERS, check_rows(f)),
+             "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in f["gate"]["blocking"] + f["gate"]["warnings"]) + "</ul>"]
     for name, report in f["groupings"].items():
         classes = list(next(iter(report["groups"].values()))["selection_rate"])
         rows = [[g, r["count"], r["accuracy"], r["recall_macro"], r["precision_macro"], *(r["selection_rate"][c] for c in classes)]
@@ -183,7 +196,8 @@ def _md_table(headers: list[str], rows: list[list]) -> str:
 def limitations(ev: Evaluation) -> list[str]:
     """The configured limitations plus those measured in this evaluation."""
     found = list(ev.config["evaluate"]["limitations"])
-    found += [f"Fairness check failed: {v}." for v in ev.fairness["violations"]]
+    found += [f"Fairness check {c['verdict']}: {c['grouping']} {c['check']} {c['value']:.4f} (interval {c['low']:.4f} to "
+              f"{c['high']:.4f}; {c['why']})." for c in ev.fairness["checks"] if c["verdict"] != "pass"]
     for name, report in ev.fairness["groupings"].items():
         small = [g for g, r in report["groups"].items() if r["count"] < SMALL_GROUP]
         if small:
@@ -194,7 +208,6 @@ def limitations(ev: Evaluation) -> list[str]:
 
 def render_model_card(ev: Evaluation) -> str:
     m, d, q, cfg = ev.model, ev.data, ev.quality, ev.config
-    checks = [[c["grouping"], c["check"], c["value"], f"{c['rule']} {c['threshold']}", _verdict(c["passed"])] for c in ev.fairness["checks"]]
     groups = [[name, g, r["count"], r["accuracy"], f"{report['accuracy_gap']['group_accuracy'][g]['low']:.3f} to "
                f"{report['accuracy_gap']['group_accuracy'][g]['high']:.3f}"]
               for name, report in ev.fairness["groupings"].items() for g, r in report["groups"].items()]
@@ -217,7 +230,7 @@ def render_model_card(ev: Evaluation) -> str:
         "## Training configuration\n" + _md_table(["train", "value"], train),
         f"## Metrics (test split, {q['n_test']} images)\n" + _md_table(["metric", "value"], [
             [k, q[k]] for k in ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "ece")]),
-        f"## Fairness: {_verdict(ev.fairness['passed'])}\n" + _md_table(["grouping", "check", "value", "threshold", "verdict"], checks)
+        f"## Fairness: {_gate_line(ev.fairness)}\n" + _md_table(CHECK_HEADERS, check_rows(ev.fairness))
         + "\n\n" + _md_table(["grouping", "group", "test images", "accuracy", f"{cfg['evaluate']['bootstrap_confidence']:.0%} interval"], groups)
         + "\n\n" + "\n".join(f"- {name}: {gap_sentence(r['accuracy_gap'])}" for name, r in ev.fairness["groupings"].items()),
         "## Interpretability findings\n" + f"Error analysis ranks what drives errors: {ranking}.\n\n"
