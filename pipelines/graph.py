@@ -28,7 +28,7 @@ from pipelines.in_pod import GIT_CREDENTIALS_ENV, GIT_SSH_KEY_ENV
 from pipelines.wrappers import (deploy_op, evaluate_op, gate_op, package_op, prepare_op, record_outcome_op, select_best_op,
                                 train_op)
 
-COMMIT_LABEL = "git-commit"
+COMMIT_LABEL, DEPLOY_ROLE_LABEL = "git-commit", "kfp-dvc-template/role"
 DEPLOY_SECTIONS = ("serve",)  # what components.deploy reads
 # Typed run parameter -> the config key it sets (the train step's).
 RUN_PARAMETERS = {"epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "model_name": "model.name"}
@@ -130,6 +130,7 @@ def _package_and_deploy(b: Build, gate: PipelineTask, prepare: PipelineTask, tra
                            key_file=f"{d.volume_path}/{d.key_file}" if on_volume else "")
         # Deploying is a side effect: never cached, never retried blindly (deploy rolls back itself).
         _with_cluster_settings(deploy, b, p.resources, retries=False, cache=False).set_display_name("deploy")
+        kubernetes.add_pod_label(deploy, DEPLOY_ROLE_LABEL, "deploy")  # serve/k8s/networkpolicy.yaml lets it reach management
         if on_volume:
             kubernetes.mount_pvc(deploy, d.model_store_pvc, d.volume_path)
 

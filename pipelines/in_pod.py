@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import requests
@@ -74,26 +74,27 @@ def _private_file(path: Path, text: str) -> Path:
 
 def server_keys(key_file: str, management_url: str) -> dict[str, str]:
     """TorchServe's current keys from the key file it rewrites at every start (on the volume the
-    deploy step shares with it); expired keys are renewed with the API key, which does not expire."""
-    from components.serving.server import bearer
+    deploy step shares with it). An expiring key is renewed with the API key (which does not
+    expire): TorchServe writes the new key into the same file."""
+    from components.serving.server import bearer, read_keys
 
     path = Path(key_file)
     if not path.is_file():
         raise ConfigError(f"{key_file}: TorchServe key file not found; mount the server's volume "
                           "(pipeline.deploy.model_store_pvc, pipeline.deploy.key_file)")
     data = json.loads(path.read_text())
-    keys = {}
     for kind in ("management", "inference"):
-        keys[kind] = data[kind]["key"]
         if _expired(data[kind].get("expiration time", "")):
             response = requests.get(f"{management_url}/token", params={"type": kind}, headers=bearer(data["API"]["key"]), timeout=30)
-            response.raise_for_status()
-            keys[kind] = response.json()[kind]["key"]
-    return keys
+            if not response.ok:
+                raise ConfigError(f"{management_url}/token?type={kind}: HTTP {response.status_code}; cannot renew the expired key")
+    return read_keys(path)
 
 
 def _expired(stamp: str) -> bool:
+    """True when the key expires within 5 minutes (TorchServe stamps nanoseconds, UTC)."""
     try:
-        return datetime.fromisoformat(stamp.rstrip("Z")) <= datetime.utcnow() + timedelta(minutes=5)
+        expires = datetime.fromisoformat(stamp.rstrip("Z")[:26]).replace(tzinfo=timezone.utc)
     except ValueError:
         return False
+    return expires <= datetime.now(timezone.utc) + timedelta(minutes=5)
