@@ -77,11 +77,15 @@ def upload_command(args) -> None:
 
 def submit_command(args) -> None:
     cfg, s = args.cfg, args.cfg.pipeline.submit
+    if args.schedule and not args.pipeline_version:
+        raise ConfigError("--schedule needs --pipeline-version: a recurring run runs a registered version (python -m pipelines upload)")
     out = compile_for_cluster(args)
     name = args.run_name or run_name(cfg)
-    run_id = submit(connect(args), out, name, args.experiment or s.experiment, args.namespace or s.namespace, args.pipeline_version)
+    run_id = submit(connect(args), out, name, args.experiment or s.experiment, args.namespace or s.namespace, args.pipeline_version,
+                    args.schedule)
     what = f"registered version {args.pipeline_version}" if args.pipeline_version else shown(out)
-    print(f"submit: run {run_id} ({name!r}) of {what} created on {args.host or s.host}")
+    kind = f"recurring run ({args.schedule})" if args.schedule else "run"
+    print(f"submit: {kind} {run_id} ({name!r}) of {what} created on {args.host or s.host}")
 
 
 def connect(args):
@@ -108,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
     submit_parser.add_argument("--run-name", default=None, help="default: <pipeline> commit <git commit> data <data hash> <time>")
     submit_parser.add_argument("--pipeline-version", default=None, metavar="VERSION_ID",
                                help="run this registered pipeline version (python -m pipelines upload) instead of the fresh spec")
+    submit_parser.add_argument("--schedule", default=None, metavar="CRON",
+                               help="with --pipeline-version: a recurring run on this cron schedule (e.g. '0 0 3 * * *')")
     submit_parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                                help="force KFP caching on/off for every step (default: as compiled, pipeline.caching)")
     submit_parser.set_defaults(run=submit_command)

@@ -86,12 +86,18 @@ def upload(c, package: Path, name: str, version: str, cfg: DictConfig) -> tuple[
     return pipeline_id, made.pipeline_version_id
 
 
-def submit(c, package: Path, name: str, experiment: str, namespace: str, version_id: str | None = None) -> str:
-    """Create the run (of the registered version `version_id`, else of `package`); returns its id."""
+def submit(c, package: Path, name: str, experiment: str, namespace: str, version_id: str | None = None,
+           schedule: str | None = None) -> str:
+    """Create the run (of the registered version `version_id`, else of `package`), or with `schedule`
+    (a cron expression) a recurring run of the registered version; returns its id."""
     with api_errors(c.host_url):
         if version_id:
             exp = c.create_experiment(experiment, namespace=namespace)
-            return c.run_pipeline(exp.experiment_id, name, pipeline_id=_pipeline_of(c, version_id), version_id=version_id).run_id
+            pipeline_id = _pipeline_of(c, version_id)
+            if schedule:
+                return c.create_recurring_run(exp.experiment_id, name, cron_expression=schedule, pipeline_id=pipeline_id,
+                                              version_id=version_id).recurring_run_id
+            return c.run_pipeline(exp.experiment_id, name, pipeline_id=pipeline_id, version_id=version_id).run_id
         run = c.create_run_from_pipeline_package(str(package), run_name=name, experiment_name=experiment, namespace=namespace)
     return run.run_id
 

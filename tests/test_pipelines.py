@@ -271,7 +271,7 @@ def test_an_image_of_another_commit_fails_at_once_with_a_clear_error(tmp_path, t
     result, run_dir = run_local(tmp_path, *tiny_overrides(tiny_data), check=False, env={"IMAGE_GIT_COMMIT": "0" * 40})
     assert result.returncode == 2 and "Inner task failed: 'prepare-op'" in result.stderr
     assert (f"this image was built from commit {'0' * 40}, but the pipeline spec expects commit {HEAD}: "
-            "build and push the images of that commit") in result.stdout
+            "build and push the images of that commit") in result.stdout + result.stderr
     assert list(collect_results(run_dir)) == ["record-outcome-op"]
 
 
@@ -306,7 +306,7 @@ def test_prepare_component_fetches_dvc_data_at_a_revision_and_an_s3_prefix(tmp_p
         run(["dvc", "commit", "--force", "data.dvc"], repo)
         first = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
         origin = tmp_path / "origin.git"  # what a cluster sees: a git server without any DVC cache
-        run(["git", "init", "-q", "--bare", str(origin)], tmp_path)
+        run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
         run(["git", "remote", "add", "origin", str(origin)], repo)
         with pytest.raises(ConfigError, match=f"commit {first[:10]} is on no remote branch"):
             preflight.pushed_commit(first, repo)
@@ -380,6 +380,8 @@ class FakeKfpApi(BaseHTTPRequestHandler):
             self._answer(self.pipelines[-1])
         elif path == "/apis/v2beta1/pipelines/upload_version":
             self._answer({"pipeline_id": "pipe-1", "pipeline_version_id": "ver-1"})
+        elif path == "/apis/v2beta1/recurringruns":
+            self._answer({"recurring_run_id": "recurring-1", **body})
         else:
             self._answer({"run_id": "run-1", **body})
 
@@ -425,7 +427,7 @@ def test_submit_contract_with_fake_kfp_api_server(fake_kfp_api_server, tmp_path)
     assert "submit: run run-1" in result.stdout
 
 
-def test_upload_registers_a_version_named_by_commit_and_submit_runs_it_with_fake_kfp_api_server(fake_kfp_api_server, tmp_path):
+def test_upload_registers_a_version_named_by_commit_and_submit_runs_and_schedules_it_with_fake_kfp_api_server(fake_kfp_api_server, tmp_path):
     host, requests = fake_kfp_api_server
     repo = copy_project(tmp_path / "repo", with_data=False)  # a clean checkout: a version is named by a commit
     commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
@@ -441,6 +443,13 @@ def test_upload_registers_a_version_named_by_commit_and_submit_runs_it_with_fake
     assert created["pipeline_version_reference"] == {"pipeline_id": "pipe-1", "pipeline_version_id": "ver-1"}
     assert "pipeline_spec" not in created and created["display_name"].startswith(f"kfp-dvc-template commit {commit[:8]}")
     assert "submit: run run-1" in result.stdout and "of registered version ver-1" in result.stdout
+    result = run(["python", "-m", "pipelines", "submit", "--host", host, "--pipeline-version", "ver-1", "--schedule", "0 0 3 * * *",
+                  *CLUSTER], repo)
+    recurring = requests[-1]
+    assert recurring["path"].startswith("/apis/v2beta1/recurringruns")
+    assert recurring["body"]["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
+    assert recurring["body"]["pipeline_version_reference"] == {"pipeline_id": "pipe-1", "pipeline_version_id": "ver-1"}
+    assert "submit: recurring run (0 0 3 * * *) recurring-1" in result.stdout
     (repo / "conf" / "seed.txt").write_text("dirty")
     run(["git", "add", "conf/seed.txt"], repo)
     refused = run(["python", "-m", "pipelines", "upload", "--host", host, *CLUSTER], repo, check=False)
