@@ -34,6 +34,9 @@ def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
     metrics, fairness = committed_json(repo, commit, METRICS_FILE), committed_json(repo, commit, FAIRNESS_FILE)
     if metrics is None or fairness is None:
         return [f"no {METRICS_FILE} / {FAIRNESS_FILE} committed at {commit[:10]}: run the evaluate step and commit its reports"]
+    if any("low" not in check for check in fairness["checks"]):
+        return [f"{FAIRNESS_FILE} at {commit[:10]} has no check intervals (written before conf/gate's verdicts): "
+                "run the evaluate step and commit its reports"]
     return decide(metrics, fairness["checks"], cfg.gate)["blocking"]
 
 

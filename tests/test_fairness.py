@@ -4,6 +4,8 @@ hand-made case, the bootstrap intervals' behaviour, and the verdicts of the gate
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -202,3 +204,26 @@ def test_a_known_group_without_test_images_is_an_error():
     with pytest.raises(DataError, match=r"\['site=c'\] have no images in the test split"):
         require_groups(SENSITIVE, {"site": ["a", "b", "c"]}, "prepared")
     require_groups(SENSITIVE, {"site": ["a", "b"], "sex": ["m", "f"]}, "prepared")
+
+
+def test_the_registry_judges_committed_reports_with_the_same_policy(tmp_path):
+    """gate_failures re-judges the reports committed at a version's commit with conf/gate (a real git repo)."""
+    from components.promote import gate_failures
+    from tests.helpers.project import git_commit, run
+
+    run(["git", "init", "-q", "-b", "main"], tmp_path)
+    (tmp_path / "reports").mkdir()
+    metrics = {"accuracy": 0.99, "balanced_accuracy": 0.99, "ece": 0.01}
+    (tmp_path / "reports" / "metrics.json").write_text(json.dumps(metrics))
+    old = {"checks": [{"grouping": "site", "check": "accuracy_difference", "value": 0.2, "passed": False}]}
+    (tmp_path / "reports" / "fairness.json").write_text(json.dumps(old))
+    git_commit(tmp_path, "reports before intervals")
+    first = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    (tmp_path / "reports" / "fairness.json").write_text(json.dumps({"checks": [check(0.2, 0.1, 0.3)]}))
+    git_commit(tmp_path, "reports with intervals")
+    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    cfg = compose([])
+    assert gate_failures(cfg, first, tmp_path) == [f"reports/fairness.json at {first[:10]} has no check intervals (written before "
+                                                   "conf/gate's verdicts): run the evaluate step and commit its reports"]
+    assert gate_failures(cfg, head, tmp_path) == [decide(metrics, [check(0.2, 0.1, 0.3)], cfg.gate)["blocking"][0]]
+    assert gate_failures(compose(["gate.on_fail=warn"]), head, tmp_path) == []

@@ -177,8 +177,7 @@ def test_compiled_sweep_fans_out_one_trial_per_override_set(tmp_path):
 @pytest.fixture(scope="module")
 def dvc_quick(tmp_path_factory) -> Path:
     repo = copy_project(tmp_path_factory.mktemp("dvc") / "repo")
-    run(["python", "-m", "components.core.config", "write", "experiment=quick"], repo)
-    run(["dvc", "repro"], repo)
+    run(["dvc", "exp", "run", "-S", "experiment=quick"], repo)  # composes conf/ with the override, as run-local does
     return repo
 
 

@@ -48,8 +48,7 @@ def project(tmp_path_factory):
     with seaweed_s3(root / "s3") as s3:
         for key, value in (("endpointurl", s3.endpoint), ("access_key_id", s3.access_key), ("secret_access_key", s3.secret_key)):
             run(["dvc", "remote", "modify", "--local", "storage", key, value], repo)
-        run(["python", "-m", "components.core.config", "write", "experiment=quick"], repo)
-        run(["dvc", "repro"], repo)
+        run(["dvc", "exp", "run", "-S", "experiment=quick"], repo)
         git_commit(repo, "model v1")
         run(["dvc", "push"], repo)
         project = Project(repo, s3, serve_overrides)
@@ -99,8 +98,7 @@ def test_promotion_lifecycle(project: Project):
     assert "gates passed" in latest_stage_tag_message(repo, "prod")
 
     # v2: a new experiment; refused while uncommitted, then while not pushed to the remote.
-    run(["python", "-m", "components.core.config", "write", "experiment=quick", "train.lr=0.004"], repo)
-    run(["dvc", "repro"], repo)
+    run(["dvc", "exp", "run", "-S", "experiment=quick", "-S", "train.lr=0.004"], repo)
     with pytest.raises(RegistryError, match="uncommitted pipeline changes"):
         promote(project.cfg(), "v1.1.0", "staging", repo=repo)
     git_commit(repo, "model v2")
