@@ -198,7 +198,8 @@ def test_run_local_gives_the_numbers_of_dvc_repro(dvc_quick, local_quick):
     lineages = [json.loads((folder / "quality.json").read_text())["lineage"] for folder in (reports, dvc_quick / "reports")]
     assert lineages[0]["config_hash"] == lineages[1]["config_hash"]
     dvclive = json.loads((dvc_quick / "dvclive" / "metrics.json").read_text())
-    assert tasks["train-op"].metrics["metrics"] == {k: dvclive[k] for k in ("val_loss", "val_accuracy", "best_epoch", "epochs_run")}
+    assert tasks["train-op"].metrics["metrics"] == {"val_loss": dvclive["val"]["loss"], "val_accuracy": dvclive["val"]["accuracy"],
+                                                    "best_epoch": dvclive["best_epoch"], "epochs_run": dvclive["epochs_run"]}
     our_weights = load_file(Path(tasks["train-op"].artifacts["model"]) / "model.safetensors")
     their_weights = load_file(dvc_quick / "artifacts" / "model" / "model.safetensors")
     assert our_weights.keys() == their_weights.keys()

@@ -114,7 +114,7 @@ def test_promotion_lifecycle(project: Project):
     strict = project.cfg(*gates_around(metrics_v2, fairness_v2, passing=False))
     with pytest.raises(RegistryError) as refused:
         promote(strict, "v1.1.0", "prod", repo=repo)
-    assert f"accuracy {metrics_v2['accuracy']:.4f} <" in str(refused.value)
+    assert f"quality: accuracy {metrics_v2['accuracy']:.4f} not >= " in str(refused.value)
     forced = promote(strict, "v1.1.0", "prod", force_reason="demo: accept a 0.1% accuracy shortfall", repo=repo)
     assert forced["verdict"].startswith("FORCED past failed gates")
     assert "demo: accept a 0.1% accuracy shortfall" in latest_stage_tag_message(repo, "prod")
