@@ -51,13 +51,14 @@ test: data prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Kubeflow Pipelines component images (CPU, GPU) with the locked dependencies, built from the
-# committed tree (git archive HEAD: uncommitted changes never reach a cluster); tags from conf/pipeline.
+# committed tree (git archive HEAD: uncommitted changes never reach a cluster), tagged
+# <repository>:<commit> (repositories from conf/pipeline); the compiled spec names them so.
 image: setup
-	@read -r cpu gpu <<< "$$($(BIN)/python -c 'from omegaconf import OmegaConf; i = OmegaConf.load("conf/pipeline/default.yaml").image; print(i.cpu, i.gpu)')"; \
+	@read -r cpu gpu <<< "$$($(BIN)/python -c 'from omegaconf import OmegaConf; i = OmegaConf.load("conf/pipeline/default.yaml").image; print(i.cpu_repository, i.gpu_repository)')"; \
 	commit=$$(git rev-parse HEAD); \
-	git archive --format=tar HEAD | docker build -f pipelines/Dockerfile --build-arg PIP_VERSION=$(PIP_VERSION) --build-arg GIT_COMMIT=$$commit -t $$cpu - && \
-	git archive --format=tar HEAD | docker build -f pipelines/Dockerfile.gpu --build-arg PIP_VERSION=$(PIP_VERSION) --build-arg GIT_COMMIT=$$commit -t $$gpu - && \
-	echo "built $$cpu and $$gpu from $$commit; push them with: docker push $$cpu && docker push $$gpu"
+	git archive --format=tar HEAD | docker build -f pipelines/Dockerfile --build-arg PIP_VERSION=$(PIP_VERSION) --build-arg GIT_COMMIT=$$commit -t $$cpu:$$commit - && \
+	git archive --format=tar HEAD | docker build -f pipelines/Dockerfile.gpu --build-arg PIP_VERSION=$(PIP_VERSION) --build-arg GIT_COMMIT=$$commit -t $$gpu:$$commit - && \
+	echo "built $$cpu:$$commit and $$gpu:$$commit; push them with: docker push $$cpu:$$commit && docker push $$gpu:$$commit"
 
 # Re-resolve the environment from pyproject.toml and pin it again (maintainers only).
 lock:

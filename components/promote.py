@@ -5,7 +5,7 @@ Promotion checks, before any tag is written:
 - the version's package can be fetched from the DVC remote (an empty cache proves it), and
   a commit registered from the working tree has no uncommitted pipeline changes;
 - for a gated stage, the metrics and fairness verdicts committed at that commit pass the
-  gates in conf/registry (`--force` with a reason overrides; the reason goes in the tag).
+  gate policy of conf/gate (`--force` with a reason overrides; the reason goes in the tag).
 
 A stage tag can also appear without this CLI (a plain `gto assign`, a `git push` of a hand-made
 tag): `check --tag <tag>` re-checks it (stage declared in .gto, package retrievable, gates or a
@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from components.core.config import ROOT, load_config
 from components.core.errors import run_cli
 from components.core.events import emit
+from components.evaluation.gates import decide
 from components.registry.tags import (RegistryError, check_gto_stages, committed_json, fetch_package, git, holders, model_artifact,
                                       stage_holder, stage_tag, tag_message, versions)
 
@@ -37,21 +38,14 @@ FORCED = "FORCED past failed gates"  # written into the tag message of a promoti
 
 
 def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
-    """Every gate the reports committed at `commit` do not pass (empty list: all pass)."""
-    gates = cfg.registry.gates
+    """What blocks the reports committed at `commit` under the gate policy of conf/gate (empty list: the gate is open)."""
     metrics, fairness = committed_json(repo, commit, METRICS_FILE), committed_json(repo, commit, FAIRNESS_FILE)
     if metrics is None or fairness is None:
         return [f"no {METRICS_FILE} / {FAIRNESS_FILE} committed at {commit[:10]}: run the evaluate step and commit its reports"]
-    failures = []
-    for key, bound, passes in (("accuracy", gates.min_accuracy, lambda v, b: v >= b),
-                               ("balanced_accuracy", gates.min_balanced_accuracy, lambda v, b: v >= b),
-                               ("ece", gates.max_ece, lambda v, b: v <= b)):
-        if not passes(metrics[key], bound):
-            failures.append(f"{key} {metrics[key]:.4f} {'<' if key != 'ece' else '>'} {bound}")
-    if gates.require_fairness_pass:
-        failures += [f"fairness {c['check']} ({c['grouping']}) {c['value']:.4f} not {c['rule']} {c['threshold']}"
-                     for c in fairness["checks"] if not c["passed"]]
-    return failures
+    if any("low" not in check for check in fairness["checks"]):
+        return [f"{FAIRNESS_FILE} at {commit[:10]} has no check intervals (written before conf/gate's verdicts): "
+                "run the evaluate step and commit its reports"]
+    return decide(metrics, fairness["checks"], cfg.gate)["blocking"]
 
 
 def _uncommitted_changes(repo: Path) -> list[str]:
@@ -219,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--push", action="store_true")
     r.set_defaults(run=_run_rollback)
     for command in sub.choices.values():
-        command.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. registry.gates.min_accuracy=0.97")
+        command.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. gate.quality.min_accuracy=0.97")
     return parser
 
 

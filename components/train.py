@@ -28,7 +28,7 @@ from components.training import distributed
 from components.core.cli import run_step
 from components.core.config import config_hash, select
 from components.data.dataset import Prepared, load_prepared
-from components.core.errors import DataError
+from components.core.errors import ConfigError, DataError
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import code_hash, lineage
 from components.core.progress import progress
@@ -54,6 +54,17 @@ def balanced_weights(keys: np.ndarray) -> torch.Tensor:
     """Sampling weight 1/|cell| so every (label, sensitive group) cell is drawn equally often."""
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     return torch.tensor(1.0 / counts[inverse], dtype=torch.float64)
+
+
+def without_groups(x: np.ndarray, index, excluded: list[str], attributes: list[str]) -> tuple[np.ndarray, object]:
+    """The training images minus those of the excluded `attribute=group`s (train.exclude_groups)."""
+    keep = np.ones(len(index), dtype=bool)
+    for item in excluded:
+        attribute, _, group = item.partition("=")
+        if attribute not in attributes:
+            raise ConfigError(f"train.exclude_groups: {item!r} is not attribute=group of a sensitive attribute {attributes}")
+        keep &= (index[attribute] != group).to_numpy()
+    return x[keep], index[keep]
 
 
 def model_spec(cfg: DictConfig, prepared: Prepared) -> dict:
@@ -92,7 +103,7 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
 
-    x_train, index_train = prepared.split("train")
+    x_train, index_train = without_groups(*prepared.split("train"), t.exclude_groups, prepared.meta["sensitive_attributes"])
     x_val, index_val = prepared.split("val")
     if len(x_train) == 0 or len(x_val) == 0:
         raise DataError(f"{prepared_dir}: the train or validation split is empty; add data or change data.split")

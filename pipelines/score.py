@@ -11,6 +11,7 @@ day's prefix); the S3 credentials come from the secret of pipeline.s3_secret.
 
 # No `from __future__ import annotations`: KFP reads the pipeline's real annotation objects.
 import argparse
+import os
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
@@ -18,21 +19,26 @@ from omegaconf import DictConfig
 
 from components.core.config import ROOT, compose
 from components.core.errors import run_cli
-from pipelines.graph import _with_cluster_settings, config_json
+from pipelines import preflight
+from pipelines.graph import Build, _with_cluster_settings, sections_json
+from pipelines.in_pod import IMAGE_COMMIT_ENV
 from pipelines.local import LocalRunFailed, describe, run_pipeline, shown
 from pipelines.wrappers import score_op
 
 OUT_DIR = ROOT / "artifacts" / "kfp"
 
 
-def score_pipeline(cfg: DictConfig):
-    """score_op with the cluster settings of cfg.pipeline; the package and input are run arguments."""
-    p = cfg.pipeline
+def score_pipeline(cfg: DictConfig, commit: str):
+    """score_op with the cluster settings of cfg.pipeline, on the images of `commit`; the package and
+    input are run arguments."""
+    from components.score import SECTIONS
+
+    p, build = cfg.pipeline, Build(cfg, commit, retries=True)
 
     @dsl.pipeline(name=f"{p.name}-score", description="batch scoring of a folder or s3:// prefix with a packaged version")
-    def pipeline(config: str = config_json(cfg), input_uri: str = cfg.score.input, package_uri: str = ""):
-        task = score_op(config=config, input_uri=input_uri, package_uri=package_uri)
-        _with_cluster_settings(task, p, p.resources, p.image.cpu, retries=True, cache=False).set_display_name("score")
+    def pipeline(config: str = sections_json(cfg, SECTIONS), input_uri: str = cfg.score.input, package_uri: str = ""):
+        task = score_op(config=config, expected_commit=commit, input_uri=input_uri, package_uri=package_uri)
+        _with_cluster_settings(task, build, p.resources, cache=False).set_display_name("score")
         if p.s3_secret.name:
             kubernetes.use_secret_as_env(task, p.s3_secret.name, dict(p.s3_secret.env))
 
@@ -40,7 +46,7 @@ def score_pipeline(cfg: DictConfig):
 
 
 def compile_command(args) -> None:
-    pipeline = score_pipeline(compose(args.overrides))
+    pipeline = score_pipeline(compose(args.overrides), preflight.head_commit())
     out = Path(args.out or OUT_DIR / f"{pipeline.name}.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, str(out))
@@ -50,7 +56,8 @@ def compile_command(args) -> None:
 def run_local_command(args) -> None:
     cfg = compose(args.overrides)
     arguments = {"input_uri": _absolute(args.input or cfg.score.input), "package_uri": _absolute(args.package)}
-    run = run_pipeline(score_pipeline(cfg), arguments, Path(args.output_dir), False, cfg)
+    os.environ.setdefault(IMAGE_COMMIT_ENV, preflight.head_commit())  # this working tree plays the image
+    run = run_pipeline(score_pipeline(cfg, preflight.head_commit()), arguments, Path(args.output_dir), False, cfg)
     print(describe(run))
     if run.failure:
         raise LocalRunFailed(run.failure)

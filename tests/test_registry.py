@@ -67,9 +67,11 @@ def project(tmp_path_factory):
 def gates_around(metrics: dict, fairness: dict, passing: bool) -> list[str]:
     """Gate overrides placed just below (passing) or just above (failing) the measured accuracy."""
     delta = -0.001 if passing else 0.001
-    return [f"registry.gates.min_accuracy={metrics['accuracy'] + delta}",
-            f"registry.gates.min_balanced_accuracy={metrics['balanced_accuracy'] - 0.001}",
-            f"registry.gates.max_ece={metrics['ece'] + 0.001}", f"registry.gates.require_fairness_pass={fairness['passed']}"]
+    return [f"gate.quality.min_accuracy={metrics['accuracy'] + delta}",
+            f"gate.quality.min_balanced_accuracy={metrics['balanced_accuracy'] - 0.001}",
+            f"gate.quality.max_ece={metrics['ece'] + 0.001}", "gate.on_fail=block", "gate.on_inconclusive=warn",
+            *(f"gate.fairness.max_{check}=1" for check in ("accuracy_difference", "recall_macro_difference", "demographic_parity_difference",
+                                                            "equalized_odds_difference")), "gate.fairness.min_accuracy_ratio=0"]  # quality decides here
 
 
 def latest_stage_tag_message(repo: Path, stage: str) -> str:
@@ -124,7 +126,7 @@ def test_promotion_lifecycle(project: Project):
     strict = project.cfg(*gates_around(metrics_v2, fairness_v2, passing=False))
     with pytest.raises(RegistryError) as refused:
         promote(strict, "v1.1.0", "prod", repo=repo)
-    assert f"accuracy {metrics_v2['accuracy']:.4f} <" in str(refused.value)
+    assert f"quality: accuracy {metrics_v2['accuracy']:.4f} not >= " in str(refused.value)
     forced = promote(strict, "v1.1.0", "prod", force_reason="demo: accept a 0.1% accuracy shortfall", repo=repo)
     assert forced["verdict"].startswith("FORCED past failed gates")
     assert "demo: accept a 0.1% accuracy shortfall" in latest_stage_tag_message(repo, "prod")

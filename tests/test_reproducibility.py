@@ -63,7 +63,7 @@ def test_an_edit_of_the_report_code_does_not_retrain():
 
 def test_serving_pipeline_and_registry_settings_never_touch_the_steps_lineage():
     base = compose([])
-    changed = compose(["serve.inference_port=9999", "pipeline.image.cpu=other:1", "pipeline.submit.host=http://x",
+    changed = compose(["serve.inference_port=9999", "pipeline.image.cpu_repository=example.org/other", "pipeline.submit.host=http://x",
                        "registry.stages=[dev,prod]"])
     for name, module in STEPS.items():
         assert lineage(select(base, module.SECTIONS), module.__name__) == lineage(select(changed, module.SECTIONS), module.__name__), name

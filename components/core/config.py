@@ -85,26 +85,16 @@ class TrainConfig:
     weight_decay: float = at_least(0)
     early_stopping_patience: int = at_least(0)
     balanced_sampling: bool = MISSING
+    exclude_groups: list[str] = MISSING
     device: str = MISSING
     num_threads: int = at_least(0)
     resume: bool = MISSING
 
 
 @dataclass
-class FairnessThresholds:
-    max_accuracy_difference: float = between(0, 1)
-    min_accuracy_ratio: float = between(0, 1)
-    max_recall_macro_difference: float = between(0, 1)
-    max_demographic_parity_difference: float = between(0, 1)
-    max_equalized_odds_difference: float = between(0, 1)
-
-
-@dataclass
 class EvaluateConfig:
     sensitive_attributes: list[str] | None = MISSING
     calibration_bins: int = at_least(1)
-    thresholds: FairnessThresholds = field(default_factory=FairnessThresholds)
-    fail_on_violation: bool = MISSING
     bootstrap_samples: int = at_least(1)
     bootstrap_confidence: float = between(0.5, 0.999)
     error_analysis_interactions: int = at_least(0)
@@ -113,6 +103,31 @@ class EvaluateConfig:
     attribution_samples: int = at_least(0)
     attribution_steps: int = at_least(1)
     occlusion_window: int = at_least(1)
+
+
+@dataclass
+class QualityGate:
+    min_accuracy: float = between(0, 1)
+    min_balanced_accuracy: float = between(0, 1)
+    max_ece: float = between(0, 1)
+
+
+@dataclass
+class FairnessGate:
+    max_accuracy_difference: float = between(0, 1)
+    min_accuracy_ratio: float = between(0, 1)
+    max_recall_macro_difference: float = between(0, 1)
+    max_demographic_parity_difference: float = between(0, 1)
+    max_equalized_odds_difference: float = between(0, 1)
+    min_group_size: int = at_least(1)
+
+
+@dataclass
+class GateConfig:
+    quality: QualityGate = field(default_factory=QualityGate)
+    fairness: FairnessGate = field(default_factory=FairnessGate)
+    on_fail: str = MISSING
+    on_inconclusive: str = MISSING
 
 
 @dataclass
@@ -165,8 +180,8 @@ class ServeConfig:
 
 @dataclass
 class PipelineImages:
-    cpu: str = MISSING
-    gpu: str = MISSING
+    cpu_repository: str = MISSING
+    gpu_repository: str = MISSING
     pull_policy: str = MISSING
 
 
@@ -176,6 +191,7 @@ class PipelineResources:
     cpu_limit: str = MISSING
     memory_request: str = MISSING
     memory_limit: str = MISSING
+    timeout_s: int = at_least(1)
 
 
 @dataclass
@@ -192,6 +208,7 @@ class PipelineTrainResources(PipelineResources):
     accelerator_count: int = at_least(0)
     node_selector: dict[str, str] = MISSING
     tolerations: list[Toleration] = MISSING
+    shm_size: str = MISSING
 
 
 @dataclass
@@ -206,6 +223,7 @@ class PipelineRetry:
 class SecretEnv:
     name: str = MISSING
     env: dict[str, str] = MISSING
+    optional_env: dict[str, str] = MISSING
 
 
 @dataclass
@@ -213,21 +231,18 @@ class PipelineData:
     repo: str = MISSING
     rev: str = MISSING
     uri: str = MISSING
-
-
-@dataclass
-class PipelineGate:
-    require_fairness: bool = MISSING
-    min_accuracy: float = between(0, 1)
+    git_secret: str = MISSING
 
 
 @dataclass
 class PipelineDeploy:
+    enabled: bool = MISSING
     management_url: str = MISSING
     inference_url: str = MISSING
     model_store_pvc: str = MISSING
+    volume_path: str = MISSING
     model_store: str = MISSING
-    token_secret: str = MISSING
+    key_file: str = MISSING
 
 
 @dataclass
@@ -256,25 +271,15 @@ class PipelineConfig:
     caching: bool = MISSING
     s3_secret: SecretEnv = field(default_factory=SecretEnv)
     data: PipelineData = field(default_factory=PipelineData)
-    gate: PipelineGate = field(default_factory=PipelineGate)
     deploy: PipelineDeploy = field(default_factory=PipelineDeploy)
     submit: PipelineSubmit = field(default_factory=PipelineSubmit)
     sweep: PipelineSweep = field(default_factory=PipelineSweep)
 
 
 @dataclass
-class GatesConfig:
-    min_accuracy: float = between(0, 1)
-    min_balanced_accuracy: float = between(0, 1)
-    max_ece: float = between(0, 1)
-    require_fairness_pass: bool = MISSING
-
-
-@dataclass
 class RegistryConfig:
     stages: list[str] = MISSING
     gated_stages: list[str] = MISSING
-    gates: GatesConfig = field(default_factory=GatesConfig)
 
 
 @dataclass
@@ -299,6 +304,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -341,6 +347,8 @@ def _check(cfg: DictConfig) -> list[str]:
         problems.append(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
     if cfg.evaluate.attribution_method not in ("integrated_gradients", "occlusion"):
         problems.append(f"evaluate.attribution_method must be integrated_gradients or occlusion, got {cfg.evaluate.attribution_method!r}")
+    problems += [f"gate.{key} must be block or warn, got {cfg.gate[key]!r}" for key in ("on_fail", "on_inconclusive")
+                 if cfg.gate[key] not in ("block", "warn")]
     return problems + _serve_problems(cfg.package, cfg.serve) + _events_and_score_problems(cfg.events, cfg.score)
 
 

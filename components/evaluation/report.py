@@ -106,19 +106,31 @@ TEMPLATES = Path(__file__).parent / "templates"
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html.j2"]),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters.update(fmt=fmt, verdict=_verdict, b64=lambda png: base64.b64encode(png).decode(),
+    env.filters.update(fmt=fmt, b64=lambda png: base64.b64encode(png).decode(),
                        metric_row=lambda key, values: [key, values[key]], prefix=lambda text, head: head + text,
                        gap_row=lambda metric, report: [metric, report["difference"][metric], report["ratio"][metric]])
-    env.globals.update(gap_sentence=gap_sentence)
+    env.globals.update(gap_sentence=gap_sentence, gate_line=_gate_line, CHECK_HEADERS=CHECK_HEADERS)
     return env
 
 
-def _verdict(passed: bool) -> str:
-    return "pass" if passed else "FAIL"
+def _gate_line(fairness: dict) -> str:
+    gate = fairness["gate"]
+    verdicts = ", ".join(f"{n} {v}" for v, n in fairness["verdicts"].items())
+    return f"gate {'open' if gate['open'] else 'CLOSED'} (checks: {verdicts}; policy: conf/gate)"
+
+
+def check_rows(fairness: dict) -> list[list]:
+    """One row per check: its value, interval, the count it rests on, tolerance and verdict."""
+    return [[c["grouping"], c["check"], c["value"], f"{c['low']:.4f} to {c['high']:.4f}", c["min_count"],
+             f"{c['rule']} {c['threshold']}", c["verdict"] if c["verdict"] == "pass" else c["verdict"].upper()]
+            for c in fairness["checks"]]
+
+
+CHECK_HEADERS = ["grouping", "check", "value", "interval", "fewest images", "tolerance", "verdict"]
 
 
 def _checks(ev: Evaluation) -> list[list]:
-    return [[c["grouping"], c["check"], c["value"], f"{c['rule']} {c['threshold']}", _verdict(c["passed"])] for c in ev.fairness["checks"]]
+    return check_rows(ev.fairness)
 
 
 def _lineage(ev: Evaluation) -> list[list]:
@@ -145,7 +157,8 @@ def render_html(ev: Evaluation) -> str:
 def limitations(ev: Evaluation) -> list[str]:
     """The configured limitations plus those measured in this evaluation."""
     found = list(ev.config["data"]["limitations"])
-    found += [f"Fairness check failed: {v}." for v in ev.fairness["violations"]]
+    found += [f"Fairness check {c['verdict']}: {c['grouping']} {c['check']} {c['value']:.4f} (interval {c['low']:.4f} to "
+              f"{c['high']:.4f}; {c['why']})." for c in ev.fairness["checks"] if c["verdict"] != "pass"]
     for name, report in ev.fairness["groupings"].items():
         small = [g for g, r in report["groups"].items() if r["count"] < SMALL_GROUP]
         if small:

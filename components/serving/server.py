@@ -65,6 +65,14 @@ class StateDir:
     deploy_log = property(lambda self: self.root / "deployments.jsonl")  # one JSON record per deployment
 
 
+def handler_env(cfg: DictConfig, log_file: Path) -> dict[str, str]:
+    """The handler's settings from conf/serve (components/runtime/settings.py), for the local server and the cluster's."""
+    s = cfg.serve
+    return {PREDICTION_LOG_ENV: str(log_file), SAMPLE_RATE_ENV: str(s.prediction_log.sample_rate), THREADS_ENV: str(s.onnx_threads),
+            LOG_MAX_BYTES_ENV: str(int(s.prediction_log.max_mb * 1e6)), LOG_BACKUPS_ENV: str(s.prediction_log.backups),
+            MAX_PIXELS_ENV: str(s.max_image_pixels)}
+
+
 def state_dir(cfg: DictConfig) -> StateDir:
     root = Path(cfg.serve.state_dir)
     return StateDir(root if root.is_absolute() else ROOT / root)
@@ -204,13 +212,8 @@ def start(cfg: DictConfig) -> Endpoint:
     state.root.chmod(0o700)  # the key file lands here
     state.key_file.unlink(missing_ok=True)
     state.config.write_text(config_properties(cfg, state))
-    env = {
-        **os.environ, "TMPDIR": str(state.tmp), "TEMP": str(state.tmp), "LOG_LOCATION": str(state.logs),
-        "METRICS_LOCATION": str(state.logs), PREDICTION_LOG_ENV: str(prediction_log(cfg)),
-        SAMPLE_RATE_ENV: str(cfg.serve.prediction_log.sample_rate), THREADS_ENV: str(cfg.serve.onnx_threads),
-        LOG_MAX_BYTES_ENV: str(int(cfg.serve.prediction_log.max_mb * 1e6)), LOG_BACKUPS_ENV: str(cfg.serve.prediction_log.backups),
-        MAX_PIXELS_ENV: str(cfg.serve.max_image_pixels),
-    }
+    env = {**os.environ, "TMPDIR": str(state.tmp), "TEMP": str(state.tmp), "LOG_LOCATION": str(state.logs),
+           "METRICS_LOCATION": str(state.logs), **handler_env(cfg, prediction_log(cfg))}
     command = [sys.executable, "-m", "ts.model_server", "--start", "--ts-config", str(state.config),
                "--model-store", str(state.model_store), "--log-config", str(LOG_CONFIG), "--ncs"]
     # Java inherits the launcher's stdout: a file, never a pipe (a captured pipe never closes).
