@@ -82,7 +82,8 @@ def test_compiled_spec_names_images_by_commit_and_carries_cluster_settings(tmp_p
     tasks = tasks_of(spec)
     for name in ("prepare-op", "train-op", "evaluate-op", "gate-op", "package-op", "deploy-op"):
         assert tasks[name]["inputs"]["parameters"]["expected_commit"] == {"runtimeValue": {"constant": HEAD}}
-        assert k8s[f"exec-{name}"]["podMetadata"]["labels"] == {"git-commit": HEAD}
+        role = {"kfp-dvc-template/role": "deploy"} if name == "deploy-op" else {}  # serve/k8s/networkpolicy.yaml admits it
+        assert k8s[f"exec-{name}"]["podMetadata"]["labels"] == {"git-commit": HEAD, **role}
     assert {e["name"]: e["value"] for e in train["env"]}["LINEAGE_DATA_HASH"] == data_hash()
     assert train["resources"]["accelerator"] == {"count": "2", "resourceCount": "2", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
     assert k8s["exec-train-op"]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
