@@ -261,7 +261,7 @@ def test_batch_scoring_by_tag_and_as_the_on_demand_dvc_stage(project: Project):
     # On demand only: the root pipeline never runs it; its own dvc.yaml does.
     assert "serve/batch/dvc.yaml:score" not in run(["dvc", "repro", "--dry"], repo, check=False).stdout
     # Steps refuse a params.yaml conf/ no longer matches; here `dvc exp run -S experiment=quick` composed it.
-    run(["python", "-m", "components.core.config", "write"], repo)
+    run(["python", "-m", "components.core.config"], repo)
     staged = run(["dvc", "repro", "--single-item", "serve/batch/dvc.yaml:score"], repo).stdout
     assert "Running stage 'serve/batch/dvc.yaml:score'" in staged
     assert json.loads((repo / "artifacts/score/score.json").read_text())["scored"] == 1797
