@@ -64,7 +64,7 @@ image: setup
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet "pip==$(PIP_VERSION)"
-	.lock-venv/bin/python -m pip install --quiet .
+	.lock-venv/bin/python -m pip install --quiet ".[test]"
 	( echo '# Exact environment installed by `make setup` (generated with `make lock`; do not edit by hand).'; \
 	  .lock-venv/bin/python -m pip freeze --all --exclude pip --exclude kfp-dvc-template ) > requirements.lock
 	rm -rf .lock-venv
