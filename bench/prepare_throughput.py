@@ -30,7 +30,7 @@ from components.core.config import compose
 from components.data.dataset import decode
 from components.prepare import prepare
 mode, root, out, size = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-cfg = compose([f"data.root={root}", "data.classes=[a,b,c,d]", f"data.image_size=[{size},{size}]"])
+cfg = compose([f"data.root={root}", "data.classes=[a,b,c,d]", f"data.image_size=[{size},{size}]", *sys.argv[5:]])
 files = pd.read_csv(root / "metadata.csv")["file"]
 rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
@@ -58,8 +58,9 @@ def make_dataset(root: Path, n: int, size: int) -> None:
     (root / "metadata.csv").write_text("\n".join(rows) + "\n")
 
 
-def run(mode: str, root: Path, out: Path, size: int) -> dict:
-    result = subprocess.run([sys.executable, "-c", CHILD, mode, str(root), str(out), str(size)], capture_output=True, text=True, check=True)
+def run(mode: str, root: Path, out: Path, size: int, overrides: list[str]) -> dict:
+    result = subprocess.run([sys.executable, "-c", CHILD, mode, str(root), str(out), str(size), *overrides], capture_output=True, text=True,
+                            check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -67,14 +68,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for every command (e.g. data.histogram_bins=40)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "raw"
         t0 = time.perf_counter()
         make_dataset(root, args.images, args.size)
         print(f"generated {args.images} PNGs of {args.size}x{args.size} in {time.perf_counter() - t0:.0f}s")
-        baseline = run("decode", root, Path(tmp) / "floor.npy", args.size)
-        prepared = run("prepare", root, Path(tmp) / "prepared", args.size)
+        baseline = run("decode", root, Path(tmp) / "floor.npy", args.size, args.overrides)
+        prepared = run("prepare", root, Path(tmp) / "prepared", args.size, args.overrides)
     array_mb = args.images * args.size * args.size / 2**20
     for name, r in (("decode-only floor", baseline), ("prepare", prepared)):
         print(f"{name:>18}: {r['images'] / r['seconds']:8.0f} images/s  memory growth {r['growth_mb']:6.0f} MB (RSS before {r['rss_before_mb']:.0f} MB)")

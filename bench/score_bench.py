@@ -48,8 +48,9 @@ def main() -> None:
     parser.add_argument("--package", default="artifacts/package")
     parser.add_argument("--input", default="data/images")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for every command (e.g. model=resnet18)")
     args = parser.parse_args()
-    cfg = compose([])
+    cfg = compose(args.overrides)
     fs, root, files = list_files(args.input, list(cfg.score.extensions))
     package = Path(args.package)
     rates: dict[str, list[float]] = {"in-process onnxruntime": [], "batch scoring": []}

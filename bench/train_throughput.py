@@ -68,8 +68,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)  # the default config
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prepared", type=Path, default=Path("artifacts/prepared"))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for every command (e.g. model=resnet18)")
     args = parser.parse_args()
-    cfg = compose([f"train.epochs={args.epochs}", "train.early_stopping_patience=0", "train.device=cpu"])
+    cfg = compose([f"train.epochs={args.epochs}", "train.early_stopping_patience=0", "train.device=cpu", *args.overrides])
     torch.set_num_threads(torch.get_num_threads())
     results: dict[str, list[float]] = {"template": [], "minimal+val": [], "minimal": []}
     for _ in range(args.repeats):
