@@ -16,12 +16,12 @@ from pathlib import Path
 import requests
 
 from components.core.config import ROOT, load_config
-from components.core.errors import run_cli
+from components.core.errors import StepError, run_cli
 from components.core.events import emit
 from components.deploy import deploy, read_package
 from components.registry.tags import stage_package
 from components.serving import server
-from components.monitoring.drift import check_drift
+from components.serving.torchserve import default_version
 
 
 def deploy_stage(cfg, stage: str, repo: Path = ROOT, **remote) -> tuple[dict, Path]:
@@ -44,6 +44,9 @@ def up(cfg, args) -> None:
     else:
         package_dir = Path(args.package)
         package = read_package(package_dir)
+        if not remote and _already_serving(cfg, package):  # a no-op `make run` stays fast
+            print(f"serve: {package['model_name']} version {package['version']} is already the default")
+            return
         result = deploy(cfg, package_dir / package["mar"]["file"], package["version"], **remote)
     print(f"serve: {result['model_name']} version {result['version']} is the default "
           f"(smoke test passed on {result['smoke_samples']} images)")
@@ -55,6 +58,16 @@ def up(cfg, args) -> None:
               f"            .venv/bin/python -m serve predict {_shown(sample)}\n"
               f"  metrics:  curl {endpoint.metrics_url}\n"
               f"  stop:     make stop")
+
+
+def _already_serving(cfg, package: dict) -> bool:
+    """The local server runs and answers with this package version as its default (its smoke test passed when it was deployed)."""
+    if server.running_pid(cfg) is None:
+        return False
+    try:
+        return default_version(server.local_endpoint(cfg), package["model_name"]) == package["version"]
+    except StepError:
+        return False
 
 
 def _shown(path: Path) -> str:
@@ -95,6 +108,8 @@ def predict(cfg, args) -> None:
 
 
 def drift(cfg, args) -> None:
+    from components.monitoring.drift import check_drift  # scipy: imported only by the command that needs it
+
     log_file = Path(args.log) if args.log else server.prediction_log(cfg)
     report = check_drift(cfg, log_file, Path(args.package) / "reference_stats.json", Path(args.out))
     for name, f in report["features"].items():

@@ -590,6 +590,9 @@ def test_cli_status_and_predict_use_the_key_file(live):
                                cwd=ROOT, capture_output=True, text=True)
     assert predicted.returncode == 0, predicted.stderr
     assert json.loads(predicted.stdout)[0]["label"] == sample["expected"]
+    again = subprocess.run([sys.executable, "-m", "serve", "up", "--package", str(live["package"]), *params], cwd=ROOT,
+                           capture_output=True, text=True)  # what a no-op `make run` does last
+    assert again.returncode == 0 and again.stdout.strip() == f"serve: digits version {live['manifest']['version']} is already the default"
 
 
 def test_expired_keys_are_renewed_by_every_command_and_status_exit_codes_tell_the_state(live, tmp_path):
