@@ -94,7 +94,7 @@ def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, ou
         export_onnx(model, signature, onnx_path, p.opset_version)
         parity = check_parity(onnx_path, model, norm, pixels, signature, p.parity_atol)
         embed_metadata(onnx_path, {"signature": json.dumps(signature, sort_keys=True), "model_lineage": json.dumps(spec["lineage"], sort_keys=True),
-                                   **{key: json.dumps(value, sort_keys=True) for key, value in run_lineage.items()}})
+                                   **{key: value if isinstance(value, str) else json.dumps(value, sort_keys=True) for key, value in run_lineage.items()}})
         write_json(tmp / "signature.json", signature)
         shutil.copyfile(Path(prepared_dir) / "reference_stats.json", tmp / "reference_stats.json")
         # The version names what the server runs: model, signature, reference and the handler's code.

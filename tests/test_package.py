@@ -66,9 +66,9 @@ def test_onnx_metadata_carries_signature_and_lineage(packaged):
     props = {p.key: p.value for p in onnx.load(str(packaged["out"] / "model.onnx")).metadata_props}
     assert json.loads(props["signature"]) == json.loads((packaged["out"] / "signature.json").read_text())
     assert "git_commit" not in props
-    assert json.loads(props["data_hash"]) == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
-    assert json.loads(props["config_hash"]) == config_hash(select(packaged["cfg"], SECTIONS))
-    assert json.loads(props["code_hash"]) == code_hash("components.package", CODE_FILES)
+    assert props["data_hash"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
+    assert props["config_hash"] == config_hash(select(packaged["cfg"], SECTIONS))
+    assert props["code_hash"] == code_hash("components.package", CODE_FILES)
     model_spec = json.loads((packaged["model"] / "model.json").read_text())
     assert json.loads(props["model_lineage"]) == model_spec["lineage"]
     assert packaged["manifest"]["lineage"]["config_hash"] == props["config_hash"]
@@ -81,7 +81,7 @@ def test_mar_holds_handler_model_signature_and_features(packaged):
     with zipfile.ZipFile(mar) as z:
         assert set(z.namelist()) == {"MAR-INF/MANIFEST.json", "handler.py", "model.onnx", "signature.json",
                                      "reference_stats.json", "components/__init__.py",
-                                     *(f"components/runtime/{name}.py" for name in ("__init__", "features", "inference", "monitoring", "request"))}
+                                     *(f"components/runtime/{name}.py" for name in ("__init__", "features", "inference", "monitoring", "request", "settings"))}
         mar_manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         assert z.read("model.onnx") == (out / "model.onnx").read_bytes()
         assert z.read("handler.py") == (ROOT / "serve" / "handler.py").read_bytes()
@@ -165,7 +165,7 @@ def test_cli_missing_model_is_one_line_exit_2_and_leaves_nothing(digits_run, tmp
     ("serve.host=0.0.0.0", "serve.host must be a loopback IP address"),
     ("serve.metrics_port=8080", "must be distinct"),
     ("package.model_name=my/model", "package.model_name must be"),
-    ("serve.prediction_log.sample_rate=2", "sample_rate must be in [0, 1]"),
+    ("serve.prediction_log.sample_rate=2", "serve.prediction_log.sample_rate must be between 0 and 1, got 2.0"),
 ])
 def test_bad_package_and_serve_config_names_the_key(override, message):
     with pytest.raises(ConfigError) as err:
