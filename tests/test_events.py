@@ -79,5 +79,5 @@ def test_unknown_event_type_and_bad_webhook_config_are_refused(tmp_path):
         emit(events_cfg(tmp_path / "e.jsonl"), "model_exploded", "?")
     with pytest.raises(ConfigError, match="events.webhooks: 'hooks.example.com' is not an http"):
         compose(["events.webhooks=[hooks.example.com]"])
-    with pytest.raises(ConfigError, match="events.timeout_s must be positive"):
+    with pytest.raises(ConfigError, match="events.timeout_s must be above 0, got 0.0"):
         compose(["events.timeout_s=0"])

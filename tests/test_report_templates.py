@@ -29,7 +29,7 @@ def evaluated(tmp_path_factory):
                        "evaluate.attribution_samples=2")
     prepare(cfg, data, root / "prepared")
     train(cfg, root / "prepared", root / "model", root / "live", root / "ckpt")
-    evaluate(cfg, root / "prepared", root / "model", root / "reports")
+    evaluate(cfg, root / "prepared", root / "model", root / "reports", enforce_gate=False)  # tiny data: the gate may close
     return cfg, root
 
 
@@ -42,7 +42,7 @@ def test_a_restyled_template_changes_the_reports_without_python(evaluated, tmp_p
     card = styled / "model_card.md.j2"
     card.write_text(card.read_text().replace("## Intended use", "## What it is for (ACME policy 7)"))
     monkeypatch.setattr(report, "TEMPLATES", styled)
-    evaluate(cfg, root / "prepared", root / "model", tmp_path / "reports")
+    evaluate(cfg, root / "prepared", root / "model", tmp_path / "reports", enforce_gate=False)
     assert "<h1 class='acme'>ACME model review: Evaluation report: cnn</h1>" in (tmp_path / "reports/evaluation.html").read_text()
     restyled = (tmp_path / "reports/model_card.md").read_text()
     assert "## What it is for (ACME policy 7)" in restyled and "## Intended use" not in restyled
