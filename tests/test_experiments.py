@@ -13,7 +13,7 @@ from tests.helpers.project import copy_project, run
 
 # docs/experiments.md: what changed and what came out, without timestamps, executors and dependency hashes.
 SHOW = ["dvc", "exp", "show", "--only-changed", "--drop", "Created|State|Executor|step|.*/.*|conf|data|requirements.lock",
-        "--keep", "fairness.verdict", "--md"]
+        "--keep", "gate", "--md"]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,6 @@ def test_exp_show_with_the_documented_options_is_a_readable_table(swept):
     table = run(SHOW, repo).stdout
     header = table.splitlines()[0]
     columns = [c.strip() for c in header.strip("|").split("|")]
-    assert {"Experiment", "train.lr", "train.epochs", "accuracy", "val.accuracy", "fairness.verdict"} <= set(columns)
+    assert {"Experiment", "train.lr", "train.epochs", "accuracy", "val.accuracy", "gate"} <= set(columns)
     assert not [c for c in columns if "/" in c or c in ("Created", "data.root", "model.name")]  # no dep hashes, no unchanged params
     assert len(table.strip().splitlines()) == 2 + 4  # header, rule, workspace, main and its two experiments
