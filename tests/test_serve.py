@@ -615,7 +615,7 @@ def test_expired_keys_are_renewed_by_every_command_and_status_exit_codes_tell_th
             expired = requests.get(url, headers=server.bearer(token), timeout=10)
             assert expired.status_code == 400 and "Token Authorization failed" in expired.json()["message"]
         up = cli("up", "--package", str(live["package"]))  # what `make run` runs
-        assert up.returncode == 0 and f"digits version {live['manifest']['version']} is the default" in up.stdout, up.stderr
+        assert up.returncode == 0 and f"digits version {live['manifest']['version']} is already the default" in up.stdout, up.stderr  # keys renewed, nothing to redeploy
         renewed = server.local_endpoint(cfg, renew=False)
         assert {renewed.inference_token, renewed.management_token}.isdisjoint({first.inference_token, first.management_token})
         status = cli("status")
