@@ -214,6 +214,7 @@ def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project)
     # The team tightens its prod policy; the model at HEAD no longer passes it.
     run(["dvc", "exp", "run", "-S", "experiment=quick", "-S", "train.lr=0.004"], repo)  # composes conf/ into params.yaml
     git_commit(repo, "model v2")
+    run(["dvc", "push"], repo)  # retrievable: what the check must refuse is the gate, not a missing package
     policy = repo / "conf/gate/default.yaml"  # the one gate policy: evaluate, the pipeline and promotion read it
     policy.write_text(policy.read_text().replace("  min_accuracy: 0.9\n", "  min_accuracy: 0.9999\n", 1))
     assert "  min_accuracy: 0.9999\n" in policy.read_text()
