@@ -233,7 +233,7 @@ def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project)
     assert job.names == ["Which stage did this tag assign?", "Re-check gates and remote retrievability"]
     refused = job.steps[-1][1]
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert "digits v2.0.0 may not enter 'prod'" in refused.stderr and "accuracy" in refused.stderr and "< 0.9999" in refused.stderr
+    assert "digits v2.0.0 may not enter 'prod'" in refused.stderr and "accuracy" in refused.stderr and "not >= 0.9999" in refused.stderr
     assert deploy_records(project) == records_before  # the deploy step never ran
     closed = events_of(repo, "gate_closed")[-1]
     assert (closed["version"], closed["stage"]) == ("v2.0.0", "prod")
