@@ -212,13 +212,14 @@ def newest_tag(repo: Path, pattern: str) -> str:
 def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project):
     repo = project.repo
     # The team tightens its prod policy; the model at HEAD no longer passes it.
-    run(["dvc", "exp", "run", "-S", "experiment=quick", "-S", "train.lr=0.004"], repo)  # composes conf/ into params.yaml
+    # An experiment of its own (the lifecycle test already committed lr=0.004); composes conf/ into params.yaml.
+    run(["dvc", "exp", "run", "-S", "experiment=quick", "-S", "train.lr=0.003"], repo)
     git_commit(repo, "model v2")
     run(["dvc", "push"], repo)  # retrievable: what the check must refuse is the gate, not a missing package
     policy = repo / "conf/gate/default.yaml"  # the one gate policy: evaluate, the pipeline and promotion read it
     policy.write_text(policy.read_text().replace("  min_accuracy: 0.9\n", "  min_accuracy: 0.9999\n", 1))
     assert "  min_accuracy: 0.9999\n" in policy.read_text()
-    run(["python", "-m", "components.core.config", "experiment=quick", "train.lr=0.004", "gate.on_fail=block"], repo)  # quick warns
+    run(["python", "-m", "components.core.config", "experiment=quick", "train.lr=0.003", "gate.on_fail=block"], repo)  # quick warns
     git_commit(repo, "gate: prod needs 99.99% accuracy")
     typo = run(["gto", "assign", "digits", "--version", "v1.1.0", "--stage", "production"], repo, check=False)
     assert typo.returncode != 0 and "Allowed stages" in typo.stdout + typo.stderr
