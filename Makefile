@@ -6,8 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_VERSION := 26.3
-# The install is redone only when the lock or the project metadata change.
-STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+# The install is redone only when a lock or the project metadata change.
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock requirements-test.lock pyproject.toml | sha256sum | cut -c1-16)
 # Never ask a cloud metadata service for credentials: only what the user configured counts.
 export AWS_EC2_METADATA_DISABLED := true
 export DVC_NO_ANALYTICS := 1
@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "pip==$(PIP_VERSION)"
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet -r requirements.lock -r requirements-test.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
@@ -60,14 +60,22 @@ image: setup
 	git archive --format=tar HEAD | docker build -f pipelines/Dockerfile.gpu --build-arg PIP_VERSION=$(PIP_VERSION) --build-arg GIT_COMMIT=$$commit -t $$gpu:$$commit - && \
 	echo "built $$cpu:$$commit and $$gpu:$$commit; push them with: docker push $$cpu:$$commit && docker push $$gpu:$$commit"
 
-# Re-resolve the environment from pyproject.toml and pin it again (maintainers only).
+# Re-resolve the environment from pyproject.toml and pin it again (maintainers only), in two
+# files: requirements.lock, the runtime (what the component images install and what the lineage
+# hashes), then requirements-test.lock, the test tools resolved on top of it (its `-c` line keeps
+# every shared package at the runtime pin), so a test-tool bump never changes the runtime.
+# (build/ is what setuptools leaves behind when pip installs the project.)
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet "pip==$(PIP_VERSION)"
-	.lock-venv/bin/python -m pip install --quiet ".[test]"
-	( echo '# Exact environment installed by `make setup` (generated with `make lock`; do not edit by hand).'; \
+	.lock-venv/bin/python -m pip install --quiet .
+	( echo '# Exact runtime environment: the component images and `make setup` install it (generated with `make lock`; do not edit by hand).'; \
 	  .lock-venv/bin/python -m pip freeze --all --exclude pip --exclude kfp-dvc-template ) > requirements.lock
-	rm -rf .lock-venv
+	.lock-venv/bin/python -m pip install --quiet -c requirements.lock ".[test]"
+	( echo '# Exact test tools on top of requirements.lock: `make setup` installs them, the images do not (generated with `make lock`; do not edit by hand).'; \
+	  echo '-c requirements.lock'; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude pip --exclude kfp-dvc-template | grep -vxFf requirements.lock ) > requirements-test.lock
+	rm -rf .lock-venv build
 
 clean:
 	rm -rf artifacts dvclive reports/*.json reports/*.html reports/*.md

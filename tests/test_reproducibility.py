@@ -5,6 +5,7 @@ exactly what it affects."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import typing
@@ -20,7 +21,8 @@ import components.prepare
 import components.train
 from components.core import config as schema
 from components.core.config import ROOT, compose, select
-from components.core.lineage import code_hash, lineage, source_files
+from components.core import lineage as lineage_module
+from components.core.lineage import code_hash, environment, lineage, source_files
 from bench.support import VENV_BIN
 from tests.helpers.project import copy_project, run
 
@@ -68,6 +70,21 @@ def test_serving_pipeline_and_registry_settings_never_touch_the_steps_lineage():
     for name, module in STEPS.items():
         assert lineage(select(base, module.SECTIONS), module.__name__) == lineage(select(changed, module.SECTIONS), module.__name__), name
         assert not {"serve", "pipeline", "registry"} & {s.split(".")[0] for s in module.SECTIONS}
+
+
+def test_the_environment_hash_is_the_runtime_locks_and_ignores_the_test_tools(tmp_path, monkeypatch):
+    """A test-tool bump (requirements-test.lock) leaves every lineage, hence the trained model, alone."""
+    for lock in ("requirements.lock", "requirements-test.lock"):
+        (tmp_path / lock).write_bytes((ROOT / lock).read_bytes())
+    monkeypatch.setattr(lineage_module, "ROOT", tmp_path)
+    before = environment()
+    assert before["requirements_lock"] == hashlib.sha256((ROOT / "requirements.lock").read_bytes()).hexdigest()[:16]
+    with (tmp_path / "requirements-test.lock").open("a") as file:
+        file.write("pytest==99.0\n")
+    assert environment() == before
+    with (tmp_path / "requirements.lock").open("a") as file:
+        file.write("numpy==99.0\n")
+    assert environment()["requirements_lock"] != before["requirements_lock"]
 
 
 def test_a_step_cannot_read_outside_its_sections():
