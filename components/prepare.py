@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from components.core.cli import run_step
 from components.core.config import select
-from components.data.dataset import decode_error, format_problems, list_dataset, row_problems
+from components.data.dataset import format_problems, list_dataset, row_problems
+from components.data.decoding import decode_all
 from components.core.errors import DataError
 from components.features import feature_table, reference_histograms
 from components.core.io import atomic_dir, write_json
@@ -65,16 +65,10 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
     channels, size = data.channels, (data.image_size[0], data.image_size[1])
 
     with atomic_dir(out_dir) as tmp:
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(table), channels, *size))
-        for i, file in enumerate(tqdm(table["file"], desc="prepare: decoding", unit="img", mininterval=1, disable=None)):
-            array, problem = decode_error(root / file, channels, size)
-            if problem:
-                problems.append(f"{root / file}: {problem}")
-            else:
-                images[i] = array
+        problems += decode_all(tmp / "images.npy", root, table["file"].tolist(), channels, size)
         if problems:
             raise DataError(format_problems(problems))
-        images.flush()
+        images = np.load(tmp / "images.npy", mmap_mode="r")
 
         table["label_index"] = table["label"].map({c: i for i, c in enumerate(data.classes)}).astype(int)
         strata = table["label"].str.cat([table[a] for a in data.sensitive_attributes], sep="|")

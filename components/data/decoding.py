@@ -1,0 +1,67 @@
+"""Decode a listing of image files into a uint8 (N, C, H, W) `.npy` cache on every core.
+
+Rows are cut into contiguous chunks; each worker process opens the same memory-mapped file
+and writes its chunk in place, so memory stays bounded by the pages of the output array and
+the result is byte-identical whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from components.data.dataset import decode_error
+
+CHUNK_ROWS = 2048  # large enough to amortise a task's overhead, small enough to balance the cores
+
+
+def available_cores() -> int:
+    """The cores this process may run on (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_chunk(cache: str, root: str, files: Sequence[str], start: int, channels: int,
+                 size: tuple[int, int]) -> list[tuple[int, str]]:
+    """Decode files into rows start.. of the .npy at `cache`; returns (row, problem) for the failures."""
+    images = np.load(cache, mmap_mode="r+")
+    problems = []
+    for offset, file in enumerate(files):
+        array, problem = decode_error(Path(root) / file, channels, size)
+        if problem:
+            problems.append((start + offset, f"{Path(root) / file}: {problem}"))
+        else:
+            images[start + offset] = array
+    images.flush()
+    return problems
+
+
+def decode_all(cache: Path, root: Path, files: Sequence[str], channels: int, size: tuple[int, int],
+               workers: int = 0) -> list[str]:
+    """Create `cache` (N, channels, *size uint8) and decode every file into it; workers=0 uses every core.
+
+    Returns one message per file that could not be decoded, in row order."""
+    np.lib.format.open_memmap(cache, mode="w+", dtype=np.uint8, shape=(len(files), channels, *size)).flush()
+    chunks = [(start, list(files[start : start + CHUNK_ROWS])) for start in range(0, len(files), CHUNK_ROWS)]
+    workers = min(workers or available_cores(), len(chunks))
+    args = (str(cache), str(root))
+    progress = tqdm(total=len(files), desc="prepare: decoding", unit="img", mininterval=1, disable=None)
+    found: list[tuple[int, str]] = []
+    if workers <= 1:  # small datasets: no process start-up cost
+        for start, part in chunks:
+            found += decode_chunk(*args, part, start, channels, size)
+            progress.update(len(part))
+    else:
+        # spawn, not fork: a forked child could inherit a lock held by another thread of the caller
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(decode_chunk, *args, part, start, channels, size) for start, part in chunks]
+            for future, (_, part) in zip(futures, chunks):
+                found += future.result()
+                progress.update(len(part))
+    progress.close()
+    return [message for _, message in sorted(found)]
