@@ -13,6 +13,8 @@ import json
 import math
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,8 @@ from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
-from components.model.networks import Normalize, build_model, predict_logits, resolve_device
+from components.model.networks import Normalize, build_model, resolve_device
+from components.training.loop import DeviceBatches, EpochLogger, train_epoch, validate
 
 CHECKPOINT = "last.pt"
 SECTIONS = ("seed", "data", "model", "train")  # the config this step reads: its DVC params and its config hash
@@ -73,37 +76,50 @@ def _resume_key(cfg: DictConfig) -> str:
     return config_hash(OmegaConf.create(container))
 
 
-def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_dir: str | Path = "dvclive",
-          checkpoint_dir: str | Path = "artifacts/checkpoints") -> dict:
-    from dvclive import Live
+@dataclass
+class Run:
+    """Everything one training run updates: the model (and its DDP wrapper), optimiser, data, sampling."""
 
-    cfg = select(cfg, SECTIONS)
-    t = cfg.train
+    model: nn.Module
+    trainer: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: DeviceBatches
+    val: DeviceBatches
+    weights: torch.Tensor | None
+    generator: torch.Generator
+    spec: dict
+
+
+def _load(cfg: DictConfig, prepared_dir: str | Path) -> Prepared:
     prepared = load_prepared(prepared_dir)
     if prepared.meta["classes"] != list(cfg.data.classes) or prepared.meta["channels"] != cfg.data.channels:
         raise DataError(f"{prepared_dir}: prepared with other classes/channels than the config; re-run prepare")
-    processes, device = distributed.setup(resolve_device(t.device))
-    seed_everything(cfg.seed, device)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
+    return prepared
 
-    x_train, index_train = prepared.split("train")
-    x_val, index_val = prepared.split("val")
-    if len(x_train) == 0 or len(x_val) == 0:
-        raise DataError(f"{prepared_dir}: the train or validation split is empty; add data or change data.split")
-    images, labels = torch.from_numpy(x_train), torch.tensor(index_train["label_index"].to_numpy())
-    val_images, val_labels = torch.from_numpy(x_val), torch.tensor(index_val["label_index"].to_numpy())
-    spec = model_spec(cfg, prepared)
-    model = build_model(cfg.model.name, spec["channels"], len(spec["classes"]), tuple(spec["image_size"]), cfg.model.width, cfg.model.dropout).to(device)
-    trainer = distributed.wrap(model, processes, device)
+
+def _device_data(prepared: Prepared, split: str, norm: nn.Module, device: torch.device) -> tuple[DeviceBatches, object]:
+    x, index = prepared.split(split)
+    return DeviceBatches(torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), norm, device), index
+
+
+def _build(cfg: DictConfig, prepared: Prepared, prepared_dir, processes: distributed.Processes, device: torch.device) -> Run:
+    t, spec = cfg.train, model_spec(cfg, prepared)
     norm = Normalize(**spec["normalization"]).to(device)
+    data, index_train = _device_data(prepared, "train", norm, device)
+    val, _ = _device_data(prepared, "val", norm, device)
+    if len(data) == 0 or len(val) == 0:
+        raise DataError(f"{prepared_dir}: the train or validation split is empty; add data or change data.split")
+    model = build_model(cfg.model.name, spec["channels"], len(spec["classes"]), tuple(spec["image_size"]), cfg.model.width, cfg.model.dropout).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
     weights = balanced_weights(group_keys(index_train, spec["sensitive_attributes"])) if t.balanced_sampling else None
-    generator = torch.Generator().manual_seed(cfg.seed)
+    return Run(model, distributed.wrap(model, processes, device), optimizer, data, val, weights,
+               torch.Generator().manual_seed(cfg.seed), spec)
 
+
+def _restore(cfg: DictConfig, checkpoint: Path, model: nn.Module, optimizer, generator: torch.Generator) -> tuple[dict, bool]:
+    """The loop state to start from: a fresh one, or the checkpoint's when train.resume matches it."""
+    t = cfg.train
     state = {"epoch": 0, "best_loss": math.inf, "best_accuracy": 0.0, "best_epoch": -1, "bad_epochs": 0, "best_state": None}
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT
     resumed = t.resume and checkpoint.exists()
     if resumed:
         saved = torch.load(checkpoint, weights_only=True)
@@ -114,75 +130,90 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
         generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
+    return state, resumed
 
-    live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=False) if processes.is_main else None
-    n, batch = len(images), t.batch_size
+
+def _save_checkpoint(cfg: DictConfig, checkpoint: Path, model: nn.Module, optimizer, generator: torch.Generator, state: dict) -> None:
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "state": state, "resume_key": _resume_key(cfg)}, tmp)
+    tmp.replace(checkpoint)
+
+
+def _epoch_order(run: Run, processes: distributed.Processes) -> torch.Tensor:
+    n = len(run.data)
+    order = torch.multinomial(run.weights, n, replacement=True, generator=run.generator) if run.weights is not None \
+        else torch.randperm(n, generator=run.generator)
+    return distributed.shard(order, processes)
+
+
+def _track_best(state: dict, epoch: int, val_loss: float, val_acc: float, model: nn.Module) -> None:
+    if val_loss < state["best_loss"]:
+        state.update(best_loss=val_loss, best_accuracy=val_acc, best_epoch=epoch, bad_epochs=0,
+                     best_state=copy.deepcopy(model.state_dict()))
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch + 1
+
+
+def _fit(cfg: DictConfig, run: Run, state: dict, checkpoint: Path, processes: distributed.Processes,
+         logger: EpochLogger | None) -> None:
+    """The epochs: train, validate, log (off this thread), keep the best weights, checkpoint, stop early."""
+    t = cfg.train
     epochs = tqdm(range(state["epoch"], t.epochs), desc="train", unit="epoch", initial=state["epoch"], total=t.epochs,
                   disable=None if processes.is_main else True)
     for epoch in epochs:
-        trainer.train()
-        order = torch.multinomial(weights, n, replacement=True, generator=generator) if weights is not None else torch.randperm(n, generator=generator)
-        order = distributed.shard(order, processes)
-        n_local = len(order)
-        total_loss = 0.0
-        for i in range(0, n_local, batch):
-            ids = order[i : i + batch]
-            x, y = norm(images[ids].to(device, non_blocking=True)), labels[ids].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(trainer(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(ids)
-        distributed.sync_buffers(model, processes)
-        logits = predict_logits(model, norm, val_images, device)
-        val_loss = loss_fn(logits, val_labels).item()
-        val_acc = (logits.argmax(1) == val_labels).float().mean().item()
-        if live:
-            live.log_metric("train/loss", total_loss / n_local)
-            live.log_metric("val/loss", val_loss)
-            live.log_metric("val/accuracy", val_acc)
-            live.next_step()
-        epochs.set_postfix(train_loss=f"{total_loss / n_local:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
-
-        if val_loss < state["best_loss"]:
-            state.update(best_loss=val_loss, best_accuracy=val_acc, best_epoch=epoch, bad_epochs=0,
-                         best_state=copy.deepcopy(model.state_dict()))
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
+        train_loss = train_epoch(run.trainer, run.data, _epoch_order(run, processes), t.batch_size, run.optimizer, nn.CrossEntropyLoss())
+        distributed.sync_buffers(run.model, processes)
+        val_loss, val_acc = validate(run.model, run.val, t.batch_size)
+        if logger:
+            logger.epoch({"train/loss": train_loss, "val/loss": val_loss, "val/accuracy": val_acc})
+        epochs.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        _track_best(state, epoch, val_loss, val_acc, run.model)
         if processes.is_main:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(), "state": state, "resume_key": _resume_key(cfg)}, tmp)
-            tmp.replace(checkpoint)
+            _save_checkpoint(cfg, checkpoint, run.model, run.optimizer, run.generator, state)
         if t.early_stopping_patience and state["bad_epochs"] >= t.early_stopping_patience:
             tqdm.write(f"train: early stop after epoch {epoch + 1} (best epoch {state['best_epoch'] + 1})")
             break
 
-    model.load_state_dict(state["best_state"])
-    metrics = {
-        "val_loss": round(state["best_loss"], 6),
-        "val_accuracy": round(state["best_accuracy"], 6),
-        "best_epoch": state["best_epoch"] + 1,
-        "epochs_run": state["epoch"],
-    }
-    distributed.teardown(processes)
-    if not processes.is_main:
-        return metrics
-    # The summary names each quantity once: the best epoch's validation numbers (the per-epoch
-    # values stay in the plots).
-    live.summary = {"val": {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"]},
-                    "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"]}
-    live.make_summary()
-    live.end()
 
-    spec.update(metrics=metrics, lineage=lineage(cfg, __name__, device.type))
+def _save_model(out_dir: str | Path, model: nn.Module, spec: dict) -> None:
     with atomic_dir(out_dir) as tmp_dir:
         weights_cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights_cpu, str(tmp_dir / "model.safetensors"), metadata={"spec": json.dumps(spec, sort_keys=True)})
         write_json(tmp_dir / "model.json", spec)
+
+
+def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_dir: str | Path = "dvclive",
+          checkpoint_dir: str | Path = "artifacts/checkpoints") -> dict:
+    cfg = select(cfg, SECTIONS)
+    prepared = _load(cfg, prepared_dir)
+    processes, device = distributed.setup(resolve_device(cfg.train.device))
+    seed_everything(cfg.seed, device)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    run = _build(cfg, prepared, prepared_dir, processes, device)
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT
+    state, resumed = _restore(cfg, checkpoint, run.model, run.optimizer, run.generator)
+    # Fixed costs (DVCLive's start and writes, the code hash of the lineage) run on one background
+    # thread while the epochs run on this one.
+    with ThreadPoolExecutor(1, thread_name_prefix="train-background") as background:
+        provenance = background.submit(lineage, cfg, __name__, device.type) if processes.is_main else None
+        logger = EpochLogger(background, live_dir, resumed) if processes.is_main else None
+        _fit(cfg, run, state, checkpoint, processes, logger)
+        run.model.load_state_dict(state["best_state"])
+        metrics = {"val_loss": round(state["best_loss"], 6), "val_accuracy": round(state["best_accuracy"], 6),
+                   "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"]}
+        distributed.teardown(processes)
+        if not processes.is_main:
+            return metrics
+        # The summary names each quantity once: the best epoch's validation numbers (the per-epoch
+        # values stay in the plots).
+        logger.finish({"val": {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"]},
+                       "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"]})
+        run.spec.update(metrics=metrics, lineage=provenance.result())
+    _save_model(out_dir, run.model, run.spec)
     return metrics
 
 
