@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from components.core.errors import ConfigError
 from components.core.lineage import DATA_HASH_ENV, data_hash
+from pipelines.trainjob import trainjob_op
 from pipelines.wrappers import (INFERENCE_TOKEN_ENV, MANAGEMENT_TOKEN_ENV, deploy_op, evaluate_op, gate_closed_op,
                                   package_op, prepare_op, record_outcome_op, select_best_op, train_op)
 
@@ -53,9 +54,15 @@ def _steps_to_evaluate(cfg: DictConfig, config: str, data_repo: str, data_rev: s
                           p, p.resources, p.image.cpu, retries).set_display_name("prepare")
     if p.s3_secret.name:
         kubernetes.use_secret_as_env(prepare, p.s3_secret.name, dict(p.s3_secret.env))
-    train = _with_cluster_settings(train_op(config=config, prepared=prepare.outputs["prepared"]), p, p.train,
-                        p.image.gpu if gpu else p.image.cpu, retries).set_display_name("train")
-    _on_gpu_nodes(train, p.train)
+    if p.train.nodes > 1:  # Kubeflow Trainer trains on the GPU nodes; this task only creates and awaits the TrainJob
+        train = _with_cluster_settings(trainjob_op(config=config, prepared=prepare.outputs["prepared"]), p, p.resources,
+                                       p.image.cpu, retries).set_display_name("train")
+        if p.s3_secret.name:  # it reads the job's outputs from the artifact store
+            kubernetes.use_secret_as_env(train, p.s3_secret.name, dict(p.s3_secret.env))
+    else:
+        train = _with_cluster_settings(train_op(config=config, prepared=prepare.outputs["prepared"]), p, p.train,
+                            p.image.gpu if gpu else p.image.cpu, retries).set_display_name("train")
+        _on_gpu_nodes(train, p.train)
     evaluate = _with_cluster_settings(evaluate_op(config=config, prepared=prepare.outputs["prepared"], model=train.outputs["model"]),
                            p, p.resources, p.image.cpu, retries).set_display_name("evaluate")
     return prepare, train, evaluate

@@ -171,6 +171,10 @@ class PipelineTrainResources(PipelineResources):
     accelerator_count: int = MISSING
     node_selector: dict[str, str] = MISSING
     tolerations: list[Toleration] = MISSING
+    nodes: int = MISSING
+    trainer_runtime: str = MISSING
+    trainer_timeout_s: int = MISSING
+    trainer_poll_s: int = MISSING
 
 
 @dataclass
@@ -289,6 +293,10 @@ def _check(cfg: DictConfig) -> None:
     for key in ("epochs", "batch_size"):
         if t[key] < 1:
             problems.append(f"train.{key} must be at least 1, got {t[key]}")
+    pt = cfg.pipeline.train
+    for key in ("nodes", "trainer_timeout_s", "trainer_poll_s"):
+        if pt[key] < 1:
+            problems.append(f"pipeline.train.{key} must be at least 1, got {pt[key]}")
     problems += _evaluate_problems(cfg.evaluate)
     problems += _package_and_serve_problems(cfg.package, cfg.serve)
     if problems:
