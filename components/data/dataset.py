@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
 
 from components.core.errors import DataError
+from components.data.decoding import decode  # noqa: F401 (callers read one image through this module too)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MAX_LISTED_PROBLEMS = 200
@@ -65,26 +65,6 @@ def row_problems(table: pd.DataFrame, data: DictConfig, source: str) -> list[str
         where = f"{source} row {i + 2} ({files.iloc[i] or '<empty file name>'})"
         problems += [f"{where}: {message(i)}" for mask, (_, message) in zip(masks, checks) if mask[i]]
     return problems
-
-
-def decode(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """Decode one image to uint8 (C, H, W), converted to `channels` and resized to `size` (H, W)."""
-    with Image.open(path) as img:
-        img.load()
-        img = img.convert("L" if channels == 1 else "RGB")
-        if img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.BILINEAR)
-        array = np.asarray(img, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
-
-
-def decode_error(path: Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
-    try:
-        return decode(path, channels, size), None
-    except FileNotFoundError:
-        return None, "file not found"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        return None, f"cannot decode image ({exc.__class__.__name__}: {exc})"
 
 
 def format_problems(problems: list[str]) -> str:

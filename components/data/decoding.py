@@ -14,11 +14,31 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from components.data.dataset import decode_error
 
 CHUNK_ROWS = 2048  # large enough to amortise a task's overhead, small enough to balance the cores
+
+
+def decode(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Decode one image to uint8 (C, H, W), converted to `channels` and resized to `size` (H, W)."""
+    with Image.open(path) as img:
+        img.load()
+        img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def decode_error(path: Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return decode(path, channels, size), None
+    except FileNotFoundError:
+        return None, "file not found"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return None, f"cannot decode image ({exc.__class__.__name__}: {exc})"
 
 
 def available_cores() -> int:
