@@ -136,3 +136,27 @@ def test_data_hash_comes_from_the_environment_inside_a_component_image(tiny_data
     _run(small_config(tiny_dataset, "train.epochs=1"), tiny_dataset, tmp_path, "model")
     lineage = json.loads((tmp_path / "model" / "model.json").read_text())["lineage"]
     assert lineage["data_hash"] == "feedbeef.dir"
+
+
+def test_device_batches_serve_the_order_once_normalised_on_the_device():
+    """The data path (uint8 cache -> batch -> device -> normalised there); on CPU, as run here (no GPU)."""
+    from components.model.networks import Normalize
+    from components.training.loop import DeviceBatches
+
+    images = torch.randint(0, 256, (10, 1, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(10)
+    norm = Normalize([0.5], [0.25])
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    served = list(DeviceBatches(images, labels, norm, torch.device("cpu")).batches(order, 4))
+    assert [len(y) for _, y in served] == [4, 4, 2]
+    assert torch.equal(torch.cat([y for _, y in served]), order)
+    assert torch.allclose(torch.cat([x for x, _ in served]), (images[order].float() / 255 - 0.5) / 0.25, atol=1e-6)
+
+
+def test_a_dvclive_failure_on_the_background_thread_fails_the_step(tiny_dataset, tmp_path):
+    cfg = small_config(tiny_dataset, "train.epochs=1")
+    prepare(cfg, tiny_dataset, tmp_path / "prepared")
+    (tmp_path / "live").write_text("a file where DVCLive wants a folder")
+    with pytest.raises(Exception, match="live"):
+        train(cfg, tmp_path / "prepared", tmp_path / "model", tmp_path / "live", tmp_path / "ckpt")
+    assert not (tmp_path / "model").exists()
