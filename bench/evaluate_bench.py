@@ -74,7 +74,7 @@ def step_imports(repeats: int, baseline_rev: str = BASELINE_REV) -> None:
     """Import time of each step module, this tree vs `baseline_rev` (from `git archive`), alternating."""
     print(f"\n== importing a step: this tree vs {baseline_rev} (min of {repeats}) ==")
     with tempfile.TemporaryDirectory() as baseline:
-        subprocess.run(f"git archive {baseline_rev} components | tar -x -C {baseline}", shell=True, cwd=ROOT, check=True)
+        subprocess.run(f"git archive {baseline_rev} components serve | tar -x -C {baseline}", shell=True, cwd=ROOT, check=True)
         for step in ("prepare", "train", "evaluate", "package"):
             def importing(tree: str) -> None:
                 subprocess.run([sys.executable, "-c", f"import components.{step}"], cwd=tree, check=True,

@@ -126,7 +126,7 @@ def test_bad_files_found_by_worker_processes_are_named_in_row_order(tiny_dataset
     (tiny_dataset / "img_c_011.png").write_bytes(b"not an image")
     (tiny_dataset / "img_a_001.png").unlink()
     monkeypatch.setattr(decoding, "CHUNK_ROWS", 4)
-    problems = decoding.decode_all(tmp_path / "cache.npy", tiny_dataset, [f"img_{c}_{i:03d}.png" for c in "abc" for i in range(12)],
+    problems, _ = decoding.decode_all(tmp_path / "cache.npy", tiny_dataset, [f"img_{c}_{i:03d}.png" for c in "abc" for i in range(12)],
                                    1, (16, 16), workers=3)
     assert len(problems) == 2
     assert problems[0].endswith("img_a_001.png: file not found")

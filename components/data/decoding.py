@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -17,8 +18,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from components.features import FEATURES, image_features
+
 
 CHUNK_ROWS = 2048  # large enough to amortise a task's overhead, small enough to balance the cores
+BLOCK_ELEMENTS = 1 << 22  # pixels per block of row_stats: its float32 copies stay at ~16 MB
 
 
 def decode(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
@@ -46,9 +50,39 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@dataclass
+class RowStats:
+    """Per-image statistics taken while a decoded chunk is still in cache, so nothing reads the
+    array again: per-channel pixel sums and sums of squares (exact integers, for the
+    normalisation) and the drift features of components.features."""
+
+    sums: np.ndarray  # (N, C) uint64
+    squares: np.ndarray  # (N, C) uint64
+    features: dict[str, np.ndarray]  # name -> (N,)
+
+    @classmethod
+    def concat(cls, parts: list[RowStats]) -> RowStats:
+        """The parts' rows one after the other (each feature keeps the dtype components.features gives it)."""
+        return cls(np.concatenate([p.sums for p in parts]), np.concatenate([p.squares for p in parts]),
+                   {name: np.concatenate([p.features[name] for p in parts]) for name in FEATURES})
+
+
+def row_stats(images: np.ndarray) -> RowStats:
+    """RowStats of a uint8 (N, C, H, W) block, a few MB at a time (the float copies stay small)."""
+    block = max(1, BLOCK_ELEMENTS // max(images[0].size, 1)) if len(images) else 1
+    parts = []
+    for i in range(0, len(images), block):
+        x = images[i : i + block]
+        wide = x.astype(np.uint32)
+        parts.append(RowStats(x.sum(axis=(2, 3), dtype=np.uint64), (wide * wide).sum(axis=(2, 3), dtype=np.uint64),
+                              image_features(x)))
+    return RowStats.concat(parts)
+
+
 def decode_chunk(cache: str, root: str, files: Sequence[str], start: int, channels: int,
-                 size: tuple[int, int]) -> list[tuple[int, str]]:
-    """Decode files into rows start.. of the .npy at `cache`; returns (row, problem) for the failures."""
+                 size: tuple[int, int]) -> tuple[list[tuple[int, str]], RowStats]:
+    """Decode files into rows start.. of the .npy at `cache`; returns (row, problem) for the
+    failures, and the chunk's RowStats."""
     images = np.load(cache, mmap_mode="r+")
     problems = []
     for offset, file in enumerate(files):
@@ -58,30 +92,35 @@ def decode_chunk(cache: str, root: str, files: Sequence[str], start: int, channe
         else:
             images[start + offset] = array
     images.flush()
-    return problems
+    return problems, row_stats(images[start : start + len(files)])
 
 
 def decode_all(cache: Path, root: Path, files: Sequence[str], channels: int, size: tuple[int, int],
-               workers: int = 0) -> list[str]:
+               workers: int = 0) -> tuple[list[str], RowStats]:
     """Create `cache` (N, channels, *size uint8) and decode every file into it; workers=0 uses every core.
 
-    Returns one message per file that could not be decoded, in row order."""
+    Returns one message per file that could not be decoded, in row order, and every row's RowStats."""
     np.lib.format.open_memmap(cache, mode="w+", dtype=np.uint8, shape=(len(files), channels, *size)).flush()
     chunks = [(start, list(files[start : start + CHUNK_ROWS])) for start in range(0, len(files), CHUNK_ROWS)]
     workers = min(workers or available_cores(), len(chunks))
     args = (str(cache), str(root))
     progress = tqdm(total=len(files), desc="prepare: decoding", unit="img", mininterval=1, disable=None)
     found: list[tuple[int, str]] = []
+    parts: list[RowStats] = []
     if workers <= 1:  # small datasets: no process start-up cost
         for start, part in chunks:
-            found += decode_chunk(*args, part, start, channels, size)
+            problems, part_stats = decode_chunk(*args, part, start, channels, size)
+            found += problems
+            parts.append(part_stats)
             progress.update(len(part))
     else:
         # spawn, not fork: a forked child could inherit a lock held by another thread of the caller
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(decode_chunk, *args, part, start, channels, size) for start, part in chunks]
             for future, (_, part) in zip(futures, chunks):
-                found += future.result()
+                problems, part_stats = future.result()
+                found += problems
+                parts.append(part_stats)
                 progress.update(len(part))
     progress.close()
-    return [message for _, message in sorted(found)]
+    return [message for _, message in sorted(found)], RowStats.concat(parts)
