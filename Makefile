@@ -24,21 +24,24 @@ $(STAMP):
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
+# A missing data/ is pulled from the DVC remote (when configured) or regenerated and verified;
+# an existing one is DVC's to check (`dvc repro` re-hashes a changed data/).
 data: setup
-	@$(BIN)/python -m components.data.sample ensure
+	@test -d data || $(BIN)/python -m components.data.sample ensure
 
 # Regenerated only when conf/ changed (the rule compares file times), so a no-op run stays fast.
 params: params.yaml
 params.yaml: $(wildcard conf/*.yaml conf/*/*.yaml) components/core/config.py | $(STAMP)
-	@$(BIN)/python -m components.core.config
+	@$(BIN)/python -m components.core.config && touch $@
 
+# SERVE_ARGS: overrides for the local server, e.g. SERVE_ARGS="serve.inference_port=9080".
 run: data params
 	$(BIN)/dvc repro
-	@$(BIN)/python -m serve up
+	@$(BIN)/python -m serve up $(SERVE_ARGS)
 
 # Stop the local TorchServe started by `make run`.
 stop:
-	@$(BIN)/python -m serve down
+	@$(BIN)/python -m serve down $(SERVE_ARGS)
 
 # The tests scrape TorchServe with a real Prometheus (Debian package); installed once.
 prometheus:
@@ -48,19 +51,20 @@ test: data prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Kubeflow Pipelines component images (CPU, GPU) with the locked dependencies, built from the
-# committed tree (git archive HEAD: uncommitted changes never reach a cluster); tags from conf/pipeline.
+# committed tree (git archive HEAD: uncommitted changes never reach a cluster), tagged
+# <repository>:<commit> (repositories from conf/pipeline); the compiled spec names them so.
 image: setup
-	@read -r cpu gpu <<< "$$($(BIN)/python -c 'from omegaconf import OmegaConf; i = OmegaConf.load("conf/pipeline/default.yaml").image; print(i.cpu, i.gpu)')"; \
+	@read -r cpu gpu <<< "$$($(BIN)/python -c 'from omegaconf import OmegaConf; i = OmegaConf.load("conf/pipeline/default.yaml").image; print(i.cpu_repository, i.gpu_repository)')"; \
 	commit=$$(git rev-parse HEAD); \
-	git archive --format=tar HEAD | docker build -f pipelines/Dockerfile --build-arg PIP_VERSION=$(PIP_VERSION) --build-arg GIT_COMMIT=$$commit -t $$cpu - && \
-	git archive --format=tar HEAD | docker build -f pipelines/Dockerfile.gpu --build-arg PIP_VERSION=$(PIP_VERSION) --build-arg GIT_COMMIT=$$commit -t $$gpu - && \
-	echo "built $$cpu and $$gpu from $$commit; push them with: docker push $$cpu && docker push $$gpu"
+	git archive --format=tar HEAD | docker build -f pipelines/Dockerfile --build-arg PIP_VERSION=$(PIP_VERSION) --build-arg GIT_COMMIT=$$commit -t $$cpu:$$commit - && \
+	git archive --format=tar HEAD | docker build -f pipelines/Dockerfile.gpu --build-arg PIP_VERSION=$(PIP_VERSION) --build-arg GIT_COMMIT=$$commit -t $$gpu:$$commit - && \
+	echo "built $$cpu:$$commit and $$gpu:$$commit; push them with: docker push $$cpu:$$commit && docker push $$gpu:$$commit"
 
 # Re-resolve the environment from pyproject.toml and pin it again (maintainers only).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet "pip==$(PIP_VERSION)"
-	.lock-venv/bin/python -m pip install --quiet .
+	.lock-venv/bin/python -m pip install --quiet ".[test]"
 	( echo '# Exact environment installed by `make setup` (generated with `make lock`; do not edit by hand).'; \
 	  .lock-venv/bin/python -m pip freeze --all --exclude pip --exclude kfp-dvc-template ) > requirements.lock
 	rm -rf .lock-venv

@@ -53,12 +53,12 @@ def best_of(repeats: int, fn) -> float:
     return side_by_side(repeats, fn)[0]
 
 
-def whole_step(repeats: int) -> None:
+def whole_step(repeats: int, overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cli = [sys.executable, "-m", "components.evaluate", "--prepared", str(PREPARED), "--model", str(MODEL), "--reports", f"{tmp}/cli"]
         step, imports = side_by_side(repeats, lambda: subprocess.run(cli, cwd=ROOT, check=True, capture_output=True),
                                      lambda: subprocess.run([sys.executable, "-c", "import components.evaluate"], cwd=ROOT, check=True))
-        cfg = compose([])
+        cfg = compose(overrides)
         in_process = best_of(repeats, lambda: evaluate(cfg, PREPARED, MODEL, f"{tmp}/lib"))
     model, norm, _ = load_trained(MODEL)
     images = torch.from_numpy(load_prepared(PREPARED).split("test")[0])
@@ -70,7 +70,7 @@ def whole_step(repeats: int) -> None:
     print(f"baseline, predicting the test split only:      {predict:6.3f} s   ratio step/predict {in_process / predict:6.0f}x")
 
 
-def step_imports(repeats: int, baseline_rev: str = BASELINE_REV) -> None:
+def step_imports(repeats: int, overrides: list[str], baseline_rev: str = BASELINE_REV) -> None:
     """Import time of each step module, this tree vs `baseline_rev` (from `git archive`), alternating."""
     print(f"\n== importing a step: this tree vs {baseline_rev} (min of {repeats}) ==")
     with tempfile.TemporaryDirectory() as baseline:
@@ -83,11 +83,11 @@ def step_imports(repeats: int, baseline_rev: str = BASELINE_REV) -> None:
             print(f"  components.{step:<9} {now:6.2f} s   before {before:6.2f} s   ratio {now / before:5.2f}")
 
 
-def attributions(repeats: int) -> None:
+def attributions(repeats: int, overrides: list[str]) -> None:
     model, norm, _ = load_trained(MODEL)
     test = load_prepared(PREPARED).split("test")[0]
     forward = nn.Sequential(norm, model).eval()
-    ig, occlusion = compose([]).evaluate, compose(["evaluate.attribution_method=occlusion"]).evaluate
+    ig, occlusion = compose(overrides).evaluate, compose([*overrides, "evaluate.attribution_method=occlusion"]).evaluate
     print(f"\n== attributions: cost vs explained images (IG {ig.attribution_steps} steps, occlusion window {occlusion.occlusion_window}) ==")
     print("baseline: one plain gradient per image (captum Saliency)")
     print(f"{'images':>6} {'saliency s':>11} {'IG s':>8} {'occl. s':>8} {'IG/sal':>7} {'occl/sal':>8} {'IG ms/img':>10} {'IG vs 4 img':>12}")
@@ -104,7 +104,7 @@ def attributions(repeats: int) -> None:
     print("IG cost vs steps (16 images):")
     base = None
     for steps in (8, 32, 128):
-        e = compose([f"evaluate.attribution_steps={steps}"]).evaluate
+        e = compose([*overrides, f"evaluate.attribution_steps={steps}"]).evaluate
         t = best_of(repeats, lambda: attribute(model, norm, test[:16], np.zeros(16, dtype=int), e, CPU))
         base = base or t
         print(f"  steps {steps:>4}: {t:6.3f} s  ({t / base:4.1f}x steps=8)")
@@ -117,7 +117,7 @@ def naive_bootstrap(correct: np.ndarray, groups: np.ndarray, samples: int, rng: 
     return draws[:, 0] - draws[:, 1]
 
 
-def bootstrap(repeats: int) -> None:
+def bootstrap(repeats: int, overrides: list[str]) -> None:
     prepared = load_prepared(PREPARED)
     test, index = prepared.split("test")
     model, norm, _ = load_trained(MODEL)
@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     parser.add_argument("--threads", type=int, default=0, help="torch threads in this process (0 = torch's default); "
                         "1 gives steadier figures on a machine shared with other work")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for every command (e.g. evaluate.bootstrap_samples=500)")
     args = parser.parse_args()
     if set(args.parts) - {"imports"} and not (MODEL / "model.safetensors").exists():
         sys.exit("needs artifacts/model: run `make run` (or `dvc repro train`) first")
@@ -157,7 +158,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
     for part in args.parts:
-        PARTS[part](args.repeats)
+        PARTS[part](args.repeats, args.overrides)
 
 
 PARTS = {"imports": step_imports, "step": whole_step, "attributions": attributions, "bootstrap": bootstrap}

@@ -38,7 +38,7 @@ from components.core.config import compose
 from components.data.decoding import decode
 from components.prepare import prepare
 mode, root, out, size, channels = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-cfg = compose([f"data.root={root}", "data.classes=[a,b,c,d]", f"data.image_size=[{size},{size}]", f"data.channels={channels}"])
+cfg = compose([f"data.root={root}", "data.classes=[a,b,c,d]", f"data.image_size=[{size},{size}]", f"data.channels={channels}", *sys.argv[6:]])
 files = pd.read_csv(root / "metadata.csv")["file"]
 rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
@@ -82,9 +82,9 @@ def make_dataset(root: Path, n: int, kind: str) -> None:
     (root / "metadata.csv").write_text("file,label,site\n" + "\n".join(rows) + "\n")
 
 
-def run(mode: str, root: Path, out: Path, kind: str) -> dict:
+def run(mode: str, root: Path, out: Path, kind: str, overrides: list[str]) -> dict:
     size, channels, _ = KINDS[kind]
-    result = subprocess.run([sys.executable, "-c", CHILD, mode, str(root), str(out), str(size), str(channels)],
+    result = subprocess.run([sys.executable, "-c", CHILD, mode, str(root), str(out), str(size), str(channels), *overrides],
                             cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--kind", choices=sorted(KINDS), default="png")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for every command (e.g. data.histogram_bins=40)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "raw"
@@ -120,9 +121,9 @@ def main() -> None:
         print(f"generated {args.images} {args.kind} files in {time.perf_counter() - t0:.0f}s")
         floors, prepares = [], []
         for i in range(args.repeats):  # alternating, so a burst of load from elsewhere hits both
-            floors.append(run("decode", root, Path(tmp) / f"floor{i}.npy", args.kind))
+            floors.append(run("decode", root, Path(tmp) / f"floor{i}.npy", args.kind, args.overrides))
             (Path(tmp) / f"floor{i}.npy").unlink()
-            prepares.append(run("prepare", root, Path(tmp) / f"prepared{i}", args.kind))
+            prepares.append(run("prepare", root, Path(tmp) / f"prepared{i}", args.kind, args.overrides))
             shutil.rmtree(Path(tmp) / f"prepared{i}")
     report(args.images, args.kind, floors, prepares)
 

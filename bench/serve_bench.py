@@ -31,11 +31,13 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components.core.config import PORT_KEYS, compose  # noqa: E402
-from components.deploy import copy_checked, read_package, register  # noqa: E402
+from components.deploy import read_package  # noqa: E402
+from components.serving.torchserve import copy_checked, register  # noqa: E402
 from components.package import ARCHIVER  # noqa: E402
-from components.serving import server  # noqa: E402
-from serve.handler import decode_image, normalize, softmax  # noqa: E402
 from bench.support import free_ports  # noqa: E402
+from components.runtime.inference import normalize, softmax  # noqa: E402
+from components.runtime.request import decode_image  # noqa: E402
+from components.serving import server  # noqa: E402
 
 NOOP_HANDLER = '''
 def handle(data, context):
@@ -53,7 +55,7 @@ def noop_mar(store: Path) -> str:
     return "noop.mar"
 
 
-def in_process(package_dir: Path, body: bytes, count: int) -> tuple[float, float]:
+def in_process(package_dir: Path, body: bytes, count: int, max_pixels: int) -> tuple[float, float]:
     """p50 latency (ms) and images/s of decode + preprocess + onnxruntime + softmax, one thread."""
     signature = json.loads((package_dir / "signature.json").read_text())
     options = ort.SessionOptions()
@@ -62,7 +64,7 @@ def in_process(package_dir: Path, body: bytes, count: int) -> tuple[float, float
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        pixels = decode_image(body, signature)[None]
+        pixels = decode_image(body, signature, max_pixels)[None]
         softmax(session.run(None, {"image": normalize(pixels, signature)})[0])
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3, count / sum(times)
@@ -131,7 +133,7 @@ def main() -> None:
                          model_name=f"digits_b{size}_d{delay}")
             for name in names:  # warm-up, long enough for the frontend's JIT to settle
                 load(f"{url}/{name}", body, headers, 2000, 8)
-            local_p50, local_rate = in_process(package_dir, body, 2000)
+            local_p50, local_rate = in_process(package_dir, body, 2000, cfg.serve.max_image_pixels)
             # Every round measures every handler in turn, so load from elsewhere on the machine
             # (figures move by ~20% between runs here) hits all alike; each figure is the median over the rounds.
             rounds = {name: [] for name in names}

@@ -81,8 +81,8 @@ def spread(values: list[float], fmt: str) -> str:
     return "/".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
 
 
-def loop_efficiency(epochs: int, repeats: int, prepared_dir: Path) -> None:
-    cfg = compose([f"train.epochs={epochs}", "train.early_stopping_patience=0", "train.device=cpu"])
+def loop_efficiency(epochs: int, repeats: int, prepared_dir: Path, overrides: list[str]) -> None:
+    cfg = compose([f"train.epochs={epochs}", "train.early_stopping_patience=0", "train.device=cpu", *overrides])
     template, minimal = [], []
     for _ in range(repeats):  # side by side: a burst of load from elsewhere hits both alike
         template.append(template_step(cfg, prepared_dir))
@@ -99,8 +99,8 @@ def _steps_per_second(model, data: DeviceBatches, orders: list[torch.Tensor], ba
     return sum(len(o) for o in orders) / (time.perf_counter() - start)
 
 
-def data_path(device: torch.device, steps: int, repeats: int, prepared_dir: Path) -> None:
-    cfg = compose(["train.device=cpu"])
+def data_path(device: torch.device, steps: int, repeats: int, prepared_dir: Path, overrides: list[str]) -> None:
+    cfg = compose(["train.device=cpu", *overrides])
     prepared, model, norm = _model_and_data(cfg, prepared_dir, device)
     x, index = prepared.split("train")
     batch = cfg.train.batch_size
@@ -131,15 +131,16 @@ def main() -> None:
     parser.add_argument("--data-path", action="store_true", help="measure the device data path instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for every command (e.g. model=resnet18)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"threads={torch.get_num_threads()} repeats={args.repeats}")
     if args.data_path:
-        data_path(torch.device(args.device), args.steps, args.repeats, args.prepared)
+        data_path(torch.device(args.device), args.steps, args.repeats, args.prepared, args.overrides)
         return
     for epochs in args.epochs:
-        loop_efficiency(epochs, args.repeats, args.prepared)
+        loop_efficiency(epochs, args.repeats, args.prepared, args.overrides)
 
 
 if __name__ == "__main__":

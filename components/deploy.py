@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from components.core.config import ROOT
 from components.core.errors import ConfigError, StepError
+from components.core.events import emit
 from components.core.io import sha256_file
 from components.serving import server
 from components.serving.server import Endpoint, bearer
@@ -107,6 +108,9 @@ def switch_default(cfg: DictConfig, endpoint: Endpoint, store: Path, package: di
         if newly_registered:
             unregister(endpoint, name, version)
         outcome = f"the default version is back to {previous}" if rolled_back else "no previous version to roll back to"
+        if rolled_back:
+            emit(cfg.events, "rolled_back", f"{name} {version} failed its smoke test; {outcome}", model=name, version=previous,
+                 details={"replaced": version, "failure": str(failure)})
         raise DeployError(f"{name} version {version}: {failure}; {outcome}") from None
     return previous
 
@@ -131,6 +135,8 @@ def deploy(cfg: DictConfig, mar_path: str | Path, version: str, management_url: 
               "previous_version": previous, "smoke_samples": len(package["samples"]),
               "endpoint": f"{endpoint.inference_url}/predictions/{name}", "management_url": endpoint.management_url,
               "package_lineage": package["lineage"], "source": source or source_commit()}
+    emit(cfg.events, "deployed", f"{name} {version} is the default on {endpoint.inference_url}", model=name, version=version,
+         stage=record["source"].get("stage"), commit=record["source"].get("commit"), details=record)
     if management_url is None:
         log = server.state_dir(cfg).deploy_log
         with open(log, "a", encoding="utf-8") as f:

@@ -7,8 +7,10 @@ plots/confusion.json and plots/reliability.json (DVC plots), evaluation.html (se
 and model_card.md. They are built in a scratch folder and moved into place only when all of
 them are complete; other files in `reports_dir` are left alone.
 
-A fairness violation with `evaluate.fail_on_violation` raises FairnessViolation *after* the
-reports are written: they are the evidence a reviewer needs to see why the gate closed.
+The gate policy of conf/gate (quality thresholds, fairness verdicts from intervals) decides
+whether the model may go on: when it closes, GateClosed is raised *after* the reports are
+written (they are the evidence a reviewer needs), so `dvc repro` stops before package. The
+pipeline's gate step decides the same way from these reports (`enforce_gate=False` here).
 """
 
 from __future__ import annotations
@@ -24,21 +26,25 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 
 from components.core.cli import run_step
 from components.core.config import select
+from components.core.events import emit
 from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError, StepError
 from components.evaluation.explanations import attribution_grids, error_analysis, error_features
 from components.evaluation.fairness import fairness_report, require_groups
+from components.evaluation.gates import decide, summary as gate_summary
 from components.core.io import write_json
 from components.core.lineage import lineage
+from components.core.progress import progress
 from components.model.networks import load_trained, predict_logits, resolve_device
 from components.evaluation.report import Evaluation, render_html, render_model_card
 
-SECTIONS = ("seed", "data", "train.device", "evaluate")  # the config this step reads: its DVC params and its config hash
+SECTIONS = ("seed", "data", "train.device", "evaluate", "gate")  # the config this step reads: its DVC params and its config hash
+CODE_FILES = ("components/evaluation/templates",)  # the reports' Jinja2 templates: code, though not Python
 REPORT_FILES = ("metrics.json", "quality.json", "fairness.json", "plots/confusion.json", "plots/reliability.json", "evaluation.html", "model_card.md")
 
 
-class FairnessViolation(StepError):
-    """A fairness check failed and evaluate.fail_on_violation is set (the reports are written)."""
+class GateClosed(StepError):
+    """The gate policy (conf/gate) blocks this model; the reports are written."""
 
 
 def audited_attributes(cfg: DictConfig, prepared: Prepared, prepared_dir: Path) -> list[str]:
@@ -87,13 +93,13 @@ def quality_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], n
     }, bins
 
 
-def headline(quality: dict, fairness: dict) -> dict:
+def headline(quality: dict, fairness: dict, gate_open: bool) -> dict:
     """The numbers `dvc metrics show/diff` and `dvc exp show` lead with; the detail stays in the reports."""
     gaps = [report["difference"]["accuracy"] for report in fairness["groupings"].values()]
-    failed = sum(not c["passed"] for c in fairness["checks"])
     return {
         **{key: quality[key] for key in ("accuracy", "balanced_accuracy", "f1_macro", "ece", "n_test")},
-        "fairness": {"verdict": "fail" if failed else "pass", "checks_failed": failed, "worst_accuracy_gap": max(gaps, default=0.0)},
+        "fairness": {**fairness["verdicts"], "worst_accuracy_gap": max(gaps, default=0.0)},
+        "gate": "open" if gate_open else "closed",
     }
 
 
@@ -114,8 +120,11 @@ def publish(scratch: Path, reports_dir: Path) -> None:
         os.replace(scratch / name, reports_dir / name)
 
 
-def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, reports_dir: str | Path) -> dict:
-    """Evaluate the trained model on the test split and write the reports; returns metrics.json's content."""
+def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, reports_dir: str | Path,
+             enforce_gate: bool = True) -> dict:
+    """Evaluate the trained model on the test split and write the reports; returns metrics.json's content.
+    With `enforce_gate`, a closed gate raises GateClosed after the reports are written."""
+    events = cfg.events  # a side channel (components/core/events.py): it determines no output, so it is not in SECTIONS
     cfg = select(cfg, SECTIONS)
     prepared_dir, model_dir, reports_dir = Path(prepared_dir), Path(model_dir), Path(reports_dir)
     e = cfg.evaluate
@@ -130,33 +139,47 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
 
     device = resolve_device(cfg.train.device)
     model, norm = model.to(device), norm.to(device)
+    phases = progress((), "evaluate", total=4, unit="phase", every_s=0)
     probs = torch.softmax(predict_logits(model, norm, torch.from_numpy(images), device), dim=1).numpy()
+    phases.step(done=f"predictions on {len(images)} test images")
     classes, y_true, y_pred = spec["classes"], index["label_index"].to_numpy(), probs.argmax(axis=1)
 
     quality, reliability = quality_metrics(y_true, probs, classes, e.calibration_bins)
-    fairness = fairness_report(y_true, y_pred, index[attributes], classes, e, cfg.seed)
+    fairness = fairness_report(y_true, y_pred, index[attributes], classes, e, cfg.gate.fairness, cfg.seed)
+    decision = decide(quality, fairness["checks"], cfg.gate)
+    fairness["gate"] = {k: decision[k] for k in ("open", "blocking", "warnings")}
+    phases.step(done=f"quality and fairness ({e.bootstrap_samples} bootstrap samples)")
     errors = error_analysis(error_features(images, index, attributes, probs), y_pred != y_true, e, cfg.seed)
+    phases.step(done="error analysis")
     grids = attribution_grids(model, norm, images, index, probs, attributes, classes, e, device, cfg.seed)
+    phases.step(done="attributions")
+    phases.close()
     ev = Evaluation(model=spec, data=prepared.meta, config=OmegaConf.to_container(cfg, resolve=True), quality=quality,
-                    reliability=reliability, fairness=fairness, error_analysis=errors, attributions=grids, lineage=lineage(cfg, __name__, device.type))
-    metrics = headline(quality, fairness)
+                    reliability=reliability, fairness=fairness, error_analysis=errors, attributions=grids,
+                    lineage=lineage(cfg, __spec__.name, device.type, CODE_FILES))
+    metrics = headline(quality, fairness, decision["open"])
 
     reports_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{reports_dir.name}.", dir=reports_dir.parent) as scratch:
         write_reports(ev, metrics, classes, y_true, y_pred, Path(scratch))
         publish(Path(scratch), reports_dir)
-    if fairness["violations"] and e.fail_on_violation:
-        raise FairnessViolation(f"fairness gate failed (evaluate.fail_on_violation=true): {'; '.join(fairness['violations'])}. "
-                                f"The reports in {reports_dir} show the evidence.")
+    emit(events, "experiment_finished", summary(metrics, reports_dir), details={"metrics": metrics, "lineage": ev.lineage,
+         "dvc_experiment": os.environ.get("DVC_EXP_NAME")})
+    if not decision["open"]:
+        emit(events, "gate_closed", gate_summary(decision), details={"metrics": metrics})
+        if enforce_gate:
+            raise GateClosed(f"{gate_summary(decision)}\nThe reports in {reports_dir} show the evidence; the policy is conf/gate.")
     return metrics
 
 
-def summary(metrics: dict, args) -> str:
+def summary(metrics: dict, reports_dir) -> str:
     fairness = metrics["fairness"]
     return (f"evaluate: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}, "
-            f"ECE {metrics['ece']:.4f}, fairness {fairness['verdict']} -> {args.reports}")
+            f"ECE {metrics['ece']:.4f}, fairness checks {fairness['pass']} pass / {fairness['fail']} fail / "
+            f"{fairness['inconclusive']} inconclusive, gate {metrics['gate']} -> {reports_dir}")
 
 
 if __name__ == "__main__":
-    run_step(evaluate, "Evaluate the trained model: quality, fairness, interpretability, reports.", summary,
+    run_step(evaluate, "Evaluate the trained model: quality, fairness, interpretability, reports.",
+             lambda metrics, args: summary(metrics, args.reports),
              prepared="artifacts/prepared", model="artifacts/model", reports="reports")

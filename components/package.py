@@ -34,10 +34,10 @@ from components.packaging.archive import make_reproducible
 from components.packaging.onnx import check_parity, embed_metadata, export_onnx, model_signature, onnx_logits
 
 HANDLER = ROOT / "serve" / "handler.py"
-FEATURES_MODULE = ROOT / "components" / "features.py"
+RUNTIME = ROOT / "components" / "runtime"  # the package the handler imports, shipped in the archive
 SECTIONS = ("package",)  # the config this step reads: its DVC params and its config hash
 # Files the .mar carries besides the imported code: part of this step's code hash and DVC deps.
-SHIPPED = ("serve/handler.py", "components/features.py")
+CODE_FILES = ("serve/handler.py", *sorted(f"components/runtime/{p.name}" for p in RUNTIME.glob("*.py")))
 ARCHIVER = shutil.which("torch-model-archiver", path=Path(sys.executable).parent) or "torch-model-archiver"
 
 
@@ -46,12 +46,12 @@ class ArchiveError(StepError):
 
 
 def build_mar(model_name: str, version: str, package_dir: Path, handler: Path = HANDLER) -> Path:
-    """torch-model-archiver: handler + model.onnx + signature + reference statistics + features.py."""
+    """torch-model-archiver: handler + model.onnx + signature + reference statistics + components/runtime/."""
     with tempfile.TemporaryDirectory() as scratch:
         extras = Path(scratch) / "extras"
         (extras / "components").mkdir(parents=True)
         (extras / "components" / "__init__.py").touch()
-        shutil.copy(FEATURES_MODULE, extras / "components")
+        shutil.copytree(RUNTIME, extras / "components" / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
         for name in ("signature.json", "reference_stats.json"):
             shutil.copy(package_dir / name, extras)
         command = [ARCHIVER, "--model-name", model_name, "--version", version,
@@ -87,18 +87,18 @@ def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, ou
     if len(pixels) == 0:
         raise DataError(f"{prepared_dir}: the test split is empty; parity cannot be checked")
     signature = model_signature(spec, p.top_k)
-    run_lineage = lineage(cfg, __name__, shipped=SHIPPED)
+    run_lineage = lineage(cfg, __spec__.name, code_files=CODE_FILES)
 
     with atomic_dir(out_dir) as tmp:
         onnx_path = tmp / "model.onnx"
         export_onnx(model, signature, onnx_path, p.opset_version)
         parity = check_parity(onnx_path, model, norm, pixels, signature, p.parity_atol)
         embed_metadata(onnx_path, {"signature": json.dumps(signature, sort_keys=True), "model_lineage": json.dumps(spec["lineage"], sort_keys=True),
-                                   **{key: json.dumps(value, sort_keys=True) for key, value in run_lineage.items()}})
+                                   **{key: value if isinstance(value, str) else json.dumps(value, sort_keys=True) for key, value in run_lineage.items()}})
         write_json(tmp / "signature.json", signature)
         shutil.copyfile(Path(prepared_dir) / "reference_stats.json", tmp / "reference_stats.json")
         # The version names what the server runs: model, signature, reference and the handler's code.
-        served = [onnx_path, tmp / "signature.json", tmp / "reference_stats.json", HANDLER, FEATURES_MODULE]
+        served = [onnx_path, tmp / "signature.json", tmp / "reference_stats.json", HANDLER, *sorted(RUNTIME.glob("*.py"))]
         version = hashlib.sha256(b"".join(path.read_bytes() for path in served)).hexdigest()[:12]
 
         chosen = np.linspace(0, len(pixels) - 1, min(p.smoke_samples, len(pixels))).astype(int)

@@ -8,6 +8,7 @@ label_index, split, sensitive attributes; row i is images.npy[i]), prepared.json
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from components.core.config import select
 from components.data.dataset import format_problems, list_dataset, row_problems
 from components.data.decoding import RowStats, decode_all
 from components.core.errors import DataError
-from components.features import reference_histograms
+from components.runtime.features import reference_histograms
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
 
@@ -35,6 +36,24 @@ def stratified_split(strata: pd.Series, val: float, test: float, seed: int) -> n
         split[rows[:n_test]] = "test"
         split[rows[n_test : n_test + n_val]] = "val"
     return split
+
+
+def check_split_sizes(table: pd.DataFrame, data: DictConfig) -> None:
+    """An error where a class would miss from a split; a warning for classes and (class, group)
+    cells smaller than data.warn_below images (their numbers will be noise)."""
+    needed = ["train", "test"] + (["val"] if data.split.val > 0 else [])
+    counts = pd.crosstab(table["label"], table["split"]).reindex(index=list(data.classes), columns=needed, fill_value=0)
+    empty = [f"class {label!r} has no {split} image ({int(counts.loc[label].sum())} image(s) in all)"
+             for label in counts.index for split in needed if counts.loc[label, split] == 0]
+    if empty:
+        raise DataError("too few images to split (data.split): " + "; ".join(empty) + "; add images or drop the class from data.classes")
+    sizes = {f"class {label!r}": n for label, n in table["label"].value_counts().items()}
+    for attr in data.sensitive_attributes:
+        sizes |= {f"class {label!r} x {attr} {group!r}": n for (label, group), n in table.groupby(["label", attr]).size().items()}
+    small = [f"{name}: {n}" for name, n in sorted(sizes.items()) if n < data.warn_below]
+    if small:
+        print(f"warning: {len(small)} class(es) or group cell(s) with fewer than data.warn_below={data.warn_below} images "
+              f"(their metrics will be noise): {', '.join(small[:20])}", file=sys.stderr)
 
 
 def channel_stats(stats: RowStats, rows: np.ndarray, pixels: int) -> tuple[list[float], list[float]]:
@@ -56,12 +75,14 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
     table = list_dataset(data, root)
     if table.empty:
         raise DataError(f"{root}: the dataset lists no images")
-    source = str(root / data.metadata) if data.format == "csv" else str(root)
-    problems = row_problems(table, data, source)
+    source = str(root / data.metadata) if data.metadata else str(root)
+    problems, flagged = row_problems(table, data, root, source)  # flagged rows are never decoded
+    table = table.drop(columns="line")
     channels, size = data.channels, (data.image_size[0], data.image_size[1])
 
     with atomic_dir(out_dir) as tmp:
-        decode_problems, stats = decode_all(tmp / "images.npy", root, table["file"].tolist(), channels, size)
+        files = [None if skip else file for file, skip in zip(table["file"], flagged)]
+        decode_problems, stats = decode_all(tmp / "images.npy", root, files, channels, size)
         problems += decode_problems
         if problems:
             raise DataError(format_problems(problems))
@@ -69,6 +90,7 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
         table["label_index"] = table["label"].map({c: i for i, c in enumerate(data.classes)}).astype(int)
         strata = table["label"].str.cat([table[a] for a in data.sensitive_attributes], sep="|")
         table["split"] = stratified_split(strata, data.split.val, data.split.test, cfg.seed)
+        check_split_sizes(table, data)
         table.to_csv(tmp / "index.csv", index=False)
 
         train_rows = np.flatnonzero(table["split"].to_numpy() == "train")
@@ -85,7 +107,7 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
             "counts": counts,
             "groups": groups,
             "data_config": OmegaConf.to_container(data),
-            "lineage": lineage(cfg, __name__),
+            "lineage": lineage(cfg, __spec__.name),
         }
         write_json(tmp / "prepared.json", meta)
         train_labels = table["label"].to_numpy()[train_rows]

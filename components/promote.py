@@ -5,7 +5,12 @@ Promotion checks, before any tag is written:
 - the version's package can be fetched from the DVC remote (an empty cache proves it), and
   a commit registered from the working tree has no uncommitted pipeline changes;
 - for a gated stage, the metrics and fairness verdicts committed at that commit pass the
-  gates in conf/registry (`--force` with a reason overrides; the reason goes in the tag).
+  gate policy of conf/gate (`--force` with a reason overrides; the reason goes in the tag).
+
+A stage tag can also appear without this CLI (a plain `gto assign`, a `git push` of a hand-made
+tag): `check --tag <tag>` re-checks it (stage declared in .gto, package retrievable, gates or a
+recorded override) and is what the deploy-on-stage-tag workflow runs before deploying.
+Registering, assigning, rolling back and a closed gate each emit a lifecycle event.
 """
 
 from __future__ import annotations
@@ -19,37 +24,35 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from components.core.config import ROOT, load_config
+from components.core.config import ROOT, command_config
 from components.core.errors import run_cli
-from components.registry.tags import RegistryError, committed_json, fetch_package, git, holders, model_artifact, stage_holder, versions
+from components.core.events import emit
+from components.evaluation.gates import decide
+from components.registry.tags import (RegistryError, check_gto_stages, committed_json, fetch_package, git, holders, model_artifact,
+                                      stage_holder, stage_tag, tag_message, versions)
 
 METRICS_FILE = "reports/metrics.json"
 FAIRNESS_FILE = "reports/fairness.json"
 PIPELINE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", "conf", "reports", "dvclive")
+FORCED = "FORCED past failed gates"  # written into the tag message of a promotion that overrides the gates
 
 
 def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
-    """Every gate the reports committed at `commit` do not pass (empty list: all pass)."""
-    gates = cfg.registry.gates
+    """What blocks the reports committed at `commit` under the gate policy of conf/gate (empty list: the gate is open)."""
     metrics, fairness = committed_json(repo, commit, METRICS_FILE), committed_json(repo, commit, FAIRNESS_FILE)
     if metrics is None or fairness is None:
         return [f"no {METRICS_FILE} / {FAIRNESS_FILE} committed at {commit[:10]}: run the evaluate step and commit its reports"]
-    failures = []
-    for key, bound, passes in (("accuracy", gates.min_accuracy, lambda v, b: v >= b),
-                               ("balanced_accuracy", gates.min_balanced_accuracy, lambda v, b: v >= b),
-                               ("ece", gates.max_ece, lambda v, b: v <= b)):
-        if not passes(metrics[key], bound):
-            failures.append(f"{key} {metrics[key]:.4f} {'<' if key != 'ece' else '>'} {bound}")
-    if gates.require_fairness_pass:
-        failures += [f"fairness {c['check']} ({c['grouping']}) {c['value']:.4f} not {c['rule']} {c['threshold']}"
-                     for c in fairness["checks"] if not c["passed"]]
-    return failures
+    if any("low" not in check for check in fairness["checks"]):
+        return [f"{FAIRNESS_FILE} at {commit[:10]} has no check intervals (written before conf/gate's verdicts): "
+                "run the evaluate step and commit its reports"]
+    return decide(metrics, fairness["checks"], cfg.gate)["blocking"]
 
 
 def _uncommitted_changes(repo: Path) -> list[str]:
     """Pipeline files changed in git, and stages whose workspace no longer matches dvc.lock."""
     changed = git(repo, "status", "--porcelain", "--", *PIPELINE_FILES).splitlines()
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True, text=True)
+    # The root dvc.yaml is the pipeline a version comes from; on-demand stages (serve/batch/dvc.yaml) are not part of it.
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"], cwd=repo, capture_output=True, text=True)
     stages = json.loads(status.stdout or "{}") if status.returncode == 0 else {}
     for stage, changes in stages.items():
         # "not in cache" only means never cached here; whether the remote has it is checked by fetching.
@@ -60,40 +63,88 @@ def _uncommitted_changes(repo: Path) -> list[str]:
     return changed
 
 
+def _refuse(cfg: DictConfig, name: str, version: str | None, stage: str, commit: str, failures: list[str], hint: str) -> None:
+    emit(cfg.events, "gate_closed", f"{name} {version or commit[:10]} refused for {stage}: " + "; ".join(failures),
+         model=name, version=version, stage=stage, commit=commit, details={"failures": failures})
+    raise RegistryError(f"{name} {version or commit[:10]} may not enter {stage!r}; failed gates:\n  " + "\n  ".join(failures)
+                        + f"\n{hint}")
+
+
+def _commit_to_register(version: str | None, known: dict[str, str], repo: Path) -> str:
+    """The commit of a known version, or the current commit when it has no uncommitted pipeline changes."""
+    if version in known:
+        return known[version]
+    dirty = _uncommitted_changes(repo)
+    if dirty:
+        raise RegistryError("uncommitted pipeline changes; commit (and `dvc push`) them before registering a version:\n  "
+                            + "\n  ".join(dirty))
+    return git(repo, "rev-parse", "HEAD")
+
+
+def _register(cfg: DictConfig, name: str, version: str | None, commit: str, push: bool, repo: Path) -> str:
+    import gto.api
+
+    registered = gto.api.register(str(repo), name, commit, version=version, push=push,
+                                  message=f"Register {name} {version or '(next version)'} at {commit[:10]}")
+    emit(cfg.events, "version_registered", f"{name} {registered.version} registered at {commit[:10]}",
+         model=name, version=registered.version, commit=commit)
+    return registered.version
+
+
 def promote(cfg: DictConfig, version: str | None, stage: str, force_reason: str | None = None, push: bool = False,
             repo: Path = ROOT) -> dict:
     """Assign `stage` to `version` (registering the current commit as `version` when it is new)."""
     import gto.api
 
+    check_gto_stages(cfg, repo)
     if stage not in cfg.registry.stages:
         raise RegistryError(f"unknown stage {stage!r}; registry.stages allows {list(cfg.registry.stages)}")
     name, _ = model_artifact(repo)
     known = {v["version"]: v["commit"] for v in versions(repo)}
-    commit = known.get(version) if version else None
-    if commit is None:
-        dirty = _uncommitted_changes(repo)
-        if dirty:
-            raise RegistryError("uncommitted pipeline changes; commit (and `dvc push`) them before registering a version:\n  "
-                                + "\n  ".join(dirty))
-        commit = git(repo, "rev-parse", "HEAD")
+    commit = _commit_to_register(version, known, repo)
     with tempfile.TemporaryDirectory() as tmp:
         fetch_package(commit, Path(tmp) / "package", repo)
     failures = gate_failures(cfg, commit, repo) if stage in cfg.registry.gated_stages else []
     if failures and not force_reason:
-        raise RegistryError(f"{name} {version or commit[:10]} may not enter {stage!r}; failed gates:\n  " + "\n  ".join(failures)
-                            + "\n(use --force --reason '...' to override; the reason is written into the tag)")
-    if version in known and version in [h["version"] for h in holders(stage, repo)]:
+        _refuse(cfg, name, version, stage, commit, failures, "(use --force --reason '...' to override; the reason is written into the tag)")
+    if not failures and version in known and version in [h["version"] for h in holders(stage, repo)]:
         return {"name": name, "version": version, "stage": stage, "commit": commit, "verdict": f"already in {stage!r}; nothing to do"}
     if version not in known:
-        registered = gto.api.register(str(repo), name, commit, version=version, push=push,
-                                      message=f"Register {name} {version or '(next version)'} at {commit[:10]}")
-        version = registered.version
+        version = _register(cfg, name, version, commit, push, repo)
     verdict = "gates passed" if stage in cfg.registry.gated_stages else "stage not gated"
     if failures:
-        verdict = f"FORCED past failed gates ({'; '.join(failures)}): {force_reason}"
+        verdict = f"{FORCED} ({'; '.join(failures)}): {force_reason}"
     gto.api.assign(str(repo), name, stage, version=version, message=f"Promote {name} {version} to {stage}: {verdict}",
                    force=True, push=push)
+    emit(cfg.events, "stage_assigned", f"{name} {version} assigned to {stage}: {verdict}", model=name, version=version,
+         stage=stage, commit=commit, details={"verdict": verdict})
     return {"name": name, "version": version, "stage": stage, "commit": commit, "verdict": verdict}
+
+
+def check(cfg: DictConfig, tag: str, repo: Path = ROOT) -> dict:
+    """May the version a stage tag assigns be deployed? Whoever made the tag (this CLI, a plain `gto assign`,
+    `git push`), the stage must be declared, the tag current, the package retrievable from the DVC remote
+    and, for a gated stage, the gates passed or overridden by `promote --force --reason` (recorded in the tag)."""
+    check_gto_stages(cfg, repo)
+    assigned = stage_tag(tag, repo)
+    name, version, stage = assigned["name"], assigned["version"], assigned["stage"]
+    if stage not in cfg.registry.stages:
+        raise RegistryError(f"{tag}: stage {stage!r} is not declared (registry.stages and .gto allow {list(cfg.registry.stages)})")
+    holder = stage_holder(stage, repo)
+    if holder["version"] != version:
+        raise RegistryError(f"{tag}: assigns {version} to {stage}, but {stage} is now held by {holder['version']} (a newer tag); "
+                            "that tag's deploy is the one to run")
+    with tempfile.TemporaryDirectory() as tmp:
+        fetch_package(assigned["commit"], Path(tmp) / "package", repo)
+    failures = gate_failures(cfg, assigned["commit"], repo) if stage in cfg.registry.gated_stages else []
+    verdict = "gates passed" if stage in cfg.registry.gated_stages else "stage not gated"
+    if failures and FORCED in tag_message(tag, repo):
+        verdict = f"gates overridden by the promotion recorded in {tag}: {tag_message(tag, repo)}"
+    elif failures:
+        _refuse(cfg, name, version, stage, assigned["commit"], failures,
+                f"{tag} is not deployed; promote with `python -m components.promote promote --stage {stage} --force --reason '...'` "
+                "to override the gates on the record")
+    return {**assigned, "verdict": verdict}
 
 
 def rollback(cfg: DictConfig, stage: str, push: bool = False, repo: Path = ROOT) -> dict:
@@ -105,14 +156,16 @@ def rollback(cfg: DictConfig, stage: str, push: bool = False, repo: Path = ROOT)
     events = [e for e in gto.api.history(str(repo), name, ascending=True) if e["event"] == "assignment" and e["stage"] == stage]
     # Tags written in the same second tie on timestamp; GTO's counter N in `name#stage#N` orders them.
     events.sort(key=lambda e: int(e["ref"].rsplit("#", 1)[1]))
-    holders = [e["version"] for e in events]
-    while holders and holders[-1] == current:
-        holders.pop()
-    if not holders:
+    held = [e["version"] for e in events]
+    while held and held[-1] == current:
+        held.pop()
+    if not held:
         raise RegistryError(f"{name}: no earlier version held {stage!r}; nothing to roll back to")
-    previous = holders[-1]
+    previous = held[-1]
     gto.api.assign(str(repo), name, stage, version=previous, force=True, push=push,
                    message=f"Roll back {name} {stage} from {current} to {previous}")
+    emit(cfg.events, "rolled_back", f"{name} {stage} rolled back from {current} to {previous}", model=name, version=previous,
+         stage=stage, details={"replaced": current})
     return {"name": name, "stage": stage, "version": previous, "replaced": current}
 
 
@@ -122,9 +175,27 @@ def _print_versions(rows: list[dict]) -> None:
         print(f"{row['version']:<12} {row['commit'][:10]:<12} {', '.join(row['stages']) or '-'}")
 
 
-def main() -> None:
+def _run_promote(cfg: DictConfig, args: argparse.Namespace) -> None:
+    if args.force and not args.reason:
+        raise RegistryError("--force needs --reason '...' (it is written into the tag message)")
+    done = promote(cfg, args.version, args.stage, args.reason if args.force else None, args.push)
+    print(f"{done['name']} {done['version']} ({done['commit'][:10]}) -> {done['stage']}: {done['verdict']}")
+
+
+def _run_check(cfg: DictConfig, args: argparse.Namespace) -> None:
+    done = check(cfg, args.tag)
+    print(f"{args.tag}: {done['name']} {done['version']} (commit {done['commit'][:10]}) may be deployed to {done['stage']}: "
+          f"package retrievable from the DVC remote; {done['verdict']}")
+
+
+def _run_rollback(cfg: DictConfig, args: argparse.Namespace) -> None:
+    done = rollback(cfg, args.stage, args.push)
+    print(f"{done['name']} {done['stage']}: {done['replaced']} -> {done['version']}")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Model registry on git tags (GTO-compatible).")
-    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--params", help="a params file instead of params.yaml (not with overrides)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("promote", help="assign a stage to a version (registers the current commit if the version is new)")
     p.add_argument("--version", help="vX.Y.Z; omitted: the next patch version, registered at the current commit")
@@ -132,22 +203,23 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="promote despite failed gates (needs --reason)")
     p.add_argument("--reason", help="why the gates are overridden; written into the tag message")
     p.add_argument("--push", action="store_true", help="push the new tags to origin")
-    sub.add_parser("versions", help="registered versions and their stages")
+    p.set_defaults(run=_run_promote)
+    sub.add_parser("versions", help="registered versions and their stages").set_defaults(run=lambda cfg, args: _print_versions(versions()))
+    c = sub.add_parser("check", help="may the version a stage tag assigns be deployed? (run by the deploy-on-stage-tag workflow)")
+    c.add_argument("--tag", required=True, help="a stage tag, e.g. digits#prod#3")
+    c.set_defaults(run=_run_check)
     r = sub.add_parser("rollback", help="give a stage back to its previous version (deploy it with `python -m serve up --stage`)")
     r.add_argument("--stage", required=True)
     r.add_argument("--push", action="store_true")
-    args = parser.parse_args()
-    cfg = load_config(args.params)
-    if args.command == "versions":
-        _print_versions(versions())
-    elif args.command == "promote":
-        if args.force and not args.reason:
-            raise RegistryError("--force needs --reason '...' (it is written into the tag message)")
-        done = promote(cfg, args.version, args.stage, args.reason if args.force else None, args.push)
-        print(f"{done['name']} {done['version']} ({done['commit'][:10]}) -> {done['stage']}: {done['verdict']}")
-    else:
-        done = rollback(cfg, args.stage, args.push)
-        print(f"{done['name']} {done['stage']}: {done['replaced']} -> {done['version']}")
+    r.set_defaults(run=_run_rollback)
+    for command in sub.choices.values():
+        command.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. gate.quality.min_accuracy=0.97")
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    args.run(command_config(args.params, args.overrides), args)
 
 
 if __name__ == "__main__":

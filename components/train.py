@@ -13,6 +13,10 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +32,20 @@ from components.training import distributed
 from components.core.cli import run_step
 from components.core.config import config_hash, select
 from components.data.dataset import Prepared, load_prepared
-from components.core.errors import ConfigError, DataError
+from components.core.errors import ConfigError, DataError, StepError
 from components.core.io import atomic_dir, write_json
-from components.core.lineage import lineage
+from components.core.lineage import code_hash, lineage
+from components.core.progress import progress
 from components.model.networks import Normalize, build_model, resolve_device
 from components.training.loop import DeviceBatches, EpochLogger, train_epoch, validate
 
 CHECKPOINT = "last.pt"
+
+
+class TrainingError(StepError):
+    """A training process failed (its own error is in the log above)."""
+
+
 SECTIONS = ("seed", "data", "model", "train")  # the config this step reads: its DVC params and its config hash
 
 
@@ -56,6 +67,17 @@ def balanced_weights(keys: np.ndarray) -> torch.Tensor:
     return torch.tensor(1.0 / counts[inverse], dtype=torch.float64)
 
 
+def without_groups(x: np.ndarray, index, excluded: list[str], attributes: list[str]) -> tuple[np.ndarray, object]:
+    """The training images minus those of the excluded `attribute=group`s (train.exclude_groups)."""
+    keep = np.ones(len(index), dtype=bool)
+    for item in excluded:
+        attribute, _, group = item.partition("=")
+        if attribute not in attributes:
+            raise ConfigError(f"train.exclude_groups: {item!r} is not attribute=group of a sensitive attribute {attributes}")
+        keep &= (index[attribute] != group).to_numpy()
+    return x[keep], index[keep]
+
+
 def model_spec(cfg: DictConfig, prepared: Prepared) -> dict:
     meta = prepared.meta
     return {
@@ -68,11 +90,13 @@ def model_spec(cfg: DictConfig, prepared: Prepared) -> dict:
     }
 
 
-def _resume_key(cfg: DictConfig) -> str:
-    """Config hash that ignores the knobs allowed to change between a run and its resume."""
+def _resume_key(cfg: DictConfig, prepared: Prepared) -> str:
+    """What a checkpoint must share with this run to be continued: the prepared data, the config
+    (but for the knobs allowed to change between a run and its resume) and the training code."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container["train"].pop("resume")
     container["train"].pop("epochs")  # resuming may extend a run
+    container["resume_of"] = {"data": prepared.meta["lineage"], "code": code_hash(__spec__.name)}
     return config_hash(OmegaConf.create(container))
 
 
@@ -88,6 +112,7 @@ class Run:
     weights: torch.Tensor | None
     generator: torch.Generator
     spec: dict
+    resume_key: str
 
 
 def _load(cfg: DictConfig, prepared_dir: str | Path) -> Prepared:
@@ -97,47 +122,46 @@ def _load(cfg: DictConfig, prepared_dir: str | Path) -> Prepared:
     return prepared
 
 
-def _device_data(prepared: Prepared, split: str, norm: nn.Module, device: torch.device) -> tuple[DeviceBatches, object]:
-    x, index = prepared.split(split)
-    return DeviceBatches(torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), norm, device), index
+def _device_data(x: np.ndarray, index, norm: nn.Module, device: torch.device) -> DeviceBatches:
+    return DeviceBatches(torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), norm, device)
 
 
 def _build(cfg: DictConfig, prepared: Prepared, prepared_dir, processes: distributed.Processes, device: torch.device) -> Run:
     t, spec = cfg.train, model_spec(cfg, prepared)
     norm = Normalize(**spec["normalization"]).to(device)
-    data, index_train = _device_data(prepared, "train", norm, device)
-    val, _ = _device_data(prepared, "val", norm, device)
+    x_train, index_train = without_groups(*prepared.split("train"), t.exclude_groups, prepared.meta["sensitive_attributes"])
+    data, val = _device_data(x_train, index_train, norm, device), _device_data(*prepared.split("val"), norm, device)
     if len(data) == 0 or len(val) == 0:
         raise DataError(f"{prepared_dir}: the train or validation split is empty; add data or change data.split")
     model = build_model(cfg.model.name, spec["channels"], len(spec["classes"]), tuple(spec["image_size"]), cfg.model.width, cfg.model.dropout).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     weights = balanced_weights(group_keys(index_train, spec["sensitive_attributes"])) if t.balanced_sampling else None
     return Run(model, distributed.wrap(model, processes, device), optimizer, data, val, weights,
-               torch.Generator().manual_seed(cfg.seed), spec)
+               torch.Generator().manual_seed(cfg.seed), spec, _resume_key(cfg, prepared))
 
 
-def _restore(cfg: DictConfig, checkpoint: Path, model: nn.Module, optimizer, generator: torch.Generator) -> tuple[dict, bool]:
-    """The loop state to start from: a fresh one, or the checkpoint's when train.resume matches it."""
-    t = cfg.train
+def _restore(resume: bool, checkpoint: Path, run: Run) -> tuple[dict, bool]:
+    """The loop state to start from: a fresh one, or the checkpoint's when train.resume is on and
+    the checkpoint was written for this run's data, config and code."""
     state = {"epoch": 0, "best_loss": math.inf, "best_accuracy": 0.0, "best_epoch": -1, "bad_epochs": 0, "best_state": None}
-    resumed = t.resume and checkpoint.exists()
-    if resumed:
-        saved = torch.load(checkpoint, weights_only=True)
-        if saved["resume_key"] != _resume_key(cfg):
-            raise ConfigError(f"{checkpoint}: checkpoint was written with another config; delete it or set train.resume=false")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        state = saved["state"]
-    return state, resumed
+    saved = torch.load(checkpoint, weights_only=True) if resume and checkpoint.exists() else None
+    if saved is not None and saved["resume_key"] != run.resume_key:
+        print(f"warning: {checkpoint} was written for other data, config or code; training starts afresh", file=sys.stderr)
+        saved = None
+    if saved is None:
+        return state, False
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["state"], True
 
 
-def _save_checkpoint(cfg: DictConfig, checkpoint: Path, model: nn.Module, optimizer, generator: torch.Generator, state: dict) -> None:
+def _save_checkpoint(checkpoint: Path, run: Run, state: dict) -> None:
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     tmp = checkpoint.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "state": state, "resume_key": _resume_key(cfg)}, tmp)
+    torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "generator": run.generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "state": state, "resume_key": run.resume_key}, tmp)
     tmp.replace(checkpoint)
 
 
@@ -161,18 +185,21 @@ def _fit(cfg: DictConfig, run: Run, state: dict, checkpoint: Path, processes: di
          logger: EpochLogger | None) -> None:
     """The epochs: train, validate, log (off this thread), keep the best weights, checkpoint, stop early."""
     t = cfg.train
-    epochs = tqdm(range(state["epoch"], t.epochs), desc="train", unit="epoch", initial=state["epoch"], total=t.epochs,
-                  disable=None if processes.is_main else True)
+    epochs = progress(range(state["epoch"], t.epochs), "train", total=t.epochs, unit="epoch", initial=state["epoch"], every_s=0,
+                      disable=not processes.is_main)
     for epoch in epochs:
-        train_loss = train_epoch(run.trainer, run.data, _epoch_order(run, processes), t.batch_size, run.optimizer, nn.CrossEntropyLoss())
+        epoch_start = time.perf_counter()
+        order = _epoch_order(run, processes)
+        train_loss = train_epoch(run.trainer, run.data, order, t.batch_size, run.optimizer, nn.CrossEntropyLoss())
         distributed.sync_buffers(run.model, processes)
         val_loss, val_acc = validate(run.model, run.val, t.batch_size)
         if logger:
             logger.epoch({"train/loss": train_loss, "val/loss": val_loss, "val/accuracy": val_acc})
-        epochs.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        epochs.note(train_loss=train_loss, val_loss=val_loss, val_accuracy=val_acc,
+                    images_per_s=round(len(order) / (time.perf_counter() - epoch_start)))
         _track_best(state, epoch, val_loss, val_acc, run.model)
         if processes.is_main:
-            _save_checkpoint(cfg, checkpoint, run.model, run.optimizer, run.generator, state)
+            _save_checkpoint(checkpoint, run, state)
         if t.early_stopping_patience and state["bad_epochs"] >= t.early_stopping_patience:
             tqdm.write(f"train: early stop after epoch {epoch + 1} (best epoch {state['best_epoch'] + 1})")
             break
@@ -195,14 +222,16 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
         torch.set_num_threads(cfg.train.num_threads)
     run = _build(cfg, prepared, prepared_dir, processes, device)
     checkpoint = Path(checkpoint_dir) / CHECKPOINT
-    state, resumed = _restore(cfg, checkpoint, run.model, run.optimizer, run.generator)
+    state, resumed = _restore(cfg.train.resume, checkpoint, run)
     # Fixed costs (DVCLive's start and writes, the code hash of the lineage) run on one background
     # thread while the epochs run on this one.
     with ThreadPoolExecutor(1, thread_name_prefix="train-background") as background:
-        provenance = background.submit(lineage, cfg, __name__, device.type) if processes.is_main else None
+        provenance = background.submit(lineage, cfg, __spec__.name, device.type) if processes.is_main else None
         logger = EpochLogger(background, live_dir, resumed) if processes.is_main else None
         _fit(cfg, run, state, checkpoint, processes, logger)
         run.model.load_state_dict(state["best_state"])
+        if processes.is_main:
+            checkpoint.unlink(missing_ok=True)  # a finished run leaves no checkpoint behind to resume by mistake
         metrics = {"val_loss": round(state["best_loss"], 6), "val_accuracy": round(state["best_accuracy"], 6),
                    "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"]}
         distributed.teardown(processes)
@@ -217,8 +246,26 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     return metrics
 
 
+def launch(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_dir: str | Path = "dvclive",
+           checkpoint_dir: str | Path = "artifacts/checkpoints") -> dict:
+    """The train step as every path runs it (`dvc repro`, KFP): with train.processes above 1 it
+    starts itself under torchrun, one process per GPU (gloo on CPU); under torchrun already, or with
+    one process, it trains here."""
+    if cfg.train.processes == 1 or "RANK" in os.environ:
+        return train(cfg, prepared_dir, out_dir, live_dir, checkpoint_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        params = Path(tmp) / "params.yaml"
+        OmegaConf.save(cfg, params)
+        torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.train.processes}",
+                                   "-m", __spec__.name, "--params", str(params), "--prepared", str(prepared_dir), "--out", str(out_dir),
+                                   "--live", str(live_dir), "--checkpoints", str(checkpoint_dir)])
+    if torchrun.returncode != 0:
+        raise TrainingError(f"train: torchrun with train.processes={cfg.train.processes} exited with {torchrun.returncode} (its log is above)")
+    return json.loads((Path(out_dir) / "model.json").read_text())["metrics"]
+
+
 if __name__ == "__main__":
-    # under torchrun, rank 0 speaks for all
-    run_step(train, "Train the configured model on the prepared data.",
-             lambda metrics, args: f"train: {metrics} -> {args.out}" if os.environ.get("RANK", "0") == "0" else None,
+    # The processes torchrun starts stay quiet: whoever launched them reports.
+    run_step(launch, "Train the configured model on the prepared data.",
+             lambda metrics, args: None if "RANK" in os.environ else f"train: {metrics} -> {args.out}",
              prepared="artifacts/prepared", out="artifacts/model", live="dvclive", checkpoints="artifacts/checkpoints")

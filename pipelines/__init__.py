@@ -1,1 +1,1 @@
-"""Kubeflow Pipelines: thin component wrappers, the pipeline graphs, compile / run-local / submit."""
+"""Kubeflow Pipelines: thin component wrappers, the pipeline graphs, preflight checks, compile / run-local / upload / submit."""

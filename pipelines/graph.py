@@ -2,134 +2,207 @@
 train -> evaluate -> gate -> package -> deploy, inside an exit handler) and the sweep
 (prepare -> train -> evaluate per trial in a ParallelFor, then the best trial).
 
-Everything the cluster needs (images, resources, GPU, node selector, tolerations, retries,
-caching, secrets) comes from `cfg.pipeline` and is written into the compiled spec.
+Everything the cluster needs (images by commit, resources, GPU, node selector, tolerations,
+/dev/shm, timeouts, retries, caching, secrets) comes from `cfg.pipeline` and is written
+into the compiled spec. Each step gets only the config sections it reads (its SECTIONS), so
+its cache key changes only with them; what users change per run (epochs, learning rate,
+batch size, model, gate thresholds, deploy) are typed pipeline parameters.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipelines' real annotation objects.
 import json
+from dataclasses import dataclass
 
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 from omegaconf import DictConfig, OmegaConf
 
+from components import evaluate as evaluate_step
+from components import package as package_step
+from components import prepare as prepare_step
+from components import train as train_step
+from components.core.config import select
 from components.core.errors import ConfigError
 from components.core.lineage import DATA_HASH_ENV, data_hash
-from pipelines.trainjob import trainjob_op
-from pipelines.wrappers import (INFERENCE_TOKEN_ENV, MANAGEMENT_TOKEN_ENV, deploy_op, evaluate_op, gate_closed_op,
-                                  package_op, prepare_op, record_outcome_op, select_best_op, train_op)
+from pipelines.in_pod import GIT_CREDENTIALS_ENV, GIT_SSH_KEY_ENV
+from pipelines.trainjob import trainjob_op, trainjob_template
+from pipelines.wrappers import (deploy_op, evaluate_op, gate_op, package_op, prepare_op, record_outcome_op, select_best_op,
+                                train_op)
+
+COMMIT_LABEL, DEPLOY_ROLE_LABEL = "git-commit", "kfp-dvc-template/role"
+DEPLOY_SECTIONS = ("serve",)  # what components.deploy reads
+# Typed run parameter -> the config key it sets (the train step's).
+RUN_PARAMETERS = {"epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "model_name": "model.name"}
+GATE_PARAMETERS = ("min_accuracy", "min_balanced_accuracy", "max_ece", "max_accuracy_difference", "min_accuracy_ratio",
+                   "max_recall_macro_difference", "max_demographic_parity_difference", "max_equalized_odds_difference",
+                   "min_group_size", "on_fail", "on_inconclusive")
 
 
-def config_json(cfg: DictConfig) -> str:
-    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
+@dataclass(frozen=True)
+class Build:
+    """What every task of one compiled pipeline shares."""
+
+    cfg: DictConfig
+    commit: str     # the images' commit: their tag, and what each component checks at start
+    retries: bool
+
+    def image(self, gpu: bool) -> str:
+        i = self.cfg.pipeline.image
+        return f"{i.gpu_repository if gpu else i.cpu_repository}:{self.commit}"
 
 
-def _with_cluster_settings(task: PipelineTask, p: DictConfig, resources: DictConfig, image: str, retries: bool, cache: bool = True) -> PipelineTask:
-    task.set_container_image(image)
+def sections_json(cfg: DictConfig, sections: tuple[str, ...]) -> str:
+    return json.dumps(OmegaConf.to_container(select(cfg, sections), resolve=True), sort_keys=True)
+
+
+def gate_defaults(cfg: DictConfig) -> dict:
+    g = cfg.gate
+    return {**g.quality, **g.fairness, "on_fail": g.on_fail, "on_inconclusive": g.on_inconclusive}
+
+
+def _with_cluster_settings(task: PipelineTask, b: Build, resources: DictConfig, gpu: bool = False, retries: bool = True,
+                           cache: bool = True) -> PipelineTask:
+    p = b.cfg.pipeline
+    task.set_container_image(b.image(gpu))
     task.set_env_variable(DATA_HASH_ENV, data_hash())  # the image holds no data.dvc of the run's revision
     kubernetes.set_image_pull_policy(task, p.image.pull_policy)
+    kubernetes.add_pod_label(task, COMMIT_LABEL, b.commit)  # the commit is recorded where it is true: the run's pods
+    kubernetes.set_timeout(task, resources.timeout_s)
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
     task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
     task.set_caching_options(cache and p.caching)
-    if retries and p.retry.num_retries > 0:
+    if retries and b.retries and p.retry.num_retries > 0:
         r = p.retry
         task.set_retry(r.num_retries, r.backoff_duration, r.backoff_factor, r.backoff_max_duration)
     return task
 
 
 def _on_gpu_nodes(task: PipelineTask, t: DictConfig) -> PipelineTask:
-    if t.accelerator_count > 0:
-        task.set_accelerator_type(t.accelerator_type).set_accelerator_limit(t.accelerator_count)
+    """GPU resources, node selector and tolerations only when GPUs are requested; /dev/shm for NCCL above one."""
+    if t.accelerator_count == 0:
+        return task
+    task.set_accelerator_type(t.accelerator_type).set_accelerator_limit(t.accelerator_count)
     for label, value in t.node_selector.items():
         kubernetes.add_node_selector(task, label, value)
     for toleration in t.tolerations:
         kubernetes.add_toleration(task, toleration.key, toleration.operator, toleration.value, toleration.effect)
+    if t.accelerator_count > 1:
+        kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=t.shm_size)
     return task
 
 
-def _steps_to_evaluate(cfg: DictConfig, config: str, data_repo: str, data_rev: str, data_uri: str, retries: bool):
-    p = cfg.pipeline
-    gpu = p.train.accelerator_count > 0
-    prepare = _with_cluster_settings(prepare_op(config=config, data_repo=data_repo, data_rev=data_rev, data_uri=data_uri),
-                          p, p.resources, p.image.cpu, retries).set_display_name("prepare")
-    if p.s3_secret.name:
-        kubernetes.use_secret_as_env(prepare, p.s3_secret.name, dict(p.s3_secret.env))
-    if p.train.nodes > 1:  # Kubeflow Trainer trains on the GPU nodes; this task only creates and awaits the TrainJob
-        train = _with_cluster_settings(trainjob_op(config=config, prepared=prepare.outputs["prepared"]), p, p.resources,
-                                       p.image.cpu, retries).set_display_name("train")
-        if p.s3_secret.name:  # it reads the job's outputs from the artifact store
-            kubernetes.use_secret_as_env(train, p.s3_secret.name, dict(p.s3_secret.env))
+def _with_data_secrets(task: PipelineTask, p: DictConfig) -> PipelineTask:
+    s = p.s3_secret
+    if s.name:
+        kubernetes.use_secret_as_env(task, s.name, dict(s.env))
+        if s.optional_env:
+            kubernetes.use_secret_as_env(task, s.name, dict(s.optional_env), optional=True)
+    if p.data.git_secret:
+        kubernetes.use_secret_as_env(task, p.data.git_secret, {"git-credentials": GIT_CREDENTIALS_ENV,
+                                                               "ssh-privatekey": GIT_SSH_KEY_ENV}, optional=True)
+    return task
+
+
+def _steps_to_evaluate(b: Build, configs: dict, data: dict, run: dict):
+    """prepare -> train -> evaluate; `configs` maps each step to its sections (JSON), `run` the typed run parameters."""
+    p = b.cfg.pipeline
+    gpus = p.train.accelerator_count
+    prepare = prepare_op(config=configs["prepare"], expected_commit=b.commit, **data)
+    _with_data_secrets(_with_cluster_settings(prepare, b, p.resources).set_display_name("prepare"), p)
+    if p.train.nodes > 1:
+        train = _trainjob(b, configs["train"], prepare, run)
     else:
-        train = _with_cluster_settings(train_op(config=config, prepared=prepare.outputs["prepared"]), p, p.train,
-                            p.image.gpu if gpu else p.image.cpu, retries).set_display_name("train")
-        _on_gpu_nodes(train, p.train)
-    evaluate = _with_cluster_settings(evaluate_op(config=config, prepared=prepare.outputs["prepared"], model=train.outputs["model"]),
-                           p, p.resources, p.image.cpu, retries).set_display_name("evaluate")
+        train = train_op(config=configs["train"], expected_commit=b.commit, gpus=gpus, prepared=prepare.outputs["prepared"], **run)
+        _on_gpu_nodes(_with_cluster_settings(train, b, p.train, gpu=gpus > 0).set_display_name("train"), p.train)
+    evaluate = evaluate_op(config=configs["evaluate"], expected_commit=b.commit, prepared=prepare.outputs["prepared"],
+                           model=train.outputs["model"])
+    _with_cluster_settings(evaluate, b, p.resources).set_display_name("evaluate")
     return prepare, train, evaluate
 
 
-def _gate_closed(cfg: DictConfig, reason: str, evaluate: PipelineTask) -> None:
-    task = gate_closed_op(reason=reason, accuracy=evaluate.outputs["accuracy"],
-                          fairness_violations=evaluate.outputs["fairness_violations"])
-    p = cfg.pipeline
-    _with_cluster_settings(task, p, p.resources, p.image.cpu, retries=False, cache=False).set_display_name("gate-closed")
+def _trainjob(b: Build, config: str, prepare: PipelineTask, run: dict) -> PipelineTask:
+    """Above one node, a small CPU task runs the train step as a Kubeflow Trainer TrainJob and awaits it."""
+    t = b.cfg.pipeline.train
+    job = trainjob_template(b.cfg, b.image(gpu=t.accelerator_count > 0), b.commit)
+    train = trainjob_op(config=config, expected_commit=b.commit, gpus=t.accelerator_count, job=json.dumps(job),
+                        poll_s=t.trainer_poll_s, prepared=prepare.outputs["prepared"], **run)
+    waiting = OmegaConf.merge(b.cfg.pipeline.resources, {"timeout_s": t.trainer_timeout_s + 600})  # outlives the job's deadline
+    # It reads the job's outputs from the artifact store; no retries: a retry would start a second job.
+    return _with_data_secrets(_with_cluster_settings(train, b, waiting, retries=False).set_display_name("train"), b.cfg.pipeline)
 
 
-def _package_and_deploy(cfg: DictConfig, config: str, prepare: PipelineTask, train: PipelineTask, retries: bool) -> None:
-    p, d = cfg.pipeline, cfg.pipeline.deploy
-    package = _with_cluster_settings(package_op(config=config, prepared=prepare.outputs["prepared"], model=train.outputs["model"]),
-                          p, p.resources, p.image.cpu, retries).set_display_name("package")
-    deploy = deploy_op(config=config, package=package.outputs["package"], version=package.outputs["version"],
-                       mar_file=package.outputs["mar_file"], management_url=d.management_url, inference_url=d.inference_url,
-                       model_store=d.model_store if d.model_store_pvc else "")
-    # Deploying is a side effect: never cached, never retried blindly (deploy rolls back itself).
-    _with_cluster_settings(deploy, p, p.resources, p.image.cpu, retries=False, cache=False).set_display_name("deploy")
-    if d.token_secret:
-        kubernetes.use_secret_as_env(deploy, d.token_secret, {"management": MANAGEMENT_TOKEN_ENV, "inference": INFERENCE_TOKEN_ENV})
-    if d.model_store_pvc:
-        kubernetes.mount_pvc(deploy, d.model_store_pvc, d.model_store)
+def _package_and_deploy(b: Build, gate: PipelineTask, prepare: PipelineTask, train: PipelineTask, deploy_enabled) -> None:
+    p, d = b.cfg.pipeline, b.cfg.pipeline.deploy
+    package = package_op(config=sections_json(b.cfg, package_step.SECTIONS), expected_commit=b.commit,
+                         prepared=prepare.outputs["prepared"], model=train.outputs["model"]).after(gate)
+    _with_cluster_settings(package, b, p.resources).set_display_name("package")
+    on_volume = bool(d.model_store_pvc)
+    with dsl.If(deploy_enabled == True, name="deploy-enabled"):  # noqa: E712 (a KFP condition)
+        deploy = deploy_op(config=sections_json(b.cfg, DEPLOY_SECTIONS), expected_commit=b.commit,
+                           package=package.outputs["package"], version=package.outputs["version"],
+                           mar_file=package.outputs["mar_file"], management_url=d.management_url, inference_url=d.inference_url,
+                           model_store=f"{d.volume_path}/{d.model_store}" if on_volume else "",
+                           key_file=f"{d.volume_path}/{d.key_file}" if on_volume else "")
+        # Deploying is a side effect: never cached, never retried blindly (deploy rolls back itself).
+        _with_cluster_settings(deploy, b, p.resources, retries=False, cache=False).set_display_name("deploy")
+        kubernetes.add_pod_label(deploy, DEPLOY_ROLE_LABEL, "deploy")  # serve/k8s/networkpolicy.yaml lets it reach management
+        if on_volume:
+            kubernetes.mount_pvc(deploy, d.model_store_pvc, d.volume_path)
 
 
-def training_pipeline(cfg: DictConfig, retries: bool = True):
-    """prepare -> train -> evaluate -> gate -> package -> deploy, with an exit handler recording the outcome."""
-    p, gate = cfg.pipeline, cfg.pipeline.gate
+def step_configs(cfg: DictConfig) -> dict[str, str]:
+    return {name: sections_json(cfg, step.SECTIONS) for name, step in
+            (("prepare", prepare_step), ("train", train_step), ("evaluate", evaluate_step))}
 
-    @dsl.pipeline(name=p.name, description="prepare -> train -> evaluate -> fairness/quality gate -> package -> deploy")
-    def pipeline(config: str = config_json(cfg), data_repo: str = p.data.repo, data_rev: str = p.data.rev,
-                 data_uri: str = p.data.uri):
-        outcome = _with_cluster_settings(record_outcome_op(), p, p.resources, p.image.cpu, retries=False, cache=False)
+
+def training_pipeline(cfg: DictConfig, commit: str, data: dict, retries: bool = True):
+    """prepare -> train -> evaluate -> gate -> package -> deploy, with an exit handler recording the outcome.
+    `data` holds the defaults of the data parameters (data_repo, data_rev, data_uri)."""
+    b, p, gate = Build(cfg, commit, retries), cfg.pipeline, gate_defaults(cfg)
+    configs = step_configs(cfg)
+
+    @dsl.pipeline(name=p.name, description="prepare -> train -> evaluate -> gate (conf/gate) -> package -> deploy")
+    def pipeline(data_repo: str = data["data_repo"], data_rev: str = data["data_rev"], data_uri: str = data["data_uri"],
+                 epochs: int = cfg.train.epochs, lr: float = cfg.train.lr, batch_size: int = cfg.train.batch_size,
+                 model_name: str = cfg.model.name, min_accuracy: float = gate["min_accuracy"],
+                 min_balanced_accuracy: float = gate["min_balanced_accuracy"], max_ece: float = gate["max_ece"],
+                 max_accuracy_difference: float = gate["max_accuracy_difference"],
+                 min_accuracy_ratio: float = gate["min_accuracy_ratio"],
+                 max_recall_macro_difference: float = gate["max_recall_macro_difference"],
+                 max_demographic_parity_difference: float = gate["max_demographic_parity_difference"],
+                 max_equalized_odds_difference: float = gate["max_equalized_odds_difference"],
+                 min_group_size: int = gate["min_group_size"], on_fail: str = gate["on_fail"],
+                 on_inconclusive: str = gate["on_inconclusive"], deploy: bool = p.deploy.enabled):
+        parameters = locals()
+        outcome = _with_cluster_settings(record_outcome_op(), b, p.resources, retries=False, cache=False)
         with dsl.ExitHandler(outcome.set_display_name("record-outcome"), name="run"):
-            prepare, train, evaluate = _steps_to_evaluate(cfg, config, data_repo, data_rev, data_uri, retries)
-            accuracy_too_low = evaluate.outputs["accuracy"] < gate.min_accuracy
-            quality_reason = f"test accuracy below pipeline.gate.min_accuracy={gate.min_accuracy}"
-            if gate.require_fairness:
-                with dsl.If(evaluate.outputs["fairness_passed"] == False, name="fairness-gate-closed"):  # noqa: E712 (a KFP condition)
-                    _gate_closed(cfg, "a fairness check failed", evaluate)
-                with dsl.Elif(accuracy_too_low, name="quality-gate-closed"):
-                    _gate_closed(cfg, quality_reason, evaluate)
-            else:
-                with dsl.If(accuracy_too_low, name="quality-gate-closed"):
-                    _gate_closed(cfg, quality_reason, evaluate)
-            with dsl.Else(name="gate-open"):
-                _package_and_deploy(cfg, config, prepare, train, retries)
+            data_args = {key: parameters[key] for key in ("data_repo", "data_rev", "data_uri")}
+            prepare, train, evaluate = _steps_to_evaluate(b, configs, data_args, {key: parameters[key] for key in RUN_PARAMETERS})
+            closed = gate_op(expected_commit=commit, reports=evaluate.outputs["reports"], **{k: parameters[k] for k in GATE_PARAMETERS})
+            _with_cluster_settings(closed, b, p.resources, retries=False).set_display_name("gate")
+            _package_and_deploy(b, closed, prepare, train, deploy)
 
     return pipeline
 
 
-def sweep_pipeline(cfg: DictConfig, trials: list[tuple[str, DictConfig]], retries: bool = True):
+def sweep_pipeline(cfg: DictConfig, trials: list[tuple[str, DictConfig]], commit: str, data: dict, retries: bool = True):
     """One prepare -> train -> evaluate per (name, config) trial, in parallel; then the best trial by cfg.pipeline.sweep.metric."""
-    p, sweep = cfg.pipeline, cfg.pipeline.sweep
+    b, p, sweep = Build(cfg, commit, retries), cfg.pipeline, cfg.pipeline.sweep
     if sweep.goal not in ("maximize", "minimize"):
         raise ConfigError(f"pipeline.sweep.goal must be maximize or minimize, got {sweep.goal!r}")
     if not trials:
         raise ConfigError("pipeline.sweep.trials is empty: give at least one list of overrides")
-    items = [{"name": name, "config": config_json(trial_cfg)} for name, trial_cfg in trials]
+    items = [{"name": name, **step_configs(trial_cfg), **{k: OmegaConf.select(trial_cfg, key) for k, key in RUN_PARAMETERS.items()}}
+             for name, trial_cfg in trials]
 
     @dsl.pipeline(name=f"{p.name}-sweep", description=f"one training per override set, best by {sweep.metric}")
-    def pipeline(trials: list = items, data_repo: str = p.data.repo, data_rev: str = p.data.rev, data_uri: str = p.data.uri):
+    def pipeline(trials: list = items, data_repo: str = data["data_repo"], data_rev: str = data["data_rev"],
+                 data_uri: str = data["data_uri"]):
         with dsl.ParallelFor(trials, name="trial") as trial:
-            _, _, evaluate = _steps_to_evaluate(cfg, trial.config, data_repo, data_rev, data_uri, retries)
+            configs = {"prepare": trial.prepare, "train": trial.train, "evaluate": trial.evaluate}
+            data_args = {"data_repo": data_repo, "data_rev": data_rev, "data_uri": data_uri}
+            _, _, evaluate = _steps_to_evaluate(b, configs, data_args, {k: getattr(trial, k) for k in RUN_PARAMETERS})
         best = select_best_op(trials=trials, reports=dsl.Collected(evaluate.outputs["reports"]), metric=sweep.metric, goal=sweep.goal)
-        _with_cluster_settings(best, p, p.resources, p.image.cpu, retries=False).set_display_name("select-best")
+        _with_cluster_settings(best, b, p.resources, retries=False).set_display_name("select-best")
 
     return pipeline

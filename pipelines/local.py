@@ -90,8 +90,8 @@ def run_pipeline(pipeline, arguments: dict, output_dir: Path, deploys_locally: b
         finally:
             builtins.print = original_print
     run_root = max(set(output_dir.glob("*")) - before, key=lambda p: p.stat().st_mtime)
-    if failure and "gate-closed" in failure:
-        failure += " The fairness/quality gate closed: package and deploy did not run (the reason is in gate-closed-op's log)."
+    if failure and "'gate-op'" in failure:
+        failure += " The gate (conf/gate) closed: package and deploy did not run (the reason is in gate-op's log)."
     return LocalRun(run_root, collect_results(run_root), time.monotonic() - started, failure)
 
 

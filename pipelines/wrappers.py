@@ -4,8 +4,9 @@ sweep's ranking.
 Each wrapper only maps KFP artifact paths and parameters onto the step function in
 components/. They are lightweight components whose source KFP ships in the pipeline spec:
 imports happen inside the function, from the project installed in the image (`make image`),
-or from this venv under `kfp.local.SubprocessRunner(use_venv=False)`. `config` is the
-resolved config as JSON (conf/ + Hydra overrides), validated again in every step.
+or from this venv under `kfp.local.SubprocessRunner(use_venv=False)`. `config` holds only the
+config sections the step reads (its SECTIONS), so its cache key changes only with them;
+`expected_commit` is the commit the images were built from (pipelines/in_pod.py checks it).
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
@@ -13,77 +14,56 @@ from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
-from omegaconf import OmegaConf
 
-from components.core.config import CONF_DIR
-
-# The default image; the graph sets each task's image from the composed config.
-IMAGE = OmegaConf.load(CONF_DIR / "pipeline" / "default.yaml").image.cpu
-# The deploy step reads TorchServe's keys from these (a Kubernetes secret on a cluster); deploy_op's
-# body names them again, as a component's source runs on its own.
-MANAGEMENT_TOKEN_ENV, INFERENCE_TOKEN_ENV = "TORCHSERVE_MANAGEMENT_TOKEN", "TORCHSERVE_INFERENCE_TOKEN"
-
-component = dsl.component(base_image=IMAGE, install_kfp_package=False)
+# The graph sets each task's image (<repository>:<commit>) from the composed config.
+component = dsl.component(base_image="python:3.11", install_kfp_package=False)
 
 
 @component
-def prepare_op(config: str, data_repo: str, data_rev: str, data_uri: str, prepared: Output[Dataset]):
-    import json
+def prepare_op(config: str, expected_commit: str, data_repo: str, data_rev: str, data_uri: str, prepared: Output[Dataset]):
     import tempfile
 
-    from components.core.config import validate
     from components.data.source import fetch_data
     from components.prepare import prepare
+    from pipelines.in_pod import git_credentials, step_config
 
-    cfg = validate(json.loads(config), "pipeline parameter 'config'")
-    with tempfile.TemporaryDirectory() as download:
+    cfg = step_config(config, expected_commit)
+    with tempfile.TemporaryDirectory() as download, git_credentials(download):
         data_dir = fetch_data(download, cfg.data.root, repo=data_repo, rev=data_rev, uri=data_uri)
         prepare(cfg, data_dir, prepared.path)
 
 
 @component
-def train_op(config: str, prepared: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
-             training_log: Output[Artifact]):
-    import json
-    import subprocess
-    import sys
+def train_op(config: str, expected_commit: str, gpus: int, epochs: int, lr: float, batch_size: int, model_name: str,
+             prepared: Input[Dataset], model: Output[Model], metrics: Output[Metrics], training_log: Output[Artifact]):
+    """With GPUs the device is cuda, never a silent CPU fallback, and one process per GPU (the train step's torchrun)."""
     import tempfile
 
-    from components.core.config import validate
-    from components.train import train
+    from components.train import launch
+    from pipelines.in_pod import step_config
 
-    cfg = validate(json.loads(config), "pipeline parameter 'config'")
-    gpus = cfg.pipeline.train.accelerator_count
+    run_parameters = {"train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size, "model.name": model_name}
+    on_gpus = {"train.device": "cuda", "train.processes": gpus} if gpus else {}
+    cfg = step_config(config, expected_commit, {**run_parameters, **on_gpus})
     with tempfile.TemporaryDirectory() as checkpoints:
-        if gpus > 1:  # one process per GPU on this node
-            with tempfile.NamedTemporaryFile("w", suffix=".json") as params:
-                params.write(config)
-                params.flush()
-                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
-                                "-m", "components.train", "--params", params.name, "--prepared", prepared.path,
-                                "--out", model.path, "--live", training_log.path, "--checkpoints", checkpoints], check=True)
-            results = json.loads(open(f"{model.path}/model.json").read())["metrics"]
-        else:
-            results = train(cfg, prepared.path, model.path, training_log.path, checkpoints)
+        results = launch(cfg, prepared.path, model.path, training_log.path, checkpoints)
     for name, value in results.items():
         metrics.log_metric(name, value)
 
 
 @component
-def evaluate_op(config: str, prepared: Input[Dataset], model: Input[Model], reports: Output[Artifact],
+def evaluate_op(config: str, expected_commit: str, prepared: Input[Dataset], model: Input[Model], reports: Output[Artifact],
                 metrics: Output[Metrics], confusion_matrix: Output[ClassificationMetrics],
-                evaluation_report: Output[HTML], model_card: Output[Markdown],
-                ) -> NamedTuple("Verdicts", [("accuracy", float), ("fairness_passed", bool), ("fairness_violations", str)]):
+                evaluation_report: Output[HTML], model_card: Output[Markdown]) -> float:
+    """Returns the test accuracy; the gate step decides on the reports (evaluate does not enforce the gate here)."""
     import json
     import shutil
-    from collections import namedtuple
 
-    from components.core.config import validate
     from components.evaluate import evaluate
+    from pipelines.in_pod import step_config
 
-    cfg = validate(json.loads(config), "pipeline parameter 'config'")
-    results = evaluate(cfg, prepared.path, model.path, reports.path)
-    fairness = json.loads(open(f"{reports.path}/fairness.json").read())
+    cfg = step_config(config, expected_commit)
+    results = evaluate(cfg, prepared.path, model.path, reports.path, enforce_gate=False)
     quality = json.loads(open(f"{reports.path}/quality.json").read())
     shutil.copy(f"{reports.path}/evaluation.html", evaluation_report.path)
     shutil.copy(f"{reports.path}/model_card.md", model_card.path)
@@ -97,46 +77,62 @@ def evaluate_op(config: str, prepared: Input[Dataset], model: Input[Model], repo
                 metrics.log_metric(prefix + key, value)
 
     log_numbers("", results)
-    verdicts = namedtuple("Verdicts", ["accuracy", "fairness_passed", "fairness_violations"])
-    return verdicts(results["accuracy"], fairness["passed"], "; ".join(fairness["violations"]))
+    return results["accuracy"]
 
 
 @component
-def package_op(config: str, prepared: Input[Dataset], model: Input[Model], package: Output[Model],
-               ) -> NamedTuple("Package", [("version", str), ("mar_file", str)]):
+def gate_op(expected_commit: str, reports: Input[Artifact], min_accuracy: float, min_balanced_accuracy: float, max_ece: float,
+            max_accuracy_difference: float, min_accuracy_ratio: float, max_recall_macro_difference: float,
+            max_demographic_parity_difference: float, max_equalized_odds_difference: float, min_group_size: int,
+            on_fail: str, on_inconclusive: str) -> str:
+    """The gate policy of conf/gate on evaluate's reports, with this run's thresholds: exits non-zero when it closes."""
     import json
+    import sys
+
+    from components.evaluation.gates import decide, summary
+    from pipelines.in_pod import step_config
+
+    fairness = {"max_accuracy_difference": max_accuracy_difference, "min_accuracy_ratio": min_accuracy_ratio,
+                "max_recall_macro_difference": max_recall_macro_difference, "min_group_size": min_group_size,
+                "max_demographic_parity_difference": max_demographic_parity_difference,
+                "max_equalized_odds_difference": max_equalized_odds_difference}
+    quality = {"min_accuracy": min_accuracy, "min_balanced_accuracy": min_balanced_accuracy, "max_ece": max_ece}
+    policy = {"gate": {"quality": quality, "fairness": fairness, "on_fail": on_fail, "on_inconclusive": on_inconclusive}}
+    gate = step_config(json.dumps(policy), expected_commit).gate
+    metrics = json.loads(open(f"{reports.path}/metrics.json").read())
+    decision = decide(metrics, json.loads(open(f"{reports.path}/fairness.json").read())["checks"], gate)
+    print(summary(decision))
+    if not decision["open"]:
+        sys.exit(f"gate closed: {'; '.join(decision['blocking'])}. The model is neither packaged nor deployed; "
+                 "evaluate's reports show the evidence.")
+    return "open" + (f" with {len(decision['warnings'])} warning(s)" if decision["warnings"] else "")
+
+
+@component
+def package_op(config: str, expected_commit: str, prepared: Input[Dataset], model: Input[Model], package: Output[Model],
+               ) -> NamedTuple("Package", [("version", str), ("mar_file", str)]):
     from collections import namedtuple
 
-    from components.core.config import validate
     from components.package import package as package_step
+    from pipelines.in_pod import step_config
 
-    manifest = package_step(validate(json.loads(config), "pipeline parameter 'config'"), prepared.path, model.path, package.path)
+    manifest = package_step(step_config(config, expected_commit), prepared.path, model.path, package.path)
     return namedtuple("Package", ["version", "mar_file"])(manifest["version"], manifest["mar"]["file"])
 
 
 @component
-def deploy_op(config: str, package: Input[Model], version: str, mar_file: str, management_url: str, inference_url: str,
-              model_store: str) -> str:
-    """Empty management_url: the local TorchServe of the config's `serve` section."""
-    import json
-    import os
-
-    from components.core.config import validate
+def deploy_op(config: str, expected_commit: str, package: Input[Model], version: str, mar_file: str, management_url: str,
+              inference_url: str, model_store: str, key_file: str) -> str:
+    """Empty management_url: the local TorchServe of the config's `serve` section. Otherwise the keys
+    come from the key file the server rewrites at every start, on the volume deploy shares with it."""
     from components.deploy import deploy
+    from pipelines.in_pod import server_keys, step_config
 
-    cfg = validate(json.loads(config), "pipeline parameter 'config'")
-    result = deploy(cfg, f"{package.path}/{mar_file}", version, management_url or None,
-                    os.environ.get("TORCHSERVE_MANAGEMENT_TOKEN"), inference_url=inference_url or None,
-                    inference_token=os.environ.get("TORCHSERVE_INFERENCE_TOKEN"), model_store=model_store or None)
+    cfg = step_config(config, expected_commit)
+    keys = server_keys(key_file, management_url) if management_url else {}
+    result = deploy(cfg, f"{package.path}/{mar_file}", version, management_url or None, keys.get("management"),
+                    inference_url=inference_url or None, inference_token=keys.get("inference"), model_store=model_store or None)
     return result["endpoint"]
-
-
-@component
-def gate_closed_op(reason: str, accuracy: float, fairness_violations: str):
-    import sys
-
-    sys.exit(f"gate closed: {reason} (test accuracy {accuracy:.4f}; fairness violations: {fairness_violations or 'none'}). "
-             "The model is neither packaged nor deployed; the evaluate reports show the evidence.")
 
 
 @component
@@ -164,3 +160,24 @@ def select_best_op(trials: list, reports: Input[List[Artifact]], metric: str, go
     best.metadata["trial"] = names[chosen]
     print(f"sweep: best trial {names[chosen]!r}: {metric} = {scores[chosen]:.6g}")
     return names[chosen]
+
+
+@component
+def score_op(config: str, expected_commit: str, input_uri: str, package_uri: str, scored: Output[Dataset],
+             drift_report: Output[HTML], metrics: Output[Metrics]):
+    """Batch scoring: `input_uri` (s3:// prefix or folder) with the package at `package_uri` (s3:// or folder)."""
+    import os
+    import shutil
+
+    from components.score import score
+    from pipelines.in_pod import step_config
+
+    result = score(step_config(config, expected_commit), input_uri, package_uri, None, scored.path)
+    drift_html = f"{scored.path}/drift.html"
+    if os.path.exists(drift_html):
+        shutil.copy(drift_html, drift_report.path)
+    else:
+        open(drift_report.path, "w").write(f"<p>drift not checked: {result['drift']['reason']}</p>\n")
+    for key in ("files", "scored", "rejected"):
+        metrics.log_metric(key, result[key])
+    metrics.log_metric("drift", float(bool(result["drift"].get("drift"))))

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import requests
 
-from components.core.config import ROOT, load_config
-from components.core.errors import run_cli
+from components.core.config import ROOT, command_config
+from components.core.errors import StepError, run_cli
+from components.core.events import emit
 from components.deploy import deploy, read_package
 from components.registry.tags import stage_package
 from components.serving import server
-from components.serving.torchserve import default_version, list_versions
-from serve.drift import check_drift
+from components.serving.torchserve import default_version
 
 
 def deploy_stage(cfg, stage: str, repo: Path = ROOT, **remote) -> tuple[dict, Path]:
@@ -44,6 +44,9 @@ def up(cfg, args) -> None:
     else:
         package_dir = Path(args.package)
         package = read_package(package_dir)
+        if not remote and _already_serving(cfg, package):  # a no-op `make run` stays fast
+            print(f"serve: {package['model_name']} version {package['version']} is already the default")
+            return
         result = deploy(cfg, package_dir / package["mar"]["file"], package["version"], **remote)
     print(f"serve: {result['model_name']} version {result['version']} is the default "
           f"(smoke test passed on {result['smoke_samples']} images)")
@@ -57,6 +60,16 @@ def up(cfg, args) -> None:
               f"  stop:     make stop")
 
 
+def _already_serving(cfg, package: dict) -> bool:
+    """The local server runs and answers with this package version as its default (its smoke test passed when it was deployed)."""
+    if server.running_pid(cfg) is None:
+        return False
+    try:
+        return default_version(server.local_endpoint(cfg), package["model_name"]) == package["version"]
+    except StepError:
+        return False
+
+
 def _shown(path: Path) -> str:
     path = path.resolve()
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
@@ -66,17 +79,23 @@ def down(cfg, args) -> None:
     print("serve: TorchServe stopped" if server.stop(cfg) else "serve: TorchServe was not running")
 
 
+STATUS_EXIT_CODES = {"serving": 0, "stopped": 1, "degraded": 3, "down": 4}  # 2: an error (message on stderr)
+STATUS_HELP = """exit status: 0 serving (every worker of every version READY), 1 TorchServe not running,
+2 error (message on stderr), 3 degraded (the default version answers, some worker is not READY,
+e.g. restarting), 4 down (TorchServe runs but no worker of the default version is READY, or the
+model is not registered)"""
+
+
 def status(cfg, args) -> None:
     pid = server.running_pid(cfg)
     if pid is None:
         print("serve: TorchServe is not running")
-        sys.exit(1)
+        sys.exit(STATUS_EXIT_CODES["stopped"])
     endpoint = server.local_endpoint(cfg)
-    print(f"serve: TorchServe running (pid {pid}), inference {endpoint.inference_url}, metrics {endpoint.metrics_url}")
-    name = cfg.package.model_name
-    default = default_version(endpoint, name)
-    for version in list_versions(endpoint, name):
-        print(f"  {name} {version}{' (default)' if version == default else ''}")
+    state, lines = server.serving_state(endpoint, cfg.package.model_name)
+    print(f"serve: {cfg.package.model_name} {state}; TorchServe pid {pid}, inference {endpoint.inference_url}, metrics {endpoint.metrics_url}")
+    print("\n".join(lines))
+    sys.exit(STATUS_EXIT_CODES[state])
 
 
 def predict(cfg, args) -> None:
@@ -89,6 +108,8 @@ def predict(cfg, args) -> None:
 
 
 def drift(cfg, args) -> None:
+    from components.monitoring.drift import check_drift  # scipy: imported only by the command that needs it
+
     log_file = Path(args.log) if args.log else server.prediction_log(cfg)
     report = check_drift(cfg, log_file, Path(args.package) / "reference_stats.json", Path(args.out))
     for name, f in report["features"].items():
@@ -98,6 +119,9 @@ def drift(cfg, args) -> None:
     print(f"serve: {'drift detected' if report['drift'] else 'no drift'} in the last {report['samples']} logged predictions "
           f"-> {args.out}/drift.json, {args.out}/drift.html")
     if report["drift"]:
+        emit(cfg.events, "drift_detected", f"drift in the last {report['samples']} logged predictions of {cfg.package.model_name}",
+             model=cfg.package.model_name, details={"report": str(Path(args.out) / "drift.json"), "features": report["features"],
+                                                    "predicted_classes": report["predicted_classes"]})
         sys.exit(1)
 
 
@@ -105,9 +129,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m serve", description="The project's local TorchServe.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, run, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help)
-        sub.add_argument("--params", default="params.yaml")
+    def command(name: str, run, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, epilog=epilog)
         sub.set_defaults(run=run)
         return sub
 
@@ -118,7 +141,7 @@ def main() -> None:
     sub.add_argument("--inference-url", help="its inference API, for the smoke test (token: $TORCHSERVE_INFERENCE_TOKEN)")
     sub.add_argument("--model-store", help="its model store, mounted on this machine")
     command("down", down, "stop TorchServe")
-    command("status", status, "show the server and its model versions")
+    command("status", status, "show the server, its model versions and their workers", STATUS_HELP)
     sub = command("predict", predict, "send one PNG/JPEG image, print the top-k labels")
     sub.add_argument("file")
     sub.add_argument("--version", default=None, help="a registered version (default: the default version)")
@@ -129,7 +152,7 @@ def main() -> None:
     for sub in commands.choices.values():
         sub.add_argument("overrides", nargs="*", help="config overrides, e.g. serve.inference_port=9080")
     args = parser.parse_args()
-    args.run(load_config(args.params, args.overrides), args)
+    args.run(command_config(None, args.overrides), args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from components.core.config import ROOT
 
-STEPS = {"prepare", "train", "evaluate", "package", "deploy", "promote"}
+STEPS = {"prepare", "train", "evaluate", "package", "deploy", "promote", "score"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -37,3 +37,17 @@ def test_top_of_components_holds_the_steps_and_nothing_else():
 def test_bench_never_imports_the_tests():
     offenders = {p.name: m for p in (ROOT / "bench").glob("*.py") for m in imported_modules(p) if m.split(".")[0] == "tests"}
     assert offenders == {}
+
+
+def test_every_project_import_names_something_that_exists():
+    """Scripts nothing imports (bench/) break silently when a module moves; this reads them all."""
+    import importlib.util
+
+    missing = []
+    for path in sorted([*ROOT.glob("components/**/*.py"), *ROOT.glob("pipelines/*.py"), *ROOT.glob("serve/*.py"), *ROOT.glob("bench/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in {"components", "pipelines", "serve", "bench"}:
+                module = importlib.import_module(node.module)
+                missing += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert missing == []

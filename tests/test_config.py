@@ -40,8 +40,12 @@ def test_experiment_preset_is_applied_last():
         ("model=vgg", "Could not find 'model/vgg'"),
         ("data.channels=2", "data.channels must be 1 or 3"),
         ("train.device=tpu", "train.device must be auto, cpu or cuda"),
-        ("serve.max_batch_delay_ms=-1", "serve.max_batch_delay_ms must be 0 or more, got -1"),
-        ("serve.prediction_log.backups=0", "serve.prediction_log.backups at least 1, got 100.0 and 0"),
+        ("serve.max_batch_delay_ms=-1", "serve.max_batch_delay_ms must be at least 0, got -1"),
+        ("serve.prediction_log.backups=0", "serve.prediction_log.backups must be at least 1, got 0"),
+        ("train.lr=0", "command-line overrides ['train.lr=0']: train.lr must be above 0, got 0.0"),
+        ("train.lr=nan", "train.lr must be above 0, got nan"),
+        ("train.lr=-1", "train.lr must be above 0, got -1.0"),
+        ("model.dropout=1", "model.dropout must be between 0 and 0.99, got 1.0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -63,3 +67,21 @@ def test_cli_reports_config_error_in_one_line_and_exit_2():
     assert result.stderr.strip().splitlines() == [
         "error: command-line overrides ['train.lr=abc']: Value 'abc' of type 'str' could not be converted to Float (key: train.lr)"
     ]
+
+
+def test_every_numeric_setting_declares_its_range():
+    import dataclasses
+    import typing
+
+    from components.core import config as schema
+
+    def numeric_fields(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory):
+                yield from numeric_fields(f.default_factory, f"{prefix}{f.name}.")
+            elif hints[f.name] in (int, float):
+                yield f"{prefix}{f.name}", f
+
+    unranged = [key for key, f in numeric_fields(schema.Config) if "range" not in f.metadata]
+    assert unranged == []

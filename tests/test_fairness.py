@@ -1,7 +1,10 @@
 """fairness: per-group numbers checked against an independent numpy/pandas computation on a
-hand-made case, the bootstrap interval's behaviour, and the verdicts."""
+hand-made case, the bootstrap intervals' behaviour, and the verdicts of the gate policy
+(pass / fail / inconclusive from intervals; block or warn)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -9,7 +12,9 @@ import pytest
 
 from components.core.config import compose
 from components.core.errors import DataError
-from components.evaluation.fairness import accuracy_gap_interval, fairness_report, require_groups
+from components.evaluation.fairness import (accuracy_gap_interval, check_intervals, fairness_report, group_confusion, group_rates,
+                                            pair_values, require_groups, worst_pairs)
+from components.evaluation.gates import decide, judge
 
 CLASSES = ["x", "y", "z"]
 # 12 hand-made predictions: site a errs once, site b three times; sex m never errs.
@@ -20,6 +25,11 @@ SENSITIVE = pd.DataFrame({"site": ["a"] * 6 + ["b"] * 6, "sex": ["m", "f"] * 6})
 
 def evaluate_cfg(*overrides: str):
     return compose(list(overrides)).evaluate
+
+
+def report_of(sensitive: pd.DataFrame, *overrides: str, y_true=Y_TRUE, y_pred=Y_PRED) -> dict:
+    cfg = compose(list(overrides))
+    return fairness_report(y_true, y_pred, sensitive, CLASSES, cfg.evaluate, cfg.gate.fairness, seed=0)
 
 
 def by_hand(groups: np.ndarray) -> dict:
@@ -46,7 +56,7 @@ def one_vs_rest_by_hand(groups: np.ndarray) -> tuple[dict, dict]:
 
 
 def test_group_numbers_match_an_independent_computation():
-    report = fairness_report(Y_TRUE, Y_PRED, SENSITIVE, CLASSES, evaluate_cfg(), seed=0)
+    report = report_of(SENSITIVE)
     assert set(report["groupings"]) == {"site", "sex", "site & sex"}
     for name, groups in (("site", SENSITIVE["site"]), ("sex", SENSITIVE["sex"]),
                          ("site & sex", SENSITIVE["site"] + " & " + SENSITIVE["sex"])):
@@ -68,7 +78,7 @@ def test_group_numbers_match_an_independent_computation():
 
 
 def test_hand_made_case_literal_values():
-    site = fairness_report(Y_TRUE, Y_PRED, SENSITIVE[["site"]], CLASSES, evaluate_cfg(), seed=0)["groupings"]["site"]
+    site = report_of(SENSITIVE[["site"]])["groupings"]["site"]
     assert site["groups"]["a"]["accuracy"] == pytest.approx(5 / 6)
     assert site["groups"]["b"]["accuracy"] == pytest.approx(4 / 6)
     assert site["difference"]["accuracy"] == pytest.approx(1 / 6)
@@ -78,20 +88,79 @@ def test_hand_made_case_literal_values():
     assert site["accuracy_gap"]["best_group"] == "a" and site["accuracy_gap"]["worst_group"] == "b"
 
 
-def test_verdicts_compare_each_check_with_its_threshold():
-    strict = evaluate_cfg("evaluate.thresholds.max_accuracy_difference=0.1", "evaluate.thresholds.min_accuracy_ratio=0.8",
-                          "evaluate.thresholds.max_recall_macro_difference=1", "evaluate.thresholds.max_demographic_parity_difference=1",
-                          "evaluate.thresholds.max_equalized_odds_difference=1", "evaluate.sensitive_attributes=[site]")
-    report = fairness_report(Y_TRUE, Y_PRED, SENSITIVE[["site"]], CLASSES, strict, seed=0)
-    verdicts = {c["check"]: c["passed"] for c in report["checks"]}
-    assert verdicts == {"accuracy_difference": False, "accuracy_ratio": True,  # 0.8 >= 0.8: a value on the threshold passes
-                        "recall_macro_difference": True, "demographic_parity_difference": True, "equalized_odds_difference": True}
-    assert report["passed"] is False
-    assert report["violations"] == ["site: accuracy_difference 0.1667 (must be <= 0.1)"]
-    lenient = evaluate_cfg("evaluate.thresholds.max_accuracy_difference=0.2", "evaluate.thresholds.max_equalized_odds_difference=1",
-                           "evaluate.thresholds.max_demographic_parity_difference=1", "evaluate.thresholds.max_recall_macro_difference=1",
-                           "evaluate.thresholds.min_accuracy_ratio=0")
-    assert fairness_report(Y_TRUE, Y_PRED, SENSITIVE[["site"]], CLASSES, lenient, seed=0)["passed"] is True
+def test_check_statistics_from_confusion_counts_equal_the_fairlearn_values():
+    """The vectorised statistics the bootstrap resamples, on the observed data, are the reported values."""
+    for name, groups in (("site", SENSITIVE["site"]), ("sex", SENSITIVE["sex"])):
+        report = report_of(SENSITIVE[[name]])
+        codes, _ = pd.factorize(groups, sort=True)
+        rates = group_rates(group_confusion(Y_TRUE, Y_PRED, codes, 2, len(CLASSES)))
+        ours = pair_values(rates, worst_pairs(rates))
+        assert {c["check"]: c["value"] for c in report["checks"]} == pytest.approx({k: float(v) for k, v in ours.items()})
+
+
+def check(value: float, low: float, high: float, name: str = "accuracy_difference", min_count: int = 100) -> dict:
+    return {"grouping": "site", "check": name, "value": value, "low": low, "high": high, "min_count": min_count,
+            "min_count_of": "group b"}
+
+
+@pytest.mark.parametrize("interval,min_count,verdict", [
+    ((0.01, 0.04), 100, "pass"),           # the whole interval within the tolerance (0.05)
+    ((0.06, 0.20), 100, "fail"),           # the whole interval beyond it
+    ((0.02, 0.09), 100, "inconclusive"),   # straddles it: the data cannot tell
+    ((0.30, 0.60), 8, "inconclusive"),     # beyond it, but resting on 8 images (< min_group_size 30)
+    ((0.05, 0.05), 100, "pass"),           # on the tolerance is within it
+])
+def test_a_verdict_comes_from_the_interval_and_the_group_size(interval, min_count, verdict):
+    judged = judge(check(sum(interval) / 2, *interval, min_count=min_count), compose([]).gate.fairness)
+    assert judged["verdict"] == verdict
+    assert (judged["threshold"], judged["rule"], judged["key"]) == (0.05, "<=", "gate.fairness.max_accuracy_difference")
+    ratio = judge(check(0.9, 0.85, 0.93, name="accuracy_ratio"), compose([]).gate.fairness)
+    assert ratio["verdict"] == "fail" and ratio["rule"] == ">="  # a ratio must stay at or above 0.95
+
+
+@pytest.mark.parametrize("on_fail,on_inconclusive,open_,blocking,warnings", [
+    ("block", "warn", False, 1, 1), ("block", "block", False, 2, 0), ("warn", "warn", True, 0, 2), ("warn", "block", False, 1, 1),
+])
+def test_the_policy_blocks_or_warns_on_fail_and_inconclusive(on_fail, on_inconclusive, open_, blocking, warnings):
+    gate = compose([f"gate.on_fail={on_fail}", f"gate.on_inconclusive={on_inconclusive}"]).gate
+    metrics = {"accuracy": 0.99, "balanced_accuracy": 0.99, "ece": 0.01}
+    decision = decide(metrics, [check(0.1, 0.06, 0.2), check(0.05, 0.02, 0.09), check(0.01, 0.0, 0.03)], gate)
+    assert (decision["open"], len(decision["blocking"]), len(decision["warnings"])) == (open_, blocking, warnings)
+    assert [c["verdict"] for c in decision["checks"]] == ["fail", "inconclusive", "pass"]
+
+
+def test_quality_thresholds_follow_the_fail_policy():
+    metrics = {"accuracy": 0.85, "balanced_accuracy": 0.95, "ece": 0.2}
+    decision = decide(metrics, [], compose([]).gate)
+    assert decision["blocking"] == ["quality: accuracy 0.8500 not >= 0.9 (gate.quality.min_accuracy)",
+                                    "quality: ece 0.2000 not <= 0.05 (gate.quality.max_ece)"]
+    assert decide(metrics, [], compose(["gate.on_fail=warn"]).gate)["open"] is True
+
+
+def test_a_real_gap_on_large_groups_fails_and_the_same_gap_on_small_groups_is_inconclusive():
+    rng = np.random.default_rng(0)
+
+    def predictions(n_per_group: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+        y_true = np.tile(np.arange(3), 2 * n_per_group // 3 + 1)[: 2 * n_per_group]
+        wrong = np.r_[rng.random(n_per_group) < 0.02, rng.random(n_per_group) < 0.30]  # group b errs 15x as often
+        y_pred = np.where(wrong, (y_true + 1) % 3, y_true)
+        return y_true, y_pred, pd.DataFrame({"site": ["a"] * n_per_group + ["b"] * n_per_group})
+
+    y_true, y_pred, sensitive = predictions(600)
+    large = {c["check"]: c for c in report_of(sensitive, y_true=y_true, y_pred=y_pred)["checks"]}
+    assert large["accuracy_difference"]["verdict"] == "fail" and large["accuracy_difference"]["low"] > 0.05
+    y_true, y_pred, sensitive = predictions(20)
+    small = {c["check"]: c for c in report_of(sensitive, y_true=y_true, y_pred=y_pred)["checks"]}
+    assert small["accuracy_difference"]["verdict"] == "inconclusive"
+    assert small["accuracy_difference"]["why"].startswith("rests on 20 test images (group a)")  # the first of the smallest
+
+
+def test_intervals_are_seeded_and_cover_the_observed_value():
+    codes, _ = pd.factorize(SENSITIVE["site"], sort=True)
+    confusion = group_confusion(Y_TRUE, Y_PRED, codes, 2, len(CLASSES))
+    first = check_intervals(confusion, samples=500, confidence=0.9, seed=3)
+    assert first == check_intervals(confusion, samples=500, confidence=0.9, seed=3)
+    assert first["accuracy_difference"][0] <= 1 / 6 <= first["accuracy_difference"][1]
 
 
 def _outcomes(n_a: int, acc_a: float, n_b: int, acc_b: float) -> tuple[np.ndarray, pd.Series]:
@@ -135,3 +204,26 @@ def test_a_known_group_without_test_images_is_an_error():
     with pytest.raises(DataError, match=r"\['site=c'\] have no images in the test split"):
         require_groups(SENSITIVE, {"site": ["a", "b", "c"]}, "prepared")
     require_groups(SENSITIVE, {"site": ["a", "b"], "sex": ["m", "f"]}, "prepared")
+
+
+def test_the_registry_judges_committed_reports_with_the_same_policy(tmp_path):
+    """gate_failures re-judges the reports committed at a version's commit with conf/gate (a real git repo)."""
+    from components.promote import gate_failures
+    from tests.helpers.project import git_commit, run
+
+    run(["git", "init", "-q", "-b", "main"], tmp_path)
+    (tmp_path / "reports").mkdir()
+    metrics = {"accuracy": 0.99, "balanced_accuracy": 0.99, "ece": 0.01}
+    (tmp_path / "reports" / "metrics.json").write_text(json.dumps(metrics))
+    old = {"checks": [{"grouping": "site", "check": "accuracy_difference", "value": 0.2, "passed": False}]}
+    (tmp_path / "reports" / "fairness.json").write_text(json.dumps(old))
+    git_commit(tmp_path, "reports before intervals")
+    first = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    (tmp_path / "reports" / "fairness.json").write_text(json.dumps({"checks": [check(0.2, 0.1, 0.3)]}))
+    git_commit(tmp_path, "reports with intervals")
+    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    cfg = compose([])
+    assert gate_failures(cfg, first, tmp_path) == [f"reports/fairness.json at {first[:10]} has no check intervals (written before "
+                                                   "conf/gate's verdicts): run the evaluate step and commit its reports"]
+    assert gate_failures(cfg, head, tmp_path) == [decide(metrics, [check(0.2, 0.1, 0.3)], cfg.gate)["blocking"][0]]
+    assert gate_failures(compose(["gate.on_fail=warn"]), head, tmp_path) == []

@@ -20,9 +20,9 @@ from components.core.errors import ConfigError
 from components.core.lineage import code_hash
 from components.packaging.onnx import ParityError, check_parity, onnx_logits
 from components.model.networks import load_trained
-from components.package import SECTIONS, SHIPPED, package
-from components.features import image_features, intensity
-from serve.handler import decode_image
+from components.package import SECTIONS, CODE_FILES, package
+from components.runtime.features import image_features, intensity
+from components.runtime.request import decode_image
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,9 @@ def test_onnx_metadata_carries_signature_and_lineage(packaged):
     props = {p.key: p.value for p in onnx.load(str(packaged["out"] / "model.onnx")).metadata_props}
     assert json.loads(props["signature"]) == json.loads((packaged["out"] / "signature.json").read_text())
     assert "git_commit" not in props
-    assert json.loads(props["data_hash"]) == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
-    assert json.loads(props["config_hash"]) == config_hash(select(packaged["cfg"], SECTIONS))
-    assert json.loads(props["code_hash"]) == code_hash("components.package", SHIPPED)
+    assert props["data_hash"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
+    assert props["config_hash"] == config_hash(select(packaged["cfg"], SECTIONS))
+    assert props["code_hash"] == code_hash("components.package", CODE_FILES)
     model_spec = json.loads((packaged["model"] / "model.json").read_text())
     assert json.loads(props["model_lineage"]) == model_spec["lineage"]
     assert packaged["manifest"]["lineage"]["config_hash"] == props["config_hash"]
@@ -80,7 +80,8 @@ def test_mar_holds_handler_model_signature_and_features(packaged):
     assert manifest["mar"] == {"file": "digits.mar", "sha256": sha256_file(mar)}
     with zipfile.ZipFile(mar) as z:
         assert set(z.namelist()) == {"MAR-INF/MANIFEST.json", "handler.py", "model.onnx", "signature.json",
-                                     "reference_stats.json", "components/__init__.py", "components/features.py"}
+                                     "reference_stats.json", "components/__init__.py",
+                                     *(f"components/runtime/{name}.py" for name in ("__init__", "features", "inference", "monitoring", "request", "settings"))}
         mar_manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         assert z.read("model.onnx") == (out / "model.onnx").read_bytes()
         assert z.read("handler.py") == (ROOT / "serve" / "handler.py").read_bytes()
@@ -89,18 +90,29 @@ def test_mar_holds_handler_model_signature_and_features(packaged):
                                      "serializedFile": "model.onnx", "handler": "handler.py"}
 
 
+def test_the_archived_handler_imports_only_its_runtime_numpy_pil_and_onnxruntime(packaged, tmp_path):
+    """Unpacked as TorchServe does, the handler loads the archive's own components/runtime and no other package."""
+    with zipfile.ZipFile(packaged["out"] / "digits.mar") as z:
+        z.extractall(tmp_path)
+    code = ("import sys; sys.path.insert(0, '.'); import handler, components; print(components.__file__); "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
+    shown = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert shown[0] == str(tmp_path / "components" / "__init__.py")
+    assert {name for name in shown[1].split() if not name.startswith("_")} == {"handler", "components", "numpy", "PIL", "onnxruntime"}
+
+
 def test_samples_and_handler_preprocessing_reproduce_prepare(packaged):
     """The handler decodes a raw data file exactly as prepare did, and the samples' expected
     labels are the in-process ONNX predictions."""
     cfg, out, manifest = packaged["cfg"], packaged["out"], packaged["manifest"]
     signature = json.loads((out / "signature.json").read_text())
     for file in sorted((ROOT / "data").glob("*/*.png"))[:20]:
-        assert np.array_equal(decode_image(file.read_bytes(), signature), decode(file, 1, (32, 32)))
+        assert np.array_equal(decode_image(file.read_bytes(), signature, cfg.serve.max_image_pixels), decode(file, 1, (32, 32)))
     test_images = np.array(load_prepared(packaged["prepared"]).split("test")[0])
     cheap, full = intensity(test_images), image_features(test_images)  # the handler's per-request metrics
     assert all(np.array_equal(cheap[name], full[name]) for name in ("brightness", "contrast"))
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    pixels = np.stack([decode_image((out / s["file"]).read_bytes(), signature) for s in manifest["samples"]])
+    pixels = np.stack([decode_image((out / s["file"]).read_bytes(), signature, cfg.serve.max_image_pixels) for s in manifest["samples"]])
     predicted = onnx_logits(session, pixels, signature).argmax(1)
     assert [s["expected"] for s in manifest["samples"]] == [signature["output"]["classes"][c] for c in predicted]
     assert len(manifest["samples"]) == cfg.package.smoke_samples
@@ -153,7 +165,7 @@ def test_cli_missing_model_is_one_line_exit_2_and_leaves_nothing(digits_run, tmp
     ("serve.host=0.0.0.0", "serve.host must be a loopback IP address"),
     ("serve.metrics_port=8080", "must be distinct"),
     ("package.model_name=my/model", "package.model_name must be"),
-    ("serve.prediction_log.sample_rate=2", "sample_rate must be in [0, 1]"),
+    ("serve.prediction_log.sample_rate=2", "serve.prediction_log.sample_rate must be between 0 and 1, got 2.0"),
 ])
 def test_bad_package_and_serve_config_names_the_key(override, message):
     with pytest.raises(ConfigError) as err:

@@ -1,7 +1,10 @@
-"""Kubeflow Pipelines: the compiled spec carries the cluster settings, run-local runs the whole
-pipeline through kfp.local with the numbers of `dvc repro`, the gate and the sweep work, the
-prepare component fetches DVC data at a revision from a real S3 server (SeaweedFS), and submit
-speaks the KFP API (checked against a fake server: a real one needs Kubernetes)."""
+"""Kubeflow Pipelines: the compiled spec carries the cluster settings (images by commit, GPU
+scheduling only with GPUs, /dev/shm, timeouts, optional secret keys), typed run parameters and
+per-step config sections; compile refuses what a cluster could not run; run-local on the
+defaults goes green through package and deploy, and a preset that disadvantages a site closes
+the gate; an image of another commit fails at once; the prepare component fetches DVC data at
+a revision from a real S3 server (SeaweedFS); upload and submit speak the KFP API (checked
+against a fake server: a real one needs Kubernetes)."""
 
 from __future__ import annotations
 
@@ -17,23 +20,30 @@ from kfp import local
 from safetensors.torch import load_file
 
 from components.core.config import PORT_KEYS, ROOT, compose
+from components.core.errors import ConfigError
 from components.core.lineage import data_hash
-from pipelines.wrappers import prepare_op
-from pipelines.graph import config_json
+from pipelines import preflight
+from pipelines.graph import step_configs
 from pipelines.local import collect_results
+from pipelines.wrappers import prepare_op
 from components.serving import server
 from tests.helpers.datasets import make_image_dataset
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.servers import free_ports, seaweed_s3
 
-OPEN_GATE = "pipeline.gate.require_fairness=false"
+pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
+
+HEAD = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+CLUSTER = ["pipeline.data.uri=s3://bucket/raw", "pipeline.deploy.management_url=http://torchserve.serving:8081",
+           "pipeline.deploy.inference_url=http://torchserve.serving:8080", "pipeline.deploy.model_store_pvc=torchserve-store"]
+OPEN_GATE = ["gate.on_fail=warn", "gate.on_inconclusive=warn"]
 
 
-def run_local(out: Path, *overrides: str, sweep: bool = False, check: bool = True):
+def run_local(out: Path, *overrides: str, sweep: bool = False, check: bool = True, env: dict | None = None):
     """`python -m pipelines run-local` with a private TorchServe (state dir, free loopback ports); returns (result, run dir)."""
     serve = [f"serve.state_dir={out / 'serve'}", *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))]
     command = ["python", "-m", "pipelines", "run-local", "--output-dir", str(out / "kfp"), *(["--sweep"] if sweep else []), *serve, *overrides]
-    result = run(command, ROOT, check=check)
+    result = run(command, ROOT, check=check, env=env)
     (run_dir,) = (out / "kfp").iterdir()
     return result, run_dir
 
@@ -48,63 +58,117 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_image_dataset(tmp_path_factory.mktemp("tiny") / "raw", per_class=20)
 
 
+def compiled(tmp_path: Path, *overrides: str) -> tuple[dict, dict]:
+    out = tmp_path / "pipeline.yaml"
+    run(["python", "-m", "pipelines", "compile", "--out", str(out), *CLUSTER, *overrides], ROOT)
+    spec, platform = yaml.safe_load_all(out.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def tasks_of(spec: dict) -> dict[str, dict]:
+    """Every task of the spec by name, whatever sub-DAG (exit handler, condition) holds it."""
+    return {name: task for component in [*spec["components"].values(), spec["root"]]
+            for name, task in component.get("dag", {}).get("tasks", {}).items()}
+
+
 # --- compile -------------------------------------------------------------------------------
 
-def test_compiled_spec_carries_gpu_resources_scheduling_retries_caching_and_secrets(tmp_path):
-    out = tmp_path / "pipeline.yaml"
-    run(["python", "-m", "pipelines", "compile", "--out", str(out), "experiment=quick", "train.lr=0.0123",
-         "pipeline.train.accelerator_count=2", "pipeline.image.gpu=registry.example/gpu:7"], ROOT)
-    spec, platform = yaml.safe_load_all(out.read_text())
+def test_compiled_spec_names_images_by_commit_and_carries_cluster_settings(tmp_path):
+    spec, k8s = compiled(tmp_path, "pipeline.train.accelerator_count=2", "pipeline.image.gpu_repository=registry.example/gpu")
     executors = spec["deploymentSpec"]["executors"]
     train = executors["exec-train-op"]["container"]
-    assert train["image"] == "registry.example/gpu:7"
-    env = {e["name"]: e["value"] for e in train["env"]}
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    assert env["LINEAGE_GIT_COMMIT"] == head and env["LINEAGE_DATA_HASH"].endswith(".dir")
+    assert train["image"] == f"registry.example/gpu:{HEAD}"
+    assert {executors[e]["container"]["image"] for e in executors if e != "exec-train-op"} == {f"ghcr.io/example/kfp-dvc-template:{HEAD}"}
+    tasks = tasks_of(spec)
+    for name in ("prepare-op", "train-op", "evaluate-op", "gate-op", "package-op", "deploy-op"):
+        assert tasks[name]["inputs"]["parameters"]["expected_commit"] == {"runtimeValue": {"constant": HEAD}}
+        role = {"kfp-dvc-template/role": "deploy"} if name == "deploy-op" else {}  # serve/k8s/networkpolicy.yaml admits it
+        assert k8s[f"exec-{name}"]["podMetadata"]["labels"] == {"git-commit": HEAD, **role}
+    assert {e["name"]: e["value"] for e in train["env"]}["LINEAGE_DATA_HASH"] == data_hash()
     assert train["resources"]["accelerator"] == {"count": "2", "resourceCount": "2", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
-    assert {k: train["resources"][k] for k in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit")} == \
-        {"resourceCpuRequest": "4", "resourceCpuLimit": "8", "resourceMemoryRequest": "16G", "resourceMemoryLimit": "32G"}
-    assert executors["exec-evaluate-op"]["container"]["image"] == "ghcr.io/example/kfp-dvc-template:0.1.0"
-    assert executors["exec-evaluate-op"]["container"]["resources"]["resourceMemoryLimit"] == "4G"
-
-    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert k8s["exec-train-op"]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
     assert k8s["exec-train-op"]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-    (s3,) = k8s["exec-prepare-op"]["secretAsEnv"]
-    assert s3["secretName"] == "kfp-dvc-template-s3"
-    assert {m["secretKey"]: m["envVar"] for m in s3["keyToEnv"]} == {
-        "access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY", "endpoint_url": "AWS_ENDPOINT_URL"}
-    (keys,) = k8s["exec-deploy-op"]["secretAsEnv"]
-    assert keys["secretName"] == "torchserve-keys" and {m["envVar"] for m in keys["keyToEnv"]} == {
-        "TORCHSERVE_MANAGEMENT_TOKEN", "TORCHSERVE_INFERENCE_TOKEN"}
-
-    body = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert body["train-op"]["retryPolicy"] == {"backoffDuration": "60s", "backoffFactor": 2.0, "backoffMaxDuration": "3600s", "maxRetryCount": 2}
-    assert body["train-op"]["cachingOptions"] == {"enableCache": True}
-    gate_open = spec["components"]["comp-condition-5"]["dag"]["tasks"]
-    assert gate_open["deploy-op"]["cachingOptions"] == {} and "retryPolicy" not in gate_open["deploy-op"]
-    branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
-    assert {t["taskInfo"]["name"]: t["triggerPolicy"]["condition"] for t in branches.values()} == {
-        "fairness-gate-closed": "inputs.parameter_values['pipelinechannel--evaluate-op-fairness_passed'] == false",
-        "quality-gate-closed": "!(inputs.parameter_values['pipelinechannel--evaluate-op-fairness_passed'] == false) && "
-                               "inputs.parameter_values['pipelinechannel--evaluate-op-accuracy'] < 0.9",
-        "gate-open": "!(inputs.parameter_values['pipelinechannel--evaluate-op-fairness_passed'] == false) && "
-                     "!(inputs.parameter_values['pipelinechannel--evaluate-op-accuracy'] < 0.9)"}
+    assert k8s["exec-train-op"]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi", "volumeName": "dshm"}]
+    assert k8s["exec-train-op"]["activeDeadlineSeconds"] == "86400" and k8s["exec-evaluate-op"]["activeDeadlineSeconds"] == "3600"
+    required, optional = k8s["exec-prepare-op"]["secretAsEnv"]
+    assert (required["secretName"], required["optional"], optional["optional"]) == ("kfp-dvc-template-s3", False, True)
+    assert [m["secretKey"] for m in required["keyToEnv"]] == ["access_key_id", "secret_access_key"]
+    assert optional["keyToEnv"] == [{"envVar": "AWS_ENDPOINT_URL", "secretKey": "endpoint_url"}]  # absent for AWS S3
+    assert k8s["exec-deploy-op"]["pvcMount"][0]["mountPath"] == "/mnt/torchserve"
+    assert tasks["deploy-op"]["inputs"]["parameters"]["key_file"] == {"runtimeValue": {"constant": "/mnt/torchserve/state/key_file.json"}}
+    assert tasks["train-op"]["retryPolicy"] == {"backoffDuration": "60s", "backoffFactor": 2.0, "backoffMaxDuration": "3600s", "maxRetryCount": 2}
+    assert tasks["deploy-op"]["cachingOptions"] == {} and "retryPolicy" not in tasks["deploy-op"]
+    assert tasks["package-op"]["dependentTasks"] == ["gate-op", "prepare-op", "train-op"]  # after the gate
+    assert tasks["condition-2"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--deploy'] == true"
     assert spec["root"]["dag"]["tasks"]["record-outcome-op"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
 
-    config = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"])
-    assert config["train"]["lr"] == 0.0123 and config["train"]["epochs"] == 2  # Hydra overrides, as with `dvc exp run -S`
+
+def test_without_gpus_train_gets_no_gpu_scheduling_and_the_cpu_image(tmp_path):
+    spec, k8s = compiled(tmp_path, "pipeline.train.accelerator_count=0")
+    train = spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]
+    assert train["image"] == f"ghcr.io/example/kfp-dvc-template:{HEAD}" and "accelerator" not in train["resources"]
+    assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(k8s["exec-train-op"])
+    assert tasks_of(spec)["train-op"]["inputs"]["parameters"]["gpus"] == {"runtimeValue": {"constant": 0.0}}
+
+
+def test_run_parameters_are_typed_and_each_step_gets_only_its_config_sections(tmp_path):
+    spec, _ = compiled(tmp_path)
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert {name: p["parameterType"] for name, p in parameters.items() if name in ("epochs", "lr", "batch_size", "model_name",
+            "min_accuracy", "max_equalized_odds_difference", "min_group_size", "on_inconclusive", "deploy")} == {
+        "epochs": "NUMBER_INTEGER", "lr": "NUMBER_DOUBLE", "batch_size": "NUMBER_INTEGER", "model_name": "STRING",
+        "min_accuracy": "NUMBER_DOUBLE", "max_equalized_odds_difference": "NUMBER_DOUBLE", "min_group_size": "NUMBER_INTEGER",
+        "on_inconclusive": "STRING", "deploy": "BOOLEAN"}
+    assert "config" not in parameters and parameters["min_accuracy"]["defaultValue"] == compose([]).gate.quality.min_accuracy
+    tasks = tasks_of(spec)
+    assert tasks["gate-op"]["inputs"]["parameters"]["min_accuracy"] == {"componentInputParameter": "pipelinechannel--min_accuracy"}
+    assert tasks["train-op"]["inputs"]["parameters"]["epochs"] == {"componentInputParameter": "pipelinechannel--epochs"}
+    sections = {name: set(json.loads(tasks[f"{name}-op"]["inputs"]["parameters"]["config"]["runtimeValue"]["constant"]))
+                for name in ("prepare", "train", "evaluate", "package", "deploy")}
+    assert sections == {"prepare": {"seed", "data"}, "train": {"seed", "data", "model", "train"},
+                        "evaluate": {"seed", "data", "train", "evaluate", "gate"}, "package": {"package"}, "deploy": {"serve"}}
+
+
+def test_a_gate_or_evaluate_change_leaves_the_training_cache_key_alone():
+    base, stricter = step_configs(compose([])), step_configs(compose(["gate.fairness.max_accuracy_difference=0.01",
+                                                                       "evaluate.bootstrap_samples=10"]))
+    assert base["prepare"] == stricter["prepare"] and base["train"] == stricter["train"]
+    assert base["evaluate"] != stricter["evaluate"]
+    assert step_configs(compose(["train.lr=0.01"]))["prepare"] == base["prepare"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["pipeline.data.uri=/data/raw"], "pipeline.data.uri='/data/raw': a cluster pod reaches only s3:// URIs"),
+    (["pipeline.data.uri=", f"pipeline.data.repo={ROOT}"], "not a URL a pod can clone (https://, ssh:// or git@host:path)"),
+    (["pipeline.data.uri=", "pipeline.data.repo=git@git.example.com:team/project.git"],
+     "is an SSH URL: set pipeline.data.git_secret to a Kubernetes secret with key ssh-privatekey"),
+    (["pipeline.deploy.inference_url=", "pipeline.deploy.model_store_pvc="],
+     "pipeline.deploy.inference_url, pipeline.deploy.model_store_pvc empty: a cluster run deploys to the TorchServe of serve/k8s/"),
+    (["gate.on_inconclusive=ignore"], "gate.on_inconclusive must be block or warn, got 'ignore'"),
+])
+def test_compile_refuses_what_a_cluster_could_not_run_and_writes_nothing(tmp_path, overrides, message):
+    out = tmp_path / "pipeline.yaml"
+    result = run(["python", "-m", "pipelines", "compile", "--out", str(out), *CLUSTER, *overrides], ROOT, check=False)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_private_https_repo_without_credentials_is_refused():
+    (port,) = free_ports(1)
+    cfg = compose(["pipeline.data.uri=", f"pipeline.data.repo=http://127.0.0.1:{port}/team/project.git"])
+    with pytest.raises(ConfigError, match=r"cannot be read without credentials .*pipeline.data.git_secret"):
+        preflight.cluster_data_source(cfg)
 
 
 def test_compiled_sweep_fans_out_one_trial_per_override_set(tmp_path):
     out = tmp_path / "sweep.yaml"
     run(["python", "-m", "pipelines", "compile", "--sweep", "--out", str(out), "--trial", "train.lr=0.001",
-         "--trial", "train.lr=0.01 model.width=16", "experiment=quick"], ROOT)
+         "--trial", "train.lr=0.01 model.width=16", "experiment=quick", *CLUSTER], ROOT)
     spec, _ = yaml.safe_load_all(out.read_text())
     trials = spec["root"]["inputDefinitions"]["parameters"]["trials"]["defaultValue"]
     assert [t["name"] for t in trials] == ["train.lr=0.001", "train.lr=0.01 model.width=16"]
-    configs = [json.loads(t["config"]) for t in trials]
-    assert [(c["train"]["lr"], c["model"]["width"], c["train"]["epochs"]) for c in configs] == [(0.001, 32, 2), (0.01, 16, 2)]
+    assert [(t["lr"], t["epochs"], json.loads(t["train"])["model"]["width"]) for t in trials] == [(0.001, 2, 32), (0.01, 2, 16)]
+    assert trials[0]["prepare"] == trials[1]["prepare"]  # one cache entry for both trials' prepare
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["for-loop-1"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--trials"
     assert tasks["select-best-op"]["inputs"]["artifacts"]["reports"]["taskOutputArtifact"] == {
@@ -116,27 +180,29 @@ def test_compiled_sweep_fans_out_one_trial_per_override_set(tmp_path):
 @pytest.fixture(scope="module")
 def dvc_quick(tmp_path_factory) -> Path:
     repo = copy_project(tmp_path_factory.mktemp("dvc") / "repo")
-    run(["python", "-m", "components.core.config", "experiment=quick"], repo)
-    run(["dvc", "repro"], repo)
+    run(["dvc", "exp", "run", "-S", "experiment=quick"], repo)  # composes conf/ with the override, as run-local does
     return repo
 
 
 @pytest.fixture(scope="module")
 def local_quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("run_local")
-    result, run_dir = run_local(out, "experiment=quick", OPEN_GATE)
+    result, run_dir = run_local(out, "experiment=quick")
     return {"out": out, "stdout": result.stdout, "run_dir": run_dir, "tasks": collect_results(run_dir)}
 
 
 def test_run_local_gives_the_numbers_of_dvc_repro(dvc_quick, local_quick):
     tasks = local_quick["tasks"]
-    ours = json.loads((Path(tasks["evaluate-op"].artifacts["reports"]) / "metrics.json").read_text())
-    theirs = json.loads((dvc_quick / "reports" / "metrics.json").read_text())
-    assert ours.pop("lineage")["config_hash"] != theirs.pop("lineage")["config_hash"]  # serve ports/state dir differ
+    reports = Path(tasks["evaluate-op"].artifacts["reports"])
+    ours, theirs = (json.loads((folder / "metrics.json").read_text()) for folder in (reports, dvc_quick / "reports"))
     assert ours == theirs
     assert ours["accuracy"] > 0.5 and ours["n_test"] > 200
+    # Each step hashes only its own sections: run-local's serve ports and state dir do not reach evaluate's lineage.
+    lineages = [json.loads((folder / "quality.json").read_text())["lineage"] for folder in (reports, dvc_quick / "reports")]
+    assert lineages[0]["config_hash"] == lineages[1]["config_hash"]
     dvclive = json.loads((dvc_quick / "dvclive" / "metrics.json").read_text())
-    assert tasks["train-op"].metrics["metrics"] == {k: dvclive[k] for k in ("val_loss", "val_accuracy", "best_epoch", "epochs_run")}
+    assert tasks["train-op"].metrics["metrics"] == {"val_loss": dvclive["val"]["loss"], "val_accuracy": dvclive["val"]["accuracy"],
+                                                    "best_epoch": dvclive["best_epoch"], "epochs_run": dvclive["epochs_run"]}
     our_weights = load_file(Path(tasks["train-op"].artifacts["model"]) / "model.safetensors")
     their_weights = load_file(dvc_quick / "artifacts" / "model" / "model.safetensors")
     assert our_weights.keys() == their_weights.keys()
@@ -145,16 +211,17 @@ def test_run_local_gives_the_numbers_of_dvc_repro(dvc_quick, local_quick):
 
 def test_run_local_passes_typed_artifacts_and_deploys_to_a_torchserve_it_stops(local_quick):
     tasks, stdout = local_quick["tasks"], local_quick["stdout"]
-    assert list(tasks) == ["prepare-op", "train-op", "evaluate-op", "package-op", "deploy-op", "record-outcome-op"]
+    assert [name.rsplit("/", 1)[-1] for name in tasks] == ["prepare-op", "train-op", "evaluate-op", "gate-op", "package-op", "deploy-op",
+                                                           "record-outcome-op"]
     evaluate = tasks["evaluate-op"]
     assert Path(evaluate.artifacts["evaluation_report"]).read_text().lstrip().lower().startswith("<!doctype html")
-    assert "## Fairness" in Path(evaluate.artifacts["model_card"]).read_text()
+    assert "## Fairness: gate" in Path(evaluate.artifacts["model_card"]).read_text()
     matrix = evaluate.metrics["confusion_matrix"]["confusionMatrix"]
     assert [c["displayName"] for c in matrix["annotationSpecs"]] == [str(d) for d in range(10)]
     assert sum(map(sum, (row["row"] for row in matrix["rows"]))) == evaluate.metrics["metrics"]["n_test"]
-    assert evaluate.parameters["accuracy"] == evaluate.metrics["metrics"]["accuracy"]
+    assert evaluate.parameters["Output"] == evaluate.metrics["metrics"]["accuracy"]
 
-    package, deploy = tasks["package-op"], tasks["deploy-op"]
+    package, deploy = tasks["package-op"], next(t for name, t in tasks.items() if name.endswith("deploy-op"))
     assert (Path(package.artifacts["package"]) / package.parameters["mar_file"]).is_file()
     cfg = compose([f"serve.state_dir={local_quick['out'] / 'serve'}"])
     assert deploy.parameters["Output"].endswith("/predictions/digits") and deploy.parameters["Output"].startswith("http://127.0.0.1:")
@@ -165,23 +232,50 @@ def test_run_local_passes_typed_artifacts_and_deploys_to_a_torchserve_it_stops(l
         assert path in stdout
 
 
-@pytest.mark.parametrize("closed_by,overrides,message", [
-    ("fairness", ["evaluate.thresholds.max_accuracy_difference=-1"], "gate closed: a fairness check failed"),
-    ("quality", [OPEN_GATE, "train.lr=0.000001", "train.epochs=1"], "gate closed: test accuracy below pipeline.gate.min_accuracy=0.9"),
-])
-def test_a_closed_gate_ends_the_run_failed_without_package_or_deploy(tmp_path, tiny_data, closed_by, overrides, message):
-    result, run_dir = run_local(tmp_path, *tiny_overrides(tiny_data), *overrides, check=False)
+def test_run_local_on_the_defaults_goes_green_through_package_and_deploy(tmp_path):
+    """The sample's small site_b groups make some fairness checks inconclusive: warned about, not blocking."""
+    result, run_dir = run_local(tmp_path)
+    tasks = collect_results(run_dir)
+    assert {"package-op", "deploy-op"} <= {name.rsplit("/", 1)[-1] for name in tasks}
+    assert tasks["gate-op"].parameters["Output"].startswith("open with ")
+    assert "warns:  site: equalized_odds_difference" in result.stdout and "blocks:" not in result.stdout
+    assert json.loads(Path(tasks["record-outcome-op"].artifacts["outcome"]).read_text())["state"] == "SUCCEEDED"
+
+
+def closed_run(result, run_dir) -> dict:
+    """A run the gate closed: exit 2, the gate step failed, no package, no deploy, the outcome FAILED."""
     assert result.returncode == 2
-    assert message in result.stdout
     assert result.stderr.strip().splitlines()[-1].startswith("error: Pipeline 'kfp-dvc-template' finished with status FAILURE. "
-                                                              "Inner task failed: 'gate-closed-op")
-    assert "The fairness/quality gate closed: package and deploy did not run" in result.stderr
+                                                              "Inner task failed: 'gate-op'")
+    assert "The gate (conf/gate) closed: package and deploy did not run" in result.stderr
     tasks = collect_results(run_dir)
     assert list(tasks) == ["prepare-op", "train-op", "evaluate-op", "record-outcome-op"]
-    verdicts = tasks["evaluate-op"].parameters
-    assert verdicts["fairness_passed"] is False if closed_by == "fairness" else verdicts["accuracy"] < 0.9
-    outcome = json.loads(Path(tasks["record-outcome-op"].artifacts["outcome"]).read_text())
-    assert outcome["state"] == "FAILED"
+    assert json.loads(Path(tasks["record-outcome-op"].artifacts["outcome"]).read_text())["state"] == "FAILED"
+    return tasks
+
+
+def test_a_model_that_disadvantages_a_site_closes_the_gate(tmp_path):
+    """experiment=site_b_unseen trains without any site_b scan: the site gap's whole interval lies beyond its tolerance."""
+    result, run_dir = run_local(tmp_path, "experiment=site_b_unseen", check=False)
+    closed_run(result, run_dir)
+    assert "blocks: site: accuracy_difference" in result.stdout and ": fail, the whole interval is beyond the tolerance" in result.stdout
+    assert "gate closed: " in result.stdout
+
+
+def test_a_quality_miss_closes_the_gate(tmp_path, tiny_data):
+    result, run_dir = run_local(tmp_path, *tiny_overrides(tiny_data), "train.lr=0.000001", "train.epochs=1", "gate.on_inconclusive=warn",
+                                check=False)
+    tasks = closed_run(result, run_dir)
+    assert tasks["evaluate-op"].parameters["Output"] < 0.9
+    assert "gate closed: quality: accuracy" in result.stdout and "(gate.quality.min_accuracy)" in result.stdout
+
+
+def test_an_image_of_another_commit_fails_at_once_with_a_clear_error(tmp_path, tiny_data):
+    result, run_dir = run_local(tmp_path, *tiny_overrides(tiny_data), check=False, env={"IMAGE_GIT_COMMIT": "0" * 40})
+    assert result.returncode == 2 and "Inner task failed: 'prepare-op'" in result.stderr
+    assert (f"this image was built from commit {'0' * 40}, but the pipeline spec expects commit {HEAD}: "
+            "build and push the images of that commit") in result.stdout + result.stderr
+    assert list(collect_results(run_dir)) == ["record-outcome-op"]
 
 
 def test_sweep_runs_locally_and_reports_the_best_trial(tmp_path, tiny_data):
@@ -208,28 +302,38 @@ def prepared_counts(task) -> dict:
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")  # image name without "python"
 def test_prepare_component_fetches_dvc_data_at_a_revision_and_an_s3_prefix(tmp_path, monkeypatch):
     repo = copy_project(tmp_path / "repo")
+    monkeypatch.setenv("IMAGE_GIT_COMMIT", HEAD)  # this venv plays the image of this commit
     with seaweed_s3(tmp_path / "s3") as s3:
         for key, value in (("AWS_ACCESS_KEY_ID", s3.access_key), ("AWS_SECRET_ACCESS_KEY", s3.secret_key), ("AWS_ENDPOINT_URL", s3.endpoint)):
             monkeypatch.setenv(key, value)  # on a cluster: the Kubernetes secret mapped to env
         run(["dvc", "commit", "--force", "data.dvc"], repo)
-        run(["dvc", "push", "data.dvc"], repo)
         first = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+        origin = tmp_path / "origin.git"  # what a cluster sees: a git server without any DVC cache
+        run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
+        run(["git", "remote", "add", "origin", str(origin)], repo)
+        with pytest.raises(ConfigError, match=f"commit {first[:10]} is on no remote branch"):
+            preflight.pushed_commit(first, repo)
+        run(["git", "push", "-q", "origin", "main"], repo)
+        assert preflight.pushed_commit("HEAD", repo) == first
+        with pytest.raises(ConfigError, match=r"data.dvc at .*: \d+ of \d+ DVC object\(s\) are not on the remote .*run `dvc push` first"):
+            preflight.check_dvc_data_pushed(first, repo)
+        run(["dvc", "push", "data.dvc"], repo)
+        preflight.check_dvc_data_pushed(first, repo)
         metadata = repo / "data" / "metadata.csv"
         metadata.write_text("".join(metadata.read_text().splitlines(keepends=True)[:1701]))  # header + 1700 images
         run(["dvc", "add", "data"], repo)
         git_commit(repo, "fewer images")
         run(["dvc", "push", "data.dvc"], repo)
-        origin = tmp_path / "origin.git"  # what a cluster sees: a git server without any DVC cache
-        run(["git", "clone", "-q", "--bare", str(repo), str(origin)], tmp_path)
+        run(["git", "push", "-q", "origin", "main"], repo)
 
         import s3fs
         s3fs.S3FileSystem().put(str(ROOT / "data"), f"{s3.bucket}/raw/digits", recursive=True)
 
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
-        config = config_json(compose([]))
-        at_first = prepare_op(config=config, data_repo=f"file://{origin}", data_rev=first, data_uri="")
-        at_head = prepare_op(config=config, data_repo=f"file://{origin}", data_rev="", data_uri="")
-        from_s3 = prepare_op(config=config, data_repo="", data_rev="", data_uri=f"s3://{s3.bucket}/raw/digits")
+        config = step_configs(compose([]))["prepare"]
+        at_first = prepare_op(config=config, expected_commit=HEAD, data_repo=f"file://{origin}", data_rev=first, data_uri="")
+        at_head = prepare_op(config=config, expected_commit=HEAD, data_repo=f"file://{origin}", data_rev="", data_uri="")
+        from_s3 = prepare_op(config=config, expected_commit=HEAD, data_repo="", data_rev="", data_uri=f"s3://{s3.bucket}/raw/digits")
     assert sum(prepared_counts(at_first).values()) == 1797
     assert sum(prepared_counts(at_head).values()) == 1700
     assert prepared_counts(from_s3) == prepared_counts(at_first)
@@ -241,6 +345,7 @@ class FakeKfpApi(BaseHTTPRequestHandler):
     """Records what the real kfp.Client sends; answers like the KFP v2beta1 API would."""
 
     requests: list[dict] = []
+    pipelines: list[dict] = []
 
     def _answer(self, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -250,18 +355,36 @@ class FakeKfpApi(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _record(self, body: dict | None) -> None:
+    def _record(self, body) -> None:
         self.requests.append({"method": self.command, "path": self.path, "auth": self.headers.get("Authorization"), "body": body})
 
     def do_GET(self):
         self._record(None)
-        self._answer({"multi_user": False} if self.path.startswith("/apis/v2beta1/healthz") else {})
+        path = self.path.split("?")[0]
+        if path == "/apis/v2beta1/healthz":
+            self._answer({"multi_user": False})
+        elif path == "/apis/v2beta1/pipelines":
+            self._answer({"pipelines": self.pipelines, "total_size": len(self.pipelines)} if self.pipelines else {})
+        elif path.endswith("/versions"):
+            self._answer({"pipeline_versions": [{"pipeline_id": "pipe-1", "pipeline_version_id": "ver-1"}], "total_size": 1})
+        else:
+            self._answer({})
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        is_json = self.headers.get("Content-Type", "").startswith("application/json")
+        body = json.loads(raw) if is_json else raw.decode(errors="replace")
         self._record(body)
-        if self.path == "/apis/v2beta1/experiments":
+        path = self.path.split("?")[0]
+        if path == "/apis/v2beta1/experiments":
             self._answer({"experiment_id": "exp-1", **body})
+        elif path == "/apis/v2beta1/pipelines/upload":
+            self.pipelines.append({"pipeline_id": "pipe-1", "display_name": "kfp-dvc-template"})
+            self._answer(self.pipelines[-1])
+        elif path == "/apis/v2beta1/pipelines/upload_version":
+            self._answer({"pipeline_id": "pipe-1", "pipeline_version_id": "ver-1"})
+        elif path == "/apis/v2beta1/recurringruns":
+            self._answer({"recurring_run_id": "recurring-1", **body})
         else:
             self._answer({"run_id": "run-1", **body})
 
@@ -271,7 +394,7 @@ class FakeKfpApi(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_kfp_api_server():
-    FakeKfpApi.requests = []
+    FakeKfpApi.requests, FakeKfpApi.pipelines = [], []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeKfpApi)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -285,9 +408,7 @@ def test_submit_contract_with_fake_kfp_api_server(fake_kfp_api_server, tmp_path)
     token_file = tmp_path / "token"
     token_file.write_text("token-from-file\n")
     result = run(["python", "-m", "pipelines", "submit", "--host", host, "--namespace", "team-a", "--experiment", "digits-lr",
-                  "--token-file", str(token_file), "--no-cache", "experiment=quick", "train.lr=0.0123",
-                  "pipeline.data.repo=https://git.example.com/team/project.git",
-                  "pipeline.deploy.management_url=http://torchserve.serving:8081"], ROOT)
+                  "--token-file", str(token_file), "--no-cache", "experiment=quick", "train.lr=0.0123", *CLUSTER], ROOT)
     assert [(r["method"], r["path"].split("?")[0]) for r in requests] == [
         ("GET", "/apis/v2beta1/experiments"), ("POST", "/apis/v2beta1/experiments"), ("POST", "/apis/v2beta1/runs")]
     assert {r["auth"] for r in requests} == {"Bearer token-from-file"}
@@ -295,28 +416,53 @@ def test_submit_contract_with_fake_kfp_api_server(fake_kfp_api_server, tmp_path)
     assert requests[1]["body"] == {"display_name": "digits-lr", "namespace": "team-a"}
 
     created = requests[2]["body"]
-    commit = run(["git", "rev-parse", "HEAD"], ROOT).stdout.strip()
     assert created["experiment_id"] == "exp-1"
-    assert created["display_name"].startswith(f"kfp-dvc-template commit {commit[:8]}")
+    assert created["display_name"].startswith(f"kfp-dvc-template commit {HEAD[:8]}")
     assert f" data {data_hash()[:8]} " in created["display_name"]
     spec = created["pipeline_spec"]["pipeline_spec"]
     assert spec["pipelineInfo"]["name"] == "kfp-dvc-template"
     assert "exec-train-op" in created["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    steps = [task for component in [*spec["components"].values(), spec["root"]]
-             for task in component.get("dag", {}).get("tasks", {}).values() if "componentRef" in task and "cachingOptions" in task]
-    assert len(steps) == 8 and all(task["cachingOptions"] == {} for task in steps)  # --no-cache reaches every step
-    parameters = created["runtime_config"]["parameters"]
-    assert parameters == {"data_repo": "https://git.example.com/team/project.git", "data_rev": commit, "data_uri": ""}
-    config = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"])
-    assert config["train"]["lr"] == 0.0123
+    steps = [task for task in tasks_of(spec).values() if "componentRef" in task and "cachingOptions" in task]
+    assert len(steps) == 7 and all(task["cachingOptions"] == {} for task in steps)  # --no-cache reaches every step
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert (parameters["data_uri"]["defaultValue"], parameters["lr"]["defaultValue"], parameters["epochs"]["defaultValue"]) == (
+        "s3://bucket/raw", 0.0123, 2)
     assert "submit: run run-1" in result.stdout
+
+
+def test_upload_registers_a_version_named_by_commit_and_submit_runs_and_schedules_it_with_fake_kfp_api_server(fake_kfp_api_server, tmp_path):
+    host, requests = fake_kfp_api_server
+    repo = copy_project(tmp_path / "repo", with_data=False)  # a clean checkout: a version is named by a commit
+    commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    result = run(["python", "-m", "pipelines", "upload", "--host", host, *CLUSTER], repo)
+    uploads = [r for r in requests if r["method"] == "POST"]
+    assert [r["path"].split("?")[0] for r in uploads] == ["/apis/v2beta1/pipelines/upload", "/apis/v2beta1/pipelines/upload_version"]
+    assert "name=kfp-dvc-template" in uploads[0]["path"] and f"name=commit-{commit[:12]}" in uploads[1]["path"]
+    assert "pipelineid=pipe-1" in uploads[1]["path"].lower() and "exec-train-op" in uploads[1]["body"]
+    assert f"upload: pipeline 'kfp-dvc-template' (pipe-1) version 'commit-{commit[:12]}' (ver-1)" in result.stdout
+    requests.clear()
+    result = run(["python", "-m", "pipelines", "submit", "--host", host, "--pipeline-version", "ver-1", *CLUSTER], repo)
+    created = requests[-1]["body"]
+    assert created["pipeline_version_reference"] == {"pipeline_id": "pipe-1", "pipeline_version_id": "ver-1"}
+    assert "pipeline_spec" not in created and created["display_name"].startswith(f"kfp-dvc-template commit {commit[:8]}")
+    assert "submit: run run-1" in result.stdout and "of registered version ver-1" in result.stdout
+    result = run(["python", "-m", "pipelines", "submit", "--host", host, "--pipeline-version", "ver-1", "--schedule", "0 0 3 * * *",
+                  *CLUSTER], repo)
+    recurring = requests[-1]
+    assert recurring["path"].startswith("/apis/v2beta1/recurringruns")
+    assert recurring["body"]["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
+    assert recurring["body"]["pipeline_version_reference"] == {"pipeline_id": "pipe-1", "pipeline_version_id": "ver-1"}
+    assert "submit: recurring run (0 0 3 * * *) recurring-1" in result.stdout
+    (repo / "conf" / "seed.txt").write_text("dirty")
+    run(["git", "add", "conf/seed.txt"], repo)
+    refused = run(["python", "-m", "pipelines", "upload", "--host", host, *CLUSTER], repo, check=False)
+    assert refused.returncode == 2 and "uncommitted changes: a pipeline version is named by its commit" in refused.stderr
 
 
 def test_submit_to_an_unreachable_host_fails_with_one_clear_error():
     (port,) = free_ports(1)  # nothing listens there any more
-    result = run(["python", "-m", "pipelines", "submit", "--host", f"http://127.0.0.1:{port}", "experiment=quick",
-                  "pipeline.data.repo=https://git.example.com/team/project.git",
-                  "pipeline.deploy.management_url=http://torchserve.serving:8081"], ROOT, check=False)
+    result = run(["python", "-m", "pipelines", "submit", "--host", f"http://127.0.0.1:{port}", "experiment=quick", *CLUSTER],
+                 ROOT, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: cannot reach the Kubeflow Pipelines API at http://127.0.0.1:{port}: "
                                      "Failed to establish a new connection: [Errno 111] Connection refused")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from components.core.config import ROOT
 from components.data import decoding
 from components.data.dataset import load_prepared
 from components.core.errors import DataError
-from components.features import FEATURES
+from components.runtime.features import FEATURES
 from components.prepare import prepare, stratified_split
 from tests.helpers.datasets import make_image_dataset, small_config
 
@@ -82,8 +83,8 @@ def test_every_bad_row_and_file_is_named_and_nothing_is_written(tiny_dataset, tm
         prepare(small_config(tiny_dataset), tiny_dataset, out)
     message = str(err.value)
     assert message.startswith("7 problem(s) in the data:")
-    for expected in ("row 2 (img_a_000.png): missing label", "row 3 (img_a_001.png): label 'zebra' is not in data.classes",
-                     "row 4 (img_a_002.png): missing sensitive attribute 'site'", "does_not_exist.png: file not found",
+    for expected in ("line 2 (img_a_000.png): missing label", "line 3 (img_a_001.png): label 'zebra' is not in data.classes",
+                     "line 4 (img_a_002.png): missing sensitive attribute 'site'", "does_not_exist.png: file not found",
                      "(img_a_004.png): file listed twice", "img_b_000.png: cannot decode image", "img_c_000.png: cannot decode image"):
         assert expected in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]  # no scratch folder left behind
@@ -91,7 +92,7 @@ def test_every_bad_row_and_file_is_named_and_nothing_is_written(tiny_dataset, tm
 
 
 def test_missing_columns_are_named(tiny_dataset, tmp_path):
-    with pytest.raises(DataError, match=r"missing column\(s\) \['region'\]"):
+    with pytest.raises(DataError, match=r"metadata.csv: no column 'region' \(data.sensitive_attributes\)"):
         prepare(small_config(tiny_dataset, "data.sensitive_attributes=[region]"), tiny_dataset, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -106,6 +107,47 @@ def test_cli_exits_non_zero_with_the_problem_list(tiny_dataset, tmp_path):
     assert result.returncode == 2
     assert "error: 1 problem(s) in the data:" in result.stderr and "img_a_003.png: cannot decode image" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("path", ["/etc/hostname", "../outside.png", "linked/outside.png"])
+def test_a_path_outside_the_data_folder_stops_prepare_naming_the_line(tiny_dataset, tmp_path, path):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((tiny_dataset / "img_a_000.png").read_bytes())
+    (tiny_dataset / "linked").symlink_to(tmp_path)  # a folder symlink under data/ pointing outside it
+    meta = tiny_dataset / "metadata.csv"
+    lines = meta.read_text().splitlines()
+    lines[3] = lines[3].replace("img_a_002.png", path)
+    meta.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"metadata.csv line 4 \({re.escape(path)}\): path leaves the data folder"):
+        prepare(small_config(tiny_dataset), tiny_dataset, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_imagefolder_metadata_rows_must_name_existing_images_and_columns_must_exist(tmp_path):
+    data = make_image_dataset(tmp_path / "raw", fmt="imagefolder", attribute="camera")
+    meta = data / "metadata.csv"
+    meta.write_text(meta.read_text() + "b/999.png,b,g0\n")
+    cfg = small_config(data, "data.format=imagefolder", "data.sensitive_attributes=[camera]")
+    with pytest.raises(DataError, match=r"metadata.csv line 38 \(b/999.png\): no such image in a class folder"):
+        prepare(cfg, data, tmp_path / "out")
+    with pytest.raises(DataError, match=r"metadata.csv: no column 'path' \(data.file_column\); its columns are \['file', 'label', 'camera'\]"):
+        prepare(small_config(data, "data.format=imagefolder", "data.sensitive_attributes=[camera]", "data.file_column=path"),
+                data, tmp_path / "out")
+
+
+def test_a_class_too_small_to_split_is_an_error(tiny_dataset, tmp_path):
+    meta = tiny_dataset / "metadata.csv"
+    rows = meta.read_text().splitlines()
+    meta.write_text("\n".join(row for row in rows if not row.startswith("img_c_") or row.startswith("img_c_000")) + "\n")
+    with pytest.raises(DataError, match=r"too few images to split \(data.split\): class 'c' has no test image \(1 image\(s\) in all\)"):
+        prepare(small_config(tiny_dataset), tiny_dataset, tmp_path / "out")
+
+
+def test_small_classes_and_group_cells_get_a_named_warning(tiny_dataset, tmp_path, capsys):
+    prepare(small_config(tiny_dataset, "data.warn_below=7"), tiny_dataset, tmp_path / "out")
+    warning = capsys.readouterr().err
+    assert "warning: 6 class(es) or group cell(s) with fewer than data.warn_below=7 images" in warning
+    assert "class 'a' x site 'g0': 6" in warning and "class 'a': 12" not in warning
 
 
 def _files(folder):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from components.core.config import load_config
+from components.core.config import compose, load_config
 from components.deploy import default_version
 from components.promote import promote, rollback
 from components.registry.tags import RegistryError, versions
@@ -19,6 +20,11 @@ from serve.__main__ import deploy_stage
 from components.serving import server
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.servers import S3Server, free_ports, seaweed_s3
+from tests.helpers.workflow import run_job
+
+DEPLOY_WORKFLOW = ".github/workflows/deploy-on-stage-tag.yml"
+
+pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
 
 
 @dataclass
@@ -28,7 +34,7 @@ class Project:
     serve_overrides: list[str]
 
     def cfg(self, *overrides: str):
-        return load_config(self.repo / "params.yaml", [*self.serve_overrides, *overrides])
+        return compose([*self.serve_overrides, *overrides])
 
     def reports(self) -> tuple[dict, dict]:
         return (json.loads((self.repo / "reports/metrics.json").read_text()),
@@ -48,8 +54,7 @@ def project(tmp_path_factory):
     with seaweed_s3(root / "s3") as s3:
         for key, value in (("endpointurl", s3.endpoint), ("access_key_id", s3.access_key), ("secret_access_key", s3.secret_key)):
             run(["dvc", "remote", "modify", "--local", "storage", key, value], repo)
-        run(["python", "-m", "components.core.config", "experiment=quick"], repo)
-        run(["dvc", "repro"], repo)
+        run(["dvc", "exp", "run", "-S", "experiment=quick"], repo)
         git_commit(repo, "model v1")
         run(["dvc", "push"], repo)
         project = Project(repo, s3, serve_overrides)
@@ -62,9 +67,11 @@ def project(tmp_path_factory):
 def gates_around(metrics: dict, fairness: dict, passing: bool) -> list[str]:
     """Gate overrides placed just below (passing) or just above (failing) the measured accuracy."""
     delta = -0.001 if passing else 0.001
-    return [f"registry.gates.min_accuracy={metrics['accuracy'] + delta}",
-            f"registry.gates.min_balanced_accuracy={metrics['balanced_accuracy'] - 0.001}",
-            f"registry.gates.max_ece={metrics['ece'] + 0.001}", f"registry.gates.require_fairness_pass={fairness['passed']}"]
+    return [f"gate.quality.min_accuracy={metrics['accuracy'] + delta}",
+            f"gate.quality.min_balanced_accuracy={metrics['balanced_accuracy'] - 0.001}",
+            f"gate.quality.max_ece={metrics['ece'] + 0.001}", "gate.on_fail=block", "gate.on_inconclusive=warn",
+            *(f"gate.fairness.max_{check}=1" for check in ("accuracy_difference", "recall_macro_difference", "demographic_parity_difference",
+                                                            "equalized_odds_difference")), "gate.fairness.min_accuracy_ratio=0"]  # quality decides here
 
 
 def latest_stage_tag_message(repo: Path, stage: str) -> str:
@@ -85,6 +92,12 @@ def test_artifact_declarations_agree():
             gto_artifacts[name]["type"], gto_artifacts[name]["path"], gto_artifacts[name]["description"], gto_artifacts[name]["labels"])
 
 
+def test_gto_and_the_registry_accept_the_same_stages():
+    from components.core.config import ROOT
+
+    assert yaml.safe_load((ROOT / ".gto").read_text())["stages"] == list(load_config().registry.stages)
+
+
 def test_promotion_lifecycle(project: Project):
     repo = project.repo
     metrics_v1, fairness_v1 = project.reports()
@@ -97,8 +110,7 @@ def test_promotion_lifecycle(project: Project):
     assert "gates passed" in latest_stage_tag_message(repo, "prod")
 
     # v2: a new experiment; refused while uncommitted, then while not pushed to the remote.
-    run(["python", "-m", "components.core.config", "experiment=quick", "train.lr=0.004"], repo)
-    run(["dvc", "repro"], repo)
+    run(["dvc", "exp", "run", "-S", "experiment=quick", "-S", "train.lr=0.004"], repo)
     with pytest.raises(RegistryError, match="uncommitted pipeline changes"):
         promote(project.cfg(), "v1.1.0", "staging", repo=repo)
     git_commit(repo, "model v2")
@@ -114,7 +126,7 @@ def test_promotion_lifecycle(project: Project):
     strict = project.cfg(*gates_around(metrics_v2, fairness_v2, passing=False))
     with pytest.raises(RegistryError) as refused:
         promote(strict, "v1.1.0", "prod", repo=repo)
-    assert f"accuracy {metrics_v2['accuracy']:.4f} <" in str(refused.value)
+    assert f"quality: accuracy {metrics_v2['accuracy']:.4f} not >= " in str(refused.value)
     forced = promote(strict, "v1.1.0", "prod", force_reason="demo: accept a 0.1% accuracy shortfall", repo=repo)
     assert forced["verdict"].startswith("FORCED past failed gates")
     assert "demo: accept a 0.1% accuracy shortfall" in latest_stage_tag_message(repo, "prod")
@@ -170,3 +182,92 @@ def clean_copy(repo: Path, tmp_path: Path) -> Path:
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "--no-tags", str(repo), str(clone)], check=True)
     return clone
+
+
+def events_of(repo: Path, kind: str) -> list[dict]:
+    log = repo / ".events" / "events.jsonl"
+    return [e for e in map(json.loads, log.read_text().splitlines()) if e["type"] == kind] if log.exists() else []
+
+
+def deploy_records(project: Project) -> list[str]:
+    log = server.state_dir(project.cfg()).deploy_log
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def run_deploy_workflow(project: Project, tag: str):
+    """The deploy-on-stage-tag job as GitHub runs it on a push of `tag` (the checkout is the repo; its
+    `make setup` is this venv)."""
+    venv = project.repo / ".venv"
+    if not venv.exists():
+        venv.symlink_to(Path(sys.prefix))
+    return run_job(project.repo / DEPLOY_WORKFLOW, "deploy", project.repo, env={"GITHUB_REF_NAME": tag},
+                   secrets={"AWS_ACCESS_KEY_ID": project.s3.access_key, "AWS_SECRET_ACCESS_KEY": project.s3.secret_key},
+                   skip=("Set up the locked environment",))
+
+
+def newest_tag(repo: Path, pattern: str) -> str:
+    return max(run(["git", "tag", "-l", pattern], repo).stdout.split(), key=lambda tag: int(tag.rsplit("#", 1)[1]))
+
+
+def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project):
+    repo = project.repo
+    # The team tightens its prod policy; the model at HEAD no longer passes it.
+    # An experiment of its own (the lifecycle test already committed lr=0.004); composes conf/ into params.yaml.
+    run(["dvc", "exp", "run", "-S", "experiment=quick", "-S", "train.lr=0.003"], repo)
+    git_commit(repo, "model v2")
+    run(["dvc", "push"], repo)  # retrievable: what the check must refuse is the gate, not a missing package
+    policy = repo / "conf/gate/default.yaml"  # the one gate policy: evaluate, the pipeline and promotion read it
+    policy.write_text(policy.read_text().replace("  min_accuracy: 0.9\n", "  min_accuracy: 0.9999\n", 1))
+    assert "  min_accuracy: 0.9999\n" in policy.read_text()
+    run(["python", "-m", "components.core.config", "experiment=quick", "train.lr=0.003", "gate.on_fail=block"], repo)  # quick warns
+    git_commit(repo, "gate: prod needs 99.99% accuracy")
+    typo = run(["gto", "assign", "digits", "--version", "v1.1.0", "--stage", "production"], repo, check=False)
+    assert typo.returncode != 0 and "Allowed stages" in typo.stdout + typo.stderr
+
+    # Past the project's CLI: a plain `gto register` + `gto assign` pushes a stage tag anyway.
+    run(["gto", "register", "digits", "--version", "v2.0.0"], repo)
+    run(["gto", "assign", "digits", "--version", "v2.0.0", "--stage", "prod"], repo)
+    tag = newest_tag(repo, "digits#prod#*")
+    records_before = deploy_records(project)
+
+    job = run_deploy_workflow(project, tag)
+    assert job.names == ["Which stage did this tag assign?", "Re-check gates and remote retrievability"]
+    refused = job.steps[-1][1]
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "digits v2.0.0 may not enter 'prod'" in refused.stderr and "accuracy" in refused.stderr and "not >= 0.9999" in refused.stderr
+    assert deploy_records(project) == records_before  # the deploy step never ran
+    closed = events_of(repo, "gate_closed")[-1]
+    assert (closed["version"], closed["stage"]) == ("v2.0.0", "prod")
+
+    # An override on the record (promote --force --reason) is the only way through; the same job then passes the check.
+    run(["python", "-m", "components.promote", "promote", "--version", "v2.0.0", "--stage", "prod", "--force",
+         "--reason", "demo: accepted below the new policy"], repo)
+    forced = newest_tag(repo, "digits#prod#*")
+    checked = run(["python", "-m", "components.promote", "check", "--tag", forced], repo)
+    assert "may be deployed to prod" in checked.stdout and "demo: accepted below the new policy" in checked.stdout
+    plain_again = run(["python", "-m", "components.promote", "check", "--tag", tag], repo, check=False)
+    assert plain_again.returncode == 2 and "may not enter 'prod'" in plain_again.stderr  # the override is the forced tag's, not the version's
+
+
+def test_batch_scoring_by_tag_and_as_the_on_demand_dvc_stage(project: Project):
+    repo = project.repo
+    if not run(["git", "tag", "-l", "digits@v*"], repo).stdout.split():  # this test alone: nothing registered yet
+        run(["gto", "register", "digits", "--version", "v1.0.0"], repo)
+    tag = max(run(["git", "tag", "-l", "digits@v*"], repo).stdout.split(),
+              key=lambda t: tuple(int(n) for n in t.split("@v")[1].split(".")))
+    newest = {"version": tag.split("@")[1], "commit": run(["git", "rev-list", "-n1", tag], repo).stdout.strip()}
+    out = repo.parent / "scored_by_tag"
+    printed = run(["python", "-m", "components.score", "--tag", f"digits@{newest['version']}", "--input", "data/images",
+                   "--out", str(out), f"events.log_file={repo.parent / 'events.jsonl'}"], repo).stdout
+    assert "score: 1797 of 1797 files scored with digits" in printed
+    summary = json.loads((out / "score.json").read_text())
+    assert (summary["model"]["registry_version"], summary["model"]["commit"]) == (newest["version"], newest["commit"])
+
+    # On demand only: the root pipeline never runs it; its own dvc.yaml does.
+    assert "serve/batch/dvc.yaml:score" not in run(["dvc", "repro", "--dry"], repo, check=False).stdout
+    # Steps refuse a params.yaml conf/ no longer matches; here `dvc exp run -S experiment=quick` composed it.
+    run(["python", "-m", "components.core.config"], repo)
+    staged = run(["dvc", "repro", "--single-item", "serve/batch/dvc.yaml:score"], repo).stdout
+    assert "Running stage 'serve/batch/dvc.yaml:score'" in staged
+    assert json.loads((repo / "artifacts/score/score.json").read_text())["scored"] == 1797
+    assert "didn't change, skipping" in run(["dvc", "repro", "--single-item", "serve/batch/dvc.yaml:score"], repo).stdout

@@ -33,9 +33,11 @@ from components.core.io import write_json
 from components.packaging.onnx import onnx_logits
 from components.package import build_mar, package
 from components.serving import server
-from serve.drift import drift_report, load_window
-from serve.handler import MONITOR_INTERVAL_S, rotate_log, rotated_logs
-from tests.helpers.servers import free_ports, wait_for_port
+from components.monitoring.drift import drift_report, load_window
+from components.runtime.monitoring import MONITOR_INTERVAL_S, rotate_log, rotated_logs
+from tests.helpers.servers import free_ports, prometheus_server
+
+pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
 
 PROMETHEUS_DIR = ROOT / "serve" / "prometheus"
 
@@ -52,15 +54,15 @@ def live(digits_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     ports = free_ports(5)
     # Every prediction logged, in files of 100 kB: the load test rotates the log a few times.
-    cfg = compose(["train.epochs=3", f"serve.state_dir={root / 'state'}", "serve.prediction_log.sample_rate=1.0",
-                   "serve.prediction_log.max_mb=0.1", "serve.prediction_log.backups=100",
-                   *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, ports))])
+    overrides = ["train.epochs=3", f"serve.state_dir={root / 'state'}", "serve.prediction_log.sample_rate=1.0",
+                 "serve.prediction_log.max_mb=0.1", "serve.prediction_log.backups=100",
+                 *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, ports))]  # also the CLI's arguments
+    cfg = compose(overrides)
     manifest = package(cfg, digits_run["prepared"], digits_run["model"], root / "package")
-    OmegaConf.save(cfg, root / "params.yaml")  # for the CLI
     try:
         server.start(cfg)
         deploy(cfg, root / "package" / "digits.mar", manifest["version"])
-        yield {"cfg": cfg, "params": root / "params.yaml", "root": root, "package": root / "package", "manifest": manifest,
+        yield {"cfg": cfg, "overrides": overrides, "root": root, "package": root / "package", "manifest": manifest,
                "endpoint": server.local_endpoint(cfg), "prepared": digits_run["prepared"]}
     finally:
         server.stop(cfg)
@@ -80,12 +82,17 @@ def worker_pids(live) -> list[int]:
     return [w["pid"] for w in described.json()[0]["workers"] if w["status"] == "READY"]
 
 
-def test_predictions_match_the_onnx_model_in_process(live):
-    pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:60])
+def in_process_probabilities(live, pixels: np.ndarray) -> np.ndarray:
+    """The packaged model's probabilities computed here with onnxruntime, for comparison with the server's."""
     signature = json.loads((live["package"] / "signature.json").read_text())
     session = ort.InferenceSession(str(live["package"] / "model.onnx"), providers=["CPUExecutionProvider"])
     probs = np.exp(onnx_logits(session, pixels, signature))
-    probs /= probs.sum(1, keepdims=True)
+    return probs / probs.sum(1, keepdims=True)
+
+
+def test_predictions_match_the_onnx_model_in_process(live):
+    pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:60])
+    probs = in_process_probabilities(live, pixels)
     for image, p in zip(pixels, probs):
         answer = requests.post(predict_url(live), data=png(image), headers=auth(live), timeout=30).json()
         assert [a["label"] for a in answer] == [str(c) for c in np.argsort(-p)[:3]]
@@ -107,14 +114,14 @@ BAD_REQUESTS = {
     "oversized body": ({"data": b"\x89PNG" + b"x" * 2_000_000}, 413, ""),
     "invalid JSON": ({"data": b'{"instances": [', "headers": {"Content-Type": "application/json"}}, 400, "body is not valid JSON"),
     "JSON without instances": ({"json": {"images": []}}, 400, 'non-empty list "instances"'),
-    "JSON list": ({"json": [1, 2]}, 400, 'send a PNG/JPEG image or JSON {"instances": [...]}'),
+    "JSON list": ({"json": [1, 2]}, 400, 'send a PNG/JPEG image (Content-Type: image/png or image/jpeg) or JSON {"instances": [...]}'),
     "JSON wrong size": ({"json": {"instances": [np.zeros((1, 28, 28)).tolist()]}}, 400,
                         "instance 0: expected shape [1, 32, 32] (channels, height, width), got [1, 28, 28]"),
     "JSON wrong channels": ({"json": {"instances": [np.zeros((3, 32, 32)).tolist()]}}, 400, "got [3, 32, 32]"),
     "JSON non-numeric": ({"json": {"instances": [[[["x"] * 32] * 32]]}}, 400, "instance 0: values must be numbers"),
     "JSON out of range": ({"json": {"instances": [np.full((1, 32, 32), 300).tolist()]}}, 400, "finite numbers in [0, 255]"),
     "two multipart files": ({"files": {"a": b"1", "b": b"2"}}, 400, "one image per request"),
-    "decompression bomb": ("huge", 400, "image has 5000x5000 pixels, more than 16000000"),
+    "decompression bomb": ("huge", 413, "image is 5000x5000 = 25000000 pixels, more than the server's limit of 1000000 (serve.max_image_pixels)"),
 }
 
 
@@ -132,7 +139,7 @@ def test_malformed_request_gets_4xx_with_a_message_and_the_worker_keeps_serving(
     headers = {**auth(live), **request.pop("headers", {})}
     response = requests.post(predict_url(live), headers=headers, timeout=30, **request)
     assert response.status_code == status
-    if status == 413:
+    if kind == "oversized body":  # refused by TorchServe's frontend before any handler
         assert response.reason == "Request Entity Too Large"
     else:
         body = response.json()
@@ -142,22 +149,147 @@ def test_malformed_request_gets_4xx_with_a_message_and_the_worker_keeps_serving(
     assert worker_pids(live) == workers_before
 
 
+@contextlib.contextmanager
+def batched_model(live, name: str):
+    """The package registered again as `name`, batching up to 8 requests that arrive within 200 ms."""
+    endpoint, version = live["endpoint"], live["manifest"]["version"]
+    register(endpoint, f"digits-{version}.mar", OmegaConf.merge(live["cfg"].serve, {"batch_size": 8, "max_batch_delay_ms": 200}), model_name=name)
+    try:
+        yield f"{endpoint.inference_url}/predictions/{name}"
+    finally:
+        unregister(endpoint, name, version)
+
+
 def test_batched_requests_are_answered_one_by_one_with_their_own_status(live):
     """A TorchServe batch mixing good and malformed requests: each gets its own answer."""
-    endpoint, cfg = live["endpoint"], live["cfg"]
-    mar = f"digits-{live['manifest']['version']}.mar"
-    register(endpoint, mar, OmegaConf.merge(cfg.serve, {"batch_size": 8, "max_batch_delay_ms": 200}), model_name="batched")
-    try:
-        samples = live["manifest"]["samples"]
-        bodies = [(live["package"] / s["file"]).read_bytes() for s in samples[:6]] + [b"not an image", b""]
-        url = f"{endpoint.inference_url}/predictions/batched"
-        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-            answers = list(pool.map(lambda body: requests.post(url, data=body, headers=auth(live), timeout=30), bodies))
-        assert [a.json()[0]["label"] for a in answers[:6]] == [s["expected"] for s in samples[:6]]
-        assert [a.status_code for a in answers] == [200] * 6 + [400, 400]
-        assert "not a PNG or JPEG image" in answers[6].json()["error"] and "empty request" in answers[7].json()["error"]
-    finally:
-        unregister(endpoint, "batched", live["manifest"]["version"])
+    samples = live["manifest"]["samples"]
+    bodies = [(live["package"] / s["file"]).read_bytes() for s in samples[:6]] + [b"not an image", b""]
+    with batched_model(live, "batched") as url, concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: requests.post(url, data=body, headers=auth(live), timeout=30), bodies))
+    assert [a.json()[0]["label"] for a in answers[:6]] == [s["expected"] for s in samples[:6]]
+    assert [a.status_code for a in answers] == [200] * 6 + [400, 400]
+    assert "not a PNG or JPEG image" in answers[6].json()["error"] and "empty request" in answers[7].json()["error"]
+
+
+NESTED = b"[" * 100_000  # json.loads raises RecursionError on it
+HOSTILE_REQUESTS = {  # kind: (requests.post arguments, status, message)
+    "nested brackets, no content type": ({"data": NESTED}, 400, "body is not valid JSON: nested too deeply"),
+    "nested brackets as application/json": ({"data": NESTED, "headers": {"Content-Type": "application/json"}}, 400, "nested too deeply"),
+    "nested brackets as text/plain": ({"data": NESTED, "headers": {"Content-Type": "text/plain"}}, 400, "nested too deeply"),
+    "nested brackets in a multipart JSON field": ({"files": {"file": ("x.json", NESTED, "application/json")}}, 400, "nested too deeply"),
+    "nested instances": ({"data": b'{"instances": ' + NESTED, "headers": {"Content-Type": "application/json"}}, 400, "nested too deeply"),
+    "instance nested 500 deep": ({"json": {"instances": [json.loads("[" * 500 + "]" * 500)]}}, 400, "instance 0: values must be numbers"),
+    "a number beyond any float": ({"data": b'{"instances": [[[' + b"9" * 4000 + b"]]]}"}, 400, "instance 0: values must be numbers"),
+    "numbers as strings": ({"json": {"instances": [[["1"] * 32] * 32]}}, 400, "instance 0: values must be numbers"),
+    "v2 with a list as datatype": ({"json": {"inputs": [{"name": "image", "shape": [1, 1, 32, 32], "datatype": [[["UINT8"]]], "data": []}]}},
+                                   400, "inputs[0].datatype must be one of ['FP32', 'UINT8'], got list"),
+    "v2 with fractional dimensions": ({"json": {"inputs": [{"name": "image", "shape": [1.0, 1, 32, 32], "datatype": "UINT8", "data": [0] * 1024}]}},
+                                      400, "inputs[0].shape must be [N, 1, 32, 32]"),
+    "invalid UTF-8 as application/json": ({"data": b"{\xff\xfe}", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+    "16 megapixel PNG": ("16 megapixels", 413, "image is 4000x3999 = 15996000 pixels, more than the server's limit of 1000000"),
+}
+
+
+def hostile_request(live, kind: str) -> dict:
+    request, _, _ = HOSTILE_REQUESTS[kind]
+    if request == "16 megapixels":  # 16 kB on the wire
+        return {"data": png(np.zeros((1, 3999, 4000), np.uint8)), "headers": auth(live)}
+    request = dict(request)
+    return {**request, "headers": {**auth(live), **request.get("headers", {})}}
+
+
+@pytest.mark.parametrize("kind", HOSTILE_REQUESTS)
+def test_hostile_request_gets_4xx_naming_the_problem(live, kind):
+    _, status, message = HOSTILE_REQUESTS[kind]
+    response = requests.post(predict_url(live), timeout=30, **hostile_request(live, kind))
+    assert response.status_code == status
+    body = response.json()
+    assert set(body) == {"code", "error"} and body["code"] == status and message in body["error"]
+
+
+def test_hostile_clients_beside_valid_ones_fail_no_valid_request_and_log_one_line_per_second(live):
+    """4 clients cycling through the hostile requests, 4 valid clients, all in the same batches."""
+    model_log = server.state_dir(live["cfg"]).logs / "model_log.log"
+    logged_before = model_log.stat().st_size
+    samples = live["manifest"]["samples"]
+    good = [((live["package"] / s["file"]).read_bytes(), s["expected"]) for s in samples]
+    hostile = [hostile_request(live, kind) for kind in HOSTILE_REQUESTS]
+
+    def valid_client(n: int) -> list[object]:
+        with requests.Session() as session:
+            answers = [session.post(url, data=body, headers=auth(live), timeout=30) for body, _ in good * n]
+        return [a.json()[0]["label"] if a.status_code == 200 else a.status_code for a in answers]
+
+    def hostile_client(n: int) -> list[int]:
+        with requests.Session() as session:
+            return [session.post(url, timeout=30, **request).status_code for request in hostile * n]
+
+    started = time.monotonic()
+    with batched_model(live, "mixed") as url, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        valid = [pool.submit(valid_client, 10) for _ in range(4)]
+        bad = [pool.submit(hostile_client, 10) for _ in range(4)]
+        valid_answers, bad_statuses = [f.result() for f in valid], [f.result() for f in bad]
+        time.sleep(2 * MONITOR_INTERVAL_S)  # the worker's summary of the last interval lands
+    elapsed = time.monotonic() - started
+    assert valid_answers == [[expected for _, expected in good] * 10] * 4
+    assert bad_statuses == [[status for _, status, _ in HOSTILE_REQUESTS.values()] * 10] * 4
+    added = model_log.read_text(errors="replace")[logged_before:]
+    assert "Traceback" not in added and "RecursionError" not in added
+    summaries = [line for line in added.splitlines() if "malformed requests" in line]
+    assert 1 <= len(summaries) <= elapsed / MONITOR_INTERVAL_S + 2  # one line per interval, not per request
+    assert len(added.splitlines()) <= len(summaries) + 10, added[-2000:]
+
+
+def test_a_body_sent_as_a_form_gets_415_or_the_frontends_500_logged_in_one_line(live):
+    """curl --data-binary sends Content-Type application/x-www-form-urlencoded. TorchServe's Java
+    frontend decodes such a body as a form before any handler runs: when it holds a '%' not followed
+    by two hex digits (most PNGs do), the decoder throws and the frontend answers 500 itself, echoing
+    the body; otherwise the handler gets the decoded fields and answers 415 with what to do."""
+    logs = server.state_dir(live["cfg"]).logs
+    console, ts_log = (logs / "console.log").stat().st_size, _line_count(logs / "ts_log.log")
+    sample = live["package"] / "samples" / "00.png"
+    assert b"%(" in sample.read_bytes()
+    curl = subprocess.run(["curl", "-s", "-X", "POST", predict_url(live), "--data-binary", f"@{sample}",
+                           "-H", f"Authorization: Bearer {live['endpoint'].inference_token}", "-w", "\n%{http_code}"],
+                          capture_output=True, check=True)
+    body, status = curl.stdout.rsplit(b"\n", 1)
+    assert status == b"500" and json.loads(body)["type"] == "ErrorDataDecoderException"
+    assert (logs / "console.log").stat().st_size == console
+    [logged] = (logs / "ts_log.log").read_text(errors="replace").splitlines()[ts_log:]
+    assert logged.endswith("HttpRequestHandler - io.netty.handler.codec.http.multipart.HttpPostStandardRequestDecoder"), logged
+
+    decodable = png(np.zeros((1, 28, 28), np.uint8))
+    assert b"%" not in decodable
+    response = requests.post(predict_url(live), data=decodable, timeout=30,
+                             headers={**auth(live), "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 415 and "send it with -H 'Content-Type: image/png'" in response.json()["error"]
+    with_type = requests.post(predict_url(live), data=sample.read_bytes(), headers={**auth(live), "Content-Type": "image/png"}, timeout=30)
+    assert with_type.status_code == 200 and with_type.json()[0]["label"] == live["manifest"]["samples"][0]["expected"]
+
+
+def test_open_inference_protocol_requests_get_v2_answers(live):
+    pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:3])
+    probs = in_process_probabilities(live, pixels)
+    url = f"{live['endpoint'].inference_url}/v2/models/digits/infer"
+    flat_uint8 = {"id": "r-1", "inputs": [{"name": "image", "shape": [3, 1, 32, 32], "datatype": "UINT8", "data": pixels.ravel().tolist()}]}
+    nested_fp32 = {"inputs": [{"name": "image", "shape": [3, 1, 32, 32], "datatype": "FP32", "data": pixels.astype(float).tolist()}]}
+    for body in (flat_uint8, nested_fp32):
+        response = requests.post(url, json=body, headers=auth(live), timeout=30)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer.get("id") == body.get("id") and (answer["model_name"], answer["model_version"]) == ("digits", live["manifest"]["version"])
+        [probabilities, labels] = answer["outputs"]
+        assert (probabilities["name"], probabilities["shape"], probabilities["datatype"]) == ("probabilities", [3, 10], "FP32")
+        assert np.allclose(np.reshape(probabilities["data"], (3, 10)), probs, atol=1e-5)
+        assert labels == {"name": "label", "shape": [3], "datatype": "BYTES", "data": [str(c) for c in probs.argmax(1)]}
+    bad = {"datatype": ({"datatype": "INT64"}, "inputs[0].datatype must be one of ['FP32', 'UINT8'], got INT64"),
+           "shape": ({"shape": [3, 1, 28, 28]}, "inputs[0].shape must be [N, 1, 32, 32]"),
+           "data length": ({"data": pixels.ravel().tolist()[:-1]}, "inputs[0].data: expected shape [3072], got [3071]"),
+           "fractional UINT8": ({"data": [0.5] * 3072}, "UINT8 values must be whole numbers")}
+    for change, message in bad.values():
+        body = {"inputs": [{**flat_uint8["inputs"][0], **change}]}
+        response = requests.post(url, json=body, headers=auth(live), timeout=30)
+        assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
 def test_token_is_required_on_inference_and_management(live):
@@ -235,8 +367,11 @@ def test_killed_worker_recovers_with_no_hung_requests(live):
             time.sleep(0.01)
         os.kill(victim, signal.SIGKILL)
         answered_before_kill = len(progress)
+        seen_while_restarting = _state_until_not_serving(live)
         results = load.result(timeout=180)
     assert 100 <= answered_before_kill < 800
+    state, lines = seen_while_restarting
+    assert state == "down" and "0/1 workers READY" in lines[0], lines
     hung = [r for r in results if isinstance(r, requests.Timeout)]
     assert len(results) == 800 and not hung
     assert all(r == 200 or (isinstance(r, int) and r >= 500) for r in results), {str(r) for r in results}
@@ -246,6 +381,15 @@ def test_killed_worker_recovers_with_no_hung_requests(live):
         time.sleep(0.5)
     assert worker_pids(live) and worker_pids(live) != [victim]
     assert run_load(live, 40, 4).count(200) == 40
+    assert server.serving_state(live["endpoint"], "digits")[0] == "serving"
+
+
+def _state_until_not_serving(live, timeout_s: float = 10) -> tuple[str, list[str]]:
+    """What `serve status` reports, polled until a worker is seen missing (TorchServe restarts it in ~2.5 s)."""
+    deadline = time.monotonic() + timeout_s
+    while (seen := server.serving_state(live["endpoint"], "digits"))[0] == "serving" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return seen
 
 
 def _variant(live, tmp_path: Path, version: str, signature_change=None) -> Path:
@@ -304,22 +448,8 @@ def prometheus(workdir: Path, metrics_port: int):
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]
     config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    [port] = free_ports(1)
-    with open(workdir / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen(["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
-                                 f"--storage.tsdb.path={workdir / 'data'}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_port(port, 60, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with prometheus_server(workdir, config) as url:
+        yield url
 
 
 def query_until_present(url: str, query: str, timeout_s: float = 60) -> list[dict]:
@@ -405,8 +535,8 @@ def _wait_for_logged_predictions(live, expected: int) -> None:
 
 
 def _drift_cli(live, count: int, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve", "drift", "--params", str(live["params"]), "--package", str(live["package"]),
-                           "--out", str(out), f"serve.drift.window={count}", f"serve.drift.min_samples={count}"],
+    return subprocess.run([sys.executable, "-m", "serve", "drift", "--package", str(live["package"]), "--out", str(out),
+                           *live["overrides"], f"serve.drift.window={count}", f"serve.drift.min_samples={count}"],
                           cwd=ROOT, capture_output=True, text=True)
 
 
@@ -451,11 +581,47 @@ def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp
 
 
 def test_cli_status_and_predict_use_the_key_file(live):
-    params = ["--params", str(live["params"])]
+    params = live["overrides"]
     status = subprocess.run([sys.executable, "-m", "serve", "status", *params], cwd=ROOT, capture_output=True, text=True)
-    assert status.returncode == 0 and f"digits {live['manifest']['version']} (default)" in status.stdout
+    assert status.returncode == 0 and status.stdout.startswith("serve: digits serving;")
+    assert f"digits {live['manifest']['version']} (default): 1/1 workers READY (pid {worker_pids(live)[0]} READY)" in status.stdout
     sample = live["manifest"]["samples"][0]
     predicted = subprocess.run([sys.executable, "-m", "serve", "predict", str(live["package"] / sample["file"]), *params],
                                cwd=ROOT, capture_output=True, text=True)
     assert predicted.returncode == 0, predicted.stderr
     assert json.loads(predicted.stdout)[0]["label"] == sample["expected"]
+    again = subprocess.run([sys.executable, "-m", "serve", "up", "--package", str(live["package"]), *params], cwd=ROOT,
+                           capture_output=True, text=True)  # what a no-op `make run` does last
+    assert again.returncode == 0 and again.stdout.strip() == f"serve: digits version {live['manifest']['version']} is already the default"
+
+
+def test_expired_keys_are_renewed_by_every_command_and_status_exit_codes_tell_the_state(live, tmp_path):
+    """A second TorchServe whose keys live 30 s (token_expiration_min is a float for TorchServe too)."""
+    overrides = ["serve.token_expiration_min=0.5", f"serve.state_dir={tmp_path / 'state'}",
+                 *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))]
+    cfg = compose(overrides)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "serve", *args, *overrides], cwd=ROOT, capture_output=True, text=True)
+
+    assert cli("status").returncode == 1
+    try:
+        first = server.start(cfg)
+        unregistered = cli("status")
+        assert unregistered.returncode == 4 and "digits: not registered" in unregistered.stdout, unregistered.stderr
+        assert cli("up", "--package", str(live["package"])).returncode == 0
+        time.sleep(cfg.serve.token_expiration_min * 60 + 1)
+        for url, token in ((first.inference_url + "/ping", first.inference_token), (first.management_url + "/models", first.management_token)):
+            expired = requests.get(url, headers=server.bearer(token), timeout=10)
+            assert expired.status_code == 400 and "Token Authorization failed" in expired.json()["message"]
+        up = cli("up", "--package", str(live["package"]))  # what `make run` runs
+        assert up.returncode == 0 and f"digits version {live['manifest']['version']} is already the default" in up.stdout, up.stderr  # keys renewed, nothing to redeploy
+        renewed = server.local_endpoint(cfg, renew=False)
+        assert {renewed.inference_token, renewed.management_token}.isdisjoint({first.inference_token, first.management_token})
+        status = cli("status")
+        assert status.returncode == 0 and f"digits {live['manifest']['version']} (default): 1/1 workers READY" in status.stdout, status.stderr
+        sample = live["manifest"]["samples"][0]
+        predicted = cli("predict", str(live["package"] / sample["file"]))
+        assert predicted.returncode == 0 and json.loads(predicted.stdout)[0]["label"] == sample["expected"], predicted.stderr
+    finally:
+        server.stop(cfg)

@@ -19,36 +19,57 @@ from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 from components.core.config import ROOT, compose
 from components.core.errors import ConfigError
 from components.prepare import prepare
-from pipelines.graph import config_json, training_pipeline
-from pipelines.trainjob import TrainJobError, await_trainjob, launch_command, run_trainjob, trainjob_manifest, upload
+from pipelines.graph import Build, training_pipeline
+from pipelines.in_pod import IMAGE_COMMIT_ENV
+from pipelines.trainjob import (TrainJobError, await_trainjob, launch_command, run_trainjob, trainjob_for_run, trainjob_template,
+                                upload)
 from tests.helpers.datasets import small_overrides
 from tests.helpers.servers import free_ports, seaweed_s3
 
 MULTINODE = ("pipeline.train.nodes=2", "pipeline.train.accelerator_count=4")
+COMMIT = "c0ffee"
+
+
+def template(cfg) -> dict:
+    return trainjob_template(cfg, Build(cfg, COMMIT, retries=False).image(gpu=cfg.pipeline.train.accelerator_count > 0), COMMIT)
 
 
 def test_trainjob_is_a_valid_trainer_api_object_with_the_train_task_settings():
     cfg = compose(list(MULTINODE))
-    manifest = trainjob_manifest(cfg, "train-0123", "team-a", "{}", "s3://bucket/prepared", "s3://bucket/model.trainjob")
+    manifest = trainjob_for_run(template(cfg), "train-0123", "team-a", ["--config", "{}"])
     assert TrainerV1alpha1TrainJob.from_dict(manifest).to_dict() == manifest
     trainer = manifest["spec"]["trainer"]
+    assert manifest["metadata"]["name"] == "train-0123" and manifest["metadata"]["labels"]["git-commit"] == COMMIT
     assert manifest["spec"]["runtimeRef"] == {"name": "torch-distributed"}
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 4)
-    assert trainer["image"] == cfg.pipeline.image.gpu
+    assert trainer["image"] == f"{cfg.pipeline.image.gpu_repository}:{COMMIT}"
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
-    assert trainer["command"][:4] == ["python", "-m", "pipelines.trainjob", "launch"]
-    assert {e["name"] for e in trainer["env"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+    assert trainer["command"] == ["python", "-m", "pipelines.trainjob", "launch", "--config", "{}"]
+    secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"].get("optional", False) for e in trainer["env"] if "valueFrom" in e}
+    assert secret_env == {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "AWS_ENDPOINT_URL": True}
     pod = manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
-def test_cpu_nodes_get_the_cpu_image_and_one_process_each():
-    manifest = trainjob_manifest(compose(["pipeline.train.nodes=3", "pipeline.train.accelerator_count=0"]),
-                                 "train-1", "ns", "{}", "s3://b/p", "s3://b/o")
+def test_cpu_nodes_get_the_cpu_image_one_process_each_and_no_gpu_placement():
+    cfg = compose(["pipeline.train.nodes=3", "pipeline.train.accelerator_count=0"])
+    manifest = template(cfg)
     trainer = manifest["spec"]["trainer"]
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (3, 1)
-    assert "nvidia.com/gpu" not in trainer["resourcesPerNode"]["limits"]
+    assert trainer["image"] == f"{cfg.pipeline.image.cpu_repository}:{COMMIT}"
+    assert "nvidia.com/gpu" not in trainer["resourcesPerNode"]["limits"] and manifest["spec"]["runtimePatches"] == []
+
+
+def test_a_field_the_trainer_api_lacks_is_refused_at_compile_time():
+    manifest = template(compose(list(MULTINODE)))
+    manifest["spec"]["trainer"]["numNodes"] = "two"
+    with pytest.raises(ConfigError, match="TrainJob: the Trainer API models refuse it"):
+        trainjob_for_run(manifest, "train-1", "ns", [])
+    manifest["spec"]["trainer"]["numNodes"] = 2
+    manifest["spec"]["trainer"]["gpusPerNode"] = 4
+    with pytest.raises(ConfigError, match="TrainJob: the Trainer API models do not accept"):
+        trainjob_for_run(manifest, "train-1", "ns", [])
 
 
 def test_nodes_below_one_is_a_config_error_naming_the_key():
@@ -59,24 +80,32 @@ def test_nodes_below_one_is_a_config_error_naming_the_key():
 def test_compiled_pipeline_trains_through_a_trainjob_only_above_one_node(tmp_path):
     from kfp import compiler
 
-    def train_component(overrides):
+    def compiled(overrides):
         out = tmp_path / f"{len(overrides)}.yaml"
-        compiler.Compiler().compile(training_pipeline(compose(overrides)), str(out))
+        data = {"data_repo": "https://git.example/project.git", "data_rev": COMMIT, "data_uri": ""}
+        compiler.Compiler().compile(training_pipeline(compose(overrides), COMMIT, data), str(out))
         spec = next(yaml.safe_load_all(out.read_text()))  # the pipeline spec, then the platform spec
-        return spec["deploymentSpec"]["executors"]["exec-" + ("trainjob-op" if overrides else "train-op")]
+        tasks = {name: task for component in [*spec["components"].values(), spec["root"]]
+                 for name, task in component.get("dag", {}).get("tasks", {}).items()}
+        return spec["deploymentSpec"]["executors"], tasks
 
-    assert "def train_op" in "".join(train_component([])["container"]["command"])
-    assert "def trainjob_op" in "".join(train_component(list(MULTINODE))["container"]["command"])
+    single, _ = compiled([])
+    assert "def train_op" in "".join(single["exec-train-op"]["container"]["command"]) and "exec-trainjob-op" not in single
+    multi, tasks = compiled(list(MULTINODE))
+    assert "exec-train-op" not in multi and "def trainjob_op" in "".join(multi["exec-trainjob-op"]["container"]["command"])
+    assert multi["exec-trainjob-op"]["container"]["image"] == f"{compose([]).pipeline.image.cpu_repository}:{COMMIT}"  # CPU task awaits
+    job = json.loads(tasks["trainjob-op"]["inputs"]["parameters"]["job"]["runtimeValue"]["constant"])
+    assert job == template(compose(list(MULTINODE)))  # the compile-time template, checked by the Trainer API models
 
 
 def test_launcher_takes_rank_world_and_rendezvous_from_the_trainer_environment():
     env = {"PET_NNODES": "4", "PET_NODE_RANK": "2", "PET_NPROC_PER_NODE": "8", "PET_MASTER_ADDR": "train-x-node-0-0.train-x",
            "PET_MASTER_PORT": "29400"}
-    command = launch_command(env, ["--work", "/tmp/w"])
+    command = launch_command(env, ["--params", "/tmp/w/params.json"])
     assert command[1:3] == ["-m", "torch.distributed.run"]
     assert {"--nnodes=4", "--node-rank=2", "--nproc-per-node=8", "--master-addr=train-x-node-0-0.train-x",
             "--master-port=29400"} <= set(command)
-    assert command[-4:] == ["pipelines.trainjob", "worker", "--work", "/tmp/w"]
+    assert command[-4:] == ["-m", "components.train", "--params", "/tmp/w/params.json"]  # the train step itself
     with pytest.raises(ConfigError, match="PET_NODE_RANK, PET_MASTER_PORT not set"):
         launch_command({k: v for k, v in env.items() if k not in ("PET_NODE_RANK", "PET_MASTER_PORT")}, [])
 
@@ -95,7 +124,10 @@ class FakeKubernetesTrainer:
                "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
         for var in trainer["env"]:
             ref = var.get("valueFrom", {}).get("secretKeyRef")
-            env[var["name"]] = self.secrets[ref["name"]][ref["key"]] if ref else var["value"]
+            if ref is None:
+                env[var["name"]] = var["value"]
+            elif ref["key"] in self.secrets[ref["name"]] or not ref.get("optional"):
+                env[var["name"]] = self.secrets[ref["name"]][ref["key"]]
         return env
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
@@ -124,16 +156,17 @@ def test_two_node_trainjob_with_gloo_processes_fake_kubernetes_api(tiny_dataset,
     prepare(cfg, tiny_dataset, tmp_path / "prepared")
     with seaweed_s3(tmp_path / "s3", bucket="mlpipeline") as s3:
         creds = {"access_key_id": s3.access_key, "secret_access_key": s3.secret_key, "endpoint_url": s3.endpoint}
-        for key, var in cfg.pipeline.s3_secret.env.items():
+        for key, var in {**cfg.pipeline.s3_secret.env, **cfg.pipeline.s3_secret.optional_env}.items():
             monkeypatch.setenv(var, creds[key])
+        monkeypatch.setenv(IMAGE_COMMIT_ENV, COMMIT)  # this working tree plays the image of that commit (the pods inherit it)
         upload(str(tmp_path / "prepared"), "s3://mlpipeline/run-1/prepare/prepared")
         api = FakeKubernetesTrainer({cfg.pipeline.s3_secret.name: creds})
-        metrics = run_trainjob(cfg, config_json(cfg), "minio://mlpipeline/run-1/prepare/prepared", "minio://mlpipeline/run-1/train/model",
-                               str(tmp_path / "model"), str(tmp_path / "log"), api)
+        metrics = run_trainjob(template(cfg), cfg, COMMIT, "minio://mlpipeline/run-1/prepare/prepared",
+                               "minio://mlpipeline/run-1/train/model", str(tmp_path / "model"), str(tmp_path / "log"), api, poll_s=1)
     (body, pods), = api.jobs.values()
     logs = [pod.stdout.read() for pod in pods]
     assert metrics["epochs_run"] == 6 and metrics["val_accuracy"] >= 0.8, logs
-    assert "train: {" in logs[0] and "train: {" not in logs[1]  # rank 0 of world 2 speaks for both nodes
+    assert "train: {" in logs[0] and "train: {" not in logs[1]  # node 0 speaks for both nodes
     assert json.loads((tmp_path / "model" / "model.json").read_text())["metrics"] == metrics
     assert (tmp_path / "model" / "model.safetensors").stat().st_size > 0
     assert json.loads((tmp_path / "log" / "metrics.json").read_text())["step"] == 6

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,32 @@ PARAMS_FILE = ROOT / "params.yaml"
 PORT_KEYS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
 
 
+def _setting(low: float | None, high: float | None, low_open: bool = False) -> Any:
+    """A config key with no default (conf/ holds every value) and the range its value must lie in."""
+    return field(default=MISSING, metadata={"range": (low, high, low_open)})
+
+
+def at_least(low: float) -> Any:
+    return _setting(low, None)
+
+
+def above(low: float) -> Any:
+    return _setting(low, None, low_open=True)
+
+
+def between(low: float, high: float) -> Any:
+    return _setting(low, high)
+
+
 @dataclass
 class SplitConfig:
-    val: float = MISSING
-    test: float = MISSING
+    val: float = between(0, 0.9)
+    test: float = between(0.01, 0.9)
 
 
 @dataclass
 class DataConfig:
+    name: str = MISSING
     root: str = MISSING
     format: str = MISSING
     metadata: str | None = MISSING
@@ -42,110 +61,128 @@ class DataConfig:
     label_column: str = MISSING
     classes: list[str] = MISSING
     sensitive_attributes: list[str] = MISSING
-    channels: int = MISSING
+    channels: int = between(1, 3)
     image_size: list[int] = MISSING
     split: SplitConfig = field(default_factory=SplitConfig)
-    histogram_bins: int = MISSING
+    histogram_bins: int = at_least(2)
+    intended_use: str = MISSING
+    limitations: list[str] = MISSING
+    warn_below: int = at_least(0)
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    width: int = MISSING
-    dropout: float = MISSING
+    width: int = at_least(1)
+    dropout: float = between(0, 0.99)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    weight_decay: float = MISSING
-    early_stopping_patience: int = MISSING
+    epochs: int = at_least(1)
+    batch_size: int = at_least(1)
+    lr: float = above(0)
+    weight_decay: float = at_least(0)
+    early_stopping_patience: int = at_least(0)
     balanced_sampling: bool = MISSING
+    exclude_groups: list[str] = MISSING
     device: str = MISSING
-    num_threads: int = MISSING
+    processes: int = at_least(1)
+    num_threads: int = at_least(0)
     resume: bool = MISSING
-
-
-@dataclass
-class FairnessThresholds:
-    max_accuracy_difference: float = MISSING
-    min_accuracy_ratio: float = MISSING
-    max_recall_macro_difference: float = MISSING
-    max_demographic_parity_difference: float = MISSING
-    max_equalized_odds_difference: float = MISSING
 
 
 @dataclass
 class EvaluateConfig:
     sensitive_attributes: list[str] | None = MISSING
-    calibration_bins: int = MISSING
-    thresholds: FairnessThresholds = field(default_factory=FairnessThresholds)
-    fail_on_violation: bool = MISSING
-    bootstrap_samples: int = MISSING
-    bootstrap_confidence: float = MISSING
-    error_analysis_interactions: int = MISSING
-    error_analysis_term_plots: int = MISSING
+    calibration_bins: int = at_least(1)
+    bootstrap_samples: int = at_least(1)
+    bootstrap_confidence: float = between(0.5, 0.999)
+    error_analysis_interactions: int = at_least(0)
+    error_analysis_term_plots: int = at_least(0)
     attribution_method: str = MISSING
-    attribution_samples: int = MISSING
-    attribution_steps: int = MISSING
-    occlusion_window: int = MISSING
-    intended_use: str = MISSING
-    limitations: list[str] = MISSING
+    attribution_samples: int = at_least(0)
+    attribution_steps: int = at_least(1)
+    occlusion_window: int = at_least(1)
+
+
+@dataclass
+class QualityGate:
+    min_accuracy: float = between(0, 1)
+    min_balanced_accuracy: float = between(0, 1)
+    max_ece: float = between(0, 1)
+
+
+@dataclass
+class FairnessGate:
+    max_accuracy_difference: float = between(0, 1)
+    min_accuracy_ratio: float = between(0, 1)
+    max_recall_macro_difference: float = between(0, 1)
+    max_demographic_parity_difference: float = between(0, 1)
+    max_equalized_odds_difference: float = between(0, 1)
+    min_group_size: int = at_least(1)
+
+
+@dataclass
+class GateConfig:
+    quality: QualityGate = field(default_factory=QualityGate)
+    fairness: FairnessGate = field(default_factory=FairnessGate)
+    on_fail: str = MISSING
+    on_inconclusive: str = MISSING
 
 
 @dataclass
 class PackageConfig:
     model_name: str = MISSING
-    top_k: int = MISSING
-    opset_version: int = MISSING
-    parity_atol: float = MISSING
-    smoke_samples: int = MISSING
+    top_k: int = at_least(1)
+    opset_version: int = between(18, 23)
+    parity_atol: float = above(0)
+    smoke_samples: int = at_least(1)
 
 
 @dataclass
 class PredictionLogConfig:
-    sample_rate: float = MISSING
+    sample_rate: float = between(0, 1)
     file: str = MISSING
-    max_mb: float = MISSING
-    backups: int = MISSING
+    max_mb: float = above(0)
+    backups: int = at_least(1)
 
 
 @dataclass
 class DriftConfig:
-    window: int = MISSING
-    min_samples: int = MISSING
-    psi_threshold: float = MISSING
-    ks_threshold: float = MISSING
-    class_psi_threshold: float = MISSING
+    window: int = at_least(1)
+    min_samples: int = at_least(1)
+    psi_threshold: float = above(0)
+    ks_threshold: float = between(0, 1)
+    class_psi_threshold: float = above(0)
 
 
 @dataclass
 class ServeConfig:
     host: str = MISSING
-    inference_port: int = MISSING
-    management_port: int = MISSING
-    metrics_port: int = MISSING
-    grpc_inference_port: int = MISSING
-    grpc_management_port: int = MISSING
+    inference_port: int = between(1, 65535)
+    management_port: int = between(1, 65535)
+    metrics_port: int = between(1, 65535)
+    grpc_inference_port: int = between(1, 65535)
+    grpc_management_port: int = between(1, 65535)
     state_dir: str = MISSING
-    workers: int = MISSING
-    onnx_threads: int = MISSING
-    batch_size: int = MISSING
-    max_batch_delay_ms: int = MISSING
-    response_timeout_s: int = MISSING
-    max_request_bytes: int = MISSING
-    token_expiration_min: int = MISSING
-    startup_timeout_s: int = MISSING
+    workers: int = at_least(1)
+    onnx_threads: int = at_least(0)
+    batch_size: int = at_least(1)
+    max_batch_delay_ms: int = at_least(0)
+    response_timeout_s: int = at_least(1)
+    max_request_bytes: int = at_least(1)
+    max_image_pixels: int = at_least(1)
+    token_expiration_min: float = above(0)
+    startup_timeout_s: int = at_least(1)
     prediction_log: PredictionLogConfig = field(default_factory=PredictionLogConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
 
 
 @dataclass
 class PipelineImages:
-    cpu: str = MISSING
-    gpu: str = MISSING
+    cpu_repository: str = MISSING
+    gpu_repository: str = MISSING
     pull_policy: str = MISSING
 
 
@@ -155,6 +192,7 @@ class PipelineResources:
     cpu_limit: str = MISSING
     memory_request: str = MISSING
     memory_limit: str = MISSING
+    timeout_s: int = at_least(1)
 
 
 @dataclass
@@ -168,20 +206,21 @@ class Toleration:
 @dataclass
 class PipelineTrainResources(PipelineResources):
     accelerator_type: str = MISSING
-    accelerator_count: int = MISSING
+    accelerator_count: int = at_least(0)
     node_selector: dict[str, str] = MISSING
     tolerations: list[Toleration] = MISSING
-    nodes: int = MISSING
+    shm_size: str = MISSING
+    nodes: int = at_least(1)
     trainer_runtime: str = MISSING
-    trainer_timeout_s: int = MISSING
-    trainer_poll_s: int = MISSING
+    trainer_timeout_s: int = at_least(1)
+    trainer_poll_s: int = at_least(1)
 
 
 @dataclass
 class PipelineRetry:
-    num_retries: int = MISSING
+    num_retries: int = at_least(0)
     backoff_duration: str = MISSING
-    backoff_factor: float = MISSING
+    backoff_factor: float = at_least(1)
     backoff_max_duration: str = MISSING
 
 
@@ -189,6 +228,7 @@ class PipelineRetry:
 class SecretEnv:
     name: str = MISSING
     env: dict[str, str] = MISSING
+    optional_env: dict[str, str] = MISSING
 
 
 @dataclass
@@ -196,21 +236,18 @@ class PipelineData:
     repo: str = MISSING
     rev: str = MISSING
     uri: str = MISSING
-
-
-@dataclass
-class PipelineGate:
-    require_fairness: bool = MISSING
-    min_accuracy: float = MISSING
+    git_secret: str = MISSING
 
 
 @dataclass
 class PipelineDeploy:
+    enabled: bool = MISSING
     management_url: str = MISSING
     inference_url: str = MISSING
     model_store_pvc: str = MISSING
+    volume_path: str = MISSING
     model_store: str = MISSING
-    token_secret: str = MISSING
+    key_file: str = MISSING
 
 
 @dataclass
@@ -239,43 +276,66 @@ class PipelineConfig:
     caching: bool = MISSING
     s3_secret: SecretEnv = field(default_factory=SecretEnv)
     data: PipelineData = field(default_factory=PipelineData)
-    gate: PipelineGate = field(default_factory=PipelineGate)
     deploy: PipelineDeploy = field(default_factory=PipelineDeploy)
     submit: PipelineSubmit = field(default_factory=PipelineSubmit)
     sweep: PipelineSweep = field(default_factory=PipelineSweep)
 
 
 @dataclass
-class GatesConfig:
-    min_accuracy: float = MISSING
-    min_balanced_accuracy: float = MISSING
-    max_ece: float = MISSING
-    require_fairness_pass: bool = MISSING
-
-
-@dataclass
 class RegistryConfig:
     stages: list[str] = MISSING
     gated_stages: list[str] = MISSING
-    gates: GatesConfig = field(default_factory=GatesConfig)
+
+
+@dataclass
+class EventsConfig:
+    log_file: str = MISSING
+    webhooks: list[str] = MISSING
+    timeout_s: float = above(0)
+
+
+@dataclass
+class ScoreConfig:
+    input: str = MISSING
+    extensions: list[str] = MISSING
+    workers: int = at_least(0)
+    chunk_size: int = at_least(1)
 
 
 @dataclass
 class Config:
-    seed: int = MISSING
+    seed: int = at_least(0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
 
-def _check(cfg: DictConfig) -> None:
-    d, t = cfg.data, cfg.train
+def range_problems(cfg: DictConfig, schema: type = None, prefix: str = "") -> list[str]:
+    """Every number outside the range its schema field declares (NaN and infinity never pass)."""
     problems = []
+    for f in fields(schema or Config):
+        value, key = cfg[f.name], prefix + f.name
+        if is_dataclass(f.default_factory):
+            problems += range_problems(value, f.default_factory, key + ".")
+        elif "range" in f.metadata and value is not None:
+            low, high, low_open = f.metadata["range"]
+            if not (math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value <= high)):
+                bounds = f"above {low}" if low_open else f"at least {low}" if high is None else f"between {low} and {high}"
+                problems.append(f"{key} must be {bounds}, got {value}")
+    return problems
+
+
+def _check(cfg: DictConfig) -> list[str]:
+    d = cfg.data
+    problems = range_problems(cfg)
     if d.format not in ("csv", "imagefolder"):
         problems.append(f"data.format must be 'csv' or 'imagefolder', got {d.format!r}")
     if d.format == "csv" and not d.metadata:
@@ -286,32 +346,21 @@ def _check(cfg: DictConfig) -> None:
         problems.append(f"data.image_size must be [height, width], got {list(d.image_size)}")
     if len(set(d.classes)) != len(d.classes) or len(d.classes) < 2:
         problems.append("data.classes must list at least two distinct class names")
-    if not (0 <= d.split.val < 1 and 0 < d.split.test < 1 and d.split.val + d.split.test < 1):
-        problems.append("data.split.val and data.split.test must be fractions that sum below 1")
-    if t.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"train.device must be auto, cpu or cuda, got {t.device!r}")
-    for key in ("epochs", "batch_size"):
-        if t[key] < 1:
-            problems.append(f"train.{key} must be at least 1, got {t[key]}")
-    pt = cfg.pipeline.train
-    for key in ("nodes", "trainer_timeout_s", "trainer_poll_s"):
-        if pt[key] < 1:
-            problems.append(f"pipeline.train.{key} must be at least 1, got {pt[key]}")
-    problems += _evaluate_problems(cfg.evaluate)
-    problems += _package_and_serve_problems(cfg.package, cfg.serve)
-    if problems:
-        raise ConfigError("; ".join(problems))
+    if d.split.val + d.split.test >= 1:
+        problems.append("data.split.val and data.split.test must sum below 1 (the rest is the training split)")
+    if cfg.train.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
+    if cfg.evaluate.attribution_method not in ("integrated_gradients", "occlusion"):
+        problems.append(f"evaluate.attribution_method must be integrated_gradients or occlusion, got {cfg.evaluate.attribution_method!r}")
+    problems += [f"gate.{key} must be block or warn, got {cfg.gate[key]!r}" for key in ("on_fail", "on_inconclusive")
+                 if cfg.gate[key] not in ("block", "warn")]
+    return problems + _serve_problems(cfg.package, cfg.serve) + _events_and_score_problems(cfg.events, cfg.score)
 
 
-def _package_and_serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
+def _serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
     problems = []
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", p.model_name):
         problems.append(f"package.model_name must be letters, digits, '_' or '-', got {p.model_name!r}")
-    for key, low in (("top_k", 1), ("smoke_samples", 1)):
-        if p[key] < low:
-            problems.append(f"package.{key} must be at least {low}, got {p[key]}")
-    if p.parity_atol <= 0:
-        problems.append(f"package.parity_atol must be positive, got {p.parity_atol}")
     try:
         loopback = ipaddress.ip_address(s.host).is_loopback
     except ValueError:
@@ -319,35 +368,17 @@ def _package_and_serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
     if not loopback:
         problems.append(f"serve.host must be a loopback IP address (e.g. 127.0.0.1), got {s.host!r}")
     ports = [s[k] for k in PORT_KEYS]
-    if len(set(ports)) != len(ports) or not all(1 <= port <= 65535 for port in ports):
-        problems.append(f"serve ports {', '.join(PORT_KEYS)} must be distinct numbers in 1-65535, got {ports}")
-    for key in ("workers", "batch_size", "max_request_bytes", "token_expiration_min"):
-        if s[key] < 1:
-            problems.append(f"serve.{key} must be at least 1, got {s[key]}")
-    if s.max_batch_delay_ms < 0:
-        problems.append(f"serve.max_batch_delay_ms must be 0 or more, got {s.max_batch_delay_ms}")
-    if not 0 <= s.prediction_log.sample_rate <= 1:
-        problems.append(f"serve.prediction_log.sample_rate must be in [0, 1], got {s.prediction_log.sample_rate}")
-    if s.prediction_log.max_mb <= 0 or s.prediction_log.backups < 1:
-        problems.append("serve.prediction_log.max_mb must be positive and serve.prediction_log.backups at least 1, "
-                        f"got {s.prediction_log.max_mb} and {s.prediction_log.backups}")
-    if not 1 <= s.drift.min_samples <= s.drift.window:
-        problems.append("serve.drift.min_samples must be between 1 and serve.drift.window")
+    if len(set(ports)) != len(ports):
+        problems.append(f"serve ports {', '.join(PORT_KEYS)} must be distinct, got {ports}")
+    if s.drift.min_samples > s.drift.window:
+        problems.append("serve.drift.min_samples must not exceed serve.drift.window")
     return problems
 
 
-def _evaluate_problems(e: DictConfig) -> list[str]:
-    problems = []
-    if e.attribution_method not in ("integrated_gradients", "occlusion"):
-        problems.append(f"evaluate.attribution_method must be integrated_gradients or occlusion, got {e.attribution_method!r}")
-    if not 0 < e.bootstrap_confidence < 1:
-        problems.append(f"evaluate.bootstrap_confidence must be a fraction between 0 and 1, got {e.bootstrap_confidence}")
-    for key in ("calibration_bins", "bootstrap_samples", "attribution_steps", "occlusion_window"):
-        if e[key] < 1:
-            problems.append(f"evaluate.{key} must be at least 1, got {e[key]}")
-    for key in ("attribution_samples", "error_analysis_interactions", "error_analysis_term_plots"):
-        if e[key] < 0:
-            problems.append(f"evaluate.{key} must not be negative, got {e[key]}")
+def _events_and_score_problems(e: DictConfig, s: DictConfig) -> list[str]:
+    problems = [f"events.webhooks: {url!r} is not an http(s) URL" for url in e.webhooks if not re.match(r"https?://", url)]
+    if not s.extensions or not all(ext.startswith(".") for ext in s.extensions):
+        problems.append(f"score.extensions must list suffixes starting with '.', got {list(s.extensions)}")
     return problems
 
 
@@ -362,21 +393,33 @@ def validate(raw: Any, source: str) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{source}: no value for {', '.join(missing)} (every key needs one in conf/)")
-    _check(cfg)
+    problems = _check(cfg)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def load_config(params_file: str | os.PathLike = PARAMS_FILE, overrides: list[str] = ()) -> DictConfig:
-    """The config a step runs with: params.yaml as DVC wrote it, or, given Hydra overrides,
-    conf/ composed with them exactly as `dvc exp run -S` does (keys, group choices such as
-    `model=resnet18`, presets such as `experiment=quick`)."""
-    if overrides:
-        return compose(list(overrides))
+def load_config(params_file: str | os.PathLike = PARAMS_FILE) -> DictConfig:
+    """The config in a params file (params.yaml as DVC wrote it, by default), validated."""
     path = Path(params_file)
     if not path.exists():
         raise ConfigError(f"{path}: not found (run `make params` to generate it from conf/)")
     return validate(OmegaConf.load(path), str(path))
+
+
+def command_config(params_file: str | os.PathLike | None, overrides: list[str]) -> DictConfig:
+    """The config of a command line: conf/ composed with Hydra overrides exactly as `dvc exp run -S`
+    does (keys, group choices such as `model=resnet18`, presets such as `experiment=quick`); or a
+    params file; or, given neither, params.yaml, refused when conf/ changed since it was generated."""
+    if overrides and params_file is not None:
+        raise ConfigError(f"give either --params {params_file} or overrides of conf/ {list(overrides)}, not both")
+    if overrides:
+        return compose(list(overrides))
+    if params_file is None:
+        check_params()
+        return load_config()
+    return load_config(params_file)
 
 
 def compose(overrides: list[str] = ()) -> DictConfig:
@@ -399,22 +442,33 @@ def _compose_to(out: Path, overrides: list[str]) -> None:
         raise ConfigError(f"{source}: {exc}") from None
 
 
+OVERRIDES_HEADER = "# Generated from conf/ with overrides: "  # first line of params.yaml; never edit the file
+
+
 def write_params(overrides: list[str] = (), params_file: Path = PARAMS_FILE) -> bool:
-    """Regenerate params.yaml from conf/; returns True when the file changed."""
+    """Regenerate params.yaml from conf/ (plus overrides, recorded in its first line so the
+    `config` stage can recompose it); returns True when the file changed."""
     with tempfile.TemporaryDirectory(dir=params_file.parent) as tmp:
         out = Path(tmp) / "params.yaml"
         _compose_to(out, overrides)
         validate(OmegaConf.load(out), "conf/")
-        new = out.read_bytes()
+        new = (OVERRIDES_HEADER + json.dumps(list(overrides)) + "\n").encode() + out.read_bytes()
         if params_file.exists() and params_file.read_bytes() == new:
             return False
+        out.write_bytes(new)
         os.replace(out, params_file)
         return True
 
 
+def recorded_overrides(params_file: Path) -> list[str]:
+    first = params_file.read_text().split("\n", 1)[0] if params_file.exists() else ""
+    return json.loads(first[len(OVERRIDES_HEADER):]) if first.startswith(OVERRIDES_HEADER) else []
+
+
 def stale_keys(params_file: Path = PARAMS_FILE) -> list[str]:
-    """Keys whose value in params.yaml differs from conf/ (as `key: params.yaml value -> conf/ value`)."""
-    fresh = _flat(OmegaConf.to_container(compose([])))
+    """Keys whose value in params.yaml differs from conf/ composed with the overrides params.yaml
+    was written with (as `key: params.yaml value -> conf/ value`)."""
+    fresh = _flat(OmegaConf.to_container(compose(recorded_overrides(params_file))))
     current = _flat(OmegaConf.to_container(validate(OmegaConf.load(params_file), str(params_file)))) if params_file.exists() else {}
     return [f"{key}: {current.get(key, '(absent)')!r} -> {fresh.get(key, '(absent)')!r}"
             for key in sorted(fresh.keys() | current.keys()) if fresh.get(key, MISSING) != current.get(key, MISSING)]
@@ -434,6 +488,7 @@ def check_params(params_file: Path = PARAMS_FILE) -> None:
     stale = stale_keys(params_file)
     if stale:
         raise ConfigError(f"{params_file.name} is stale: conf/ changed {len(stale)} key(s) since it was generated "
+                          f"with overrides {recorded_overrides(params_file)} "
                           f"({'; '.join(stale[:10])}{'; ...' if len(stale) > 10 else ''}). "
                           "Run `make params` (then `dvc repro`), or `dvc exp run`, which composes conf/ itself.")
 
@@ -460,12 +515,12 @@ if __name__ == "__main__":
     from components.core.errors import run_cli
 
     parser = argparse.ArgumentParser(description="params.yaml from conf/: regenerate it, or check that it is current.")
-    parser.add_argument("command", nargs="?", choices=["write", "check"], default="write")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for `write`, e.g. train.lr=0.01")
+    parser.add_argument("--check", action="store_true", help="only check that params.yaml matches conf/ (the `config` stage)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides written into params.yaml, e.g. train.lr=0.01")
 
     def _main() -> None:
         args = parser.parse_args()
-        if args.command == "check":
+        if args.check:
             check_params()
             print("params.yaml matches conf/")
         else:

@@ -55,11 +55,11 @@ def _project_imports(path: Path) -> set[str]:
     return {name for name in found if name.split(".")[0] == "components"}
 
 
-def source_files(module: str, shipped: tuple[str, ...] = ()) -> list[str]:
+def source_files(module: str, code_files: tuple[str, ...] = ()) -> list[str]:
     """The project source files `module` runs (its transitive project imports and their packages'
-    __init__ files) plus the files it ships (e.g. the handler in the .mar), relative to the project
-    root: exactly the code deps of its DVC stage."""
-    seen: set[Path] = {ROOT / name for name in shipped}
+    __init__ files) plus the other code it reads or ships (`CODE_FILES` of a step: report templates,
+    the handler in the .mar), relative to the project root: exactly the code deps of its DVC stage."""
+    seen: set[Path] = {ROOT / name for name in code_files}
     todo = [module]
     while todo:
         name = todo.pop()
@@ -71,10 +71,16 @@ def source_files(module: str, shipped: tuple[str, ...] = ()) -> list[str]:
     return sorted(str(path.relative_to(ROOT)) for path in seen)
 
 
-def code_hash(module: str, shipped: tuple[str, ...] = ()) -> str:
+def code_hash(module: str, code_files: tuple[str, ...] = ()) -> str:
+    """Hash of the step's source files. Pass the module's `__spec__.name`: under `python -m`,
+    `__name__` is "__main__", which names no file."""
+    if _module_file(module) is None:
+        raise ValueError(f"{module!r} is not a module of this project")
     digest = hashlib.sha256()
-    for name in source_files(module, shipped):
-        digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes() + b"\0")
+    for name in source_files(module, code_files):
+        paths = sorted((ROOT / name).rglob("*")) if (ROOT / name).is_dir() else [ROOT / name]
+        for path in (p for p in paths if p.is_file() and "__pycache__" not in p.parts):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -92,14 +98,15 @@ def environment(device: str | None = None) -> dict[str, str]:
     return env
 
 
-def lineage(cfg: DictConfig, module: str, device: str | None = None, shipped: tuple[str, ...] = ()) -> dict[str, object]:
+def lineage(cfg: DictConfig, module: str, device: str | None = None, code_files: tuple[str, ...] = ()) -> dict[str, object]:
     """What determined a step's outputs: `cfg` is the step's own config sections (see config.select)."""
-    return {"data_hash": data_hash(), "config_hash": config_hash(cfg), "code_hash": code_hash(module, shipped),
+    return {"data_hash": data_hash(), "config_hash": config_hash(cfg), "code_hash": code_hash(module, code_files),
             "environment": environment(device)}
 
 
 STEP_STAGES = {"config": "components.core.config", "prepare": "components.prepare", "train": "components.train",
-               "evaluate": "components.evaluate", "package": "components.package"}
+               "evaluate": "components.evaluate", "package": "components.package", "score": "components.score"}
+DVC_FILES = (ROOT / "dvc.yaml", ROOT / "serve" / "batch" / "dvc.yaml")
 
 
 def stage_code_deps(stage: str) -> list[str]:
@@ -107,7 +114,7 @@ def stage_code_deps(stage: str) -> list[str]:
     import importlib
 
     module = importlib.import_module(STEP_STAGES[stage])
-    return source_files(module.__name__, getattr(module, "SHIPPED", ()))
+    return source_files(module.__name__, getattr(module, "CODE_FILES", ()))
 
 
 def write_dvc_yaml_deps(dvc_yaml: Path = ROOT / "dvc.yaml") -> None:
@@ -126,5 +133,6 @@ def write_dvc_yaml_deps(dvc_yaml: Path = ROOT / "dvc.yaml") -> None:
 
 
 if __name__ == "__main__":
-    write_dvc_yaml_deps()
-    print("dvc.yaml: code deps of every stage rewritten from the import closure")
+    for dvc_file in DVC_FILES:
+        write_dvc_yaml_deps(dvc_file)
+    print(f"{', '.join(str(f.relative_to(ROOT)) for f in DVC_FILES)}: code deps of every stage rewritten from the import closure")

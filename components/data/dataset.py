@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,24 +19,43 @@ MAX_LISTED_PROBLEMS = 200
 
 
 def list_dataset(data: DictConfig, root: Path) -> pd.DataFrame:
-    """One row per image: file (relative to root), label, and every sensitive attribute."""
+    """One row per image: file (relative to root), label, every sensitive attribute, and `line`: the
+    row's line in the metadata CSV (0 for an image found in a class folder with no metadata row)."""
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found (data.root)")
     if data.format == "imagefolder":
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.parent != root)
-        table = pd.DataFrame(
-            {data.file_column: [p.relative_to(root).as_posix() for p in files], data.label_column: [p.parent.name for p in files]}
-        )
-        if data.metadata and (root / data.metadata).exists():
-            extra = _read_csv(root / data.metadata).drop(columns=[data.label_column], errors="ignore")
-            table = table.merge(extra, on=data.file_column, how="left")
+        table = _list_folders(data, root)
     else:
-        table = _read_csv(root / data.metadata)
-    required = [data.file_column, data.label_column, *data.sensitive_attributes]
-    missing = [c for c in required if c not in table.columns]
+        table = _read_metadata(root / data.metadata, data, [data.file_column, data.label_column])
+    table = table.rename(columns={data.file_column: "file", data.label_column: "label"})
+    return table[["file", "label", *data.sensitive_attributes, "line"]]
+
+
+def _list_folders(data: DictConfig, root: Path) -> pd.DataFrame:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.parent != root)
+    table = pd.DataFrame({data.file_column: [p.relative_to(root).as_posix() for p in files],
+                          data.label_column: [p.parent.name for p in files]})
+    metadata = root / data.metadata if data.metadata else None
+    if metadata is None or not metadata.exists():
+        return table.assign(line=0, **{attr: "" for attr in data.sensitive_attributes})
+    extra = _read_metadata(metadata, data, [data.file_column]).drop(columns=[data.label_column], errors="ignore")
+    merged = table.merge(extra, on=data.file_column, how="outer", indicator=True)
+    orphans = merged[merged["_merge"] == "right_only"]
+    if len(orphans):
+        raise DataError(format_problems([f"{metadata} line {row.line} ({row[data.file_column]}): no such image in a class folder "
+                                         f"under {root}" for _, row in orphans.iterrows()]))
+    return merged.drop(columns="_merge").fillna({"line": 0}).astype({"line": int})
+
+
+def _read_metadata(path: Path, data: DictConfig, required: list[str]) -> pd.DataFrame:
+    table = _read_csv(path)
+    wanted = {data.file_column: "data.file_column", data.label_column: "data.label_column",
+              **{attr: "data.sensitive_attributes" for attr in data.sensitive_attributes}}
+    missing = [f"{column!r} ({key})" for column, key in wanted.items() if column not in table.columns
+               and (column in required or key == "data.sensitive_attributes")]
     if missing:
-        raise DataError(f"{root / (data.metadata or '')}: missing column(s) {missing}; columns are {list(table.columns)}")
-    return table[required].rename(columns={data.file_column: "file", data.label_column: "label"})
+        raise DataError(f"{path}: no column {', '.join(missing)}; its columns are {list(table.columns)}")
+    return table.assign(line=np.arange(len(table)) + 2)  # line 1 is the header
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -47,24 +67,36 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: not a readable CSV ({exc})") from None
 
 
-def row_problems(table: pd.DataFrame, data: DictConfig, source: str) -> list[str]:
-    """Every problem with the listing itself (labels, attributes, duplicates), one line each.
+def outside_root(files: pd.Series, root: Path) -> np.ndarray:
+    """True where a listed path leaves the data folder: absolute, through `..`, or via a symlink.
+    Images outside it are not in data.dvc, so DVC would not see them change."""
+    real_root = os.path.realpath(root)
+    return np.array([os.path.isabs(f) or not os.path.realpath(os.path.join(real_root, f)).startswith(real_root + os.sep)
+                     for f in files], dtype=bool)
+
+
+def row_problems(table: pd.DataFrame, data: DictConfig, root: Path, source: str) -> tuple[list[str], np.ndarray]:
+    """Every problem with the listing itself (paths, labels, attributes, duplicates), one line each,
+    citing the metadata CSV's own line numbers, and which rows have one (never decode those).
 
     Checks run column-wise (a 100k-row listing takes milliseconds); only flagged rows are visited.
     """
     files, labels = table["file"], table["label"]
     checks = [(files == "", lambda i: "empty file name"),
+              ((files != "") & outside_root(files, root), lambda i: f"path leaves the data folder {root} (absolute, '..' or a symlink)"),
               (files.duplicated(keep="first"), lambda i: "file listed twice"),
               (labels == "", lambda i: "missing label"),
               ((labels != "") & ~labels.isin(list(data.classes)), lambda i: f"label {labels.iloc[i]!r} is not in data.classes")]
     for attr in data.sensitive_attributes:
         checks.append((table[attr].isna() | (table[attr] == ""), lambda i, attr=attr: f"missing sensitive attribute {attr!r}"))
     masks = [mask.to_numpy() for mask, _ in checks]
+    flagged = np.logical_or.reduce(masks)
     problems = []
-    for i in np.flatnonzero(np.logical_or.reduce(masks)):
-        where = f"{source} row {i + 2} ({files.iloc[i] or '<empty file name>'})"
+    for i in np.flatnonzero(flagged):
+        line = table["line"].iloc[i]
+        where = f"{source} line {line} ({files.iloc[i] or '<empty file name>'})" if line else str(root / files.iloc[i])
         problems += [f"{where}: {message(i)}" for mask, (_, message) in zip(masks, checks) if mask[i]]
-    return problems
+    return problems, flagged
 
 
 def format_problems(problems: list[str]) -> str:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
-
-from components.features import FEATURES, image_features
+from components.core.progress import progress
+from components.runtime.features import FEATURES, image_features
 
 
 CHUNK_ROWS = 2048  # large enough to amortise a task's overhead, small enough to balance the cores
@@ -54,7 +53,7 @@ def available_cores() -> int:
 class RowStats:
     """Per-image statistics taken while a decoded chunk is still in cache, so nothing reads the
     array again: per-channel pixel sums and sums of squares (exact integers, for the
-    normalisation) and the drift features of components.features."""
+    normalisation) and the drift features of components.runtime.features."""
 
     sums: np.ndarray  # (N, C) uint64
     squares: np.ndarray  # (N, C) uint64
@@ -62,7 +61,7 @@ class RowStats:
 
     @classmethod
     def concat(cls, parts: list[RowStats]) -> RowStats:
-        """The parts' rows one after the other (each feature keeps the dtype components.features gives it)."""
+        """The parts' rows one after the other (each feature keeps the dtype components.runtime.features gives it)."""
         return cls(np.concatenate([p.sums for p in parts]), np.concatenate([p.squares for p in parts]),
                    {name: np.concatenate([p.features[name] for p in parts]) for name in FEATURES})
 
@@ -79,13 +78,15 @@ def row_stats(images: np.ndarray) -> RowStats:
     return RowStats.concat(parts)
 
 
-def decode_chunk(cache: str, root: str, files: Sequence[str], start: int, channels: int,
+def decode_chunk(cache: str, root: str, files: Sequence[str | None], start: int, channels: int,
                  size: tuple[int, int]) -> tuple[list[tuple[int, str]], RowStats]:
-    """Decode files into rows start.. of the .npy at `cache`; returns (row, problem) for the
-    failures, and the chunk's RowStats."""
+    """Decode files into rows start.. of the .npy at `cache` (a None file is skipped: its row stays
+    zero); returns (row, problem) for the failures, and the chunk's RowStats."""
     images = np.load(cache, mmap_mode="r+")
     problems = []
     for offset, file in enumerate(files):
+        if file is None:
+            continue
         array, problem = decode_error(Path(root) / file, channels, size)
         if problem:
             problems.append((start + offset, f"{Path(root) / file}: {problem}"))
@@ -95,16 +96,17 @@ def decode_chunk(cache: str, root: str, files: Sequence[str], start: int, channe
     return problems, row_stats(images[start : start + len(files)])
 
 
-def decode_all(cache: Path, root: Path, files: Sequence[str], channels: int, size: tuple[int, int],
+def decode_all(cache: Path, root: Path, files: Sequence[str | None], channels: int, size: tuple[int, int],
                workers: int = 0) -> tuple[list[str], RowStats]:
-    """Create `cache` (N, channels, *size uint8) and decode every file into it; workers=0 uses every core.
+    """Create `cache` (N, channels, *size uint8) and decode every file into it (None: a row not to
+    read, left zero); workers=0 uses every core.
 
     Returns one message per file that could not be decoded, in row order, and every row's RowStats."""
     np.lib.format.open_memmap(cache, mode="w+", dtype=np.uint8, shape=(len(files), channels, *size)).flush()
     chunks = [(start, list(files[start : start + CHUNK_ROWS])) for start in range(0, len(files), CHUNK_ROWS)]
     workers = min(workers or available_cores(), len(chunks))
     args = (str(cache), str(root))
-    progress = tqdm(total=len(files), desc="prepare: decoding", unit="img", mininterval=1, disable=None)
+    done = progress((), "prepare: decoding", total=len(files), unit="img")
     found: list[tuple[int, str]] = []
     parts: list[RowStats] = []
     if workers <= 1:  # small datasets: no process start-up cost
@@ -112,7 +114,7 @@ def decode_all(cache: Path, root: Path, files: Sequence[str], channels: int, siz
             problems, part_stats = decode_chunk(*args, part, start, channels, size)
             found += problems
             parts.append(part_stats)
-            progress.update(len(part))
+            done.step(len(part))
     else:
         # spawn, not fork: a forked child could inherit a lock held by another thread of the caller
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -121,6 +123,6 @@ def decode_all(cache: Path, root: Path, files: Sequence[str], channels: int, siz
                 problems, part_stats = future.result()
                 found += problems
                 parts.append(part_stats)
-                progress.update(len(part))
-    progress.close()
+                done.step(len(part))
+    done.close()
     return [message for _, message in sorted(found)], RowStats.concat(parts)

@@ -10,8 +10,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from components.features import image_features
 from components.evaluation.report import figure_png, new_figure
+from components.runtime.features import image_features
 
 MIN_PER_OUTCOME = 2  # fewer errors (or correct predictions) than this leave nothing to learn from
 
@@ -35,7 +35,9 @@ def error_analysis(features: pd.DataFrame, errors: np.ndarray, e: DictConfig, se
         return summary
     from interpret.glassbox import ExplainableBoostingClassifier  # imported where used: a second of import time
 
-    ebm = ExplainableBoostingClassifier(interactions=e.error_analysis_interactions, random_state=seed)
+    # Text columns (true label, sensitive attributes) are categories, even when they read as numbers ("0".."9").
+    types = ["continuous" if pd.api.types.is_numeric_dtype(features[c]) else "nominal" for c in features.columns]
+    ebm = ExplainableBoostingClassifier(feature_types=types, interactions=e.error_analysis_interactions, random_state=seed)
     ebm.fit(features, errors.astype(int))
     order = np.argsort(-ebm.term_importances(), kind="stable")
     summary["ranking"] = [{"term": ebm.term_names_[i], "importance": float(ebm.term_importances()[i])} for i in order]

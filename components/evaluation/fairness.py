@@ -1,9 +1,11 @@
 """Fairness across sensitive groups (fairlearn): per-group metrics, between-group gaps,
-one-class-versus-the-rest demographic parity and equalized odds, a bootstrap interval for
-the accuracy gap, and a pass/fail verdict per configured threshold."""
+one-class-versus-the-rest demographic parity and equalized odds, and for every check its
+bootstrap interval and the smallest count it rests on; conf/gate turns those into verdicts
+(components/evaluation/gates.py)."""
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import numpy as np
@@ -19,6 +21,7 @@ from omegaconf import DictConfig
 from sklearn.metrics import accuracy_score, precision_score, recall_score
 
 from components.core.errors import DataError
+from components.evaluation.gates import FAIRNESS_RULES, judge
 
 GAP_METRICS = ("accuracy", "recall_macro", "precision_macro")
 
@@ -106,26 +109,100 @@ def grouping_report(y_true: np.ndarray, y_pred: np.ndarray, groups: pd.Series, c
     }
 
 
-def verdicts(grouping: str, report: dict, t: DictConfig) -> list[dict]:
-    rules = [
-        ("accuracy_difference", report["difference"]["accuracy"], "<=", t.max_accuracy_difference),
-        ("accuracy_ratio", report["ratio"]["accuracy"], ">=", t.min_accuracy_ratio),
-        ("recall_macro_difference", report["difference"]["recall_macro"], "<=", t.max_recall_macro_difference),
-        ("demographic_parity_difference", report["demographic_parity_difference"]["value"], "<=", t.max_demographic_parity_difference),
-        ("equalized_odds_difference", report["equalized_odds_difference"]["value"], "<=", t.max_equalized_odds_difference),
-    ]
-    checks = []
-    for name, value, rule, threshold in rules:
-        value = round(value, 9)  # so a value equal to its threshold up to float noise (0.79999999 vs 0.8) passes
-        passed = value <= threshold if rule == "<=" else value >= threshold
-        checks.append({"grouping": grouping, "check": name, "value": value, "rule": rule, "threshold": threshold, "passed": bool(passed)})
-    return checks
+def group_rates(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-group rates from confusion counts `confusion[..., group, true, predicted]` (any leading
+    axes, e.g. bootstrap draws): accuracy and macro recall per group, and per group and class the
+    selection rate, TPR and FPR (one class versus the rest); NaN where undefined."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from a group's draw
+        n = confusion.sum((-2, -1))[..., None]
+        hits, support, predicted = np.diagonal(confusion, axis1=-2, axis2=-1), confusion.sum(-1), confusion.sum(-2)
+        tpr = np.where(support > 0, hits / support, np.nan)
+        return {"accuracy": hits.sum(-1) / n[..., 0], "recall_macro": np.nanmean(tpr, -1), "selection": predicted / n,
+                "tpr": tpr, "fpr": np.where(n > support, (predicted - hits) / (n - support), np.nan)}
 
 
-def fairness_report(y_true: np.ndarray, y_pred: np.ndarray, sensitive: pd.DataFrame, classes: list[str], e: DictConfig, seed: int) -> dict:
-    """Audit predictions (class indices) across every grouping of the sensitive attributes."""
-    groupings = {name: grouping_report(y_true, y_pred, groups, classes, e, seed) for name, groups in audited_groupings(sensitive).items()}
-    checks = [check for name, report in groupings.items() for check in verdicts(name, report, e.thresholds)]
-    violations = [f"{c['grouping']}: {c['check']} {c['value']:.4f} (must be {c['rule']} {c['threshold']})" for c in checks if not c["passed"]]
-    return {"groupings": groupings, "checks": checks, "violations": violations, "passed": not violations,
-            "fail_on_violation": e.fail_on_violation}
+def worst_pairs(rates: dict[str, np.ndarray]) -> dict[str, tuple[str, tuple, tuple]]:
+    """For each check, the rate and the (best, worst) cells that make its observed value: the
+    groups furthest apart, and for the one-versus-the-rest checks the class (and rate) where they are."""
+    def spread_pair(rate: str) -> tuple[float, tuple, tuple]:
+        values = rates[rate]
+        if values.ndim == 1:
+            return float(np.nanmax(values) - np.nanmin(values)), (int(np.nanargmax(values)),), (int(np.nanargmin(values)),)
+        spreads = np.nanmax(values, 0) - np.nanmin(values, 0)
+        k = int(np.nanargmax(spreads))
+        return float(spreads[k]), (int(np.nanargmax(values[:, k])), k), (int(np.nanargmin(values[:, k])), k)
+
+    odds = max((spread_pair(rate) + (rate,) for rate in ("tpr", "fpr")), key=lambda found: found[0])
+    return {"accuracy_difference": ("accuracy", *spread_pair("accuracy")[1:]),
+            "accuracy_ratio": ("accuracy", *spread_pair("accuracy")[1:]),
+            "recall_macro_difference": ("recall_macro", *spread_pair("recall_macro")[1:]),
+            "demographic_parity_difference": ("selection", *spread_pair("selection")[1:]),
+            "equalized_odds_difference": (odds[3], odds[1], odds[2])}
+
+
+def pair_values(rates: dict[str, np.ndarray], pairs: dict) -> dict[str, np.ndarray]:
+    """Each check on its fixed pair of cells: a signed difference (or ratio), so an interval of it
+    covers 0 (or 1) when the gap could be noise; max - min over groups would never go below 0."""
+    values = {}
+    for name, (rate, best, worst) in pairs.items():
+        high, low = rates[rate][(..., *best)], rates[rate][(..., *worst)]
+        values[name] = low / high if name == "accuracy_ratio" else high - low
+    return values
+
+
+def group_confusion(y_true: np.ndarray, y_pred: np.ndarray, codes: np.ndarray, n_groups: int, n_classes: int) -> np.ndarray:
+    cells = (codes * n_classes + y_true) * n_classes + y_pred
+    return np.bincount(cells, minlength=n_groups * n_classes**2).reshape(n_groups, n_classes, n_classes)
+
+
+def check_intervals(confusion: np.ndarray, samples: int, confidence: float, seed: int) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of every check on its observed pair of cells, each group
+    resampled on its own at its size. Resampling a group's n images with replacement is exactly a
+    multinomial draw of n over its confusion cells, so that is drawn (cost independent of n)."""
+    rng = np.random.default_rng(seed)
+    draws = np.stack([rng.multinomial(cells.sum(), cells.ravel() / cells.sum(), size=samples).reshape(samples, *cells.shape)
+                      for cells in confusion], axis=1)
+    tails = [(1 - confidence) / 2, (1 + confidence) / 2]
+    values = pair_values(group_rates(draws), worst_pairs(group_rates(confusion)))
+    return {name: tuple(float(q) for q in np.nanquantile(v, tails)) for name, v in values.items()}
+
+
+def smallest_counts(confusion: np.ndarray, groups: list[str], classes: list[str]) -> dict[str, tuple[int, str]]:
+    """The fewest test images each check rests on: a group, or for equalized odds a group's class."""
+    sizes = confusion.sum((1, 2))
+    g = int(sizes.argmin())
+    by_group = (int(sizes[g]), f"group {groups[g]}")
+    support = confusion.sum(2)
+    g, k = np.unravel_index(support.argmin(), support.shape)
+    counts = {name: by_group for name in FAIRNESS_RULES}
+    counts["equalized_odds_difference"] = (int(support[g, k]), f"group {groups[g]}, true class {classes[k]}")
+    return counts
+
+
+def measured_checks(grouping: str, report: dict, y_true: np.ndarray, y_pred: np.ndarray, groups: pd.Series,
+                    classes: list[str], e: DictConfig, seed: int) -> list[dict]:
+    """Each check's value (from the fairlearn report), bootstrap interval and smallest count; no verdict yet."""
+    codes, names = pd.factorize(groups, sort=True)
+    confusion = group_confusion(y_true, y_pred, codes, len(names), len(classes))
+    intervals = check_intervals(confusion, e.bootstrap_samples, e.bootstrap_confidence, seed)
+    counts = smallest_counts(confusion, [str(n) for n in names], classes)
+    values = {"accuracy_difference": report["difference"]["accuracy"], "accuracy_ratio": report["ratio"]["accuracy"],
+              "recall_macro_difference": report["difference"]["recall_macro"],
+              "demographic_parity_difference": report["demographic_parity_difference"]["value"],
+              "equalized_odds_difference": report["equalized_odds_difference"]["value"]}
+    return [{"grouping": grouping, "check": name, "value": round(values[name], 9), "low": intervals[name][0],
+             "high": intervals[name][1], "confidence": e.bootstrap_confidence, "min_count": counts[name][0],
+             "min_count_of": counts[name][1]} for name in FAIRNESS_RULES]
+
+
+def fairness_report(y_true: np.ndarray, y_pred: np.ndarray, sensitive: pd.DataFrame, classes: list[str], e: DictConfig,
+                    fairness_gate: DictConfig, seed: int) -> dict:
+    """Audit predictions (class indices) across every grouping of the sensitive attributes;
+    each check judged by the gate policy's fairness section."""
+    groupings, checks = {}, []
+    for name, groups in audited_groupings(sensitive).items():
+        groupings[name] = grouping_report(y_true, y_pred, groups, classes, e, seed)
+        checks += [judge(c, fairness_gate) for c in measured_checks(name, groupings[name], y_true, y_pred, groups, classes, e, seed)]
+    counts = {v: sum(c["verdict"] == v for c in checks) for v in ("pass", "fail", "inconclusive")}
+    return {"groupings": groupings, "checks": checks, "verdicts": counts}

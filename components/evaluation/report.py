@@ -1,13 +1,15 @@
 """Rendering of an evaluation: matplotlib figures as PNG, a self-contained evaluation.html
-(figures embedded as base64, no external links, so it opens offline) and model_card.md."""
+(figures embedded as base64, no external links, so it opens offline) and model_card.md, both
+from the Jinja2 templates in templates/: restyle them there, without touching this code."""
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
+import jinja2
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -95,95 +97,68 @@ def fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-# ---------------------------------------------------------------- HTML
+# ---------------------------------------------------------------- templates
+
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "ece", "n_test")
+TEMPLATES = Path(__file__).parent / "templates"
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html.j2"]),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(fmt=fmt, b64=lambda png: base64.b64encode(png).decode(),
+                       metric_row=lambda key, values: [key, values[key]], prefix=lambda text, head: head + text,
+                       gap_row=lambda metric, report: [metric, report["difference"][metric], report["ratio"][metric]])
+    env.globals.update(gap_sentence=gap_sentence, gate_line=_gate_line, CHECK_HEADERS=CHECK_HEADERS)
+    return env
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+def _gate_line(fairness: dict) -> str:
+    gate = fairness["gate"]
+    verdicts = ", ".join(f"{n} {v}" for v, n in fairness["verdicts"].items())
+    return f"gate {'open' if gate['open'] else 'CLOSED'} (checks: {verdicts}; policy: conf/gate)"
 
 
-def _verdict(passed: bool) -> str:
-    return "pass" if passed else "FAIL"
+def check_rows(fairness: dict) -> list[list]:
+    """One row per check: its value, interval, the count it rests on, tolerance and verdict."""
+    return [[c["grouping"], c["check"], c["value"], f"{c['low']:.4f} to {c['high']:.4f}", c["min_count"],
+             f"{c['rule']} {c['threshold']}", c["verdict"] if c["verdict"] == "pass" else c["verdict"].upper()]
+            for c in fairness["checks"]]
 
 
-def _quality_html(ev: Evaluation) -> str:
-    q, classes = ev.quality, ev.model["classes"]
-    summary = [[k, q[k]] for k in ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "ece", "n_test")]
-    per_class = [[c, *(q["per_class"][c][k] for k in ("precision", "recall", "f1", "support"))] for c in classes]
-    return ("<h2>Quality (test split)</h2>" + _table(["metric", "value"], summary)
-            + _table(["class", "precision", "recall", "f1", "support"], per_class)
-            + _img(confusion_figure(q["confusion_matrix"], classes), "confusion matrix")
-            + _img(reliability_figure(ev.reliability, q["ece"]), "reliability diagram"))
+CHECK_HEADERS = ["grouping", "check", "value", "interval", "fewest images", "tolerance", "verdict"]
 
 
-def _fairness_html(ev: Evaluation) -> str:
-    f = ev.fairness
-    checks = [[c["grouping"], c["check"], c["value"], f"{c['rule']} {c['threshold']}", _verdict(c["passed"])] for c in f["checks"]]
-    parts = [f"<h2>Fairness: {_verdict(f['passed'])}</h2>",
-             f"<p>fail_on_violation: {f['fail_on_violation']}</p>",
-             _table(["grouping", "check", "value", "threshold", "verdict"], checks)]
-    for name, report in f["groupings"].items():
-        classes = list(next(iter(report["groups"].values()))["selection_rate"])
-        rows = [[g, r["count"], r["accuracy"], r["recall_macro"], r["precision_macro"], *(r["selection_rate"][c] for c in classes)]
-                for g, r in report["groups"].items()]
-        dpd, eod = report["demographic_parity_difference"], report["equalized_odds_difference"]
-        gaps = [[m, report["difference"][m], report["ratio"][m]] for m in report["difference"]]
-        parts += [f"<h3>{html.escape(name)}</h3>",
-                  _table(["group", "count", "accuracy", "recall_macro", "precision_macro", *(f"selection rate {c}" for c in classes)], rows),
-                  _table(["metric", "difference (max - min)", "ratio (min / max)"], gaps),
-                  f"<p>Demographic parity difference {dpd['value']:.4f} (worst class {html.escape(dpd['worst_class'])}); "
-                  f"equalized odds difference {eod['value']:.4f} (worst class {html.escape(eod['worst_class'])}), "
-                  "each one class versus the rest.</p>",
-                  f"<p>{html.escape(gap_sentence(report['accuracy_gap']))}</p>",
-                  _img(fairness_figure(name, report), f"per-group metrics for {name}")]
-    return "".join(parts)
+def _checks(ev: Evaluation) -> list[list]:
+    return check_rows(ev.fairness)
 
 
-def _interpretability_html(ev: Evaluation) -> str:
-    ea = ev.error_analysis
-    parts = ["<h2>Interpretability</h2>", "<h3>Error analysis (glass-box EBM predicting where the model errs)</h3>",
-             f"<p>{ea['n_errors']} errors in {ea['n_images']} test images.</p>",
-             "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in ea["findings"]) + "</ul>"]
-    if ea["ranking"]:
-        parts += [_img(ea["importance_plot"], "EBM term importance"),
-                  *(_img(png, "EBM term plot") for png in ea["term_plots"])]
-    method = ev.config["evaluate"]["attribution_method"]
-    parts.append(f"<h3>Attributions ({html.escape(method)}, target = predicted class)</h3>")
-    parts += [f"<h4>{html.escape(title)}</h4>" + _img(png, title) for title, png in ev.attributions.items()]
-    return "".join(parts)
+def _lineage(ev: Evaluation) -> list[list]:
+    return [[k, v] for k, v in ev.lineage.items()] + [[f"model {k}", v] for k, v in ev.model["lineage"].items()]
 
 
-STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:0.8em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f0f0f0}img{display:block;margin:0.8em 0;max-width:100%}"""
+def _group_rows(report: dict) -> list[list]:
+    classes = list(next(iter(report["groups"].values()))["selection_rate"])
+    return [[g, r["count"], r["accuracy"], r["recall_macro"], r["precision_macro"], *(r["selection_rate"][c] for c in classes)]
+            for g, r in report["groups"].items()]
 
 
 def render_html(ev: Evaluation) -> str:
-    lineage = [[k, v] for k, v in ev.lineage.items()] + [[f"model {k}", v] for k, v in ev.model["lineage"].items()]
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation: {html.escape(ev.model['model']['name'])}</title>"
-            f"<style>{STYLE}</style></head><body><h1>Evaluation report: {html.escape(ev.model['model']['name'])}</h1>"
-            + _table(["lineage", "value"], lineage) + _quality_html(ev) + _fairness_html(ev) + _interpretability_html(ev)
-            + "</body></html>\n")
-
-
-# ---------------------------------------------------------------- model card
-
-
-def _md_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows])
+    """reports/evaluation.html from templates/evaluation.html.j2."""
+    q, classes = ev.quality, ev.model["classes"]
+    figures = {"confusion": confusion_figure(q["confusion_matrix"], classes), "reliability": reliability_figure(ev.reliability, q["ece"]),
+               "fairness": {name: fairness_figure(name, report) for name, report in ev.fairness["groupings"].items()}}
+    per_class = [[c, *(q["per_class"][c][k] for k in ("precision", "recall", "f1", "support"))] for c in classes]
+    return _environment().get_template("evaluation.html.j2").render(
+        ev=ev, figures=figures, lineage=_lineage(ev), summary_keys=SUMMARY_KEYS, per_class=per_class, checks=_checks(ev),
+        group_rows={name: _group_rows(report) for name, report in ev.fairness["groupings"].items()})
 
 
 def limitations(ev: Evaluation) -> list[str]:
     """The configured limitations plus those measured in this evaluation."""
-    found = list(ev.config["evaluate"]["limitations"])
-    found += [f"Fairness check failed: {v}." for v in ev.fairness["violations"]]
+    found = list(ev.config["data"]["limitations"])
+    found += [f"Fairness check {c['verdict']}: {c['grouping']} {c['check']} {c['value']:.4f} (interval {c['low']:.4f} to "
+              f"{c['high']:.4f}; {c['why']})." for c in ev.fairness["checks"] if c["verdict"] != "pass"]
     for name, report in ev.fairness["groupings"].items():
         small = [g for g, r in report["groups"].items() if r["count"] < SMALL_GROUP]
         if small:
@@ -193,37 +168,16 @@ def limitations(ev: Evaluation) -> list[str]:
 
 
 def render_model_card(ev: Evaluation) -> str:
-    m, d, q, cfg = ev.model, ev.data, ev.quality, ev.config
-    checks = [[c["grouping"], c["check"], c["value"], f"{c['rule']} {c['threshold']}", _verdict(c["passed"])] for c in ev.fairness["checks"]]
-    groups = [[name, g, r["count"], r["accuracy"], f"{report['accuracy_gap']['group_accuracy'][g]['low']:.3f} to "
-               f"{report['accuracy_gap']['group_accuracy'][g]['high']:.3f}"]
-              for name, report in ev.fairness["groupings"].items() for g, r in report["groups"].items()]
-    train = [[k, str(v)] for k, v in cfg["train"].items()] + [["seed", cfg["seed"]]]
-    lineage = [[k, v] for k, v in ev.lineage.items()] + [[f"model {k}", v] for k, v in m["lineage"].items()]
+    """reports/model_card.md from templates/model_card.md.j2."""
+    d, cfg = ev.data, ev.config
+    intervals = [[name, g, r["count"], r["accuracy"], f"{report['accuracy_gap']['group_accuracy'][g]['low']:.3f} to "
+                  f"{report['accuracy_gap']['group_accuracy'][g]['high']:.3f}"]
+                 for name, report in ev.fairness["groupings"].items() for g, r in report["groups"].items()]
+    data_rows = [["data hash (data.dvc)", ev.lineage["data_hash"]],
+                 ["images per split", ", ".join(f"{k} {v}" for k, v in d["counts"].items())],
+                 *[[f"groups of {a}", ", ".join(f"{g} {n}" for g, n in gs.items())] for a, gs in d["groups"].items()]]
     ranking = ", ".join(f"{r['term']} ({r['importance']:.3f})" for r in ev.error_analysis["ranking"][:5]) or "none"
-    sections = [
-        f"# Model card: {m['model']['name']}",
-        "## Model details\n" + _md_table(["field", "value"], [
-            ["architecture", f"{m['model']['name']} (width {m['model']['width']}, dropout {m['model']['dropout']})"],
-            ["input", f"{m['channels']} channel(s), {m['image_size'][0]}x{m['image_size'][1]} pixels"],
-            ["classes", ", ".join(m["classes"])],
-            ["validation accuracy at training", m["metrics"]["val_accuracy"]],
-            ["epochs run (best)", f"{m['metrics']['epochs_run']} ({m['metrics']['best_epoch']})"]]),
-        "## Intended use\n" + cfg["evaluate"]["intended_use"],
-        "## Data\n" + _md_table(["field", "value"], [
-            ["data hash (data.dvc)", ev.lineage["data_hash"]],
-            ["images per split", ", ".join(f"{k} {v}" for k, v in d["counts"].items())],
-            *[[f"groups of {a}", ", ".join(f"{g} {n}" for g, n in gs.items())] for a, gs in d["groups"].items()]]),
-        "## Training configuration\n" + _md_table(["train", "value"], train),
-        f"## Metrics (test split, {q['n_test']} images)\n" + _md_table(["metric", "value"], [
-            [k, q[k]] for k in ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "ece")]),
-        f"## Fairness: {_verdict(ev.fairness['passed'])}\n" + _md_table(["grouping", "check", "value", "threshold", "verdict"], checks)
-        + "\n\n" + _md_table(["grouping", "group", "test images", "accuracy", f"{cfg['evaluate']['bootstrap_confidence']:.0%} interval"], groups)
-        + "\n\n" + "\n".join(f"- {name}: {gap_sentence(r['accuracy_gap'])}" for name, r in ev.fairness["groupings"].items()),
-        "## Interpretability findings\n" + f"Error analysis ranks what drives errors: {ranking}.\n\n"
-        + "\n".join(f"- {s}" for s in ev.error_analysis["findings"])
-        + "\n\nThese are associations on the test split, not causes; see evaluation.html for the term plots and attributions.",
-        "## Limitations\n" + "\n".join(f"- {s}" for s in limitations(ev)),
-        "## Lineage\n" + _md_table(["field", "value"], lineage),
-    ]
-    return "\n\n".join(sections) + "\n"
+    return _environment().get_template("model_card.md.j2").render(
+        ev=ev, data_rows=data_rows, train_rows=[[k, str(v)] for k, v in cfg["train"].items()] + [["seed", cfg["seed"]]],
+        metric_keys=SUMMARY_KEYS[:-1], checks=_checks(ev), group_intervals=intervals, ranking=ranking, limitations=limitations(ev),
+        lineage=_lineage(ev))

@@ -21,7 +21,7 @@ from torch import nn
 
 from components.core.errors import StepError
 from components.model.networks import Normalize, predict_logits
-from serve.handler import normalize
+from components.runtime.inference import normalize
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 

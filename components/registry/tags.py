@@ -68,11 +68,11 @@ def holders(stage: str, repo: Path) -> list[dict]:
 
 def stage_holder(stage: str, repo: Path = ROOT) -> dict:
     """The version that holds `stage` now (as `gto show <name>#<stage>` reports it)."""
-    holders = holders(stage, repo)
-    if not holders:
+    current = holders(stage, repo)
+    if not current:
         name, _ = model_artifact(repo)
         raise RegistryError(f"no version of {name} is in stage {stage!r}; promote one first")
-    return {"version": holders[0]["version"], "commit": holders[0]["commit_hexsha"]}
+    return {"version": current[0]["version"], "commit": current[0]["commit_hexsha"]}
 
 
 def committed_json(repo: Path, commit: str, path: str) -> dict | None:
@@ -107,3 +107,38 @@ def stage_package(cfg: DictConfig, stage: str, repo: Path = ROOT) -> tuple[Path,
     release = server.state_dir(cfg).root / "releases" / holder["version"]
     shutil.rmtree(release, ignore_errors=True)
     return fetch_package(holder["commit"], release, repo), holder
+
+
+def check_gto_stages(cfg: DictConfig, repo: Path = ROOT) -> None:
+    """`gto assign` refuses stages .gto does not declare; the registry must allow the same ones."""
+    declared = (yaml.safe_load((repo / ".gto").read_text()) or {}).get("stages") if (repo / ".gto").exists() else None
+    if declared != list(cfg.registry.stages):
+        raise RegistryError(f"{repo / '.gto'} declares stages {declared}, conf/registry registry.stages has "
+                            f"{list(cfg.registry.stages)}; make them equal so `gto assign` and this CLI accept the same stages")
+
+
+def read_tag(tag: str, repo: Path = ROOT) -> dict:
+    """name, version, stage (None for a registration) and commit of a GTO tag (`<name>@vX.Y.Z`, `<name>#<stage>#N`)."""
+    import gto.api
+    from gto.exceptions import GTOException
+
+    try:
+        events = gto.api.check_ref(str(repo), tag)
+    except GTOException as exc:
+        raise RegistryError(f"{tag}: not a GTO tag of this repository ({exc})") from None
+    if not events:
+        raise RegistryError(f"{tag}: not a GTO tag of this repository (expected <name>@vX.Y.Z or <name>#<stage>#N)")
+    event = events[0]
+    return {"name": event.artifact, "version": event.version, "stage": getattr(event, "stage", None), "commit": event.commit_hexsha}
+
+
+def stage_tag(tag: str, repo: Path = ROOT) -> dict:
+    """read_tag of a stage-assignment tag (`<name>#<stage>#N`)."""
+    read = read_tag(tag, repo)
+    if read["stage"] is None:
+        raise RegistryError(f"{tag}: not a stage assignment tag (expected <name>#<stage>#N)")
+    return read
+
+
+def tag_message(tag: str, repo: Path = ROOT) -> str:
+    return git(repo, "for-each-ref", f"refs/tags/{tag}", "--format=%(contents)")

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psutil
@@ -25,10 +26,14 @@ from omegaconf import DictConfig
 
 from components.core.config import ROOT
 from components.core.errors import StepError
-from serve.handler import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
+from components.runtime.settings import (LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV,
+                                         THREADS_ENV)
 
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 LOG_CONFIG = ROOT / "serve" / "log4j2.xml"
+# A key with less than this (or half its lifetime, if shorter) left is renewed before use:
+# the command using it must not outlive it.
+KEY_RENEWAL_MARGIN_S = 300
 
 
 class ServeError(StepError):
@@ -58,6 +63,14 @@ class StateDir:
     pid_file = property(lambda self: self.root / "tmp" / ".model_server.pid")
     console = property(lambda self: self.root / "logs" / "console.log")
     deploy_log = property(lambda self: self.root / "deployments.jsonl")  # one JSON record per deployment
+
+
+def handler_env(cfg: DictConfig, log_file: Path) -> dict[str, str]:
+    """The handler's settings from conf/serve (components/runtime/settings.py), for the local server and the cluster's."""
+    s = cfg.serve
+    return {PREDICTION_LOG_ENV: str(log_file), SAMPLE_RATE_ENV: str(s.prediction_log.sample_rate), THREADS_ENV: str(s.onnx_threads),
+            LOG_MAX_BYTES_ENV: str(int(s.prediction_log.max_mb * 1e6)), LOG_BACKUPS_ENV: str(s.prediction_log.backups),
+            MAX_PIXELS_ENV: str(s.max_image_pixels)}
 
 
 def state_dir(cfg: DictConfig) -> StateDir:
@@ -92,6 +105,9 @@ def config_properties(cfg: DictConfig, state: StateDir) -> str:
         "disable_token_authorization": "false",
         "token_expiration_min": s.token_expiration_min,
         "max_request_size": s.max_request_bytes,
+        # The worker would json.loads application/json bodies itself, outside the handler's error
+        # handling (a hostile body logs a traceback); the handler parses every body.
+        "decode_input_request": "false",
         "default_workers_per_model": s.workers,
         "default_response_timeout": s.response_timeout_s,
         "metrics_mode": "prometheus",
@@ -102,18 +118,78 @@ def config_properties(cfg: DictConfig, state: StateDir) -> str:
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
 
-def local_endpoint(cfg: DictConfig) -> Endpoint:
-    """The local server's URLs and the keys from its key file."""
+def local_endpoint(cfg: DictConfig, renew: bool = True) -> Endpoint:
+    """The local server's URLs and the keys from its key file. While the server runs, keys that
+    have expired or are about to (KEY_RENEWAL_MARGIN_S, or half their lifetime if shorter) are
+    renewed first: TorchServe answers an expired key with a bare 400."""
     s, state = cfg.serve, state_dir(cfg)
     host = _url_host(s.host)
-    keys = read_keys(state.key_file) if state.key_file.exists() else {}
-    return Endpoint(f"http://{host}:{s.inference_port}", f"http://{host}:{s.management_port}",
+    management_url = f"http://{host}:{s.management_port}"
+    keys = {}
+    if state.key_file.exists() and renew and running_pid(cfg):
+        keys = renew_expiring_keys(state.key_file, management_url, min(KEY_RENEWAL_MARGIN_S, s.token_expiration_min * 60 / 2))
+    elif state.key_file.exists():
+        keys = read_keys(state.key_file)
+    return Endpoint(f"http://{host}:{s.inference_port}", management_url,
                     keys.get("inference"), keys.get("management"), f"http://{host}:{s.metrics_port}/metrics")
 
 
 def read_keys(key_file: Path) -> dict[str, str]:
     data = json.loads(key_file.read_text())
     return {kind: data[kind]["key"] for kind in ("inference", "management", "API") if kind in data}
+
+
+def expiring_keys(key_file: Path, margin_s: float) -> list[str]:
+    """The kinds of key ("inference", "management") in the key file that expire within margin_s."""
+    data = json.loads(key_file.read_text())
+    horizon = datetime.now(timezone.utc) + timedelta(seconds=margin_s)
+    return [kind for kind in ("inference", "management") if kind in data and datetime.fromisoformat(data[kind]["expiration time"]) <= horizon]
+
+
+def renew_expiring_keys(key_file: Path, management_url: str, margin_s: float) -> dict[str, str]:
+    """Renew the keys expiring within margin_s with the (never expiring) API key; TorchServe rewrites the key file."""
+    for kind in expiring_keys(key_file, margin_s):
+        try:
+            response = requests.post(f"{management_url}/token", params={"type": kind}, headers=bearer(read_keys(key_file)["API"]), timeout=10)
+        except requests.RequestException as exc:
+            raise ServeError(f"the {kind} key in {key_file} has expired and TorchServe is unreachable to renew it ({exc})") from None
+        if not response.ok:
+            raise ServeError(f"the {kind} key in {key_file} has expired and TorchServe refused to renew it (HTTP {response.status_code}); "
+                             "restart the server: python -m serve down && python -m serve up")
+    return read_keys(key_file)
+
+
+def serving_state(endpoint: Endpoint, model_name: str) -> tuple[str, list[str]]:
+    """What the model's workers do: "serving" (every worker of every version READY), "degraded"
+    (the default version answers, some worker does not), "down" (no READY worker of the default
+    version, or the model is not registered); and one line per version."""
+    versions = _describe(endpoint, f"{model_name}/all")
+    if not versions:
+        return "down", [f"  {model_name}: not registered"]
+    default = _describe(endpoint, model_name)[0]["modelVersion"]
+    lines, ready = [], {}
+    for described in versions:
+        version, workers = described["modelVersion"], described["workers"]
+        ready[version] = [worker["status"] == "READY" for worker in workers]
+        states = ", ".join(f"pid {worker.get('pid', '-')} {worker['status']}" for worker in workers) or "no workers"
+        lines.append(f"  {model_name} {version}{' (default)' if version == default else ''}: "
+                     f"{sum(ready[version])}/{len(workers)} workers READY ({states})")
+    if not any(ready[default]):
+        return "down", lines
+    return ("serving" if all(all(r) for r in ready.values()) else "degraded"), lines
+
+
+def _describe(endpoint: Endpoint, path: str) -> list[dict]:
+    """The management API's description of models/<path>; [] for an unknown model."""
+    try:
+        response = requests.get(f"{endpoint.management_url}/models/{path}", headers=bearer(endpoint.management_token), timeout=10)
+    except requests.RequestException as exc:
+        raise ServeError(f"TorchServe's management API at {endpoint.management_url} is unreachable ({exc})") from None
+    if response.status_code == 404:
+        return []
+    if not response.ok:
+        raise ServeError(f"GET {endpoint.management_url}/models/{path}: HTTP {response.status_code}: {response.text.strip()[:300]}")
+    return response.json()
 
 
 def running_pid(cfg: DictConfig) -> int | None:
@@ -136,12 +212,8 @@ def start(cfg: DictConfig) -> Endpoint:
     state.root.chmod(0o700)  # the key file lands here
     state.key_file.unlink(missing_ok=True)
     state.config.write_text(config_properties(cfg, state))
-    env = {
-        **os.environ, "TMPDIR": str(state.tmp), "TEMP": str(state.tmp), "LOG_LOCATION": str(state.logs),
-        "METRICS_LOCATION": str(state.logs), PREDICTION_LOG_ENV: str(prediction_log(cfg)),
-        SAMPLE_RATE_ENV: str(cfg.serve.prediction_log.sample_rate), THREADS_ENV: str(cfg.serve.onnx_threads),
-        LOG_MAX_BYTES_ENV: str(int(cfg.serve.prediction_log.max_mb * 1e6)), LOG_BACKUPS_ENV: str(cfg.serve.prediction_log.backups),
-    }
+    env = {**os.environ, "TMPDIR": str(state.tmp), "TEMP": str(state.tmp), "LOG_LOCATION": str(state.logs),
+           "METRICS_LOCATION": str(state.logs), **handler_env(cfg, prediction_log(cfg))}
     command = [sys.executable, "-m", "ts.model_server", "--start", "--ts-config", str(state.config),
                "--model-store", str(state.model_store), "--log-config", str(LOG_CONFIG), "--ncs"]
     # Java inherits the launcher's stdout: a file, never a pipe (a captured pipe never closes).
@@ -163,7 +235,7 @@ def start(cfg: DictConfig) -> Endpoint:
 
 def _ready(cfg: DictConfig) -> Endpoint | None:
     try:
-        endpoint = local_endpoint(cfg)
+        endpoint = local_endpoint(cfg, renew=False)  # fresh keys
     except (OSError, ValueError, KeyError):  # the key file is still being written
         return None
     return endpoint if endpoint.inference_token and healthy(endpoint) else None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.support import copy_project, run  # noqa: F401 (re-exported for the tests)
+from bench.support import copy_project, run
+
+__all__ = ["copy_project", "git_commit", "run"]
 
 
 def git_commit(repo: Path, message: str) -> None:

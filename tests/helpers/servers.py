@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,22 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
             return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_for_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    """Until `url` answers with any HTTP status: an open port alone can precede a gateway that serves."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer after {timeout}s")
 
 
 @dataclass
@@ -50,9 +68,13 @@ def seaweed_s3(workdir: Path, bucket: str = "dvc-storage") -> Iterator[S3Server]
             "-metricsPort=0", f"-bucket={bucket}", *(f"-{k}={v}" for k, v in ports.items())]
     with open(workdir / "weed.log", "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     try:
-        wait_for_port(ports["s3.port"], 60, proc)
-        yield S3Server(f"http://127.0.0.1:{ports['s3.port']}", env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], bucket)
+        wait_for_http(f"{endpoint}/{bucket}", 60, proc)
+        yield S3Server(endpoint, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], bucket)
+    except BaseException as error:
+        error.add_note("weed.log, last lines:\n" + "\n".join((workdir / "weed.log").read_text(errors="replace").splitlines()[-40:]))
+        raise
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -60,3 +82,22 @@ def seaweed_s3(workdir: Path, bucket: str = "dvc-storage") -> Iterator[S3Server]
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@contextlib.contextmanager
+def prometheus_server(workdir: Path, config: dict) -> Iterator[str]:
+    """The real `prometheus` (Debian package) with `config`, on a free loopback port; yields its URL."""
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    [port] = free_ports(1)
+    with open(workdir / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
+                                 f"--storage.tsdb.path={workdir / 'data'}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, 60, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

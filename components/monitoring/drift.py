@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 from scipy import stats
 
 from components.core.errors import StepError
-from components.features import FEATURES
 from components.core.io import write_bytes_atomic, write_json
-from serve.handler import rotated_logs
+from components.runtime.features import FEATURES
+from components.runtime.monitoring import rotated_logs
 
 EPSILON = 1e-4  # stands in for an empty bin, so PSI stays finite
 

@@ -1,0 +1,128 @@
+"""Serving under hostile load: one valid client's p50 latency alone (the baseline) and while 8
+other clients keep sending an attack, measured in turn in every round; printed as the ratio
+attacked p50 / baseline p50 of the same round (min / median / max over the rounds).
+
+    .venv/bin/python bench/serve_hostile_bench.py [--package artifacts/package] [--rounds 5] [--requests 300] [serve.key=value ...]
+
+Attacks: 8 clients sending the valid sample (what any busy neighbour costs: the reference), a
+4000x3999 PNG (16 kB on the wire; refused before decoding), the same size as JPEG (decoded at
+1/8 scale) and a PNG just under serve.max_image_pixels (decoded in full). Run once on a server
+with the configured limit and once with the limit raised to 16,000,000 pixels (before the
+limit, the server decoded such images). Starts its own TorchServe on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import math
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.serve_bench import load  # noqa: E402
+from bench.support import free_ports  # noqa: E402
+from components.core.config import PORT_KEYS, compose  # noqa: E402
+from components.deploy import read_package  # noqa: E402
+from components.serving import server  # noqa: E402
+from components.serving.torchserve import copy_checked, register  # noqa: E402
+
+ATTACKERS = 8
+UNLIMITED = 16_000_000
+
+
+def encoded(width: int, height: int, fmt: str) -> bytes:
+    """A gradient image: compresses like a scan, not like a blank page."""
+    row = np.linspace(0, 255, width, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.broadcast_to(row, (height, width)).copy()).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def attacks(sample: bytes, max_pixels: int) -> dict[str, bytes]:
+    side = math.isqrt(max_pixels)
+    return {"8 clients, valid sample": sample, "8 clients, 4000x3999 PNG": encoded(4000, 3999, "PNG"),
+            "8 clients, 4000x3999 JPEG": encoded(4000, 3999, "JPEG"), f"8 clients, {side}x{side} PNG": encoded(side, side, "PNG")}
+
+
+def p50_ms(url: str, body: bytes, headers: dict, count: int) -> float:
+    """One valid client's p50 latency over `count` requests, each answered 200."""
+    return load(url, body, headers, count, clients=1)[0]
+
+
+def p50_under_attack(url: str, body: bytes, headers: dict, count: int, attack: bytes) -> tuple[float, dict[int, int]]:
+    """The valid client's p50 while ATTACKERS clients send `attack` without pause; their status counts."""
+    stop, statuses, lock = threading.Event(), {}, threading.Lock()
+
+    def attacker() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                status = session.post(url, data=attack, headers=headers, timeout=60).status_code
+                with lock:
+                    statuses[status] = statuses.get(status, 0) + 1
+
+    with concurrent.futures.ThreadPoolExecutor(ATTACKERS) as pool:
+        running = [pool.submit(attacker) for _ in range(ATTACKERS)]
+        time.sleep(0.5)  # every attacker is sending
+        try:
+            return p50_ms(url, body, headers, count), statuses
+        finally:
+            stop.set()
+            for future in running:
+                future.result()
+
+
+def run(package_dir: Path, overrides: list[str], max_pixels: int | None, rounds: int, count: int) -> None:
+    package = read_package(package_dir)
+    sample = (package_dir / package["samples"][0]["file"]).read_bytes()
+    with tempfile.TemporaryDirectory(prefix="serve-hostile-bench-") as tmp:
+        limit = [] if max_pixels is None else [f"serve.max_image_pixels={max_pixels}"]
+        cfg = compose([*overrides, *limit, f"serve.state_dir={tmp}", "serve.prediction_log.sample_rate=0",
+                       *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])
+        try:
+            endpoint = server.start(cfg)
+            copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], server.state_dir(cfg).model_store, "digits.mar")
+            register(endpoint, "digits.mar", cfg.serve)
+            url, headers = f"{endpoint.inference_url}/predictions/digits", server.bearer(endpoint.inference_token)
+            p50_ms(url, sample, headers, 500)  # warm-up
+            bodies = attacks(sample, cfg.serve.max_image_pixels)
+            ratios, alone, statuses = {name: [] for name in bodies}, [], {name: {} for name in bodies}
+            for _ in range(rounds):
+                alone.append(p50_ms(url, sample, headers, count))
+                for name, attack in bodies.items():
+                    attacked, seen = p50_under_attack(url, sample, headers, count, attack)
+                    ratios[name].append(attacked / alone[-1])
+                    statuses[name] = {k: statuses[name].get(k, 0) + v for k, v in seen.items()}
+        finally:
+            server.stop(cfg)
+    print(f"serve.max_image_pixels={cfg.serve.max_image_pixels}: valid client alone p50 {statistics.median(alone):.2f} ms "
+          f"(min {min(alone):.2f}, max {max(alone):.2f}) over {rounds} rounds of {count} requests")
+    print(f"  {'beside':<32}{'size':>9}{'p50 ratio min / median / max':>32}   attackers' answers")
+    for name, values in ratios.items():
+        answers = ", ".join(f"{n} x {status}" for status, n in sorted(statuses[name].items()))
+        print(f"  {name:<32}{len(bodies[name]) / 1e3:>6.0f} kB{min(values):>13.1f} / {statistics.median(values):.1f} / {max(values):.1f}   {answers}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--package", default="artifacts/package")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=300, help="valid requests per measurement")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. serve.workers=2")
+    args = parser.parse_args()
+    for max_pixels in (None, UNLIMITED):
+        run(Path(args.package), args.overrides, max_pixels, args.rounds, args.requests)
+
+
+if __name__ == "__main__":
+    main()

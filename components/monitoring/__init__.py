@@ -1,0 +1,1 @@
+"""monitoring helpers (see docs/architecture.md): drift of live or batch predictions against the training reference."""

@@ -1,0 +1,148 @@
+"""What the server saw, as custom metrics and a sampled prediction log (JSON lines, rotated).
+
+The request path only queues what it saw (Monitor.record, Monitor.reject); a background thread
+turns it into metrics, log lines and one summary line of rejected requests once per
+MONITOR_INTERVAL_S. TorchServe turns every emitted metric value into a log line parsed by its
+frontend, and per-request numpy calls cost more than the model itself; once per interval, the
+work is bounded by the worker's own speed, and the server log by time, not by the request count.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from components.runtime.features import image_features, intensity
+
+MONITOR_INTERVAL_S = 1.0
+METRIC_DIMENSIONS = {"PredictionsTotal": ["Class"], "ConfidenceTotal": [], "InputFeatureTotal": ["Feature"],
+                     "InputOutOfReferenceTotal": ["Feature"], "RejectedInputsTotal": ["Status"]}
+
+
+@dataclass(frozen=True)
+class PredictionLog:
+    """A `sample_rate` fraction of predictions goes to `file`, rotated beyond `max_bytes`."""
+
+    file: Path
+    sample_rate: float
+    max_bytes: int
+    backups: int
+
+
+def rotated_logs(log_file: Path) -> list[Path]:
+    """The log's older files, newest first: <file>.1, <file>.2, ..."""
+    older = []
+    while (path := log_file.with_name(f"{log_file.name}.{len(older) + 1}")).exists():
+        older.append(path)
+    return older
+
+
+def rotate_log(log_file: Path, max_bytes: int, backups: int) -> None:
+    """<file> -> <file>.1 -> <file>.2 ... once <file> is over max_bytes, keeping `backups` old files.
+    Every worker appends to the same file, so the check and the renames happen under a lock."""
+    with open(log_file.with_name(log_file.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not log_file.exists() or log_file.stat().st_size <= max_bytes:
+            return  # another worker rotated it first
+        for i in range(len(rotated_logs(log_file)), 0, -1):
+            older = log_file.with_name(f"{log_file.name}.{i}")
+            if i >= backups:
+                older.unlink()
+            else:
+                older.replace(log_file.with_name(f"{log_file.name}.{i + 1}"))
+        log_file.replace(log_file.with_name(f"{log_file.name}.1"))
+
+
+def append_lines(log: PredictionLog, lines: str) -> None:
+    """One O_APPEND write: lines from several workers never interleave."""
+    fd = os.open(log.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, lines.encode())
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if size > log.max_bytes:
+        rotate_log(log.file, log.max_bytes, log.backups)
+
+
+class Monitor:
+    """Metrics (TorchServe's metric cache) and the prediction log (None: off) of one model version."""
+
+    def __init__(self, metrics, model_name: str, version: str, classes: list[str],
+                 reference_range: dict[str, tuple[float, float]], log: PredictionLog | None):
+        self.metrics = {name: metrics.add_metric_to_cache(name, "count", ["ModelName", *dims]) for name, dims in METRIC_DIMENSIONS.items()}
+        self.model_name, self.version, self.classes = model_name, version, classes
+        self.reference_range, self.log = reference_range, log
+        self.seen: list[tuple[float, np.ndarray, np.ndarray]] = []  # (time, pixels, probabilities) per batch
+        self.rejected: Counter[int] = Counter()
+        self.last_rejection = ""
+        self.lock = threading.Lock()
+        self.rng = np.random.default_rng()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run_forever, name="monitoring", daemon=True).start()
+
+    def record(self, pixels: np.ndarray, probs: np.ndarray) -> None:
+        with self.lock:
+            self.seen.append((time.time(), pixels, probs))
+
+    def reject(self, status: int, message: str) -> None:
+        with self.lock:
+            self.rejected[status] += 1
+            self.last_rejection = f"{status} {message}"
+
+    def _run_forever(self) -> None:
+        while True:
+            time.sleep(MONITOR_INTERVAL_S)
+            try:
+                self.flush()
+            except Exception:  # a monitoring bug must not stop monitoring, nor serving
+                logging.exception("monitoring failed")
+
+    def flush(self) -> None:
+        """Emit and log what was queued since the last call."""
+        with self.lock:
+            seen, self.seen = self.seen, []
+            rejected, self.rejected, last = self.rejected, Counter(), self.last_rejection
+        if rejected:
+            statuses = ", ".join(f"{count} x {status}" for status, count in sorted(rejected.items()))
+            logging.warning("rejected %d malformed requests (%s) in the last %.0f s; last: %s",
+                            rejected.total(), statuses, MONITOR_INTERVAL_S, last[:200])
+            for status, count in rejected.items():
+                self._emit("RejectedInputsTotal", count, str(status))
+        if seen:
+            self._observe(np.concatenate([batch[1] for batch in seen]), np.concatenate([batch[2] for batch in seen]),
+                          np.repeat([batch[0] for batch in seen], [len(batch[1]) for batch in seen]))
+
+    def _observe(self, pixels: np.ndarray, probs: np.ndarray, times: np.ndarray) -> None:
+        best = probs.argmax(axis=1)
+        confidence = probs[np.arange(len(best)), best]
+        for label, count in zip(*np.unique(best, return_counts=True)):
+            self._emit("PredictionsTotal", int(count), self.classes[label])
+        self._emit("ConfidenceTotal", float(confidence.sum()))
+        for name, values in intensity(pixels).items():
+            low, high = self.reference_range[name]
+            self._emit("InputFeatureTotal", float(values.sum()), name)
+            self._emit("InputOutOfReferenceTotal", int(((values < low) | (values > high)).sum()), name)
+        if self.log and (sampled := np.flatnonzero(self.rng.random(len(best)) < self.log.sample_rate)).size:
+            features = image_features(pixels[sampled])
+            append_lines(self.log, "".join(self._log_line(times[j], best[j], confidence[j], {name: v[i] for name, v in features.items()})
+                                           for i, j in enumerate(sampled)))
+
+    def _log_line(self, when: float, best: int, confidence: float, features: dict[str, float]) -> str:
+        return json.dumps({"time": datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds"),
+                           "model_version": self.version, "prediction": self.classes[best], "confidence": round(float(confidence), 6),
+                           "features": {name: round(float(value), 6) for name, value in features.items()}}) + "\n"
+
+    def _emit(self, name: str, value: float, *dimensions: str) -> None:
+        self.metrics[name].add_or_update(value, [self.model_name, *dimensions])

@@ -1,0 +1,149 @@
+"""One request to the model server -> its images as pixel arrays.
+
+A request is PNG/JPEG bytes (raw body or one multipart field), JSON {"instances": [pixels, ...]}
+with pixels shaped [channels, height, width] in 0-255, or an Open Inference Protocol (KServe v2)
+body {"inputs": [{"name", "shape": [N, C, H, W], "datatype": "UINT8" | "FP32", "data"}]}.
+Whatever a client sends, a malformed request raises RequestError with the HTTP status and one
+message naming the problem; nothing else escapes, so one request never fails another.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_FORMATS = ["PNG", "JPEG"]
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+V2_DATATYPES = {"UINT8": np.uint8, "FP32": np.float32}
+USAGE = 'send a PNG/JPEG image (Content-Type: image/png or image/jpeg) or JSON {"instances": [...]}'
+
+
+class RequestError(Exception):
+    """A client's mistake: its request alone is answered with `status` and this message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """The images of one request, float32 (N, C, H, W) in [0, 255], and the protocol it came in:
+    "image" (answer: one top-k list), "instances" ({"predictions": [...]}) or "v2" (Open Inference Protocol)."""
+
+    pixels: np.ndarray
+    protocol: str
+    request_id: str | None = None
+
+
+def decode_image(data: bytes, signature: dict, max_pixels: int) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (C, H, W), converted and resized as the signature says. The size is
+    checked before decoding: a 50 kB PNG can hold 16 megapixels. A large JPEG decodes at 1/2, 1/4
+    or 1/8 scale (its DCT allows it); then the limit applies to what is actually decoded."""
+    spec = signature["input"]
+    size = (spec["resize"]["width"], spec["resize"]["height"])
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            img.draft(None, size)  # JPEG only; never below the model's input size
+            if img.width * img.height > max_pixels:
+                raise RequestError(f"image is {img.width}x{img.height} = {img.width * img.height} pixels, more than "
+                                   f"the server's limit of {max_pixels} (serve.max_image_pixels)", 413)
+            img.load()
+            if img.mode != spec["color_mode"]:
+                img = img.convert(spec["color_mode"])
+            if img.size != size:
+                img = img.resize(size, Image.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise RequestError(f"not a PNG or JPEG image: {USAGE}") from None
+    except Image.DecompressionBombError:
+        raise RequestError(f"image has more pixels than the server's limit of {max_pixels} (serve.max_image_pixels)", 413) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RequestError(f"truncated or corrupt image ({exc.__class__.__name__})") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def pixel_array(values: object, shape: tuple[int, ...], what: str, axes: str = "") -> np.ndarray:
+    """JSON numbers -> float32 array of `shape` (its `axes` named in messages), every value finite and in [0, 255]."""
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError, OverflowError):  # ragged lists, numbers beyond any float
+        array = None
+    expected = f"{list(shape)} {axes}".rstrip()
+    if array is None or array.dtype.kind not in "iuf":
+        raise RequestError(f"{what}: values must be numbers in [0, 255] shaped {expected}")
+    if array.shape != shape:
+        raise RequestError(f"{what}: expected shape {expected}, got {list(array.shape)}")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise RequestError(f"{what}: values must be finite numbers in [0, 255]")
+    return array
+
+
+def parse_instances(body: dict, signature: dict) -> ParsedRequest:
+    instances = body.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise RequestError('JSON body must be an object with a non-empty list "instances" (or "inputs": Open Inference Protocol)')
+    shape = tuple(signature["input"]["shape"][1:])
+    pixels = [pixel_array(instance, shape, f"instance {i}", "(channels, height, width)") for i, instance in enumerate(instances)]
+    return ParsedRequest(np.stack(pixels), "instances")
+
+
+def parse_v2(body: dict, signature: dict) -> ParsedRequest:
+    """An Open Inference Protocol request: one input tensor [N, C, H, W], data flat or nested."""
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise RequestError('"inputs" must hold exactly one tensor {"name", "shape", "datatype", "data"}')
+    tensor = inputs[0]
+    datatype, shape = tensor.get("datatype"), tensor.get("shape")
+    if not isinstance(datatype, str) or datatype not in V2_DATATYPES:
+        shown = datatype[:20] if isinstance(datatype, str) else type(datatype).__name__
+        raise RequestError(f"inputs[0].datatype must be one of {sorted(V2_DATATYPES)}, got {shown}")
+    image_shape = tuple(signature["input"]["shape"][1:])
+    if not (isinstance(shape, list) and len(shape) == 4 and all(type(n) is int for n in shape)
+            and tuple(shape[1:]) == image_shape and shape[0] > 0):
+        raise RequestError(f"inputs[0].shape must be [N, {', '.join(map(str, image_shape))}] (N images, channels, height, width)")
+    data = tensor.get("data")
+    flat = np.ravel(pixel_array(data, (math.prod(shape),), "inputs[0].data")) if _is_flat(data) else None
+    pixels = flat.reshape(shape) if flat is not None else pixel_array(data, tuple(shape), "inputs[0].data", "(N, channels, height, width)")
+    if datatype == "UINT8" and not np.array_equal(pixels, np.round(pixels)):
+        raise RequestError("inputs[0].data: UINT8 values must be whole numbers")
+    request_id = body.get("id")
+    return ParsedRequest(pixels, "v2", request_id if isinstance(request_id, str) else None)
+
+
+def _is_flat(data: object) -> bool:
+    return isinstance(data, list) and not any(isinstance(value, list) for value in data[:1])
+
+
+def parse_json(body: bytes | str) -> object:
+    try:
+        return json.loads(body)
+    except RecursionError:  # json's C decoder recurses once per bracket: "[[[[..." of any length
+        raise RequestError("body is not valid JSON: nested too deeply") from None
+    except ValueError:
+        raise RequestError("body is not valid JSON") from None
+
+
+def request_images(row: dict, signature: dict, max_pixels: int) -> ParsedRequest:
+    """The images of one request (TorchServe's dict of body or form fields); RequestError if malformed."""
+    fields = [value for value in row.values() if value not in (None, b"", bytearray(), "")]
+    if not fields:
+        raise RequestError(f"empty request: {USAGE}")
+    if len(fields) > 1:
+        raise RequestError("send one image per request (or several as JSON instances)")
+    body = fields[0]
+    if isinstance(body, str) or (isinstance(body, (bytes, bytearray)) and body.lstrip()[:1] in (b"{", b"[")):
+        body = parse_json(body)
+    if isinstance(body, dict) and "inputs" in body:
+        return parse_v2(body, signature)
+    if isinstance(body, dict):
+        return parse_instances(body, signature)
+    if isinstance(body, (bytes, bytearray)):
+        return ParsedRequest(decode_image(bytes(body), signature, max_pixels)[None].astype(np.float32), "image")
+    raise RequestError(USAGE)

@@ -1,0 +1,156 @@
+"""Batch scoring (components/score.py): a folder or an s3:// prefix (real SeaweedFS) scored with a
+real package, bad files skipped and reported, the online drift check on its output, the same
+step as a kfp.local pipeline. By tag and as a DVC stage: tests/test_registry.py (it has the git
+repo, tags and DVC remote)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.core.config import ROOT, compose
+from components.core.errors import DataError
+from components.runtime.features import FEATURES
+from components.package import package
+from components.score import score
+from pipelines.local import run_pipeline
+from pipelines.in_pod import IMAGE_COMMIT_ENV
+from pipelines.score import score_pipeline
+from tests.helpers.project import run
+from tests.helpers.servers import seaweed_s3
+
+PREDICTION_LOG_KEYS = {"model_version", "prediction", "confidence", "features"}  # serve/handler.py's log lines
+
+
+@pytest.fixture(scope="module")
+def packaged(digits_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("score") / "package"
+    package(digits_run["cfg"], digits_run["prepared"], digits_run["model"], out)
+    return out
+
+
+@pytest.fixture
+def samples_with_bad_files(packaged, tmp_path) -> tuple[Path, dict[str, str]]:
+    """The package's sample images (labels known) in nested folders, plus files that cannot be scored."""
+    folder = tmp_path / "batch"
+    expected = {}
+    for i, sample in enumerate(json.loads((packaged / "package.json").read_text())["samples"]):
+        name = f"part{i % 2}/{Path(sample['file']).name}"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(packaged / sample["file"], folder / name)
+        expected[name] = sample["expected"]
+    (folder / "part0" / "not_an_image.png").write_bytes(b"hello")
+    whole = (folder / next(iter(expected))).read_bytes()
+    (folder / "part1" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not listed in score.extensions: ignored")
+    return folder, expected
+
+
+def cfg_for(tmp_path: Path, *overrides: str):
+    return compose([f"events.log_file={tmp_path / 'events.jsonl'}", "score.chunk_size=4", *overrides])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_folder_is_scored_like_the_package_predicts_and_bad_files_are_skipped(packaged, samples_with_bad_files, tmp_path):
+    folder, expected = samples_with_bad_files
+    out = tmp_path / "out"
+    summary = score(cfg_for(tmp_path, "score.workers=2"), str(folder), packaged, out=out)
+
+    predictions = read_jsonl(out / "predictions.jsonl")
+    assert {p["file"]: p["prediction"] for p in predictions} == expected
+    assert all(PREDICTION_LOG_KEYS <= p.keys() and set(p["features"]) == set(FEATURES) for p in predictions)
+    assert all(p["top_k"][0] == {"label": p["prediction"], "probability": p["confidence"]} for p in predictions)
+    rejected = {r["file"]: r["error"] for r in read_jsonl(out / "rejected.jsonl")}
+    assert rejected.keys() == {"part0/not_an_image.png", "part1/truncated.png", "empty.jpg"}
+    assert rejected["part0/not_an_image.png"].startswith("not a PNG or JPEG image")
+    assert rejected["part1/truncated.png"].startswith("truncated or corrupt image")
+
+    manifest = json.loads((packaged / "package.json").read_text())
+    assert (summary["files"], summary["scored"], summary["rejected"]) == (len(expected) + 3, len(expected), 3)
+    assert summary["model"] == {"name": manifest["model_name"], "version": manifest["version"], "package": str(packaged)}
+    assert summary["lineage"]["package"] == manifest["lineage"]
+    assert summary["drift"]["checked"] is False and "serve.drift.min_samples" in summary["drift"]["reason"]
+    assert json.loads((out / "score.json").read_text()) == summary
+
+    again = score(cfg_for(tmp_path, "score.workers=1", "score.chunk_size=1"), str(folder), packaged, out=tmp_path / "again")
+    assert (tmp_path / "again" / "predictions.jsonl").read_bytes() == (out / "predictions.jsonl").read_bytes()
+    assert again["lineage"]["input_hash"] == summary["lineage"]["input_hash"]
+
+
+def inverted_copies(count: int, folder: Path) -> Path:
+    """`count` images of the sample data with black and white swapped: a shifted population."""
+    folder.mkdir(parents=True)
+    for path in sorted((ROOT / "data" / "images").glob("*.png"))[:count]:
+        Image.fromarray(255 - np.asarray(Image.open(path).convert("L"))).save(folder / path.name)
+    return folder
+
+
+def test_a_shifted_batch_feeds_the_online_drift_check_and_emits_an_event(packaged, tmp_path):
+    batch = inverted_copies(120, tmp_path / "inverted")
+    out = tmp_path / "out"
+    summary = score(cfg_for(tmp_path, "serve.drift.min_samples=100"), str(batch), packaged, out=out)
+    assert summary["drift"] == {"checked": True, "drift": True, "samples": 120}
+    assert json.loads((out / "drift.json").read_text())["drift"] is True and (out / "drift.html").exists()
+    event = read_jsonl(tmp_path / "events.jsonl")[-1]
+    assert (event["type"], event["details"]["input"]) == ("drift_detected", str(batch))
+
+    # The online command reads the batch's predictions unchanged: same shape as the prediction log.
+    online = run(["python", "-m", "serve", "drift", "--log", str(out / "predictions.jsonl"), "--package", str(packaged),
+                  "--out", str(tmp_path / "online"), "serve.drift.min_samples=100", f"events.log_file={tmp_path / 'online.jsonl'}"],
+                 ROOT, check=False)
+    assert online.returncode == 1 and "drift detected in the last 120 logged predictions" in online.stdout
+
+
+def test_an_s3_prefix_is_scored_with_a_package_from_s3(packaged, samples_with_bad_files, tmp_path, monkeypatch):
+    import s3fs
+
+    folder, expected = samples_with_bad_files
+    with seaweed_s3(tmp_path / "s3") as s3:
+        for name, value in (("AWS_ACCESS_KEY_ID", s3.access_key), ("AWS_SECRET_ACCESS_KEY", s3.secret_key),
+                            ("AWS_ENDPOINT_URL", s3.endpoint)):
+            monkeypatch.setenv(name, value)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.put(str(folder) + "/", f"{s3.bucket}/incoming/", recursive=True)
+        fs.put(str(packaged) + "/", f"{s3.bucket}/packages/v1/", recursive=True)
+        summary = score(cfg_for(tmp_path), f"s3://{s3.bucket}/incoming", f"s3://{s3.bucket}/packages/v1", out=tmp_path / "out")
+    assert {p["file"]: p["prediction"] for p in read_jsonl(tmp_path / "out" / "predictions.jsonl")} == expected
+    assert summary["rejected"] == 3 and summary["model"]["package"] == f"s3://{s3.bucket}/packages/v1"
+
+
+def test_bad_inputs_fail_with_one_clear_error_and_leave_nothing(packaged, tmp_path):
+    cfg = cfg_for(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="no-such-folder: no such folder or S3 prefix"):
+        score(cfg, str(tmp_path / "no-such-folder"), packaged, out=out)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("x")
+    with pytest.raises(DataError, match=r"no files ending in \.png, \.jpg, \.jpeg to score"):
+        score(cfg, str(tmp_path / "texts"), packaged, out=out)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match="none of the 1 files could be scored"):
+        score(cfg, str(tmp_path / "junk"), packaged, out=out)
+    with pytest.raises(DataError, match="no package.json"):
+        score(cfg, str(tmp_path / "junk"), tmp_path / "no-package", out=out)
+    assert not out.exists()
+
+
+def test_the_score_pipeline_runs_with_kfp_local(packaged, samples_with_bad_files, tmp_path, monkeypatch):
+    folder, expected = samples_with_bad_files
+    cfg = cfg_for(tmp_path)
+    monkeypatch.setenv(IMAGE_COMMIT_ENV, "c0ffee")  # this working tree plays the image of that commit
+    done = run_pipeline(score_pipeline(cfg, "c0ffee"), {"input_uri": str(folder), "package_uri": str(packaged)}, tmp_path / "kfp", False, cfg)
+    assert done.failure is None
+    task = done.tasks["score-op"]
+    assert {p["file"]: p["prediction"] for p in read_jsonl(Path(task.artifacts["scored"]) / "predictions.jsonl")} == expected
+    assert task.metrics["metrics"] == {"files": len(expected) + 3, "scored": len(expected), "rejected": 3, "drift": 0.0}
+    assert "drift not checked" in Path(task.artifacts["drift_report"]).read_text()
