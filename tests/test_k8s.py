@@ -82,7 +82,8 @@ def test_manifests_wire_config_volume_probes_and_policy_together():
 def test_config_properties_is_generated_from_conf_serve():
     assert CONFIG_FILE.read_text() == cluster_config_properties(compose([]))
     assert HANDLER_ENV_FILE.read_text() == cluster_handler_env(compose([]))
-    assert run([sys.executable, "-m", "serve.k8s", "--check"], ROOT).stdout.strip() == "config.properties and handler.env match conf/serve"
+    assert run([sys.executable, "-m", "serve.k8s", "--check"], ROOT).stdout.strip() == (
+        "config.properties, handler.env, kserve/config.properties, kserve/inferenceservice.yaml match conf/serve")
     stale = run([sys.executable, "-m", "serve.k8s", "--check", "serve.workers=3"], ROOT, check=False)
     assert stale.returncode == 2 and "config.properties: stale; regenerate it with `python -m serve.k8s`" in stale.stderr
 
