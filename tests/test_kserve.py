@@ -14,8 +14,7 @@ import pytest
 import yaml
 
 from components.core.config import ROOT, compose
-from components.core.errors import ConfigError
-from serve.k8s.__main__ import KSERVE_CONFIG_FILE, KSERVE_MANIFEST_FILE, MODELS, generated, kserve_manifests
+from serve.k8s.__main__ import KSERVE_CONFIG_FILE, KSERVE_MANIFEST_FILE, MODELS, generated, kserve_manifests, service_name
 
 KSERVE = ROOT / "serve" / "k8s" / "kserve"
 SCHEMAS = json.loads((Path(__file__).parent / "schemas" / "kserve-v0.20.0.json").read_text())
@@ -93,7 +92,7 @@ def test_manifests_and_storage_config_agree_with_conf_serve():
     runtime, service = manifests()
     (container,) = runtime["spec"]["containers"]
     model = service["spec"]["predictor"]["model"]
-    assert service["metadata"]["name"] == name and model["runtime"] == runtime["metadata"]["name"]
+    assert service["metadata"]["name"] == service_name(name) == "digits" and model["runtime"] == runtime["metadata"]["name"]
     assert model["protocolVersion"] == "v2" and "v2" in runtime["spec"]["protocolVersions"]
     assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     assert model["storageUri"].startswith("s3://")
@@ -123,5 +122,5 @@ def test_the_kserve_files_are_generated_from_conf_serve():
     runtime, service = yaml.safe_load_all(other[KSERVE_MANIFEST_FILE])
     assert service["metadata"]["name"] == "mnist" and runtime["spec"]["containers"][0]["ports"][0]["containerPort"] == 9080
     assert "load_models=mnist=mnist.mar" in other[KSERVE_CONFIG_FILE]
-    with pytest.raises(ConfigError, match="package.model_name: 'my_model' cannot name an InferenceService"):
-        kserve_manifests(compose(["package.model_name=my_model"]))
+    for model_name, service in (("My_Model", "my-model"), ("3d", "model-3d")):  # an object name is a DNS label
+        assert kserve_manifests(compose([f"package.model_name={model_name}"]))[1]["metadata"]["name"] == service

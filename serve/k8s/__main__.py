@@ -5,7 +5,6 @@ the local server, with the addresses a pod serves on), or check they are current
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import yaml
@@ -53,12 +52,16 @@ def kserve_config_properties(cfg: DictConfig, bind: str = CLUSTER_BIND, models: 
                                                           "load_models": f"{name}={name}.mar"})
 
 
+def service_name(model_name: str) -> str:
+    """The InferenceService's name: the model name (letters, digits, '_', '-') as a DNS label (lowercase, a letter first)."""
+    label = model_name.lower().replace("_", "-")
+    return (label if label[0].isalpha() else f"model-{label}")[:63].rstrip("-")
+
+
 def kserve_manifests(cfg: DictConfig) -> list[dict]:
     """A ServingRuntime that runs this project's image (TorchServe + onnxruntime) as the Deployment of serve/k8s runs it,
     and the InferenceService of the model (Open Inference Protocol); kustomization.yaml adds the storageUri."""
-    s, name = cfg.serve, cfg.package.model_name
-    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
-        raise ConfigError(f"package.model_name: {name!r} cannot name an InferenceService (lowercase letters, digits, '-')")
+    s = cfg.serve
 
     def probe(**timing) -> dict:  # /metrics answers without a token; /ping needs one
         return {"httpGet": {"path": "/metrics", "port": s.metrics_port}, **timing}
@@ -86,7 +89,7 @@ def kserve_manifests(cfg: DictConfig) -> list[dict]:
     service = {
         "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
         # Standard (RawDeployment before KServe 0.16): a Deployment, no Knative; the JVM is not scaled to zero.
-        "metadata": {"name": name, "annotations": {"serving.kserve.io/deploymentMode": "Standard"}},
+        "metadata": {"name": service_name(cfg.package.model_name), "annotations": {"serving.kserve.io/deploymentMode": "Standard"}},
         "spec": {"predictor": {
             "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,  # model-server
                                 "seccompProfile": {"type": "RuntimeDefault"}},
