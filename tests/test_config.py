@@ -70,8 +70,9 @@ def test_config_check_refuses_a_stale_artifacts_yaml_and_the_writer_repairs_it(t
     index.write_text(index.read_text().replace(f"{name}:", "renamed:", 1))
     checked = run([sys.executable, "-m", "components.core.config", "--check"], repo, check=False)
     assert checked.returncode == 2
-    assert checked.stderr.strip() == (f"error: artifacts.yaml is stale (declares ['renamed']): conf/ names the model artifact {name!r} "
-                                      "(package.model_name, from data.name). Run `make params`, which rewrites the artifact declarations from conf/.")
+    assert checked.stderr.strip() == (f"error: artifacts.yaml is stale (declares ['renamed']): params.yaml names the model artifact "
+                                      f"{name!r} (package.model_name, from data.name). Run `make params`, which writes the declarations "
+                                      "from conf/ (choose the dataset in conf/config.yaml: `dvc exp run -S data...` cannot declare its artifact).")
     written = run([sys.executable, "-m", "components.core.config"], repo).stdout
     assert f"model artifact {name!r}: artifacts.yaml rewritten" in written
     assert index.read_text() == (ROOT / "artifacts.yaml").read_text()

@@ -114,3 +114,13 @@ def test_the_registry_artifact_follows_data_name(tmp_path):
     assert other.returncode == 2 and other.stderr.strip() == (
         f"error: {sample}#prod#1: assigns a stage to artifact {sample!r}, but this repository's model artifact is 'shapes' "
         "(dvc.yaml `artifacts:`, named by data.name); nothing to deploy")
+
+
+def test_an_experiment_cannot_rename_the_artifact(tmp_path):
+    """The artifact is declared in the committed dvc.yaml: `dvc exp run -S data.name=...` stops at the `config` stage."""
+    repo = copy_project(tmp_path / "repo")
+    sample = load_config().package.model_name
+    result = run(["dvc", "exp", "run", "-S", "data.name=shapes"], repo, check=False)
+    assert result.returncode != 0 and "Running stage 'prepare'" not in result.stdout
+    assert (f"error: artifacts.yaml is stale (declares [{sample!r}]); dvc.yaml is stale (declares [{sample!r}]): "
+            "params.yaml names the model artifact 'shapes'") in result.stderr + result.stdout

@@ -520,8 +520,9 @@ def check_artifacts(model_name: str, root: Path = ROOT) -> None:
         declared = list((loaded.get("artifacts") if path.name == "dvc.yaml" else loaded) or {})
         stale.append(f"{path.name} is stale (declares {declared}{' with other fields' if declared == [model_name] else ''})")
     if stale:
-        raise ConfigError(f"{'; '.join(stale)}: conf/ names the model artifact {model_name!r} (package.model_name, from data.name). "
-                          "Run `make params`, which rewrites the artifact declarations from conf/.")
+        raise ConfigError(f"{'; '.join(stale)}: params.yaml names the model artifact {model_name!r} (package.model_name, from data.name). "
+                          "Run `make params`, which writes the declarations from conf/ (choose the dataset in conf/config.yaml: "
+                          "`dvc exp run -S data...` cannot declare its artifact).")
 
 
 def select(cfg: DictConfig, sections: tuple[str, ...]) -> DictConfig:
