@@ -128,6 +128,10 @@ def check(cfg: DictConfig, tag: str, repo: Path = ROOT) -> dict:
     check_gto_stages(cfg, repo)
     assigned = stage_tag(tag, repo)
     name, version, stage = assigned["name"], assigned["version"], assigned["stage"]
+    model, _ = model_artifact(repo)
+    if name != model:  # the workflow runs on every stage tag; only the model artifact's are deployed
+        raise RegistryError(f"{tag}: assigns a stage to artifact {name!r}, but this repository's model artifact is {model!r} "
+                            "(dvc.yaml `artifacts:`, named by data.name); nothing to deploy")
     if stage not in cfg.registry.stages:
         raise RegistryError(f"{tag}: stage {stage!r} is not declared (registry.stages and .gto allow {list(cfg.registry.stages)})")
     holder = stage_holder(stage, repo)
@@ -206,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run_promote)
     sub.add_parser("versions", help="registered versions and their stages").set_defaults(run=lambda cfg, args: _print_versions(versions()))
     c = sub.add_parser("check", help="may the version a stage tag assigns be deployed? (run by the deploy-on-stage-tag workflow)")
-    c.add_argument("--tag", required=True, help="a stage tag, e.g. digits#prod#3")
+    c.add_argument("--tag", required=True, help="a stage tag <name>#<stage>#N, e.g. digits#prod#3 (<name>: package.model_name)")
     c.set_defaults(run=_run_check)
     r = sub.add_parser("rollback", help="give a stage back to its previous version (deploy it with `python -m serve up --stage`)")
     r.add_argument("--stage", required=True)

@@ -1,4 +1,5 @@
-"""Typed view of the Hydra config in conf/ (and of params.yaml, which is generated from it).
+"""Typed view of the Hydra config in conf/ (and of params.yaml, which is generated from it, as are the
+model artifact's declarations in artifacts.yaml and dvc.yaml).
 
 The dataclasses are the schema: a key that is not declared here, or a value of the wrong
 type, is rejected with the full dotted key in the message.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -359,8 +361,9 @@ def _check(cfg: DictConfig) -> list[str]:
 
 def _serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
     problems = []
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", p.model_name):
-        problems.append(f"package.model_name must be letters, digits, '_' or '-', got {p.model_name!r}")
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?", p.model_name):  # also a valid GTO/DVC artifact name
+        problems.append(f"package.model_name must be letters, digits, '_' or '-', starting and ending with a letter or digit, "
+                        f"got {p.model_name!r}")
     try:
         loopback = ipaddress.ip_address(s.host).is_loopback
     except ValueError:
@@ -493,6 +496,50 @@ def check_params(params_file: Path = PARAMS_FILE) -> None:
                           "Run `make params` (then `dvc repro`), or `dvc exp run`, which composes conf/ itself.")
 
 
+ARTIFACTS_HEADER = ("# GTO's index of this repository's artifacts, generated from conf/ (package.model_name) by\n"
+                    "# `python -m components.core.config` with `artifacts:` in dvc.yaml; never hand-edited.\n")
+
+
+def stale_artifact_files(model_name: str, root: Path = ROOT) -> dict[Path, str]:
+    """The files that do not declare the model artifact (the package) as `model_name`, with the text they must
+    read: GTO's index artifacts.yaml whole, dvc.yaml with only its `artifacts:` section replaced (the rest stays)."""
+    desc = f"Image classifier packaged as ONNX + TorchServe archive (model.onnx, signature.json, {model_name}.mar)"
+    index = f"{ARTIFACTS_HEADER}{model_name}:\n  type: model\n  path: artifacts/package\n  description: {desc}\n  labels: [onnx, torchserve]\n"
+    section = ["artifacts:", f"  {model_name}:", "    path: artifacts/package", "    type: model", f"    desc: {desc}",
+               "    labels: [onnx, torchserve]"]
+    lines = (root / "dvc.yaml").read_text().splitlines()
+    start = lines.index("artifacts:") if "artifacts:" in lines else len(lines)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i][:1] not in ("", " ", "#")), len(lines))
+    while end > start + 1 and lines[end - 1][:1] in ("", "#"):  # blank lines and comments before the next key are its own
+        end -= 1
+    wanted = {root / "artifacts.yaml": index, root / "dvc.yaml": "\n".join(lines[:start] + section + lines[end:]) + "\n"}
+    return {path: text for path, text in wanted.items() if not path.exists() or path.read_text() != text}
+
+
+def write_artifacts(model_name: str, root: Path = ROOT) -> list[str]:
+    """Declare the model artifact as `model_name` in artifacts.yaml and dvc.yaml; returns the files rewritten."""
+    stale = stale_artifact_files(model_name, root)
+    for path, text in stale.items():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return [path.name for path in stale]
+
+
+def check_artifacts(model_name: str, root: Path = ROOT) -> None:
+    """Refuse artifact declarations that do not name the model as conf/ does (`gto register <name>`,
+    `dvc artifacts get . <name>` and the stage tags the deploy workflow reads all go by them)."""
+    stale = []
+    for path in stale_artifact_files(model_name, root):
+        loaded = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+        declared = list((loaded.get("artifacts") if path.name == "dvc.yaml" else loaded) or {})
+        stale.append(f"{path.name} is stale (declares {declared}{' with other fields' if declared == [model_name] else ''})")
+    if stale:
+        raise ConfigError(f"{'; '.join(stale)}: params.yaml names the model artifact {model_name!r} (package.model_name, from data.name). "
+                          "Run `make params`, which writes the declarations from conf/ (choose the dataset in conf/config.yaml: "
+                          "`dvc exp run -S data...` cannot declare its artifact).")
+
+
 def select(cfg: DictConfig, sections: tuple[str, ...]) -> DictConfig:
     """Only the config sections a step reads (`seed`, `data`, `train.device`, ...): reading any other
     key fails, so a step's declared sections are exactly what it depends on."""
@@ -514,17 +561,22 @@ if __name__ == "__main__":
 
     from components.core.errors import run_cli
 
-    parser = argparse.ArgumentParser(description="params.yaml from conf/: regenerate it, or check that it is current.")
-    parser.add_argument("--check", action="store_true", help="only check that params.yaml matches conf/ (the `config` stage)")
+    parser = argparse.ArgumentParser(description="params.yaml and the model artifact's declarations from conf/: regenerate them, "
+                                                 "or check that they are current.")
+    parser.add_argument("--check", action="store_true", help="only check that they match conf/ (the `config` stage)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides written into params.yaml, e.g. train.lr=0.01")
 
     def _main() -> None:
         args = parser.parse_args()
         if args.check:
             check_params()
-            print("params.yaml matches conf/")
+            check_artifacts(load_config().package.model_name)
+            print("params.yaml, artifacts.yaml and dvc.yaml's `artifacts:` match conf/")
         else:
             changed = write_params(args.overrides)
+            name = load_config().package.model_name
+            written = write_artifacts(name)
             print(f"params.yaml {'regenerated' if changed else 'already up to date'} from conf/")
+            print(f"model artifact {name!r}: {' and '.join(written) + ' rewritten' if written else 'artifacts.yaml and dvc.yaml already declare it'}")
 
     run_cli(_main)
