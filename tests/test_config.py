@@ -8,7 +8,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from components.core.config import PARAMS_FILE, ROOT, compose, load_config, write_params
+from components.core import config
+from components.core.config import PARAMS_FILE, ROOT, check_params, compose, load_config, write_params
 from components.core.errors import ConfigError
 from tests.helpers.project import copy_project, run
 
@@ -25,6 +26,22 @@ def test_write_params_is_idempotent_and_applies_overrides(tmp_path):
     assert write_params(["train.lr=0.5", "model=resnet18"], target) is False
     cfg = load_config(target)
     assert cfg.train.lr == 0.5 and cfg.model.name == "resnet18"
+
+
+def test_a_params_file_conf_still_matches_is_checked_without_recomposing_conf(tmp_path, monkeypatch):
+    params = tmp_path / "params.yaml"
+    write_params(["train.lr=0.5"], params)
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+
+    def no_compose(*args):
+        raise AssertionError("conf/ was recomposed")
+
+    with monkeypatch.context() as fast:
+        fast.setattr(config, "compose", no_compose)
+        check_params(params)  # the digests of conf/ and of the body match what write_params wrote
+    params.write_text(params.read_text().replace("epochs: 15", "epochs: 3"))  # a hand edit: the body's digest no longer matches
+    with pytest.raises(ConfigError, match=r"params.yaml is stale: .*train.epochs: 3 -> 15"):
+        check_params(params)  # ...so conf/ is recomposed (with the recorded overrides) and the edit is named
 
 
 def test_experiment_preset_is_applied_last():

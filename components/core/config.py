@@ -446,6 +446,23 @@ def _compose_to(out: Path, overrides: list[str]) -> None:
 
 
 OVERRIDES_HEADER = "# Generated from conf/ with overrides: "  # first line of params.yaml; never edit the file
+DIGEST_HEADER = "# Digests of conf/ and of the lines below: "  # its second line: lets a check skip recomposing conf/
+
+
+def _digest_line(body: bytes) -> bytes:
+    digest = hashlib.sha256()
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        digest.update(f"{path.relative_to(CONF_DIR)}\0".encode() + path.read_bytes() + b"\0")
+    return f"{DIGEST_HEADER}{digest.hexdigest()[:16]} {hashlib.sha256(body).hexdigest()[:16]}".encode()
+
+
+def _unchanged_since_written(params_file: Path) -> bool:
+    """params.yaml is byte for byte what write_params made, from conf/ as it is now (milliseconds,
+    where recomposing conf/ takes a large part of a second)."""
+    if not params_file.exists():
+        return False
+    _, digests, body = (params_file.read_bytes().split(b"\n", 2) + [b"", b""])[:3]
+    return digests == _digest_line(body)
 
 
 def write_params(overrides: list[str] = (), params_file: Path = PARAMS_FILE) -> bool:
@@ -455,7 +472,8 @@ def write_params(overrides: list[str] = (), params_file: Path = PARAMS_FILE) -> 
         out = Path(tmp) / "params.yaml"
         _compose_to(out, overrides)
         validate(OmegaConf.load(out), "conf/")
-        new = (OVERRIDES_HEADER + json.dumps(list(overrides)) + "\n").encode() + out.read_bytes()
+        body = out.read_bytes()
+        new = (OVERRIDES_HEADER + json.dumps(list(overrides)) + "\n").encode() + _digest_line(body) + b"\n" + body
         if params_file.exists() and params_file.read_bytes() == new:
             return False
         out.write_bytes(new)
@@ -486,7 +504,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 def check_params(params_file: Path = PARAMS_FILE) -> None:
     """Refuse a params.yaml that conf/ no longer matches (plain `dvc repro` never recomposes it).
     Under `dvc exp run`, DVC has just composed params.yaml from conf/ and the -S overrides."""
-    if os.environ.get("DVC_EXP_BASELINE_REV"):
+    if os.environ.get("DVC_EXP_BASELINE_REV") or _unchanged_since_written(params_file):
         return
     stale = stale_keys(params_file)
     if stale:
