@@ -29,7 +29,8 @@ $(STAMP):
 data: setup
 	@test -d data || $(BIN)/python -m components.data.sample ensure
 
-# Regenerated only when conf/ changed (the rule compares file times), so a no-op run stays fast.
+# Regenerated only when conf/ changed (the rule compares file times), so a no-op run stays fast;
+# the same command declares the model artifact (package.model_name) in artifacts.yaml and dvc.yaml.
 params: params.yaml
 params.yaml: $(wildcard conf/*.yaml conf/*/*.yaml) components/core/config.py | $(STAMP)
 	@$(BIN)/python -m components.core.config && touch $@

@@ -2,7 +2,7 @@
 with the number of explained images (and integrated-gradients steps), the bootstrap with the
 number of draws and of test images. Each is timed beside a baseline and printed as a ratio.
 
-    .venv/bin/python bench/evaluate_bench.py [--repeats 3] [--parts step attributions bootstrap] [--threads N]
+    python -m bench.evaluate_bench [--repeats 3] [--parts imports step attributions bootstrap] [--threads N]
 
 Needs artifacts/prepared and artifacts/model (`make run` or `dvc repro train` first).
 Target: the whole step (`python -m components.evaluate`, imports included) <= 30 s on 2 cores.
@@ -11,6 +11,7 @@ Target: the whole step (`python -m components.evaluate`, imports included) <= 30
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from components.model.networks import load_trained, predict_logits
 
 PREPARED, MODEL = ROOT / "artifacts/prepared", ROOT / "artifacts/model"
 CPU = torch.device("cpu")
+BASELINE_REV = "9250a73"  # the code before the steps imported heavy libraries only where used
 
 
 def side_by_side(repeats: int, *fns) -> list[float]:
@@ -66,6 +68,19 @@ def whole_step(repeats: int, overrides: list[str]) -> None:
     print(f"  of which importing the libraries:           {imports:6.2f} s")
     print(f"evaluate() in process:                         {in_process:6.2f} s")
     print(f"baseline, predicting the test split only:      {predict:6.3f} s   ratio step/predict {in_process / predict:6.0f}x")
+
+
+def step_imports(repeats: int, overrides: list[str], baseline_rev: str = BASELINE_REV) -> None:
+    """Import time of each step module, this tree vs `baseline_rev` (from `git archive`), alternating."""
+    print(f"\n== importing a step: this tree vs {baseline_rev} (min of {repeats}) ==")
+    with tempfile.TemporaryDirectory() as baseline:
+        subprocess.run(f"git archive {baseline_rev} components serve | tar -x -C {baseline}", shell=True, cwd=ROOT, check=True)
+        for step in ("prepare", "train", "evaluate", "package"):
+            def importing(tree: str) -> None:
+                subprocess.run([sys.executable, "-c", f"import components.{step}"], cwd=tree, check=True,
+                               env={**os.environ, "PYTHONPATH": tree})
+            now, before = side_by_side(repeats, lambda: importing(str(ROOT)), lambda: importing(baseline))
+            print(f"  components.{step:<9} {now:6.2f} s   before {before:6.2f} s   ratio {now / before:5.2f}")
 
 
 def attributions(repeats: int, overrides: list[str]) -> None:
@@ -137,7 +152,7 @@ def main() -> None:
                         "1 gives steadier figures on a machine shared with other work")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for every command (e.g. evaluate.bootstrap_samples=500)")
     args = parser.parse_args()
-    if not (MODEL / "model.safetensors").exists():
+    if set(args.parts) - {"imports"} and not (MODEL / "model.safetensors").exists():
         sys.exit("needs artifacts/model: run `make run` (or `dvc repro train`) first")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,7 +161,7 @@ def main() -> None:
         PARTS[part](args.repeats, args.overrides)
 
 
-PARTS = {"step": whole_step, "attributions": attributions, "bootstrap": bootstrap}
+PARTS = {"imports": step_imports, "step": whole_step, "attributions": attributions, "bootstrap": bootstrap}
 
 
 if __name__ == "__main__":

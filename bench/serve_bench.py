@@ -103,6 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     package_dir = Path(args.package)
     package = read_package(package_dir)
+    model_name = package["model_name"]
     body = (package_dir / package["samples"][0]["file"]).read_bytes()
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -113,12 +114,12 @@ def main() -> None:
             started = time.perf_counter()
             endpoint = server.start(cfg)
             up = time.perf_counter()
-            copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], store, "digits.mar")
-            register(endpoint, "digits.mar", cfg.serve)
+            copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], store, package["mar"]["file"])
+            register(endpoint, package["mar"]["file"], cfg.serve)
             registered = time.perf_counter()
             headers = server.bearer(endpoint.inference_token)
             url = f"{endpoint.inference_url}/predictions"
-            assert requests.post(f"{url}/digits", data=body, headers=headers, timeout=30).status_code == 200
+            assert requests.post(f"{url}/{model_name}", data=body, headers=headers, timeout=30).status_code == 200
             first = time.perf_counter()
             print(f"cold start: server {up - started:.2f} s + register {registered - up:.2f} s + first prediction "
                   f"{(first - registered) * 1e3:.0f} ms = {first - started:.2f} s")
@@ -128,9 +129,9 @@ def main() -> None:
                                            *itertools.product(parse_ints(args.batch_sizes), parse_ints(args.batch_delays_ms))]))
             names = {"noop": None}
             for size, delay in settings:
-                names[f"digits_b{size}_d{delay}"] = (size, delay)
-                register(endpoint, "digits.mar", OmegaConf.merge(cfg.serve, {"batch_size": size, "max_batch_delay_ms": delay}),
-                         model_name=f"digits_b{size}_d{delay}")
+                names[f"{model_name}_b{size}_d{delay}"] = (size, delay)
+                register(endpoint, package["mar"]["file"], OmegaConf.merge(cfg.serve, {"batch_size": size, "max_batch_delay_ms": delay}),
+                         model_name=f"{model_name}_b{size}_d{delay}")
             for name in names:  # warm-up, long enough for the frontend's JIT to settle
                 load(f"{url}/{name}", body, headers, 2000, 8)
             local_p50, local_rate = in_process(package_dir, body, 2000, cfg.serve.max_image_pixels)
@@ -142,7 +143,7 @@ def main() -> None:
                     results.append((*load(f"{url}/{name}", body, headers, 200, 1),
                                     *load(f"{url}/{name}", body, headers, args.requests // args.rounds, 8)))
             figures = {name: [statistics.median(r[i] for r in results) for i in range(4)] for name, results in rounds.items()}
-            noop, model = figures["noop"], figures["digits_b{}_d{}".format(*settings[0])]
+            noop, model = figures["noop"], figures["{}_b{}_d{}".format(model_name, *settings[0])]
             print(f"{'':28}{'p50 1 client':>14}{'req/s 1 client':>16}{'p50 8 clients':>15}{'req/s 8 clients':>17}")
             print(f"{'in-process onnxruntime':28}{local_p50:>11.2f} ms{local_rate:>16.0f}{'':>15}{'':>17}")
             for label, (p50_1, rate_1, p50_8, rate_8) in (("TorchServe no-op handler", noop), ("TorchServe model", model)):

@@ -91,9 +91,9 @@ def run(package_dir: Path, overrides: list[str], max_pixels: int | None, rounds:
                        *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])
         try:
             endpoint = server.start(cfg)
-            copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], server.state_dir(cfg).model_store, "digits.mar")
-            register(endpoint, "digits.mar", cfg.serve)
-            url, headers = f"{endpoint.inference_url}/predictions/digits", server.bearer(endpoint.inference_token)
+            copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], server.state_dir(cfg).model_store, package["mar"]["file"])
+            register(endpoint, package["mar"]["file"], cfg.serve)
+            url, headers = f"{endpoint.inference_url}/predictions/{package['model_name']}", server.bearer(endpoint.inference_token)
             p50_ms(url, sample, headers, 500)  # warm-up
             bodies = attacks(sample, cfg.serve.max_image_pixels)
             ratios, alone, statuses = {name: [] for name in bodies}, [], {name: {} for name in bodies}

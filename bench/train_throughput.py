@@ -1,10 +1,19 @@
-"""Training-loop efficiency: the template's train step vs a minimal hand-written PyTorch loop
-on the same model, data, batch size and threads, run side by side (alternating, median of N).
+"""Training-loop efficiency, two measurements, each side by side in one process.
 
-    .venv/bin/python bench/train_throughput.py [--epochs 15] [--repeats 3]
+1. The template's train step (startup, DVCLive, checkpoints, lineage, saving included) vs a
+   minimal hand-written PyTorch loop with batched validation, on the same model, data, batch
+   size and threads, at each `--epochs` value. The two take turns, `--repeats` times; printed:
+   images/s min/median/max of each, and the ratio template / minimal of each turn
+   (min/median/max). Target: >= 0.95 at 5 and at 15 epochs.
+2. `--data-path`: the GPU data path (uint8 cache -> pinned batch -> non-blocking copy ->
+   normalised on the device) vs the same training steps on one batch already resident on the
+   device. Printed: images/s of each and the share of the step time spent waiting for data,
+   1 - resident / full. Runs on CPU too (there the "copy" is the host gather).
 
-Needs artifacts/prepared (run `make run` or `dvc repro prepare` first). Prints images/s for
-each and the ratio template / minimal (target >= 0.95).
+    python bench/train_throughput.py [--epochs 5 15] [--repeats 5] [--threads 1]
+    python bench/train_throughput.py --data-path [--device cuda] [--steps 200]
+
+Needs artifacts/prepared (`make run` or `dvc repro prepare` first).
 """
 
 from __future__ import annotations
@@ -22,36 +31,41 @@ from components.core.config import compose
 from components.data.dataset import load_prepared
 from components.model.networks import Normalize, build_model
 from components.train import train
+from components.training.loop import DeviceBatches, train_epoch
 
 
-def minimal_loop(cfg, prepared_dir: Path, validate: bool) -> float:
-    """The textbook loop: shuffle, forward, backward, step (+ one validation pass per epoch)."""
-    torch.manual_seed(cfg.seed)
+def _model_and_data(cfg, prepared_dir: Path, device: torch.device):
     prepared = load_prepared(prepared_dir)
-    x, index = prepared.split("train")
-    xv, index_val = prepared.split("val")
-    images, labels = torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy())
-    val_images = torch.from_numpy(xv)
     meta = prepared.meta
-    model = build_model(cfg.model.name, meta["channels"], len(meta["classes"]), tuple(meta["image_size"]), cfg.model.width, cfg.model.dropout)
-    norm = Normalize(**meta["normalization"])
+    model = build_model(cfg.model.name, meta["channels"], len(meta["classes"]), tuple(meta["image_size"]),
+                        cfg.model.width, cfg.model.dropout).to(device)
+    norm = Normalize(**meta["normalization"]).to(device)
+    return prepared, model, norm
+
+
+def minimal_loop(cfg, prepared_dir: Path) -> float:
+    """The textbook loop: shuffle, forward, backward, step, and one batched validation pass per epoch."""
+    torch.manual_seed(cfg.seed)
+    prepared, model, norm = _model_and_data(cfg, prepared_dir, torch.device("cpu"))
+    x, index = prepared.split("train")
+    xv, _ = prepared.split("val")
+    images, labels, val_images = torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), torch.from_numpy(xv)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn, batch = nn.CrossEntropyLoss(), cfg.train.batch_size
     start = time.perf_counter()
     for _ in range(cfg.train.epochs):
         model.train()
         order = torch.randperm(len(images))
-        for i in range(0, len(images), cfg.train.batch_size):
-            ids = order[i : i + cfg.train.batch_size]
+        for i in range(0, len(images), batch):
+            ids = order[i : i + batch]
             loss = loss_fn(model(norm(images[ids])), labels[ids])
             opt.zero_grad()
             loss.backward()
             opt.step()
-        if validate:
-            model.eval()
-            with torch.no_grad():
-                for i in range(0, len(val_images), cfg.train.batch_size):
-                    model(norm(val_images[i : i + cfg.train.batch_size])).argmax(1)
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(val_images), batch):
+                model(norm(val_images[i : i + batch])).argmax(1)
     return len(images) * cfg.train.epochs / (time.perf_counter() - start)
 
 
@@ -63,26 +77,70 @@ def template_step(cfg, prepared_dir: Path) -> float:
         return n_train * cfg.train.epochs / (time.perf_counter() - start)
 
 
+def spread(values: list[float], fmt: str) -> str:
+    return "/".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
+
+
+def loop_efficiency(epochs: int, repeats: int, prepared_dir: Path, overrides: list[str]) -> None:
+    cfg = compose([f"train.epochs={epochs}", "train.early_stopping_patience=0", "train.device=cpu", *overrides])
+    template, minimal = [], []
+    for _ in range(repeats):  # side by side: a burst of load from elsewhere hits both alike
+        template.append(template_step(cfg, prepared_dir))
+        minimal.append(minimal_loop(cfg, prepared_dir))
+    ratios = [t / m for t, m in zip(template, minimal)]
+    print(f"epochs={epochs:>3}  template {spread(template, '.0f')} images/s (min/median/max)  "
+          f"minimal+val {spread(minimal, '.0f')}  ratio template/minimal {spread(ratios, '.3f')}  (target >= 0.95)")
+
+
+def _steps_per_second(model, data: DeviceBatches, orders: list[torch.Tensor], batch: int, opt) -> float:
+    start = time.perf_counter()
+    for order in orders:
+        train_epoch(model, data, order, batch, opt, nn.CrossEntropyLoss())  # ends with .item(): the device is drained
+    return sum(len(o) for o in orders) / (time.perf_counter() - start)
+
+
+def data_path(device: torch.device, steps: int, repeats: int, prepared_dir: Path, overrides: list[str]) -> None:
+    cfg = compose(["train.device=cpu", *overrides])
+    prepared, model, norm = _model_and_data(cfg, prepared_dir, device)
+    x, index = prepared.split("train")
+    batch = cfg.train.batch_size
+    cache = DeviceBatches(torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), norm, device)
+    first = torch.arange(batch)
+    resident = DeviceBatches(cache.images[first].to(device), cache.labels[first].to(device), norm, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    full_orders = [torch.randint(len(cache), (steps * batch,))]
+    resident_orders = [torch.randint(batch, (steps * batch,), device=device)]
+    full, still = [], []
+    for _ in range(repeats):
+        full.append(_steps_per_second(model, cache, full_orders, batch, opt))
+        still.append(_steps_per_second(model, resident, resident_orders, batch, opt))
+    waiting = [1 - f / s for f, s in zip(full, still)]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no GPU here: the copy is a host gather)"
+    print(f"data path on {name}: {steps} steps of {batch}, {repeats} repeats (min/median/max)")
+    print(f"  from the uint8 cache: {spread(full, '.0f')} images/s")
+    print(f"  batch resident on the device: {spread(still, '.0f')} images/s")
+    print(f"  share of step time waiting for data: {spread(waiting, '.1%')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=15)  # the default config
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, nargs="+", default=[5, 15])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--prepared", type=Path, default=Path("artifacts/prepared"))
+    parser.add_argument("--data-path", action="store_true", help="measure the device data path instead")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for every command (e.g. model=resnet18)")
     args = parser.parse_args()
-    cfg = compose([f"train.epochs={args.epochs}", "train.early_stopping_patience=0", "train.device=cpu", *args.overrides])
-    torch.set_num_threads(torch.get_num_threads())
-    results: dict[str, list[float]] = {"template": [], "minimal+val": [], "minimal": []}
-    for _ in range(args.repeats):
-        results["template"].append(template_step(cfg, args.prepared))
-        results["minimal+val"].append(minimal_loop(cfg, args.prepared, validate=True))
-        results["minimal"].append(minimal_loop(cfg, args.prepared, validate=False))
-    medians = {k: statistics.median(v) for k, v in results.items()}
-    print(f"threads={torch.get_num_threads()} epochs={args.epochs} batch={cfg.train.batch_size} repeats={args.repeats}")
-    for name, value in medians.items():
-        print(f"{name:>12}: {value:8.0f} images/s")
-    print(f"ratio template / minimal+val: {medians['template'] / medians['minimal+val']:.3f}  (target >= 0.95)")
-    print(f"ratio template / minimal (no validation pass): {medians['template'] / medians['minimal']:.3f}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"threads={torch.get_num_threads()} repeats={args.repeats}")
+    if args.data_path:
+        data_path(torch.device(args.device), args.steps, args.repeats, args.prepared, args.overrides)
+        return
+    for epochs in args.epochs:
+        loop_efficiency(epochs, args.repeats, args.prepared, args.overrides)
 
 
 if __name__ == "__main__":

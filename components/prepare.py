@@ -17,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from components.core.cli import run_step
 from components.core.config import select
-from components.data.dataset import decode_error, format_problems, list_dataset, row_problems
+from components.data.dataset import format_problems, list_dataset, row_problems
+from components.data.decoding import RowStats, decode_all
 from components.core.errors import DataError
-from components.runtime.features import feature_table, reference_histograms
+from components.runtime.features import reference_histograms
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
-from components.core.progress import progress
 
 
 def stratified_split(strata: pd.Series, val: float, test: float, seed: int) -> np.ndarray:
@@ -56,16 +56,12 @@ def check_split_sizes(table: pd.DataFrame, data: DictConfig) -> None:
               f"(their metrics will be noise): {', '.join(small[:20])}", file=sys.stderr)
 
 
-def channel_stats(images: np.ndarray, rows: np.ndarray, chunk: int = 1024) -> tuple[list[float], list[float]]:
-    total = np.zeros(images.shape[1])
-    total_sq = np.zeros(images.shape[1])
-    for i in range(0, len(rows), chunk):
-        x = images[rows[i : i + chunk]].astype(np.float64) / 255.0
-        total += x.sum(axis=(0, 2, 3))
-        total_sq += np.square(x, out=x).sum(axis=(0, 2, 3))
-    count = len(rows) * images.shape[2] * images.shape[3]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+def channel_stats(stats: RowStats, rows: np.ndarray, pixels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units over `rows`, from exact integer sums."""
+    count = len(rows) * pixels
+    mean = stats.sums[rows].sum(axis=0) / (255.0 * count)
+    mean_square = stats.squares[rows].sum(axis=0) / (255.0**2 * count)
+    std = np.sqrt(np.maximum(mean_square - mean**2, 1e-12))
     return mean.round(6).tolist(), std.round(6).tolist()
 
 
@@ -85,18 +81,11 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
     channels, size = data.channels, (data.image_size[0], data.image_size[1])
 
     with atomic_dir(out_dir) as tmp:
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(table), channels, *size))
-        for i, file in enumerate(progress(table["file"], "prepare: decoding", unit="img")):
-            if flagged[i]:
-                continue
-            array, problem = decode_error(root / file, channels, size)
-            if problem:
-                problems.append(f"{root / file}: {problem}")
-            else:
-                images[i] = array
+        files = [None if skip else file for file, skip in zip(table["file"], flagged)]
+        decode_problems, stats = decode_all(tmp / "images.npy", root, files, channels, size)
+        problems += decode_problems
         if problems:
             raise DataError(format_problems(problems))
-        images.flush()
 
         table["label_index"] = table["label"].map({c: i for i, c in enumerate(data.classes)}).astype(int)
         strata = table["label"].str.cat([table[a] for a in data.sensitive_attributes], sep="|")
@@ -105,8 +94,8 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
         table.to_csv(tmp / "index.csv", index=False)
 
         train_rows = np.flatnonzero(table["split"].to_numpy() == "train")
-        mean, std = channel_stats(images, train_rows)
-        features = feature_table(images, train_rows)
+        mean, std = channel_stats(stats, train_rows, size[0] * size[1])
+        features = {name: values[train_rows] for name, values in stats.features.items()}
         counts = {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")}
         groups = {a: table[a].value_counts().sort_index().to_dict() for a in data.sensitive_attributes}
         meta = {
@@ -131,7 +120,6 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
                 "lineage": meta["lineage"],
             },
         )
-        del images
     return meta
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from components.core.config import ROOT, load_config
+from components.core.config import ROOT, command_config
 from components.core.errors import run_cli
 from components.core.events import emit
 from components.evaluation.gates import decide
@@ -128,6 +128,10 @@ def check(cfg: DictConfig, tag: str, repo: Path = ROOT) -> dict:
     check_gto_stages(cfg, repo)
     assigned = stage_tag(tag, repo)
     name, version, stage = assigned["name"], assigned["version"], assigned["stage"]
+    model, _ = model_artifact(repo)
+    if name != model:  # the workflow runs on every stage tag; only the model artifact's are deployed
+        raise RegistryError(f"{tag}: assigns a stage to artifact {name!r}, but this repository's model artifact is {model!r} "
+                            "(dvc.yaml `artifacts:`, named by data.name); nothing to deploy")
     if stage not in cfg.registry.stages:
         raise RegistryError(f"{tag}: stage {stage!r} is not declared (registry.stages and .gto allow {list(cfg.registry.stages)})")
     holder = stage_holder(stage, repo)
@@ -195,7 +199,7 @@ def _run_rollback(cfg: DictConfig, args: argparse.Namespace) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Model registry on git tags (GTO-compatible).")
-    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--params", help="a params file instead of params.yaml (not with overrides)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("promote", help="assign a stage to a version (registers the current commit if the version is new)")
     p.add_argument("--version", help="vX.Y.Z; omitted: the next patch version, registered at the current commit")
@@ -206,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run_promote)
     sub.add_parser("versions", help="registered versions and their stages").set_defaults(run=lambda cfg, args: _print_versions(versions()))
     c = sub.add_parser("check", help="may the version a stage tag assigns be deployed? (run by the deploy-on-stage-tag workflow)")
-    c.add_argument("--tag", required=True, help="a stage tag, e.g. digits#prod#3")
+    c.add_argument("--tag", required=True, help="a stage tag <name>#<stage>#N, e.g. digits#prod#3 (<name>: package.model_name)")
     c.set_defaults(run=_run_check)
     r = sub.add_parser("rollback", help="give a stage back to its previous version (deploy it with `python -m serve up --stage`)")
     r.add_argument("--stage", required=True)
@@ -219,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = _parser().parse_args()
-    args.run(load_config(args.params, args.overrides), args)
+    args.run(command_config(args.params, args.overrides), args)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,12 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +32,20 @@ from components.training import distributed
 from components.core.cli import run_step
 from components.core.config import config_hash, select
 from components.data.dataset import Prepared, load_prepared
-from components.core.errors import ConfigError, DataError
+from components.core.errors import ConfigError, DataError, StepError
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import code_hash, lineage
 from components.core.progress import progress
-from components.model.networks import Normalize, build_model, predict_logits, resolve_device
+from components.model.networks import Normalize, build_model, resolve_device
+from components.training.loop import DeviceBatches, EpochLogger, train_epoch, validate
 
 CHECKPOINT = "last.pt"
+
+
+class TrainingError(StepError):
+    """A training process failed (its own error is in the log above)."""
+
+
 SECTIONS = ("seed", "data", "model", "train")  # the config this step reads: its DVC params and its config hash
 
 
@@ -89,127 +100,172 @@ def _resume_key(cfg: DictConfig, prepared: Prepared) -> str:
     return config_hash(OmegaConf.create(container))
 
 
-def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_dir: str | Path = "dvclive",
-          checkpoint_dir: str | Path = "artifacts/checkpoints") -> dict:
-    from dvclive import Live
+@dataclass
+class Run:
+    """Everything one training run updates: the model (and its DDP wrapper), optimiser, data, sampling."""
 
-    cfg = select(cfg, SECTIONS)
-    t = cfg.train
+    model: nn.Module
+    trainer: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: DeviceBatches
+    val: DeviceBatches
+    weights: torch.Tensor | None
+    generator: torch.Generator
+    spec: dict
+    resume_key: str
+
+
+def _load(cfg: DictConfig, prepared_dir: str | Path) -> Prepared:
     prepared = load_prepared(prepared_dir)
     if prepared.meta["classes"] != list(cfg.data.classes) or prepared.meta["channels"] != cfg.data.channels:
         raise DataError(f"{prepared_dir}: prepared with other classes/channels than the config; re-run prepare")
-    processes, device = distributed.setup(resolve_device(t.device))
-    seed_everything(cfg.seed, device)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
+    return prepared
 
-    x_train, index_train = without_groups(*prepared.split("train"), t.exclude_groups, prepared.meta["sensitive_attributes"])
-    x_val, index_val = prepared.split("val")
-    if len(x_train) == 0 or len(x_val) == 0:
-        raise DataError(f"{prepared_dir}: the train or validation split is empty; add data or change data.split")
-    images, labels = torch.from_numpy(x_train), torch.tensor(index_train["label_index"].to_numpy())
-    val_images, val_labels = torch.from_numpy(x_val), torch.tensor(index_val["label_index"].to_numpy())
-    spec = model_spec(cfg, prepared)
-    model = build_model(cfg.model.name, spec["channels"], len(spec["classes"]), tuple(spec["image_size"]), cfg.model.width, cfg.model.dropout).to(device)
-    trainer = distributed.wrap(model, processes, device)
+
+def _device_data(x: np.ndarray, index, norm: nn.Module, device: torch.device) -> DeviceBatches:
+    return DeviceBatches(torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), norm, device)
+
+
+def _build(cfg: DictConfig, prepared: Prepared, prepared_dir, processes: distributed.Processes, device: torch.device) -> Run:
+    t, spec = cfg.train, model_spec(cfg, prepared)
     norm = Normalize(**spec["normalization"]).to(device)
+    x_train, index_train = without_groups(*prepared.split("train"), t.exclude_groups, prepared.meta["sensitive_attributes"])
+    data, val = _device_data(x_train, index_train, norm, device), _device_data(*prepared.split("val"), norm, device)
+    if len(data) == 0 or len(val) == 0:
+        raise DataError(f"{prepared_dir}: the train or validation split is empty; add data or change data.split")
+    model = build_model(cfg.model.name, spec["channels"], len(spec["classes"]), tuple(spec["image_size"]), cfg.model.width, cfg.model.dropout).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
     weights = balanced_weights(group_keys(index_train, spec["sensitive_attributes"])) if t.balanced_sampling else None
-    generator = torch.Generator().manual_seed(cfg.seed)
+    return Run(model, distributed.wrap(model, processes, device), optimizer, data, val, weights,
+               torch.Generator().manual_seed(cfg.seed), spec, _resume_key(cfg, prepared))
 
+
+def _restore(resume: bool, checkpoint: Path, run: Run) -> tuple[dict, bool]:
+    """The loop state to start from: a fresh one, or the checkpoint's when train.resume is on and
+    the checkpoint was written for this run's data, config and code."""
     state = {"epoch": 0, "best_loss": math.inf, "best_accuracy": 0.0, "best_epoch": -1, "bad_epochs": 0, "best_state": None}
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT
-    resume_key = _resume_key(cfg, prepared)
-    saved = torch.load(checkpoint, weights_only=True) if t.resume and checkpoint.exists() else None
-    if saved is not None and saved["resume_key"] != resume_key:
+    saved = torch.load(checkpoint, weights_only=True) if resume and checkpoint.exists() else None
+    if saved is not None and saved["resume_key"] != run.resume_key:
         print(f"warning: {checkpoint} was written for other data, config or code; training starts afresh", file=sys.stderr)
         saved = None
-    resumed = saved is not None
-    if resumed:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        state = saved["state"]
+    if saved is None:
+        return state, False
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["state"], True
 
-    live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=False) if processes.is_main else None
-    n, batch = len(images), t.batch_size
+
+def _save_checkpoint(checkpoint: Path, run: Run, state: dict) -> None:
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint.with_suffix(".tmp")
+    torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "generator": run.generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "state": state, "resume_key": run.resume_key}, tmp)
+    tmp.replace(checkpoint)
+
+
+def _epoch_order(run: Run, processes: distributed.Processes) -> torch.Tensor:
+    n = len(run.data)
+    order = torch.multinomial(run.weights, n, replacement=True, generator=run.generator) if run.weights is not None \
+        else torch.randperm(n, generator=run.generator)
+    return distributed.shard(order, processes)
+
+
+def _track_best(state: dict, epoch: int, val_loss: float, val_acc: float, model: nn.Module) -> None:
+    if val_loss < state["best_loss"]:
+        state.update(best_loss=val_loss, best_accuracy=val_acc, best_epoch=epoch, bad_epochs=0,
+                     best_state=copy.deepcopy(model.state_dict()))
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch + 1
+
+
+def _fit(cfg: DictConfig, run: Run, state: dict, checkpoint: Path, processes: distributed.Processes,
+         logger: EpochLogger | None) -> None:
+    """The epochs: train, validate, log (off this thread), keep the best weights, checkpoint, stop early."""
+    t = cfg.train
     epochs = progress(range(state["epoch"], t.epochs), "train", total=t.epochs, unit="epoch", initial=state["epoch"], every_s=0,
                       disable=not processes.is_main)
     for epoch in epochs:
         epoch_start = time.perf_counter()
-        trainer.train()
-        order = torch.multinomial(weights, n, replacement=True, generator=generator) if weights is not None else torch.randperm(n, generator=generator)
-        order = distributed.shard(order, processes)
-        n_local = len(order)
-        total_loss = 0.0
-        for i in range(0, n_local, batch):
-            ids = order[i : i + batch]
-            x, y = norm(images[ids].to(device, non_blocking=True)), labels[ids].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(trainer(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(ids)
-        distributed.sync_buffers(model, processes)
-        logits = predict_logits(model, norm, val_images, device)
-        val_loss = loss_fn(logits, val_labels).item()
-        val_acc = (logits.argmax(1) == val_labels).float().mean().item()
-        if live:
-            live.log_metric("train/loss", total_loss / n_local)
-            live.log_metric("val/loss", val_loss)
-            live.log_metric("val/accuracy", val_acc)
-            live.next_step()
-        epochs.note(train_loss=total_loss / n_local, val_loss=val_loss, val_accuracy=val_acc,
-                    images_per_s=round(n_local / (time.perf_counter() - epoch_start)))
-
-        if val_loss < state["best_loss"]:
-            state.update(best_loss=val_loss, best_accuracy=val_acc, best_epoch=epoch, bad_epochs=0,
-                         best_state=copy.deepcopy(model.state_dict()))
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
+        order = _epoch_order(run, processes)
+        train_loss = train_epoch(run.trainer, run.data, order, t.batch_size, run.optimizer, nn.CrossEntropyLoss())
+        distributed.sync_buffers(run.model, processes)
+        val_loss, val_acc = validate(run.model, run.val, t.batch_size)
+        if logger:
+            logger.epoch({"train/loss": train_loss, "val/loss": val_loss, "val/accuracy": val_acc})
+        epochs.note(train_loss=train_loss, val_loss=val_loss, val_accuracy=val_acc,
+                    images_per_s=round(len(order) / (time.perf_counter() - epoch_start)))
+        _track_best(state, epoch, val_loss, val_acc, run.model)
         if processes.is_main:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(), "state": state, "resume_key": resume_key}, tmp)
-            tmp.replace(checkpoint)
+            _save_checkpoint(checkpoint, run, state)
         if t.early_stopping_patience and state["bad_epochs"] >= t.early_stopping_patience:
             tqdm.write(f"train: early stop after epoch {epoch + 1} (best epoch {state['best_epoch'] + 1})")
             break
 
-    model.load_state_dict(state["best_state"])
-    if processes.is_main:
-        checkpoint.unlink(missing_ok=True)  # a finished run leaves no checkpoint behind to resume by mistake
-    metrics = {
-        "val_loss": round(state["best_loss"], 6),
-        "val_accuracy": round(state["best_accuracy"], 6),
-        "best_epoch": state["best_epoch"] + 1,
-        "epochs_run": state["epoch"],
-    }
-    distributed.teardown(processes)
-    if not processes.is_main:
-        return metrics
-    # The summary names each quantity once: the best epoch's validation numbers (the per-epoch
-    # values stay in the plots).
-    live.summary = {"val": {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"]},
-                    "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"]}
-    live.make_summary()
-    live.end()
 
-    spec.update(metrics=metrics, lineage=lineage(cfg, __spec__.name, device.type))
+def _save_model(out_dir: str | Path, model: nn.Module, spec: dict) -> None:
     with atomic_dir(out_dir) as tmp_dir:
         weights_cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights_cpu, str(tmp_dir / "model.safetensors"), metadata={"spec": json.dumps(spec, sort_keys=True)})
         write_json(tmp_dir / "model.json", spec)
+
+
+def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_dir: str | Path = "dvclive",
+          checkpoint_dir: str | Path = "artifacts/checkpoints") -> dict:
+    cfg = select(cfg, SECTIONS)
+    prepared = _load(cfg, prepared_dir)
+    processes, device = distributed.setup(resolve_device(cfg.train.device))
+    seed_everything(cfg.seed, device)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    run = _build(cfg, prepared, prepared_dir, processes, device)
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT
+    state, resumed = _restore(cfg.train.resume, checkpoint, run)
+    # Fixed costs (DVCLive's start and writes, the code hash of the lineage) run on one background
+    # thread while the epochs run on this one.
+    with ThreadPoolExecutor(1, thread_name_prefix="train-background") as background:
+        provenance = background.submit(lineage, cfg, __spec__.name, device.type) if processes.is_main else None
+        logger = EpochLogger(background, live_dir, resumed) if processes.is_main else None
+        _fit(cfg, run, state, checkpoint, processes, logger)
+        run.model.load_state_dict(state["best_state"])
+        if processes.is_main:
+            checkpoint.unlink(missing_ok=True)  # a finished run leaves no checkpoint behind to resume by mistake
+        metrics = {"val_loss": round(state["best_loss"], 6), "val_accuracy": round(state["best_accuracy"], 6),
+                   "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"]}
+        distributed.teardown(processes)
+        if not processes.is_main:
+            return metrics
+        # The summary names each quantity once: the best epoch's validation numbers (the per-epoch
+        # values stay in the plots).
+        logger.finish({"val": {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"]},
+                       "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"]})
+        run.spec.update(metrics=metrics, lineage=provenance.result())
+    _save_model(out_dir, run.model, run.spec)
     return metrics
 
 
+def launch(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_dir: str | Path = "dvclive",
+           checkpoint_dir: str | Path = "artifacts/checkpoints") -> dict:
+    """The train step as every path runs it (`dvc repro`, KFP): with train.processes above 1 it
+    starts itself under torchrun, one process per GPU (gloo on CPU); under torchrun already, or with
+    one process, it trains here."""
+    if cfg.train.processes == 1 or "RANK" in os.environ:
+        return train(cfg, prepared_dir, out_dir, live_dir, checkpoint_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        params = Path(tmp) / "params.yaml"
+        OmegaConf.save(cfg, params)
+        torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.train.processes}",
+                                   "-m", __spec__.name, "--params", str(params), "--prepared", str(prepared_dir), "--out", str(out_dir),
+                                   "--live", str(live_dir), "--checkpoints", str(checkpoint_dir)])
+    if torchrun.returncode != 0:
+        raise TrainingError(f"train: torchrun with train.processes={cfg.train.processes} exited with {torchrun.returncode} (its log is above)")
+    return json.loads((Path(out_dir) / "model.json").read_text())["metrics"]
+
+
 if __name__ == "__main__":
-    # under torchrun, rank 0 speaks for all
-    run_step(train, "Train the configured model on the prepared data.",
-             lambda metrics, args: f"train: {metrics} -> {args.out}" if os.environ.get("RANK", "0") == "0" else None,
+    # The processes torchrun starts stay quiet: whoever launched them reports.
+    run_step(launch, "Train the configured model on the prepared data.",
+             lambda metrics, args: None if "RANK" in os.environ else f"train: {metrics} -> {args.out}",
              prepared="artifacts/prepared", out="artifacts/model", live="dvclive", checkpoints="artifacts/checkpoints")

@@ -25,6 +25,7 @@ from components.core.config import select
 from components.core.errors import ConfigError
 from components.core.lineage import DATA_HASH_ENV, data_hash
 from pipelines.in_pod import GIT_CREDENTIALS_ENV, GIT_SSH_KEY_ENV
+from pipelines.trainjob import trainjob_op, trainjob_template
 from pipelines.wrappers import (deploy_op, evaluate_op, gate_op, package_op, prepare_op, record_outcome_op, select_best_op,
                                 train_op)
 
@@ -108,12 +109,26 @@ def _steps_to_evaluate(b: Build, configs: dict, data: dict, run: dict):
     gpus = p.train.accelerator_count
     prepare = prepare_op(config=configs["prepare"], expected_commit=b.commit, **data)
     _with_data_secrets(_with_cluster_settings(prepare, b, p.resources).set_display_name("prepare"), p)
-    train = train_op(config=configs["train"], expected_commit=b.commit, gpus=gpus, prepared=prepare.outputs["prepared"], **run)
-    _on_gpu_nodes(_with_cluster_settings(train, b, p.train, gpu=gpus > 0).set_display_name("train"), p.train)
+    if p.train.nodes > 1:
+        train = _trainjob(b, configs["train"], prepare, run)
+    else:
+        train = train_op(config=configs["train"], expected_commit=b.commit, gpus=gpus, prepared=prepare.outputs["prepared"], **run)
+        _on_gpu_nodes(_with_cluster_settings(train, b, p.train, gpu=gpus > 0).set_display_name("train"), p.train)
     evaluate = evaluate_op(config=configs["evaluate"], expected_commit=b.commit, prepared=prepare.outputs["prepared"],
                            model=train.outputs["model"])
     _with_cluster_settings(evaluate, b, p.resources).set_display_name("evaluate")
     return prepare, train, evaluate
+
+
+def _trainjob(b: Build, config: str, prepare: PipelineTask, run: dict) -> PipelineTask:
+    """Above one node, a small CPU task runs the train step as a Kubeflow Trainer TrainJob and awaits it."""
+    t = b.cfg.pipeline.train
+    job = trainjob_template(b.cfg, b.image(gpu=t.accelerator_count > 0), b.commit)
+    train = trainjob_op(config=config, expected_commit=b.commit, gpus=t.accelerator_count, job=json.dumps(job),
+                        poll_s=t.trainer_poll_s, prepared=prepare.outputs["prepared"], **run)
+    waiting = OmegaConf.merge(b.cfg.pipeline.resources, {"timeout_s": t.trainer_timeout_s + 600})  # outlives the job's deadline
+    # It reads the job's outputs from the artifact store; no retries: a retry would start a second job.
+    return _with_data_secrets(_with_cluster_settings(train, b, waiting, retries=False).set_display_name("train"), b.cfg.pipeline)
 
 
 def _package_and_deploy(b: Build, gate: PipelineTask, prepare: PipelineTask, train: PipelineTask, deploy_enabled) -> None:

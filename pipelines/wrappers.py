@@ -36,29 +36,17 @@ def prepare_op(config: str, expected_commit: str, data_repo: str, data_rev: str,
 @component
 def train_op(config: str, expected_commit: str, gpus: int, epochs: int, lr: float, batch_size: int, model_name: str,
              prepared: Input[Dataset], model: Output[Model], metrics: Output[Metrics], training_log: Output[Artifact]):
-    """With GPUs the device is cuda, never a silent CPU fallback; above one GPU, one process per GPU (torchrun)."""
-    import json
-    import subprocess
-    import sys
+    """With GPUs the device is cuda, never a silent CPU fallback, and one process per GPU (the train step's torchrun)."""
     import tempfile
 
-    from omegaconf import OmegaConf
-
-    from components.train import train
+    from components.train import launch
     from pipelines.in_pod import step_config
 
     run_parameters = {"train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size, "model.name": model_name}
-    cfg = step_config(config, expected_commit, {**run_parameters, **({"train.device": "cuda"} if gpus else {})})
+    on_gpus = {"train.device": "cuda", "train.processes": gpus} if gpus else {}
+    cfg = step_config(config, expected_commit, {**run_parameters, **on_gpus})
     with tempfile.TemporaryDirectory() as checkpoints:
-        if gpus > 1:
-            with tempfile.NamedTemporaryFile("w", suffix=".yaml") as params:
-                OmegaConf.save(cfg, params.name)
-                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
-                                "-m", "pipelines.distributed_train", "--config", params.name, "--prepared", prepared.path,
-                                "--out", model.path, "--live", training_log.path, "--checkpoints", checkpoints], check=True)
-            results = json.loads(open(f"{model.path}/model.json").read())["metrics"]
-        else:
-            results = train(cfg, prepared.path, model.path, training_log.path, checkpoints)
+        results = launch(cfg, prepared.path, model.path, training_log.path, checkpoints)
     for name, value in results.items():
         metrics.log_metric(name, value)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from components.core.config import ROOT, load_config
+from components.core.config import ROOT, command_config
 from components.core.errors import StepError, run_cli
 from components.core.events import emit
 from components.deploy import deploy, read_package
@@ -152,7 +152,7 @@ def main() -> None:
     for sub in commands.choices.values():
         sub.add_argument("overrides", nargs="*", help="config overrides, e.g. serve.inference_port=9080")
     args = parser.parse_args()
-    args.run(load_config(overrides=args.overrides), args)
+    args.run(command_config(None, args.overrides), args)
 
 
 if __name__ == "__main__":

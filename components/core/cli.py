@@ -4,7 +4,8 @@
     python -m components.train train.lr=0.01 model=resnet18 experiment=quick
 
 Without overrides a step reads params.yaml, and refuses it when conf/ has changed since it was
-generated; with overrides it composes conf/ exactly as `dvc exp run -S` does.
+generated; with overrides it composes conf/ exactly as `dvc exp run -S` does; `--params FILE`
+reads another params file (how the train step hands its config to its torchrun processes).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from components.core.config import check_params, load_config
+from components.core.config import command_config
 from components.core.errors import run_cli
 
 OVERRIDES_HELP = "Hydra overrides of conf/: keys (train.lr=0.01), groups (model=resnet18), presets (experiment=quick)"
@@ -24,13 +25,12 @@ def run_step(step: Callable, description: str, summary: Callable[[object, argpar
     parser = argparse.ArgumentParser(description=description)
     for name, default in paths.items():
         parser.add_argument(f"--{name}", default=default)
+    parser.add_argument("--params", help="a params file instead of params.yaml (not with overrides)")
     parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
     def main() -> None:
         args = parser.parse_args()
-        if not args.overrides:
-            check_params()
-        result = step(load_config(overrides=args.overrides), *(getattr(args, name) for name in paths))
+        result = step(command_config(args.params, args.overrides), *(getattr(args, name) for name in paths))
         message = summary(result, args)
         if message:
             print(message)

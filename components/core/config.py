@@ -1,4 +1,5 @@
-"""Typed view of the Hydra config in conf/ (and of params.yaml, which is generated from it).
+"""Typed view of the Hydra config in conf/ (and of params.yaml, which is generated from it, as are the
+model artifact's declarations in artifacts.yaml and dvc.yaml).
 
 The dataclasses are the schema: a key that is not declared here, or a value of the wrong
 type, is rejected with the full dotted key in the message.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -87,6 +89,7 @@ class TrainConfig:
     balanced_sampling: bool = MISSING
     exclude_groups: list[str] = MISSING
     device: str = MISSING
+    processes: int = at_least(1)
     num_threads: int = at_least(0)
     resume: bool = MISSING
 
@@ -209,6 +212,10 @@ class PipelineTrainResources(PipelineResources):
     node_selector: dict[str, str] = MISSING
     tolerations: list[Toleration] = MISSING
     shm_size: str = MISSING
+    nodes: int = at_least(1)
+    trainer_runtime: str = MISSING
+    trainer_timeout_s: int = at_least(1)
+    trainer_poll_s: int = at_least(1)
 
 
 @dataclass
@@ -354,8 +361,9 @@ def _check(cfg: DictConfig) -> list[str]:
 
 def _serve_problems(p: DictConfig, s: DictConfig) -> list[str]:
     problems = []
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", p.model_name):
-        problems.append(f"package.model_name must be letters, digits, '_' or '-', got {p.model_name!r}")
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?", p.model_name):  # also a valid GTO/DVC artifact name
+        problems.append(f"package.model_name must be letters, digits, '_' or '-', starting and ending with a letter or digit, "
+                        f"got {p.model_name!r}")
     try:
         loopback = ipaddress.ip_address(s.host).is_loopback
     except ValueError:
@@ -395,16 +403,26 @@ def validate(raw: Any, source: str) -> DictConfig:
     return cfg
 
 
-def load_config(params_file: str | os.PathLike = PARAMS_FILE, overrides: list[str] = ()) -> DictConfig:
-    """The config a step runs with: params.yaml as DVC wrote it, or, given Hydra overrides,
-    conf/ composed with them exactly as `dvc exp run -S` does (keys, group choices such as
-    `model=resnet18`, presets such as `experiment=quick`)."""
-    if overrides:
-        return compose(list(overrides))
+def load_config(params_file: str | os.PathLike = PARAMS_FILE) -> DictConfig:
+    """The config in a params file (params.yaml as DVC wrote it, by default), validated."""
     path = Path(params_file)
     if not path.exists():
         raise ConfigError(f"{path}: not found (run `make params` to generate it from conf/)")
     return validate(OmegaConf.load(path), str(path))
+
+
+def command_config(params_file: str | os.PathLike | None, overrides: list[str]) -> DictConfig:
+    """The config of a command line: conf/ composed with Hydra overrides exactly as `dvc exp run -S`
+    does (keys, group choices such as `model=resnet18`, presets such as `experiment=quick`); or a
+    params file; or, given neither, params.yaml, refused when conf/ changed since it was generated."""
+    if overrides and params_file is not None:
+        raise ConfigError(f"give either --params {params_file} or overrides of conf/ {list(overrides)}, not both")
+    if overrides:
+        return compose(list(overrides))
+    if params_file is None:
+        check_params()
+        return load_config()
+    return load_config(params_file)
 
 
 def compose(overrides: list[str] = ()) -> DictConfig:
@@ -428,6 +446,23 @@ def _compose_to(out: Path, overrides: list[str]) -> None:
 
 
 OVERRIDES_HEADER = "# Generated from conf/ with overrides: "  # first line of params.yaml; never edit the file
+DIGEST_HEADER = "# Digests of conf/ and of the lines below: "  # its second line: lets a check skip recomposing conf/
+
+
+def _digest_line(body: bytes) -> bytes:
+    digest = hashlib.sha256()
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        digest.update(f"{path.relative_to(CONF_DIR)}\0".encode() + path.read_bytes() + b"\0")
+    return f"{DIGEST_HEADER}{digest.hexdigest()[:16]} {hashlib.sha256(body).hexdigest()[:16]}".encode()
+
+
+def _unchanged_since_written(params_file: Path) -> bool:
+    """params.yaml is byte for byte what write_params made, from conf/ as it is now (milliseconds,
+    where recomposing conf/ takes a large part of a second)."""
+    if not params_file.exists():
+        return False
+    _, digests, body = (params_file.read_bytes().split(b"\n", 2) + [b"", b""])[:3]
+    return digests == _digest_line(body)
 
 
 def write_params(overrides: list[str] = (), params_file: Path = PARAMS_FILE) -> bool:
@@ -437,7 +472,8 @@ def write_params(overrides: list[str] = (), params_file: Path = PARAMS_FILE) -> 
         out = Path(tmp) / "params.yaml"
         _compose_to(out, overrides)
         validate(OmegaConf.load(out), "conf/")
-        new = (OVERRIDES_HEADER + json.dumps(list(overrides)) + "\n").encode() + out.read_bytes()
+        body = out.read_bytes()
+        new = (OVERRIDES_HEADER + json.dumps(list(overrides)) + "\n").encode() + _digest_line(body) + b"\n" + body
         if params_file.exists() and params_file.read_bytes() == new:
             return False
         out.write_bytes(new)
@@ -468,7 +504,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 def check_params(params_file: Path = PARAMS_FILE) -> None:
     """Refuse a params.yaml that conf/ no longer matches (plain `dvc repro` never recomposes it).
     Under `dvc exp run`, DVC has just composed params.yaml from conf/ and the -S overrides."""
-    if os.environ.get("DVC_EXP_BASELINE_REV"):
+    if os.environ.get("DVC_EXP_BASELINE_REV") or _unchanged_since_written(params_file):
         return
     stale = stale_keys(params_file)
     if stale:
@@ -476,6 +512,50 @@ def check_params(params_file: Path = PARAMS_FILE) -> None:
                           f"with overrides {recorded_overrides(params_file)} "
                           f"({'; '.join(stale[:10])}{'; ...' if len(stale) > 10 else ''}). "
                           "Run `make params` (then `dvc repro`), or `dvc exp run`, which composes conf/ itself.")
+
+
+ARTIFACTS_HEADER = ("# GTO's index of this repository's artifacts, generated from conf/ (package.model_name) by\n"
+                    "# `python -m components.core.config` with `artifacts:` in dvc.yaml; never hand-edited.\n")
+
+
+def stale_artifact_files(model_name: str, root: Path = ROOT) -> dict[Path, str]:
+    """The files that do not declare the model artifact (the package) as `model_name`, with the text they must
+    read: GTO's index artifacts.yaml whole, dvc.yaml with only its `artifacts:` section replaced (the rest stays)."""
+    desc = f"Image classifier packaged as ONNX + TorchServe archive (model.onnx, signature.json, {model_name}.mar)"
+    index = f"{ARTIFACTS_HEADER}{model_name}:\n  type: model\n  path: artifacts/package\n  description: {desc}\n  labels: [onnx, torchserve]\n"
+    section = ["artifacts:", f"  {model_name}:", "    path: artifacts/package", "    type: model", f"    desc: {desc}",
+               "    labels: [onnx, torchserve]"]
+    lines = (root / "dvc.yaml").read_text().splitlines()
+    start = lines.index("artifacts:") if "artifacts:" in lines else len(lines)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i][:1] not in ("", " ", "#")), len(lines))
+    while end > start + 1 and lines[end - 1][:1] in ("", "#"):  # blank lines and comments before the next key are its own
+        end -= 1
+    wanted = {root / "artifacts.yaml": index, root / "dvc.yaml": "\n".join(lines[:start] + section + lines[end:]) + "\n"}
+    return {path: text for path, text in wanted.items() if not path.exists() or path.read_text() != text}
+
+
+def write_artifacts(model_name: str, root: Path = ROOT) -> list[str]:
+    """Declare the model artifact as `model_name` in artifacts.yaml and dvc.yaml; returns the files rewritten."""
+    stale = stale_artifact_files(model_name, root)
+    for path, text in stale.items():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return [path.name for path in stale]
+
+
+def check_artifacts(model_name: str, root: Path = ROOT) -> None:
+    """Refuse artifact declarations that do not name the model as conf/ does (`gto register <name>`,
+    `dvc artifacts get . <name>` and the stage tags the deploy workflow reads all go by them)."""
+    stale = []
+    for path in stale_artifact_files(model_name, root):
+        loaded = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+        declared = list((loaded.get("artifacts") if path.name == "dvc.yaml" else loaded) or {})
+        stale.append(f"{path.name} is stale (declares {declared}{' with other fields' if declared == [model_name] else ''})")
+    if stale:
+        raise ConfigError(f"{'; '.join(stale)}: params.yaml names the model artifact {model_name!r} (package.model_name, from data.name). "
+                          "Run `make params`, which writes the declarations from conf/ (choose the dataset in conf/config.yaml: "
+                          "`dvc exp run -S data...` cannot declare its artifact).")
 
 
 def select(cfg: DictConfig, sections: tuple[str, ...]) -> DictConfig:
@@ -499,17 +579,22 @@ if __name__ == "__main__":
 
     from components.core.errors import run_cli
 
-    parser = argparse.ArgumentParser(description="params.yaml from conf/: regenerate it, or check that it is current.")
-    parser.add_argument("--check", action="store_true", help="only check that params.yaml matches conf/ (the `config` stage)")
+    parser = argparse.ArgumentParser(description="params.yaml and the model artifact's declarations from conf/: regenerate them, "
+                                                 "or check that they are current.")
+    parser.add_argument("--check", action="store_true", help="only check that they match conf/ (the `config` stage)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides written into params.yaml, e.g. train.lr=0.01")
 
     def _main() -> None:
         args = parser.parse_args()
         if args.check:
             check_params()
-            print("params.yaml matches conf/")
+            check_artifacts(load_config().package.model_name)
+            print("params.yaml, artifacts.yaml and dvc.yaml's `artifacts:` match conf/")
         else:
             changed = write_params(args.overrides)
+            name = load_config().package.model_name
+            written = write_artifacts(name)
             print(f"params.yaml {'regenerated' if changed else 'already up to date'} from conf/")
+            print(f"model artifact {name!r}: {' and '.join(written) + ' rewritten' if written else 'artifacts.yaml and dvc.yaml already declare it'}")
 
     run_cli(_main)

@@ -53,13 +53,13 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def step(self, **stats: object) -> None:
-        """One item done (for code that is not a loop: one phase done), with its numbers."""
+    def step(self, count: int = 1, **stats: object) -> None:
+        """`count` items done (for code that is not a loop: one phase done), with their numbers."""
         self.stats = stats
-        self.done += 1
+        self.done += count
         if self.bar is not None:
             self.bar.set_postfix({k: _shown(v) for k, v in self.stats.items()}, refresh=False)
-            self.bar.update(1)
+            self.bar.update(count)
             return
         now = time.monotonic()
         if self.disable or (now - self.last < self.every_s and self.done < self.total):

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
 
 from components.core.errors import DataError
+from components.data.decoding import decode  # noqa: F401 (callers read one image through this module too)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MAX_LISTED_PROBLEMS = 200
@@ -99,26 +99,6 @@ def row_problems(table: pd.DataFrame, data: DictConfig, root: Path, source: str)
     return problems, flagged
 
 
-def decode(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """Decode one image to uint8 (C, H, W), converted to `channels` and resized to `size` (H, W)."""
-    with Image.open(path) as img:
-        img.load()
-        img = img.convert("L" if channels == 1 else "RGB")
-        if img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.BILINEAR)
-        array = np.asarray(img, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
-
-
-def decode_error(path: Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
-    try:
-        return decode(path, channels, size), None
-    except FileNotFoundError:
-        return None, "file not found"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        return None, f"cannot decode image ({exc.__class__.__name__}: {exc})"
-
-
 def format_problems(problems: list[str]) -> str:
     shown = problems[:MAX_LISTED_PROBLEMS]
     more = len(problems) - len(shown)
@@ -134,8 +114,11 @@ class Prepared:
     meta: dict
 
     def split(self, name: str) -> tuple[np.ndarray, pd.DataFrame]:
-        rows = self.index.index[self.index["split"] == name].to_numpy()
-        return np.array(self.images[rows]), self.index.iloc[rows].reset_index(drop=True)
+        rows = np.flatnonzero((self.index["split"] == name).to_numpy())
+        part = self.index.iloc[rows].reset_index(drop=True)
+        for column in part.select_dtypes("category").columns:  # only the groups this split has
+            part[column] = part[column].cat.remove_unused_categories()
+        return np.array(self.images[rows]), part
 
 
 def load_prepared(prepared_dir: str | Path) -> Prepared:
@@ -144,8 +127,8 @@ def load_prepared(prepared_dir: str | Path) -> Prepared:
     if not meta_file.exists():
         raise DataError(f"{prepared_dir}: not a prepared dataset (no prepared.json); run the prepare step first")
     meta = json.loads(meta_file.read_text())
-    index = pd.read_csv(prepared_dir / "index.csv", dtype={"file": str, "label": str}, keep_default_na=False)
-    for attr in meta["sensitive_attributes"]:
-        index[attr] = index[attr].astype(str)
+    # Few distinct values per column: categorical (a code per row), a third of the memory of strings at 1M rows.
+    grouped = {column: "category" for column in ("label", "split", *meta["sensitive_attributes"])}
+    index = pd.read_csv(prepared_dir / "index.csv", dtype={"file": str, **grouped}, keep_default_na=False)
     images = np.load(prepared_dir / "images.npy", mmap_mode="r")
     return Prepared(images=images, index=index, meta=meta)

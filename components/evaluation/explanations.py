@@ -7,10 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from captum.attr import IntegratedGradients, Occlusion
-from interpret.glassbox import ExplainableBoostingClassifier
 from omegaconf import DictConfig
-from scipy.stats import spearmanr
 from torch import nn
 
 from components.evaluation.report import figure_png, new_figure
@@ -36,6 +33,8 @@ def error_analysis(features: pd.DataFrame, errors: np.ndarray, e: DictConfig, se
     if min(n_errors, len(errors) - n_errors) < MIN_PER_OUTCOME:
         summary["findings"] = [f"Not fitted: {n_errors} error(s) in {len(errors)} test images is too few to tell where errors concentrate."]
         return summary
+    from interpret.glassbox import ExplainableBoostingClassifier  # imported where used: a second of import time
+
     # Text columns (true label, sensitive attributes) are categories, even when they read as numbers ("0".."9").
     types = ["continuous" if pd.api.types.is_numeric_dtype(features[c]) else "nominal" for c in features.columns]
     ebm = ExplainableBoostingClassifier(feature_types=types, interactions=e.error_analysis_interactions, random_state=seed)
@@ -61,6 +60,8 @@ def describe(term: str, features: pd.DataFrame, contribution: np.ndarray, errors
         rate = errors[values.to_numpy() == worst].mean()
         return (f"{term}: with the other features accounted for, {term} = {worst} makes errors most likely "
                 f"(on its own: error rate {rate:.1%} against {errors.mean():.1%} overall).")
+    from scipy.stats import spearmanr
+
     direction = "higher" if spearmanr(values, contribution).statistic > 0 else "lower"
     return (f"{term}: with the other features accounted for, {direction} values make errors more likely "
             f"(on its own: mean {values[errors].mean():.3g} on errors, {values[~errors].mean():.3g} on correct predictions).")
@@ -105,6 +106,8 @@ def attribution_sample(probs: np.ndarray, y_true: np.ndarray, n: int, seed: int)
 def attribute(model: nn.Module, norm: nn.Module, images: np.ndarray, targets: np.ndarray, e: DictConfig,
               device: torch.device) -> np.ndarray:
     """Attribution of the target class to each pixel, summed over channels: (N, H, W)."""
+    from captum.attr import IntegratedGradients, Occlusion  # imported where used: most of a second
+
     forward = nn.Sequential(norm, model).to(device).eval()
     x = torch.from_numpy(images).float().to(device)
     target = torch.from_numpy(targets).to(device)

@@ -1,0 +1,128 @@
+"""Decode a listing of image files into a uint8 (N, C, H, W) `.npy` cache on every core.
+
+Rows are cut into contiguous chunks; each worker process opens the same memory-mapped file
+and writes its chunk in place, so memory stays bounded by the pages of the output array and
+the result is byte-identical whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from components.core.progress import progress
+from components.runtime.features import FEATURES, image_features
+
+
+CHUNK_ROWS = 2048  # large enough to amortise a task's overhead, small enough to balance the cores
+BLOCK_ELEMENTS = 1 << 22  # pixels per block of row_stats: its float32 copies stay at ~16 MB
+
+
+def decode(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Decode one image to uint8 (C, H, W), converted to `channels` and resized to `size` (H, W)."""
+    with Image.open(path) as img:
+        img.load()
+        img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def decode_error(path: Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return decode(path, channels, size), None
+    except FileNotFoundError:
+        return None, "file not found"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return None, f"cannot decode image ({exc.__class__.__name__}: {exc})"
+
+
+def available_cores() -> int:
+    """The cores this process may run on (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class RowStats:
+    """Per-image statistics taken while a decoded chunk is still in cache, so nothing reads the
+    array again: per-channel pixel sums and sums of squares (exact integers, for the
+    normalisation) and the drift features of components.runtime.features."""
+
+    sums: np.ndarray  # (N, C) uint64
+    squares: np.ndarray  # (N, C) uint64
+    features: dict[str, np.ndarray]  # name -> (N,)
+
+    @classmethod
+    def concat(cls, parts: list[RowStats]) -> RowStats:
+        """The parts' rows one after the other (each feature keeps the dtype components.runtime.features gives it)."""
+        return cls(np.concatenate([p.sums for p in parts]), np.concatenate([p.squares for p in parts]),
+                   {name: np.concatenate([p.features[name] for p in parts]) for name in FEATURES})
+
+
+def row_stats(images: np.ndarray) -> RowStats:
+    """RowStats of a uint8 (N, C, H, W) block, a few MB at a time (the float copies stay small)."""
+    block = max(1, BLOCK_ELEMENTS // max(images[0].size, 1)) if len(images) else 1
+    parts = []
+    for i in range(0, len(images), block):
+        x = images[i : i + block]
+        wide = x.astype(np.uint32)
+        parts.append(RowStats(x.sum(axis=(2, 3), dtype=np.uint64), (wide * wide).sum(axis=(2, 3), dtype=np.uint64),
+                              image_features(x)))
+    return RowStats.concat(parts)
+
+
+def decode_chunk(cache: str, root: str, files: Sequence[str | None], start: int, channels: int,
+                 size: tuple[int, int]) -> tuple[list[tuple[int, str]], RowStats]:
+    """Decode files into rows start.. of the .npy at `cache` (a None file is skipped: its row stays
+    zero); returns (row, problem) for the failures, and the chunk's RowStats."""
+    images = np.load(cache, mmap_mode="r+")
+    problems = []
+    for offset, file in enumerate(files):
+        if file is None:
+            continue
+        array, problem = decode_error(Path(root) / file, channels, size)
+        if problem:
+            problems.append((start + offset, f"{Path(root) / file}: {problem}"))
+        else:
+            images[start + offset] = array
+    images.flush()
+    return problems, row_stats(images[start : start + len(files)])
+
+
+def decode_all(cache: Path, root: Path, files: Sequence[str | None], channels: int, size: tuple[int, int],
+               workers: int = 0) -> tuple[list[str], RowStats]:
+    """Create `cache` (N, channels, *size uint8) and decode every file into it (None: a row not to
+    read, left zero); workers=0 uses every core.
+
+    Returns one message per file that could not be decoded, in row order, and every row's RowStats."""
+    np.lib.format.open_memmap(cache, mode="w+", dtype=np.uint8, shape=(len(files), channels, *size)).flush()
+    chunks = [(start, list(files[start : start + CHUNK_ROWS])) for start in range(0, len(files), CHUNK_ROWS)]
+    workers = min(workers or available_cores(), len(chunks))
+    args = (str(cache), str(root))
+    done = progress((), "prepare: decoding", total=len(files), unit="img")
+    found: list[tuple[int, str]] = []
+    parts: list[RowStats] = []
+    if workers <= 1:  # small datasets: no process start-up cost
+        for start, part in chunks:
+            problems, part_stats = decode_chunk(*args, part, start, channels, size)
+            found += problems
+            parts.append(part_stats)
+            done.step(len(part))
+    else:
+        # spawn, not fork: a forked child could inherit a lock held by another thread of the caller
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(decode_chunk, *args, part, start, channels, size) for start, part in chunks]
+            for future, (_, part) in zip(futures, chunks):
+                problems, part_stats = future.result()
+                found += problems
+                parts.append(part_stats)
+                done.step(len(part))
+    done.close()
+    return [message for _, message in sorted(found)], RowStats.concat(parts)
