@@ -30,11 +30,13 @@ def main() -> None:
     overrides = sys.argv[1:]  # Hydra overrides of conf/, as for every command: written into the copy's params.yaml
     with tempfile.TemporaryDirectory() as tmp:
         repo = copy_project(Path(tmp) / "repo")
-        run(["python", "-m", "components.core.config", *overrides], repo)
+        # The copy's own server settings live in its params.yaml, as a user's would: `make run` then
+        # runs exactly as typed, with no SERVE_ARGS.
+        serve = [f"serve.state_dir={Path(tmp) / 'serve'}", *(f"serve.{k}={p}" for k, p in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))]
+        run(["python", "-m", "components.core.config", *overrides, *serve], repo)
         prepare_train = timed(["dvc", "repro", "train"], repo)
         rest = timed(["dvc", "repro"], repo)
-        make = ["make", f"VENV={Path(VENV_BIN).parent}", "SERVE_ARGS=" + " ".join(
-            [f"serve.state_dir={Path(tmp) / 'serve'}", *(f"serve.{k}={p}" for k, p in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])]
+        make = ["make", f"VENV={Path(VENV_BIN).parent}"]
         run([*make, "run"], repo)  # starts the server and deploys
         try:
             rounds = [(timed(["dvc", "status"], repo), timed(["dvc", "repro"], repo), timed([*make, "run"], repo)) for _ in range(5)]

@@ -17,6 +17,8 @@ from components.package import package
 from components.serving import server
 from tests.helpers.servers import free_ports, prometheus_server
 
+pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
+
 GRAFANA = ROOT / "serve" / "grafana"
 DASHBOARD = json.loads((GRAFANA / "dashboards" / "serving.json").read_text())
 QUIET_WHEN_HEALTHY = {"5xx", "server errors (5xx)"}  # no series until a server error happens

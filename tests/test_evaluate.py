@@ -22,6 +22,8 @@ from components.model.networks import load_trained, predict_logits
 from components.prepare import prepare
 from tests.helpers.datasets import make_image_dataset
 
+pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
+
 DIGITS = tuple("0123456789")
 FAST = ("evaluate.attribution_samples=4", "evaluate.bootstrap_samples=200")
 

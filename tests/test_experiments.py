@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers.project import copy_project, run
 
+pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
+
 # docs/experiments.md: what changed and what came out, without timestamps, executors and dependency hashes.
 SHOW = ["dvc", "exp", "show", "--only-changed", "--drop", "Created|State|Executor|step|.*/.*|conf|data|requirements.lock",
         "--keep", "gate", "--md"]

@@ -84,6 +84,7 @@ def test_manifests_wire_config_volume_probes_and_policy_together():
     assert ports == {"inference": cfg.serve.inference_port, "management": cfg.serve.management_port, "metrics": cfg.serve.metrics_port}
 
 
+@pytest.mark.slow
 def test_config_properties_is_generated_from_conf_serve():
     assert CONFIG_FILE.read_text() == cluster_config_properties(compose([]))
     assert HANDLER_ENV_FILE.read_text() == cluster_handler_env(compose([]))
@@ -148,6 +149,7 @@ def packaged(digits_run, tmp_path_factory) -> dict:
     return {"mar": out / manifest["mar"]["file"], "version": manifest["version"]}
 
 
+@pytest.mark.slow
 def test_the_deploy_step_against_a_torchserve_configured_like_the_manifests(packaged, tmp_path):
     cfg = compose([f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS)))])
     s, volume = cfg.serve, tmp_path / "volume"
@@ -173,6 +175,7 @@ def test_the_deploy_step_against_a_torchserve_configured_like_the_manifests(pack
     assert seen[0] != seen[1]
 
 
+@pytest.mark.slow
 def test_a_torchserve_run_like_the_kserve_runtime_serves_the_storage_uri_layout_over_v2(packaged, tmp_path):
     cfg = compose([f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS)))])
     s, name = cfg.serve, cfg.package.model_name

@@ -17,6 +17,8 @@ from tests.helpers.datasets import make_image_dataset
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.workflow import run_job
 
+pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
+
 SAMPLE_WORDS = re.compile(r"\b(digits?|handwritten|site(_[ab])?|scikit-learn)\b", re.IGNORECASE)
 
 SHAPES_YAML = """
@@ -41,7 +43,6 @@ limitations:
 """
 
 
-@pytest.mark.slow
 def test_a_second_dataset_is_one_config_file_and_no_output_mentions_the_sample(tmp_path):
     repo = copy_project(tmp_path / "repo", with_data=False)
     data = make_image_dataset(tmp_path / "shapes", classes=("circle", "square", "star"), per_class=20, channels=3,

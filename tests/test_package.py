@@ -24,6 +24,8 @@ from components.package import SECTIONS, CODE_FILES, package
 from components.runtime.features import image_features, intensity
 from components.runtime.request import decode_image
 
+pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
+
 
 @pytest.fixture(scope="module")
 def packaged(digits_run, tmp_path_factory):

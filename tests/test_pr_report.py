@@ -6,10 +6,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from components.core.config import ROOT
 from tests.helpers.project import git_commit, run
+
+pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
 
 SCRIPT = ROOT / ".ci" / "pr_report.py"
 DVC_YAML = """stages:

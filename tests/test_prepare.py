@@ -97,6 +97,7 @@ def test_missing_columns_are_named(tiny_dataset, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_exits_non_zero_with_the_problem_list(tiny_dataset, tmp_path):
     (tiny_dataset / "img_a_003.png").write_bytes(b"")
     result = subprocess.run(
@@ -154,6 +155,7 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow
 def test_cache_is_byte_identical_with_one_or_several_decoding_processes(tiny_dataset, tmp_path, monkeypatch):
     cfg = small_config(tiny_dataset)
     prepare(cfg, tiny_dataset, tmp_path / "one")  # 36 rows: one chunk, decoded in this process

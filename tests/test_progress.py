@@ -13,8 +13,12 @@ import sys
 import termios
 from pathlib import Path
 
+import pytest
+
 from components.core.config import ROOT
 from tests.helpers.project import run
+
+pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
 
 TINY = ["data.classes=[a,b,c]", "data.image_size=[16,16]", "train.epochs=2", "train.batch_size=8"]
 

@@ -111,6 +111,7 @@ def test_defaults_live_only_in_conf():
     assert values == []
 
 
+@pytest.mark.slow
 def test_one_override_language_for_every_step_cli(tiny_dataset, tmp_path):
     """Group choices and experiment= presets work on a step's command line as in `dvc exp run -S`."""
     from tests.helpers.datasets import small_overrides

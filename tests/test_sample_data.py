@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 
 import pandas as pd
+import pytest
 
 from tests.helpers.project import copy_project, run
+
+pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
 
 
 def test_regenerated_sample_matches_the_hash_in_data_dvc(tmp_path):

@@ -24,6 +24,8 @@ from pipelines.score import score_pipeline
 from tests.helpers.project import run
 from tests.helpers.servers import seaweed_s3
 
+pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
+
 PREDICTION_LOG_KEYS = {"model_version", "prediction", "confidence", "features"}  # serve/handler.py's log lines
 
 

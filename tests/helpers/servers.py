@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from s3fs import S3FileSystem
+
 from bench.support import free_ports
 
 
@@ -71,6 +73,9 @@ def seaweed_s3(workdir: Path, bucket: str = "dvc-storage") -> Iterator[S3Server]
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     try:
         wait_for_http(f"{endpoint}/{bucket}", 60, proc)
+        # fsspec reuses an S3 filesystem per set of arguments, and the endpoint comes from the
+        # environment: a client cached for an earlier test's server would call a closed port.
+        S3FileSystem.clear_instance_cache()
         yield S3Server(endpoint, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], bucket)
     except BaseException as error:
         error.add_note("weed.log, last lines:\n" + "\n".join((workdir / "weed.log").read_text(errors="replace").splitlines()[-40:]))
