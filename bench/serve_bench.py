@@ -92,6 +92,66 @@ def parse_ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",")]
 
 
+def cold_start(cfg, package_dir: Path, package: dict, body: bytes) -> tuple:
+    """Start the server, register the model, predict once; prints the three times. Returns the endpoint."""
+    started = time.perf_counter()
+    endpoint = server.start(cfg)
+    up = time.perf_counter()
+    copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], server.state_dir(cfg).model_store, package["mar"]["file"])
+    register(endpoint, package["mar"]["file"], cfg.serve)
+    registered = time.perf_counter()
+    response = requests.post(f"{endpoint.inference_url}/predictions/{package['model_name']}", data=body,
+                             headers=server.bearer(endpoint.inference_token), timeout=30)
+    assert response.status_code == 200, response.text
+    first = time.perf_counter()
+    print(f"cold start: server {up - started:.2f} s + register {registered - up:.2f} s + first prediction "
+          f"{(first - registered) * 1e3:.0f} ms = {first - started:.2f} s")
+    return endpoint
+
+
+def register_variants(cfg, endpoint, package: dict, batch_sizes: str, batch_delays_ms: str) -> tuple[dict, list]:
+    """The no-op handler and the model under each (batch_size, max_batch_delay) setting, the configured one first."""
+    register(endpoint, noop_mar(server.state_dir(cfg).model_store), cfg.serve)
+    settings = list(dict.fromkeys([(cfg.serve.batch_size, cfg.serve.max_batch_delay_ms), (1, 0),
+                                   *itertools.product(parse_ints(batch_sizes), parse_ints(batch_delays_ms))]))
+    names = {"noop": None}
+    for size, delay in settings:
+        name = f"{package['model_name']}_b{size}_d{delay}"
+        names[name] = (size, delay)
+        register(endpoint, package["mar"]["file"], OmegaConf.merge(cfg.serve, {"batch_size": size, "max_batch_delay_ms": delay}),
+                 model_name=name)
+    return names, settings
+
+
+def measure(url: str, names: dict, body: bytes, headers: dict, requests_total: int, rounds: int) -> dict:
+    """Median (p50 and req/s at 1 client, p50 and req/s at 8 clients) of each handler over the rounds."""
+    for name in names:  # warm-up, long enough for the frontend's JIT to settle
+        load(f"{url}/{name}", body, headers, 2000, 8)
+    # Every round measures every handler in turn, so load from elsewhere on the machine
+    # (figures move by ~20% between runs here) hits all alike; each figure is the median over the rounds.
+    results = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, measured in results.items():
+            measured.append((*load(f"{url}/{name}", body, headers, 200, 1), *load(f"{url}/{name}", body, headers, requests_total // rounds, 8)))
+    return {name: [statistics.median(r[i] for r in measured) for i in range(4)] for name, measured in results.items()}
+
+
+def report(figures: dict, names: dict, settings: list, model_name: str, local: tuple[float, float]) -> None:
+    noop, model = figures["noop"], figures["{}_b{}_d{}".format(model_name, *settings[0])]
+    print(f"{'':28}{'p50 1 client':>14}{'req/s 1 client':>16}{'p50 8 clients':>15}{'req/s 8 clients':>17}")
+    print(f"{'in-process onnxruntime':28}{local[0]:>11.2f} ms{local[1]:>16.0f}{'':>15}{'':>17}")
+    for label, (p50_1, rate_1, p50_8, rate_8) in (("TorchServe no-op handler", noop), ("TorchServe model", model)):
+        print(f"{label:28}{p50_1:>11.2f} ms{rate_1:>16.0f}{p50_8:>12.2f} ms{rate_8:>17.0f}")
+    print(f"(both with the configured batch_size {settings[0][0]}, max_batch_delay {settings[0][1]} ms)")
+    print(f"model p50 - no-op p50 at 1 client: {model[0] - noop[0]:+.2f} ms (target <= +1 ms)")
+    print(f"model / no-op throughput at 8 clients: {model[3] / noop[3]:.2f} (target >= 0.80)")
+    print("the model under other batch settings:")
+    for name, (size, delay) in list(names.items())[1:]:
+        p50_1, _, p50_8, rate_8 = figures[name]
+        print(f"  batch_size {size}, max_batch_delay {delay} ms: {rate_8:>5.0f} req/s at 8 clients = {rate_8 / noop[3]:.2f} of the no-op's "
+              f"(p50 {p50_8:.2f} ms); p50 at 1 client {p50_1:.2f} ms ({p50_1 - noop[0]:+.2f} ms over the no-op)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package", default="artifacts/package")
@@ -103,59 +163,16 @@ def main() -> None:
     args = parser.parse_args()
     package_dir = Path(args.package)
     package = read_package(package_dir)
-    model_name = package["model_name"]
     body = (package_dir / package["samples"][0]["file"]).read_bytes()
-
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         cfg = compose([*args.overrides, f"serve.state_dir={tmp}", "serve.prediction_log.sample_rate=0.01",
                        *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])
-        store = server.state_dir(cfg).model_store
         try:
-            started = time.perf_counter()
-            endpoint = server.start(cfg)
-            up = time.perf_counter()
-            copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], store, package["mar"]["file"])
-            register(endpoint, package["mar"]["file"], cfg.serve)
-            registered = time.perf_counter()
-            headers = server.bearer(endpoint.inference_token)
-            url = f"{endpoint.inference_url}/predictions"
-            assert requests.post(f"{url}/{model_name}", data=body, headers=headers, timeout=30).status_code == 200
-            first = time.perf_counter()
-            print(f"cold start: server {up - started:.2f} s + register {registered - up:.2f} s + first prediction "
-                  f"{(first - registered) * 1e3:.0f} ms = {first - started:.2f} s")
-
-            register(endpoint, noop_mar(store), cfg.serve)
-            settings = list(dict.fromkeys([(cfg.serve.batch_size, cfg.serve.max_batch_delay_ms), (1, 0),
-                                           *itertools.product(parse_ints(args.batch_sizes), parse_ints(args.batch_delays_ms))]))
-            names = {"noop": None}
-            for size, delay in settings:
-                names[f"{model_name}_b{size}_d{delay}"] = (size, delay)
-                register(endpoint, package["mar"]["file"], OmegaConf.merge(cfg.serve, {"batch_size": size, "max_batch_delay_ms": delay}),
-                         model_name=f"{model_name}_b{size}_d{delay}")
-            for name in names:  # warm-up, long enough for the frontend's JIT to settle
-                load(f"{url}/{name}", body, headers, 2000, 8)
-            local_p50, local_rate = in_process(package_dir, body, 2000, cfg.serve.max_image_pixels)
-            # Every round measures every handler in turn, so load from elsewhere on the machine
-            # (figures move by ~20% between runs here) hits all alike; each figure is the median over the rounds.
-            rounds = {name: [] for name in names}
-            for _ in range(args.rounds):
-                for name, results in rounds.items():
-                    results.append((*load(f"{url}/{name}", body, headers, 200, 1),
-                                    *load(f"{url}/{name}", body, headers, args.requests // args.rounds, 8)))
-            figures = {name: [statistics.median(r[i] for r in results) for i in range(4)] for name, results in rounds.items()}
-            noop, model = figures["noop"], figures["{}_b{}_d{}".format(model_name, *settings[0])]
-            print(f"{'':28}{'p50 1 client':>14}{'req/s 1 client':>16}{'p50 8 clients':>15}{'req/s 8 clients':>17}")
-            print(f"{'in-process onnxruntime':28}{local_p50:>11.2f} ms{local_rate:>16.0f}{'':>15}{'':>17}")
-            for label, (p50_1, rate_1, p50_8, rate_8) in (("TorchServe no-op handler", noop), ("TorchServe model", model)):
-                print(f"{label:28}{p50_1:>11.2f} ms{rate_1:>16.0f}{p50_8:>12.2f} ms{rate_8:>17.0f}")
-            print(f"(both with the configured batch_size {settings[0][0]}, max_batch_delay {settings[0][1]} ms)")
-            print(f"model p50 - no-op p50 at 1 client: {model[0] - noop[0]:+.2f} ms (target <= +1 ms)")
-            print(f"model / no-op throughput at 8 clients: {model[3] / noop[3]:.2f} (target >= 0.80)")
-            print("the model under other batch settings:")
-            for name, (size, delay) in list(names.items())[1:]:
-                p50_1, _, p50_8, rate_8 = figures[name]
-                print(f"  batch_size {size}, max_batch_delay {delay} ms: {rate_8:>5.0f} req/s at 8 clients = {rate_8 / noop[3]:.2f} of the no-op's "
-                      f"(p50 {p50_8:.2f} ms); p50 at 1 client {p50_1:.2f} ms ({p50_1 - noop[0]:+.2f} ms over the no-op)")
+            endpoint = cold_start(cfg, package_dir, package, body)
+            names, settings = register_variants(cfg, endpoint, package, args.batch_sizes, args.batch_delays_ms)
+            figures = measure(f"{endpoint.inference_url}/predictions", names, body, server.bearer(endpoint.inference_token),
+                              args.requests, args.rounds)
+            report(figures, names, settings, package["model_name"], in_process(package_dir, body, 2000, cfg.serve.max_image_pixels))
         finally:
             server.stop(cfg)
 

@@ -65,6 +65,24 @@ def channel_stats(stats: RowStats, rows: np.ndarray, pixels: int) -> tuple[list[
     return mean.round(6).tolist(), std.round(6).tolist()
 
 
+def _assign_splits(table: pd.DataFrame, data: DictConfig, seed: int) -> None:
+    """Add label_index and a train/val/test split stratified by label and sensitive group."""
+    table["label_index"] = table["label"].map({c: i for i, c in enumerate(data.classes)}).astype(int)
+    strata = table["label"].str.cat([table[a] for a in data.sensitive_attributes], sep="|")
+    table["split"] = stratified_split(strata, data.split.val, data.split.test, seed)
+    check_split_sizes(table, data)
+
+
+def _reference_stats(table: pd.DataFrame, train_rows: np.ndarray, stats: RowStats, data: DictConfig) -> dict:
+    """What serving compares live inputs against: the training split's feature histograms and class mix."""
+    train_labels = table["label"].to_numpy()[train_rows]
+    return {
+        "features": reference_histograms({name: values[train_rows] for name, values in stats.features.items()}, data.histogram_bins),
+        "class_distribution": {c: float((train_labels == c).mean()) for c in data.classes},
+        "n_images": len(train_rows),
+    }
+
+
 SECTIONS = ("seed", "data")  # the config this step reads: its DVC params and its config hash
 
 
@@ -87,39 +105,23 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
         if problems:
             raise DataError(format_problems(problems))
 
-        table["label_index"] = table["label"].map({c: i for i, c in enumerate(data.classes)}).astype(int)
-        strata = table["label"].str.cat([table[a] for a in data.sensitive_attributes], sep="|")
-        table["split"] = stratified_split(strata, data.split.val, data.split.test, cfg.seed)
-        check_split_sizes(table, data)
+        _assign_splits(table, data, cfg.seed)
         table.to_csv(tmp / "index.csv", index=False)
-
         train_rows = np.flatnonzero(table["split"].to_numpy() == "train")
         mean, std = channel_stats(stats, train_rows, size[0] * size[1])
-        features = {name: values[train_rows] for name, values in stats.features.items()}
-        counts = {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")}
-        groups = {a: table[a].value_counts().sort_index().to_dict() for a in data.sensitive_attributes}
         meta = {
             "classes": list(data.classes),
             "channels": channels,
             "image_size": list(size),
             "normalization": {"mean": mean, "std": std},
             "sensitive_attributes": list(data.sensitive_attributes),
-            "counts": counts,
-            "groups": groups,
+            "counts": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")},
+            "groups": {a: table[a].value_counts().sort_index().to_dict() for a in data.sensitive_attributes},
             "data_config": OmegaConf.to_container(data),
             "lineage": lineage(cfg, __spec__.name),
         }
         write_json(tmp / "prepared.json", meta)
-        train_labels = table["label"].to_numpy()[train_rows]
-        write_json(
-            tmp / "reference_stats.json",
-            {
-                "features": reference_histograms(features, data.histogram_bins),
-                "class_distribution": {c: float((train_labels == c).mean()) for c in data.classes},
-                "n_images": len(train_rows),
-                "lineage": meta["lineage"],
-            },
-        )
+        write_json(tmp / "reference_stats.json", _reference_stats(table, train_rows, stats, data) | {"lineage": meta["lineage"]})
     return meta
 
 
