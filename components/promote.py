@@ -223,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = _parser().parse_args()
-    args.run(command_config(args.params, args.overrides), args)
+    args.run(command_config(args.params, args.overrides, refuse_stale=False), args)
 
 
 if __name__ == "__main__":

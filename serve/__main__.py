@@ -152,7 +152,7 @@ def main() -> None:
     for sub in commands.choices.values():
         sub.add_argument("overrides", nargs="*", help="config overrides, e.g. serve.inference_port=9080")
     args = parser.parse_args()
-    args.run(command_config(None, args.overrides), args)
+    args.run(command_config(None, args.overrides, refuse_stale=False), args)
 
 
 if __name__ == "__main__":

@@ -411,16 +411,19 @@ def load_config(params_file: str | os.PathLike = PARAMS_FILE) -> DictConfig:
     return validate(OmegaConf.load(path), str(path))
 
 
-def command_config(params_file: str | os.PathLike | None, overrides: list[str]) -> DictConfig:
+def command_config(params_file: str | os.PathLike | None, overrides: list[str], refuse_stale: bool = True) -> DictConfig:
     """The config of a command line: conf/ composed with Hydra overrides exactly as `dvc exp run -S`
     does (keys, group choices such as `model=resnet18`, presets such as `experiment=quick`); or a
-    params file; or, given neither, params.yaml, refused when conf/ changed since it was generated."""
+    params file; or, given neither, params.yaml. A step refuses a params.yaml that conf/ changed
+    since (it would make outputs conf/ disagrees with); serve and promote read params.yaml as the
+    committed experiment ran with it (`refuse_stale=False`), `dvc exp run -S` overrides included."""
     if overrides and params_file is not None:
         raise ConfigError(f"give either --params {params_file} or overrides of conf/ {list(overrides)}, not both")
     if overrides:
         return compose(list(overrides))
     if params_file is None:
-        check_params()
+        if refuse_stale:
+            check_params()
         return load_config()
     return load_config(params_file)
 
