@@ -110,11 +110,15 @@ def test_cli_exits_non_zero_with_the_problem_list(tiny_dataset, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("path", ["/etc/hostname", "../outside.png", "linked/outside.png"])
+@pytest.mark.parametrize("path", ["/etc/hostname", "../outside.png", "linked/outside.png", "alias.png", "inner/../../outside.png",
+                                  "inner/alias.png"])
 def test_a_path_outside_the_data_folder_stops_prepare_naming_the_line(tiny_dataset, tmp_path, path):
     outside = tmp_path / "outside.png"
     outside.write_bytes((tiny_dataset / "img_a_000.png").read_bytes())
     (tiny_dataset / "linked").symlink_to(tmp_path)  # a folder symlink under data/ pointing outside it
+    (tiny_dataset / "alias.png").symlink_to(outside)  # a file symlink under data/ pointing outside it
+    (tiny_dataset / "inner").mkdir()
+    (tiny_dataset / "inner" / "alias.png").symlink_to(outside)
     meta = tiny_dataset / "metadata.csv"
     lines = meta.read_text().splitlines()
     lines[3] = lines[3].replace("img_a_002.png", path)

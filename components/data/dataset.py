@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -71,8 +72,18 @@ def outside_root(files: pd.Series, root: Path) -> np.ndarray:
     """True where a listed path leaves the data folder: absolute, through `..`, or via a symlink.
     Images outside it are not in data.dvc, so DVC would not see them change."""
     real_root = os.path.realpath(root)
-    return np.array([os.path.isabs(f) or not os.path.realpath(os.path.join(real_root, f)).startswith(real_root + os.sep)
-                     for f in files], dtype=bool)
+    real_folder = functools.lru_cache(maxsize=None)(lambda folder: os.path.realpath(os.path.join(real_root, folder)))
+
+    def leaves(file: str) -> bool:
+        if os.path.isabs(file):
+            return True
+        folder, name = os.path.split(file)
+        path = os.path.join(real_folder(folder), name)  # each folder resolved once: a million rows share a few
+        if name in ("", ".", "..") or os.path.islink(path):
+            path = os.path.realpath(path)
+        return not path.startswith(real_root + os.sep)
+
+    return np.array([leaves(f) for f in files], dtype=bool)
 
 
 def row_problems(table: pd.DataFrame, data: DictConfig, root: Path, source: str) -> tuple[list[str], np.ndarray]:
