@@ -24,15 +24,13 @@ from components import train as train_step
 from components.core.config import select
 from components.core.errors import ConfigError
 from components.core.lineage import DATA_HASH_ENV, data_hash
-from pipelines.in_pod import GIT_CREDENTIALS_ENV, GIT_SSH_KEY_ENV
+from pipelines.in_pod import GIT_CREDENTIALS_ENV, GIT_SSH_KEY_ENV, RUN_PARAMETERS
 from pipelines.trainjob import trainjob_op, trainjob_template
 from pipelines.wrappers import (deploy_op, evaluate_op, gate_op, package_op, prepare_op, record_outcome_op, select_best_op,
                                 train_op)
 
 COMMIT_LABEL, DEPLOY_ROLE_LABEL = "git-commit", "kfp-dvc-template/role"
 DEPLOY_SECTIONS = ("serve",)  # what components.deploy reads
-# Typed run parameter -> the config key it sets (the train step's).
-RUN_PARAMETERS = {"epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "model_name": "model.name"}
 GATE_PARAMETERS = ("min_accuracy", "min_balanced_accuracy", "max_ece", "max_accuracy_difference", "min_accuracy_ratio",
                    "max_recall_macro_difference", "max_demographic_parity_difference", "max_equalized_odds_difference",
                    "min_group_size", "on_fail", "on_inconclusive")

@@ -42,6 +42,19 @@ def step_config(sections: str, expected_commit: str, run_parameters: dict | None
     return validate(cfg, "pipeline parameters (config sections and run parameters)")
 
 
+# Typed run parameter of the train task -> the config key it sets.
+RUN_PARAMETERS = {"epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "model_name": "model.name"}
+
+
+def train_step_config(sections: str, expected_commit: str, gpus: int, **run: object) -> DictConfig:
+    """The train step's config in a pod (one node's, for a TrainJob): the typed run parameters set;
+    with GPUs the device is cuda, never a silent CPU fallback, and one process per GPU."""
+    overrides = {RUN_PARAMETERS[name]: value for name, value in run.items()}
+    if gpus:
+        overrides |= {"train.device": "cuda", "train.processes": gpus}
+    return step_config(sections, expected_commit, overrides)
+
+
 # pipeline.data.git_secret's keys arrive in these (kubernetes.io/ssh-auth names its key ssh-privatekey).
 GIT_CREDENTIALS_ENV, GIT_SSH_KEY_ENV = "GIT_CREDENTIALS", "GIT_SSH_PRIVATE_KEY"
 

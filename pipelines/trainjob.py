@@ -175,12 +175,10 @@ def trainjob_op(config: str, expected_commit: str, gpus: int, epochs: int, lr: f
 
     from kubernetes import client, config as kube_config
 
-    from pipelines.in_pod import step_config
+    from pipelines.in_pod import train_step_config
     from pipelines.trainjob import run_trainjob
 
-    run_parameters = {"train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size, "model.name": model_name}
-    on_gpus = {"train.device": "cuda", "train.processes": gpus} if gpus else {}  # processes per node
-    cfg = step_config(config, expected_commit, {**run_parameters, **on_gpus})
+    cfg = train_step_config(config, expected_commit, gpus, epochs=epochs, lr=lr, batch_size=batch_size, model_name=model_name)
     kube_config.load_incluster_config()
     results = run_trainjob(json.loads(job), cfg, expected_commit, prepared.uri, model.uri, model.path, training_log.path,
                            client.CustomObjectsApi(), poll_s)

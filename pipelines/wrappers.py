@@ -40,11 +40,9 @@ def train_op(config: str, expected_commit: str, gpus: int, epochs: int, lr: floa
     import tempfile
 
     from components.train import launch
-    from pipelines.in_pod import step_config
+    from pipelines.in_pod import train_step_config
 
-    run_parameters = {"train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size, "model.name": model_name}
-    on_gpus = {"train.device": "cuda", "train.processes": gpus} if gpus else {}
-    cfg = step_config(config, expected_commit, {**run_parameters, **on_gpus})
+    cfg = train_step_config(config, expected_commit, gpus, epochs=epochs, lr=lr, batch_size=batch_size, model_name=model_name)
     with tempfile.TemporaryDirectory() as checkpoints:
         results = launch(cfg, prepared.path, model.path, training_log.path, checkpoints)
     for name, value in results.items():
