@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from components.core.errors import ConfigError
+from components.core.io import write_bytes_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
@@ -541,9 +542,7 @@ def write_artifacts(model_name: str, root: Path = ROOT) -> list[str]:
     """Declare the model artifact as `model_name` in artifacts.yaml and dvc.yaml; returns the files rewritten."""
     stale = stale_artifact_files(model_name, root)
     for path, text in stale.items():
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, text.encode())
     return [path.name for path in stale]
 
 
