@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +54,7 @@ def seed_everything(seed: int, device: torch.device) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if device.type == "cpu":
-        # What torch.use_deterministic_algorithms(True) does for eager mode, without the import of
-        # torch._inductor it makes to set a torch.compile flag: 1.3 s of every training run here.
-        torch._C._set_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True)
 
 
 def group_keys(index, attributes: list[str]) -> np.ndarray:
@@ -114,7 +112,7 @@ class Run:
     weights: torch.Tensor | None
     generator: torch.Generator
     spec: dict
-    resume_key: str
+    resume_key: Future[str]  # computed off the training thread; waited for only to read or write a checkpoint
 
 
 def _load(cfg: DictConfig, prepared_dir: str | Path) -> Prepared:
@@ -128,7 +126,8 @@ def _device_data(x: np.ndarray, index, norm: nn.Module, device: torch.device) ->
     return DeviceBatches(torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), norm, device)
 
 
-def _build(cfg: DictConfig, prepared: Prepared, prepared_dir, processes: distributed.Processes, device: torch.device) -> Run:
+def _build(cfg: DictConfig, prepared: Prepared, prepared_dir, processes: distributed.Processes, device: torch.device,
+           resume_key: Future[str]) -> Run:
     t, spec = cfg.train, model_spec(cfg, prepared)
     norm = Normalize(**spec["normalization"]).to(device)
     x_train, index_train = without_groups(*prepared.split("train"), t.exclude_groups, prepared.meta["sensitive_attributes"])
@@ -139,7 +138,7 @@ def _build(cfg: DictConfig, prepared: Prepared, prepared_dir, processes: distrib
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     weights = balanced_weights(group_keys(index_train, spec["sensitive_attributes"])) if t.balanced_sampling else None
     return Run(model, distributed.wrap(model, processes, device), optimizer, data, val, weights,
-               torch.Generator().manual_seed(cfg.seed), spec, _resume_key(cfg, prepared))
+               torch.Generator().manual_seed(cfg.seed), spec, resume_key)
 
 
 def _restore(resume: bool, checkpoint: Path, run: Run) -> tuple[dict, bool]:
@@ -147,7 +146,7 @@ def _restore(resume: bool, checkpoint: Path, run: Run) -> tuple[dict, bool]:
     the checkpoint was written for this run's data, config and code."""
     state = {"epoch": 0, "best_loss": math.inf, "best_accuracy": 0.0, "best_epoch": -1, "bad_epochs": 0, "best_state": None}
     saved = torch.load(checkpoint, weights_only=True) if resume and checkpoint.exists() else None
-    if saved is not None and saved["resume_key"] != run.resume_key:
+    if saved is not None and saved["resume_key"] != run.resume_key.result():
         print(f"warning: {checkpoint} was written for other data, config or code; training starts afresh", file=sys.stderr)
         saved = None
     if saved is None:
@@ -163,7 +162,7 @@ def _save_checkpoint(checkpoint: Path, run: Run, state: dict) -> None:
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     tmp = checkpoint.with_suffix(".tmp")
     torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "generator": run.generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "state": state, "resume_key": run.resume_key}, tmp)
+                "torch_rng": torch.get_rng_state(), "state": state, "resume_key": run.resume_key.result()}, tmp)
     tmp.replace(checkpoint)
 
 
@@ -222,12 +221,12 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     seed_everything(cfg.seed, device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    run = _build(cfg, prepared, prepared_dir, processes, device)
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT
-    state, resumed = _restore(cfg.train.resume, checkpoint, run)
-    # Fixed costs (DVCLive's start and writes, the code hash of the lineage) run on one background
-    # thread while the epochs run on this one.
+    # Fixed costs (the resume key's and the lineage's code hash, DVCLive's start and writes) run on
+    # one background thread while the epochs run on this one.
     with ThreadPoolExecutor(1, thread_name_prefix="train-background") as background:
+        run = _build(cfg, prepared, prepared_dir, processes, device, background.submit(_resume_key, cfg, prepared))
+        checkpoint = Path(checkpoint_dir) / CHECKPOINT
+        state, resumed = _restore(cfg.train.resume, checkpoint, run)
         provenance = background.submit(lineage, cfg, __spec__.name, device.type) if processes.is_main else None
         logger = EpochLogger(background, live_dir, resumed) if processes.is_main else None
         _fit(cfg, run, state, checkpoint, processes, logger)

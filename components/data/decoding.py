@@ -8,14 +8,16 @@ the result is byte-identical whatever the number of processes.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
 from components.core.progress import progress
 from components.runtime.features import FEATURES, image_features
 
@@ -96,6 +98,17 @@ def decode_chunk(cache: str, root: str, files: Sequence[str | None], start: int,
     return problems, row_stats(images[start : start + len(files)])
 
 
+def _decoded_chunks(decode_part: Callable, chunks: list[tuple[int, list]], workers: int) -> Iterator[tuple[list, RowStats]]:
+    """decode_part(files, start)'s result for each chunk, in order: here, or on `workers` processes."""
+    if workers <= 1:  # small datasets: no process start-up cost
+        yield from (decode_part(part, start) for start, part in chunks)
+        return
+    # spawn, not fork: a forked child could inherit a lock held by another thread of the caller
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(decode_part, part, start) for start, part in chunks]
+        yield from (future.result() for future in futures)
+
+
 def decode_all(cache: Path, root: Path, files: Sequence[str | None], channels: int, size: tuple[int, int],
                workers: int = 0) -> tuple[list[str], RowStats]:
     """Create `cache` (N, channels, *size uint8) and decode every file into it (None: a row not to
@@ -105,24 +118,13 @@ def decode_all(cache: Path, root: Path, files: Sequence[str | None], channels: i
     np.lib.format.open_memmap(cache, mode="w+", dtype=np.uint8, shape=(len(files), channels, *size)).flush()
     chunks = [(start, list(files[start : start + CHUNK_ROWS])) for start in range(0, len(files), CHUNK_ROWS)]
     workers = min(workers or available_cores(), len(chunks))
-    args = (str(cache), str(root))
     done = progress((), "prepare: decoding", total=len(files), unit="img")
     found: list[tuple[int, str]] = []
     parts: list[RowStats] = []
-    if workers <= 1:  # small datasets: no process start-up cost
-        for start, part in chunks:
-            problems, part_stats = decode_chunk(*args, part, start, channels, size)
-            found += problems
-            parts.append(part_stats)
-            done.step(len(part))
-    else:
-        # spawn, not fork: a forked child could inherit a lock held by another thread of the caller
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(decode_chunk, *args, part, start, channels, size) for start, part in chunks]
-            for future, (_, part) in zip(futures, chunks):
-                problems, part_stats = future.result()
-                found += problems
-                parts.append(part_stats)
-                done.step(len(part))
+    decode_part = partial(decode_chunk, str(cache), str(root), channels=channels, size=size)
+    for (problems, part_stats), (_, part) in zip(_decoded_chunks(decode_part, chunks, workers), chunks):
+        found += problems
+        parts.append(part_stats)
+        done.step(len(part))
     done.close()
     return [message for _, message in sorted(found)], RowStats.concat(parts)
