@@ -34,7 +34,7 @@ from components.core.config import config_hash, select
 from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError, StepError
 from components.core.io import atomic_dir, write_json
-from components.core.lineage import code_hash, lineage
+from components.core.lineage import lineage
 from components.core.progress import progress
 from components.model.networks import Normalize, build_model, resolve_device
 from components.training.loop import DeviceBatches, EpochLogger, train_epoch, validate
@@ -90,13 +90,14 @@ def model_spec(cfg: DictConfig, prepared: Prepared) -> dict:
     }
 
 
-def _resume_key(cfg: DictConfig, prepared: Prepared) -> str:
+def _resume_key(cfg: DictConfig, prepared: Prepared, provenance: Future[dict]) -> str:
     """What a checkpoint must share with this run to be continued: the prepared data, the config
-    (but for the knobs allowed to change between a run and its resume) and the training code."""
+    (but for the knobs allowed to change between a run and its resume) and the training code
+    (the code hash of this run's lineage)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container["train"].pop("resume")
     container["train"].pop("epochs")  # resuming may extend a run
-    container["resume_of"] = {"data": prepared.meta["lineage"], "code": code_hash(__spec__.name)}
+    container["resume_of"] = {"data": prepared.meta["lineage"], "code": provenance.result()["code_hash"]}
     return config_hash(OmegaConf.create(container))
 
 
@@ -221,13 +222,13 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     seed_everything(cfg.seed, device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    # Fixed costs (the resume key's and the lineage's code hash, DVCLive's start and writes) run on
-    # one background thread while the epochs run on this one.
+    # Fixed costs (the lineage and the resume key made from it, DVCLive's start and writes) run in
+    # order on one background thread while the epochs run on this one.
     with ThreadPoolExecutor(1, thread_name_prefix="train-background") as background:
-        run = _build(cfg, prepared, prepared_dir, processes, device, background.submit(_resume_key, cfg, prepared))
+        provenance = background.submit(lineage, cfg, __spec__.name, device.type)
+        run = _build(cfg, prepared, prepared_dir, processes, device, background.submit(_resume_key, cfg, prepared, provenance))
         checkpoint = Path(checkpoint_dir) / CHECKPOINT
         state, resumed = _restore(cfg.train.resume, checkpoint, run)
-        provenance = background.submit(lineage, cfg, __spec__.name, device.type) if processes.is_main else None
         logger = EpochLogger(background, live_dir, resumed) if processes.is_main else None
         _fit(cfg, run, state, checkpoint, processes, logger)
         run.model.load_state_dict(state["best_state"])
