@@ -5,8 +5,9 @@
    size and threads, at each `--epochs` value. The two take turns, `--repeats` times, each
    going first in every other turn; printed: images/s min/median/max of each, and the ratio
    template / minimal of each turn (min/median/max). Target: >= 0.95 at 5 and at 15 epochs.
-   Also printed, far less noisy: the template's fixed costs, its run time outside
-   `train_epoch` and `validate` (loading, building, checkpoints, logging, lineage, saving).
+   Also printed, both far less noisy on a machine whose speed drifts: the loops alone, one
+   epoch of each in turn (`--epoch-pairs`), and the template's fixed costs, its run time
+   outside `train_epoch` and `validate` (loading, building, checkpoints, logging, lineage, saving).
    Before any clock, one untimed epoch of each pays what a process pays once whatever its
    loop: PyTorch's first optimizer imports torch._dynamo (printed; seconds here).
 2. `--data-path`: the GPU data path (uint8 cache -> pinned batch -> non-blocking copy ->
@@ -14,7 +15,7 @@
    device. Printed: images/s of each and the share of the step time spent waiting for data,
    1 - resident / full. Runs on CPU too (there the "copy" is the host gather).
 
-    python bench/train_throughput.py [--epochs 5 15] [--repeats 5] [--threads 1]
+    python bench/train_throughput.py [--epochs 5 15] [--repeats 5] [--epoch-pairs 40] [--threads 1]
     python bench/train_throughput.py --data-path [--device cuda] [--steps 200]
 
 Needs artifacts/prepared (`make run` or `dvc repro prepare` first).
@@ -37,7 +38,7 @@ from components import train as train_module
 from components.core.config import compose
 from components.data.dataset import load_prepared
 from components.model.networks import Normalize, build_model
-from components.training.loop import DeviceBatches, train_epoch
+from components.training.loop import DeviceBatches, train_epoch, validate
 
 
 def _model_and_data(cfg, prepared_dir: Path, device: torch.device):
@@ -49,30 +50,76 @@ def _model_and_data(cfg, prepared_dir: Path, device: torch.device):
     return prepared, model, norm
 
 
-def minimal_loop(cfg, prepared_dir: Path) -> float:
+class MinimalLoop:
     """The textbook loop: shuffle, forward, backward, step, and one batched validation pass per epoch."""
-    torch.manual_seed(cfg.seed)
-    prepared, model, norm = _model_and_data(cfg, prepared_dir, torch.device("cpu"))
-    x, index = prepared.split("train")
-    xv, _ = prepared.split("val")
-    images, labels, val_images = torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), torch.from_numpy(xv)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    loss_fn, batch = nn.CrossEntropyLoss(), cfg.train.batch_size
-    start = time.perf_counter()
-    for _ in range(cfg.train.epochs):
+
+    def __init__(self, cfg, prepared_dir: Path):
+        torch.manual_seed(cfg.seed)
+        prepared, self.model, self.norm = _model_and_data(cfg, prepared_dir, torch.device("cpu"))
+        x, index = prepared.split("train")
+        self.images, self.labels = torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy())
+        self.val_images = torch.from_numpy(prepared.split("val")[0])
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.loss_fn, self.batch = nn.CrossEntropyLoss(), cfg.train.batch_size
+
+    def epoch(self) -> None:
+        model, batch = self.model, self.batch
         model.train()
-        order = torch.randperm(len(images))
-        for i in range(0, len(images), batch):
+        order = torch.randperm(len(self.images))
+        for i in range(0, len(self.images), batch):
             ids = order[i : i + batch]
-            loss = loss_fn(model(norm(images[ids])), labels[ids])
-            opt.zero_grad()
+            loss = self.loss_fn(model(self.norm(self.images[ids])), self.labels[ids])
+            self.opt.zero_grad()
             loss.backward()
-            opt.step()
+            self.opt.step()
         model.eval()
         with torch.no_grad():
-            for i in range(0, len(val_images), batch):
-                model(norm(val_images[i : i + batch])).argmax(1)
-    return len(images) * cfg.train.epochs / (time.perf_counter() - start)
+            for i in range(0, len(self.val_images), batch):
+                model(self.norm(self.val_images[i : i + batch])).argmax(1)
+
+
+class TemplateLoop:
+    """The template's epoch alone, as train._fit runs it: components.training.loop's train_epoch and validate."""
+
+    def __init__(self, cfg, prepared_dir: Path):
+        torch.manual_seed(cfg.seed)
+        prepared, self.model, norm = _model_and_data(cfg, prepared_dir, torch.device("cpu"))
+        self.data = _device_batches(*prepared.split("train"), norm)
+        self.val = _device_batches(*prepared.split("val"), norm)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.batch = cfg.train.batch_size
+
+    def epoch(self) -> None:
+        train_epoch(self.model, self.data, torch.randperm(len(self.data)), self.batch, self.opt, nn.CrossEntropyLoss())
+        validate(self.model, self.val, self.batch)
+
+
+def _device_batches(x, index, norm: nn.Module, device: torch.device = torch.device("cpu")) -> DeviceBatches:
+    return DeviceBatches(torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), norm, device)
+
+
+def minimal_loop(cfg, prepared_dir: Path) -> float:
+    loop = MinimalLoop(cfg, prepared_dir)
+    start = time.perf_counter()
+    for _ in range(cfg.train.epochs):
+        loop.epoch()
+    return len(loop.images) * cfg.train.epochs / (time.perf_counter() - start)
+
+
+def loop_parity(pairs: int, prepared_dir: Path, overrides: list[str]) -> None:
+    """The loops alone, one epoch of each in turn: on a machine whose speed drifts over seconds,
+    pairs of adjacent epochs compare the loops far more tightly than pairs of whole runs."""
+    cfg = bench_config(1, overrides)
+    template, minimal = TemplateLoop(cfg, prepared_dir), MinimalLoop(cfg, prepared_dir)
+    ratios = []
+    for pair in range(pairs):
+        seconds = {}
+        for loop in (minimal, template) if pair % 2 else (template, minimal):
+            start = time.perf_counter()
+            loop.epoch()
+            seconds[loop] = time.perf_counter() - start
+        ratios.append(seconds[minimal] / seconds[template])
+    print(f"the loops alone, one epoch of each in turn, {pairs} pairs: ratio template/minimal {spread(ratios, '.3f')}")
 
 
 @contextmanager
@@ -155,7 +202,7 @@ def data_path(device: torch.device, steps: int, repeats: int, prepared_dir: Path
     prepared, model, norm = _model_and_data(cfg, prepared_dir, device)
     x, index = prepared.split("train")
     batch = cfg.train.batch_size
-    cache = DeviceBatches(torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), norm, device)
+    cache = _device_batches(x, index, norm, device)
     first = torch.arange(batch)
     resident = DeviceBatches(cache.images[first].to(device), cache.labels[first].to(device), norm, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
@@ -177,6 +224,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, nargs="+", default=[5, 15])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epoch-pairs", type=int, default=40, help="pairs of single epochs for the loops-alone comparison")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--prepared", type=Path, default=Path("artifacts/prepared"))
     parser.add_argument("--data-path", action="store_true", help="measure the device data path instead")
@@ -191,6 +239,7 @@ def main() -> None:
         data_path(torch.device(args.device), args.steps, args.repeats, args.prepared, args.overrides)
         return
     warm_up(args.prepared, args.overrides)
+    loop_parity(args.epoch_pairs, args.prepared, args.overrides)
     for epochs in args.epochs:
         loop_efficiency(epochs, args.repeats, args.prepared, args.overrides)
 
