@@ -84,18 +84,14 @@ class TemplateLoop:
     def __init__(self, cfg, prepared_dir: Path):
         torch.manual_seed(cfg.seed)
         prepared, self.model, norm = _model_and_data(cfg, prepared_dir, torch.device("cpu"))
-        self.data = _device_batches(*prepared.split("train"), norm)
-        self.val = _device_batches(*prepared.split("val"), norm)
+        self.data = DeviceBatches.of_split(*prepared.split("train"), norm, torch.device("cpu"))
+        self.val = DeviceBatches.of_split(*prepared.split("val"), norm, torch.device("cpu"))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.batch = cfg.train.batch_size
 
     def epoch(self) -> None:
         train_epoch(self.model, self.data, torch.randperm(len(self.data)), self.batch, self.opt, nn.CrossEntropyLoss())
         validate(self.model, self.val, self.batch)
-
-
-def _device_batches(x, index, norm: nn.Module, device: torch.device = torch.device("cpu")) -> DeviceBatches:
-    return DeviceBatches(torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), norm, device)
 
 
 def minimal_loop(cfg, prepared_dir: Path) -> float:
@@ -202,7 +198,7 @@ def data_path(device: torch.device, steps: int, repeats: int, prepared_dir: Path
     prepared, model, norm = _model_and_data(cfg, prepared_dir, device)
     x, index = prepared.split("train")
     batch = cfg.train.batch_size
-    cache = _device_batches(x, index, norm, device)
+    cache = DeviceBatches.of_split(x, index, norm, device)
     first = torch.arange(batch)
     resident = DeviceBatches(cache.images[first].to(device), cache.labels[first].to(device), norm, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)

@@ -123,16 +123,13 @@ def _load(cfg: DictConfig, prepared_dir: str | Path) -> Prepared:
     return prepared
 
 
-def _device_data(x: np.ndarray, index, norm: nn.Module, device: torch.device) -> DeviceBatches:
-    return DeviceBatches(torch.from_numpy(x), torch.tensor(index["label_index"].to_numpy()), norm, device)
-
-
 def _build(cfg: DictConfig, prepared: Prepared, prepared_dir, processes: distributed.Processes, device: torch.device,
            resume_key: Future[str]) -> Run:
     t, spec = cfg.train, model_spec(cfg, prepared)
     norm = Normalize(**spec["normalization"]).to(device)
     x_train, index_train = without_groups(*prepared.split("train"), t.exclude_groups, prepared.meta["sensitive_attributes"])
-    data, val = _device_data(x_train, index_train, norm, device), _device_data(*prepared.split("val"), norm, device)
+    data = DeviceBatches.of_split(x_train, index_train, norm, device)
+    val = DeviceBatches.of_split(*prepared.split("val"), norm, device)
     if len(data) == 0 or len(val) == 0:
         raise DataError(f"{prepared_dir}: the train or validation split is empty; add data or change data.split")
     model = build_model(cfg.model.name, spec["channels"], len(spec["classes"]), tuple(spec["image_size"]), cfg.model.width, cfg.model.dropout).to(device)

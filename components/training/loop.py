@@ -25,6 +25,11 @@ class DeviceBatches:
         on_host = device.type == "cuda" and not images.is_cuda
         self.copy_stream = torch.cuda.Stream(device) if on_host else None
 
+    @classmethod
+    def of_split(cls, images, index, norm: nn.Module, device: torch.device) -> DeviceBatches:
+        """A split as Prepared.split returns it: its uint8 image array and its index table."""
+        return cls(torch.from_numpy(images), torch.tensor(index["label_index"].to_numpy()), norm, device)
+
     def __len__(self) -> int:
         return len(self.images)
 
