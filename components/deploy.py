@@ -135,10 +135,10 @@ def deploy(cfg: DictConfig, mar_path: str | Path, version: str, management_url: 
               "previous_version": previous, "smoke_samples": len(package["samples"]),
               "endpoint": f"{endpoint.inference_url}/predictions/{name}", "management_url": endpoint.management_url,
               "package_lineage": package["lineage"], "source": source or source_commit()}
-    emit(cfg.events, "deployed", f"{name} {version} is the default on {endpoint.inference_url}", model=name, version=version,
-         stage=record["source"].get("stage"), commit=record["source"].get("commit"), details=record)
-    if management_url is None:
+    if management_url is None:  # the record first: an event receiver, however slow, cannot lose it
         log = server.state_dir(cfg).deploy_log
         with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+    emit(cfg.events, "deployed", f"{name} {version} is the default on {endpoint.inference_url}", model=name, version=version,
+         stage=record["source"].get("stage"), commit=record["source"].get("commit"), details=record)
     return record

@@ -4,12 +4,15 @@ Deploying the version a stage holds is `python -m serve up --stage <stage>`.
 Promotion checks, before any tag is written:
 - the version's package can be fetched from the DVC remote (an empty cache proves it), and
   a commit registered from the working tree has no uncommitted pipeline changes;
-- for a gated stage, the metrics and fairness verdicts committed at that commit pass the
-  gate policy of conf/gate (`--force` with a reason overrides; the reason goes in the tag).
+- for a gated stage, the reports committed at that commit are the ones its dvc.lock records, and
+  their metrics and fairness verdicts pass the gate policy of conf/gate (`--force --reason`
+  overrides, recorded in a commit on the current branch: components/registry/overrides.py).
 
 A stage tag can also appear without this CLI (a plain `gto assign`, a `git push` of a hand-made
-tag): `check --tag <tag>` re-checks it (stage declared in .gto, package retrievable, gates or a
-recorded override) and is what the deploy-on-stage-tag workflow runs before deploying.
+tag): `check --tag <tag>` re-checks it (stage declared in .gto, package retrievable, reports as
+dvc.lock records them, gates under the policy of the branch that deploys, or an override recorded
+in that branch) and is what every path to a serving stage runs first: the deploy-on-stage-tag
+workflow and `python -m serve up --stage` (through `check_stage`).
 Registering, assigning, rolling back and a closed gate each emit a lifecycle event.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -25,16 +29,18 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from components.core.config import ROOT, command_config
-from components.core.errors import run_cli
+from components.core.errors import ConfigError, run_cli
 from components.core.events import emit
 from components.evaluation.gates import decide
-from components.registry.tags import (RegistryError, check_gto_stages, committed_json, fetch_package, git, holders, model_artifact,
-                                      stage_holder, stage_tag, tag_message, versions)
+from components.registry.evidence import POLICY_SECTIONS, policy_at, require_locked
+from components.registry.overrides import find_override, record_override
+from components.registry.tags import (RegistryError, check_gto_stages, committed_json, current_stage_tag, fetch_package, git, holders,
+                                      model_artifact, stage_holder, stage_tag, versions)
 
 METRICS_FILE = "reports/metrics.json"
 FAIRNESS_FILE = "reports/fairness.json"
 PIPELINE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", "conf", "reports", "dvclive")
-FORCED = "FORCED past failed gates"  # written into the tag message of a promotion that overrides the gates
+FORCED = "FORCED past failed gates"  # the verdict of a promotion that overrides the gates (its record: registry/overrides.py)
 
 
 def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
@@ -46,6 +52,14 @@ def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
         return [f"{FAIRNESS_FILE} at {commit[:10]} has no check intervals (written before conf/gate's verdicts): "
                 "run the evaluate step and commit its reports"]
     return decide(metrics, fairness["checks"], cfg.gate)["blocking"]
+
+
+def judged_failures(cfg: DictConfig, stage: str, commit: str, repo: Path) -> list[str]:
+    """gate_failures for a gated stage, once the committed reports are shown to be the ones dvc.lock records."""
+    if stage not in cfg.registry.gated_stages:
+        return []
+    require_locked(repo, commit, (METRICS_FILE, FAIRNESS_FILE))
+    return gate_failures(cfg, commit, repo)
 
 
 def _uncommitted_changes(repo: Path) -> list[str]:
@@ -92,8 +106,9 @@ def _register(cfg: DictConfig, name: str, version: str | None, commit: str, push
 
 
 def promote(cfg: DictConfig, version: str | None, stage: str, force_reason: str | None = None, push: bool = False,
-            repo: Path = ROOT) -> dict:
-    """Assign `stage` to `version` (registering the current commit as `version` when it is new)."""
+            repo: Path = ROOT, command: str | None = None) -> dict:
+    """Assign `stage` to `version` (registering the current commit as `version` when it is new). Overriding
+    failed gates (`force_reason`) first commits the override record, naming `command` (default: sys.argv)."""
     import gto.api
 
     check_gto_stages(cfg, repo)
@@ -104,16 +119,18 @@ def promote(cfg: DictConfig, version: str | None, stage: str, force_reason: str 
     commit = _commit_to_register(version, known, repo)
     with tempfile.TemporaryDirectory() as tmp:
         fetch_package(commit, Path(tmp) / "package", repo)
-    failures = gate_failures(cfg, commit, repo) if stage in cfg.registry.gated_stages else []
+    failures = judged_failures(cfg, stage, commit, repo)
     if failures and not force_reason:
-        _refuse(cfg, name, version, stage, commit, failures, "(use --force --reason '...' to override; the reason is written into the tag)")
+        _refuse(cfg, name, version, stage, commit, failures, "(use --force --reason '...' to override; the override is committed on the record)")
     if not failures and version in known and version in [h["version"] for h in holders(stage, repo)]:
         return {"name": name, "version": version, "stage": stage, "commit": commit, "verdict": f"already in {stage!r}; nothing to do"}
     if version not in known:
         version = _register(cfg, name, version, commit, push, repo)
     verdict = "gates passed" if stage in cfg.registry.gated_stages else "stage not gated"
     if failures:
-        verdict = f"{FORCED} ({'; '.join(failures)}): {force_reason}"
+        record = record_override(repo, {"artifact": name, "version": version, "stage": stage, "commit": commit, "failures": failures,
+                                        "reason": force_reason, "command": command or shlex.join(sys.argv)}, push)
+        verdict = f"{FORCED} ({'; '.join(failures)}): {force_reason} (override record {record[:10]})"
     gto.api.assign(str(repo), name, stage, version=version, message=f"Promote {name} {version} to {stage}: {verdict}",
                    force=True, push=push)
     emit(cfg.events, "stage_assigned", f"{name} {version} assigned to {stage}: {verdict}", model=name, version=version,
@@ -121,34 +138,50 @@ def promote(cfg: DictConfig, version: str | None, stage: str, force_reason: str 
     return {"name": name, "version": version, "stage": stage, "commit": commit, "verdict": verdict}
 
 
-def check(cfg: DictConfig, tag: str, repo: Path = ROOT) -> dict:
+def check(cfg: DictConfig, tag: str, repo: Path = ROOT, policy_ref: str | None = None) -> dict:
     """May the version a stage tag assigns be deployed? Whoever made the tag (this CLI, a plain `gto assign`,
     `git push`), the stage must be declared, the tag current, the package retrievable from the DVC remote
-    and, for a gated stage, the gates passed or overridden by `promote --force --reason` (recorded in the tag)."""
-    check_gto_stages(cfg, repo)
+    and, for a gated stage, the reports those dvc.lock records and the gates passed or overridden by a record
+    in the history of `policy_ref`. The policy (sections gate and registry) is params.yaml as committed at
+    `policy_ref`, the branch that deploys; without it, `cfg` (the working tree's) and records in HEAD's history."""
+    policy = policy_at(cfg, policy_ref, repo) if policy_ref else cfg
+    check_gto_stages(policy, repo)
     assigned = stage_tag(tag, repo)
     name, version, stage = assigned["name"], assigned["version"], assigned["stage"]
     model, _ = model_artifact(repo)
     if name != model:  # the workflow runs on every stage tag; only the model artifact's are deployed
         raise RegistryError(f"{tag}: assigns a stage to artifact {name!r}, but this repository's model artifact is {model!r} "
                             "(dvc.yaml `artifacts:`, named by data.name); nothing to deploy")
-    if stage not in cfg.registry.stages:
-        raise RegistryError(f"{tag}: stage {stage!r} is not declared (registry.stages and .gto allow {list(cfg.registry.stages)})")
+    if stage not in policy.registry.stages:
+        raise RegistryError(f"{tag}: stage {stage!r} is not declared (registry.stages and .gto allow {list(policy.registry.stages)})")
     holder = stage_holder(stage, repo)
     if holder["version"] != version:
         raise RegistryError(f"{tag}: assigns {version} to {stage}, but {stage} is now held by {holder['version']} (a newer tag); "
                             "that tag's deploy is the one to run")
     with tempfile.TemporaryDirectory() as tmp:
         fetch_package(assigned["commit"], Path(tmp) / "package", repo)
-    failures = gate_failures(cfg, assigned["commit"], repo) if stage in cfg.registry.gated_stages else []
-    verdict = "gates passed" if stage in cfg.registry.gated_stages else "stage not gated"
-    if failures and FORCED in tag_message(tag, repo):
-        verdict = f"gates overridden by the promotion recorded in {tag}: {tag_message(tag, repo)}"
-    elif failures:
-        _refuse(cfg, name, version, stage, assigned["commit"], failures,
-                f"{tag} is not deployed; promote with `python -m components.promote promote --stage {stage} --force --reason '...'` "
-                "to override the gates on the record")
-    return {**assigned, "verdict": verdict}
+    failures = judged_failures(policy, stage, assigned["commit"], repo)
+    verdict = "gates passed" if stage in policy.registry.gated_stages else "stage not gated"
+    if failures:
+        verdict = _overridden(cfg, tag, assigned, failures, policy_ref or "HEAD", repo)
+    return {**assigned, "tag": tag, "verdict": verdict}
+
+
+def _overridden(cfg: DictConfig, tag: str, assigned: dict, failures: list[str], ref: str, repo: Path) -> str:
+    """The verdict of failed gates that an override record in `ref`'s history accepts; refused otherwise."""
+    subject = {"artifact": assigned["name"], "version": assigned["version"], "stage": assigned["stage"], "commit": assigned["commit"]}
+    record = find_override(repo, ref, subject, failures)
+    if record is None:
+        _refuse(cfg, assigned["name"], assigned["version"], assigned["stage"], assigned["commit"], failures,
+                f"{tag} is not deployed: no override record in the history of {ref} accepts these failures (a tag message is not one); "
+                f"promote with `python -m components.promote promote --stage {assigned['stage']} --force --reason '...'` "
+                f"on that branch to override the gates on the record")
+    return f"gates overridden by the record {record['record'][:10]} in {ref} ({record['command']}): {record['reason']}"
+
+
+def check_stage(cfg: DictConfig, stage: str, repo: Path = ROOT, policy_ref: str | None = None) -> dict:
+    """`check` of the tag through which the current holder of `stage` holds it: what deploying a stage runs first."""
+    return check(cfg, current_stage_tag(stage, repo), repo, policy_ref)
 
 
 def rollback(cfg: DictConfig, stage: str, push: bool = False, repo: Path = ROOT) -> dict:
@@ -181,13 +214,17 @@ def _print_versions(rows: list[dict]) -> None:
 
 def _run_promote(cfg: DictConfig, args: argparse.Namespace) -> None:
     if args.force and not args.reason:
-        raise RegistryError("--force needs --reason '...' (it is written into the tag message)")
-    done = promote(cfg, args.version, args.stage, args.reason if args.force else None, args.push)
+        raise RegistryError("--force needs --reason '...' (it is committed in the override record)")
+    done = promote(cfg, args.version, args.stage, args.reason if args.force else None, args.push,
+                   command=shlex.join(["python", "-m", "components.promote", *sys.argv[1:]]))
     print(f"{done['name']} {done['version']} ({done['commit'][:10]}) -> {done['stage']}: {done['verdict']}")
 
 
 def _run_check(cfg: DictConfig, args: argparse.Namespace) -> None:
-    done = check(cfg, args.tag)
+    if args.policy_ref and any(o.lstrip("+~").startswith(POLICY_SECTIONS) for o in args.overrides):
+        raise ConfigError(f"--policy-ref {args.policy_ref} is the gate policy; overrides of {' or '.join(POLICY_SECTIONS)} "
+                          f"({[o for o in args.overrides if o.lstrip('+~').startswith(POLICY_SECTIONS)]}) would be ignored")
+    done = check(cfg, args.tag, policy_ref=args.policy_ref)
     print(f"{args.tag}: {done['name']} {done['version']} (commit {done['commit'][:10]}) may be deployed to {done['stage']}: "
           f"package retrievable from the DVC remote; {done['verdict']}")
 
@@ -205,12 +242,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="vX.Y.Z; omitted: the next patch version, registered at the current commit")
     p.add_argument("--stage", required=True)
     p.add_argument("--force", action="store_true", help="promote despite failed gates (needs --reason)")
-    p.add_argument("--reason", help="why the gates are overridden; written into the tag message")
+    p.add_argument("--reason", help="why the gates are overridden; committed in the override record on the current branch")
     p.add_argument("--push", action="store_true", help="push the new tags to origin")
     p.set_defaults(run=_run_promote)
     sub.add_parser("versions", help="registered versions and their stages").set_defaults(run=lambda cfg, args: _print_versions(versions()))
     c = sub.add_parser("check", help="may the version a stage tag assigns be deployed? (run by the deploy-on-stage-tag workflow)")
     c.add_argument("--tag", required=True, help="a stage tag <name>#<stage>#N, e.g. digits#prod#3 (<name>: package.model_name)")
+    c.add_argument("--policy-ref", help="the branch that deploys, e.g. origin/main: its committed params.yaml is the gate policy "
+                                        "and only override records in its history count (default: the working tree's config, HEAD)")
     c.set_defaults(run=_run_check)
     r = sub.add_parser("rollback", help="give a stage back to its previous version (deploy it with `python -m serve up --stage`)")
     r.add_argument("--stage", required=True)

@@ -16,20 +16,25 @@ from pathlib import Path
 import requests
 
 from components.core.config import ROOT, command_config
-from components.core.errors import StepError, run_cli
+from components.core.errors import ConfigError, StepError, run_cli
 from components.core.events import emit
 from components.deploy import deploy, read_package
-from components.registry.tags import stage_package
+from components.promote import check_stage
+from components.registry.tags import fetch_release
 from components.serving import server
 from components.serving.torchserve import default_version
 
 
-def deploy_stage(cfg, stage: str, repo: Path = ROOT, **remote) -> tuple[dict, Path]:
-    """Deploy exactly the version a git tag assigns to `stage`, fetched from the DVC remote."""
-    package_dir, holder = stage_package(cfg, stage, repo)
-    print(f"serve: stage {stage} -> {holder['version']} (commit {holder['commit'][:10]}), package fetched from the DVC remote")
+def deploy_stage(cfg, stage: str, repo: Path = ROOT, policy_ref: str | None = None, **remote) -> tuple[dict, Path]:
+    """Deploy exactly the version a git tag assigns to `stage`, fetched from the DVC remote, once `promote check`
+    passes that tag under the policy of `policy_ref` (the branch that deploys; default: the working tree's)."""
+    checked = check_stage(cfg, stage, repo, policy_ref)
+    print(f"serve: stage {stage} -> {checked['version']} (commit {checked['commit'][:10]}, {checked['tag']}): {checked['verdict']}")
+    package_dir = fetch_release(cfg, checked["version"], checked["commit"], repo)
+    print(f"serve: package of {checked['version']} fetched from the DVC remote")
     package = read_package(package_dir)
-    source = {"stage": stage, "registry_version": holder["version"], "commit": holder["commit"]}
+    source = {"stage": stage, "registry_version": checked["version"], "commit": checked["commit"], "tag": checked["tag"],
+              "gate_verdict": checked["verdict"]}
     return deploy(cfg, package_dir / package["mar"]["file"], package["version"], source=source, **remote), package_dir
 
 
@@ -39,8 +44,10 @@ def up(cfg, args) -> None:
         remote = {"management_url": args.management_url, "token": os.environ.get("TORCHSERVE_MANAGEMENT_TOKEN"),
                   "inference_url": args.inference_url, "inference_token": os.environ.get("TORCHSERVE_INFERENCE_TOKEN"),
                   "model_store": args.model_store}
+    if args.policy_ref and not args.stage:
+        raise ConfigError("--policy-ref names the policy a stage is checked against: give --stage too")
     if args.stage:
-        result, package_dir = deploy_stage(cfg, args.stage, **remote)
+        result, package_dir = deploy_stage(cfg, args.stage, policy_ref=args.policy_ref, **remote)
     else:
         package_dir = Path(args.package)
         package = read_package(package_dir)
@@ -136,7 +143,10 @@ def main() -> None:
 
     sub = command("up", up, "start TorchServe if needed and deploy the package as the default version")
     sub.add_argument("--package", default="artifacts/package", help="package folder (output of the package step)")
-    sub.add_argument("--stage", default=None, help="deploy the version a git tag assigns to this stage (e.g. prod) instead")
+    sub.add_argument("--stage", default=None, help="deploy the version a git tag assigns to this stage (e.g. prod) instead, "
+                                                   "once `python -m components.promote check` passes its tag")
+    sub.add_argument("--policy-ref", default=None, help="with --stage: the branch that deploys (e.g. origin/main), whose committed "
+                                                        "gate policy and override records decide (default: the working tree's)")
     sub.add_argument("--management-url", help="a remote TorchServe's management API (token: $TORCHSERVE_MANAGEMENT_TOKEN)")
     sub.add_argument("--inference-url", help="its inference API, for the smoke test (token: $TORCHSERVE_INFERENCE_TOKEN)")
     sub.add_argument("--model-store", help="its model store, mounted on this machine")

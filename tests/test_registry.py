@@ -57,6 +57,8 @@ def project(tmp_path_factory):
         run(["dvc", "exp", "run", "-S", "experiment=quick"], repo)
         git_commit(repo, "model v1")
         run(["dvc", "push"], repo)
+        run(["git", "clone", "-q", "--bare", str(repo), str(root / "origin.git")], root)  # main there: the branch that deploys
+        run(["git", "remote", "add", "origin", str(root / "origin.git")], repo)
         project = Project(repo, s3, serve_overrides)
         try:
             yield project
@@ -147,8 +149,9 @@ def test_promotion_lifecycle(project: Project):
     run(["dvc", "artifacts", "get", ".", "digits", "--stage", "prod", "-o", str(out)], repo)
     assert json.loads((out / "package.json").read_text())["version"] == package_v2
 
-    # Deploy prod: exactly v2's package, fetched from the remote, is the live default.
-    deployed, _ = deploy_stage(project.cfg(), "prod", repo=repo)
+    # Deploy prod: exactly v2's package, fetched from the remote, is the live default, once the check passes it
+    # under the policy it was forced past (the override record accepts exactly those failures).
+    deployed, _ = deploy_stage(strict, "prod", repo=repo)
     assert (deployed["source"]["registry_version"], deployed["version"]) == ("v1.1.0", package_v2)
     assert deployed["source"]["commit"] == ours["v1.1.0"][0]  # served version -> package -> tag -> commit
     assert live_default(project) == package_v2
@@ -157,7 +160,8 @@ def test_promotion_lifecycle(project: Project):
     back = rollback(project.cfg(), "prod", repo=repo)
     assert (back["replaced"], back["version"]) == ("v1.1.0", "v1.0.0")
     assert json.loads(run(["gto", "show", "--json"], repo).stdout)["digits"]["stage"]["prod"] == "v1.0.0"
-    redeployed = run(["python", "-m", "serve", "up", "--stage", "prod", *project.serve_overrides], repo).stdout
+    redeployed = run(["python", "-m", "serve", "up", "--stage", "prod", *project.serve_overrides,
+                      *gates_around(metrics_v1, fairness_v1, passing=True)], repo).stdout
     assert "serve: stage prod -> v1.0.0" in redeployed and f"version {package_v1} is the default" in redeployed
     assert live_default(project) == package_v1
 
@@ -225,6 +229,7 @@ def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project)
     assert "  min_accuracy: 0.9999\n" in policy.read_text()
     run(["python", "-m", "components.core.config", "experiment=quick", "train.lr=0.003", "gate.on_fail=block"], repo)  # quick warns
     git_commit(repo, "gate: prod needs 99.99% accuracy")
+    run(["git", "push", "-q", "origin", "HEAD:main"], repo)
     typo = run(["gto", "assign", "digits", "--version", "v1.1.0", "--stage", "production"], repo, check=False)
     assert typo.returncode != 0 and "Allowed stages" in typo.stdout + typo.stderr
 
@@ -235,7 +240,7 @@ def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project)
     records_before = deploy_records(project)
 
     job = run_deploy_workflow(project, tag)
-    assert job.names == ["Which stage did this tag assign?", "Re-check gates and remote retrievability"]
+    assert job.names == ["Which stage did this tag assign?", "Which branch's policy decides?", "Re-check gates and remote retrievability"]
     refused = job.steps[-1][1]
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "digits v2.0.0 may not enter 'prod'" in refused.stderr and "accuracy" in refused.stderr and "not >= 0.9999" in refused.stderr
@@ -243,14 +248,19 @@ def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project)
     closed = events_of(repo, "gate_closed")[-1]
     assert (closed["version"], closed["stage"]) == ("v2.0.0", "prod")
 
-    # An override on the record (promote --force --reason) is the only way through; the same job then passes the check.
+    # An override on the record (promote --force --reason, a commit on main) is the only way through, once it is in the
+    # branch that deploys.
     run(["python", "-m", "components.promote", "promote", "--version", "v2.0.0", "--stage", "prod", "--force",
          "--reason", "demo: accepted below the new policy"], repo)
     forced = newest_tag(repo, "digits#prod#*")
     checked = run(["python", "-m", "components.promote", "check", "--tag", forced], repo)
     assert "may be deployed to prod" in checked.stdout and "demo: accepted below the new policy" in checked.stdout
-    plain_again = run(["python", "-m", "components.promote", "check", "--tag", tag], repo, check=False)
-    assert plain_again.returncode == 2 and "may not enter 'prod'" in plain_again.stderr  # the override is the forced tag's, not the version's
+    unpushed = run(["python", "-m", "components.promote", "check", "--tag", forced, "--policy-ref", "origin/main"], repo, check=False)
+    assert unpushed.returncode == 2 and "no override record in the history of origin/main" in unpushed.stderr
+    run(["git", "push", "-q", "origin", "HEAD:main"], repo)
+    for assigned in (forced, tag):  # the record covers v2.0.0 in prod at its commit, whichever tag assigns it
+        passed = run(["python", "-m", "components.promote", "check", "--tag", assigned, "--policy-ref", "origin/main"], repo)
+        assert "gates overridden by the record" in passed.stdout and "demo: accepted below the new policy" in passed.stdout
 
 
 def test_batch_scoring_by_tag_and_as_the_on_demand_dvc_stage(project: Project):

@@ -12,7 +12,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -440,6 +443,48 @@ def test_deploy_refuses_a_corrupt_archive_or_a_wrong_version(live, tmp_path):
         deploy(cfg, live["package"] / "digits.mar", "v9")
     assert list_versions(live["endpoint"], "digits") == [live["manifest"]["version"]]
 
+
+@contextlib.contextmanager
+def deploy_log_watcher(log: Path) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """A webhook receiver (loopback port 18600-18699) that notes, for each event it gets, how many records the deploy log held."""
+    seen: list[tuple[str, int]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            event = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((event["type"], len(log.read_text().splitlines())))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = _on_free_port(Handler)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{receiver.server_address[1]}/hook", seen
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+
+
+def _on_free_port(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    for port in range(18600, 18700):
+        with contextlib.suppress(OSError):
+            return ThreadingHTTPServer(("127.0.0.1", port), handler)
+    raise RuntimeError("no free loopback port in 18600-18699")
+
+
+def test_the_deploy_record_is_written_before_the_deployed_event_is_sent(live, tmp_path):
+    """A receiver that stalls until the job is killed can no longer cost the deploy record."""
+    log = server.state_dir(live["cfg"]).deploy_log
+    records = len(log.read_text().splitlines())
+    with deploy_log_watcher(log) as (url, seen):
+        cfg = compose([*live["overrides"], f"events.webhooks=['{url}']", "events.allow_loopback=true",
+                       f"events.log_file={tmp_path / 'events.jsonl'}"])
+        record = deploy(cfg, live["package"] / "digits.mar", live["manifest"]["version"])
+    assert seen == [("deployed", records + 1)]
+    assert json.loads(log.read_text().splitlines()[-1]) == record
 
 @contextlib.contextmanager
 def prometheus(workdir: Path, metrics_port: int):

@@ -5,6 +5,7 @@ version at a commit, `<name>#<stage>#N` assigns a stage. Tags are read with the 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -56,9 +57,10 @@ def show(repo: Path, query: str) -> list[dict]:
     from gto.exceptions import ArtifactNotFound
 
     try:
-        return gto.api.show(str(repo), query, registered_only=True)
+        rows = gto.api.show(str(repo), query, registered_only=True)
     except ArtifactNotFound:
         return []
+    return [row for row in rows if not row.get("discovered")]  # GTO still lists an unregistered branch head (e.g. an override record)
 
 
 def holders(stage: str, repo: Path) -> list[dict]:
@@ -101,12 +103,11 @@ def fetch_package(commit: str, dest: Path, repo: Path = ROOT) -> Path:
     return dest
 
 
-def stage_package(cfg: DictConfig, stage: str, repo: Path = ROOT) -> tuple[Path, dict]:
-    """Fetch the package of the version in `stage` from the DVC remote into the serve state folder."""
-    holder = stage_holder(stage, repo)
-    release = server.state_dir(cfg).root / "releases" / holder["version"]
+def fetch_release(cfg: DictConfig, version: str, commit: str, repo: Path = ROOT) -> Path:
+    """Fetch the package of a registered version from the DVC remote into the serve state folder."""
+    release = server.state_dir(cfg).root / "releases" / version
     shutil.rmtree(release, ignore_errors=True)
-    return fetch_package(holder["commit"], release, repo), holder
+    return fetch_package(commit, release, repo)
 
 
 def check_gto_stages(cfg: DictConfig, repo: Path = ROOT) -> None:
@@ -140,5 +141,12 @@ def stage_tag(tag: str, repo: Path = ROOT) -> dict:
     return read
 
 
-def tag_message(tag: str, repo: Path = ROOT) -> str:
-    return git(repo, "for-each-ref", f"refs/tags/{tag}", "--format=%(contents)")
+def current_stage_tag(stage: str, repo: Path = ROOT) -> str:
+    """The tag through which the current holder of `stage` holds it: the newest `<name>#<stage>#N` naming its version."""
+    name, _ = model_artifact(repo)
+    holder = stage_holder(stage, repo)
+    tags = [t for t in git(repo, "tag", "-l", f"{name}#{stage}#*").split() if re.fullmatch(r".*#\d+", t)]
+    for tag in sorted(tags, key=lambda t: int(t.rsplit("#", 1)[1]), reverse=True):
+        if read_tag(tag, repo)["version"] == holder["version"]:
+            return tag
+    raise RegistryError(f"{holder['version']} holds {stage!r}, but no tag {name}#{stage}#N assigns it there")
