@@ -13,7 +13,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup data params run stop prometheus test lock clean image
+.PHONY: setup data params run stop prometheus emulator test lock clean image
 .DEFAULT_GOAL := run
 
 setup: $(STAMP)
@@ -36,8 +36,11 @@ params.yaml: $(wildcard conf/*.yaml conf/*/*.yaml) components/core/config.py | $
 	@$(BIN)/python -m components.core.config && touch $@
 
 # SERVE_ARGS: overrides for the local server, e.g. SERVE_ARGS="serve.inference_port=9080".
+# After the pipeline, one line on its numerics: the reference bytes, or why this machine's differ
+# (native profile, no AVX2, arm64, GPU) with each metric's delta against the commit.
 run: data params
 	$(BIN)/dvc repro
+	@$(BIN)/python -m components.core.numerics
 	@$(BIN)/python -m serve up $(SERVE_ARGS)
 
 # Stop the local TorchServe started by `make run`.
@@ -48,7 +51,11 @@ stop:
 prometheus:
 	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 
-test: data prometheus
+# The numerics test trains on an emulated Intel CPU (qemu-user, Debian package); installed once.
+emulator:
+	@command -v qemu-x86_64 >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-user)
+
+test: data prometheus emulator
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Kubeflow Pipelines component images (CPU, GPU) with the locked dependencies, built from the

@@ -2,7 +2,7 @@
 with the number of explained images (and integrated-gradients steps), the bootstrap with the
 number of draws and of test images. Each is timed beside a baseline and printed as a ratio.
 
-    python -m bench.evaluate_bench [--repeats 3] [--parts imports step attributions bootstrap] [--threads N]
+    python -m bench.evaluate_bench [--repeats 3] [--parts imports step attributions bootstrap] [numerics.threads=1]
 
 Needs artifacts/prepared and artifacts/model (`make run` or `dvc repro train` first).
 Target: the whole step (`python -m components.evaluate`, imports included) <= 30 s on 2 cores.
@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+import components  # noqa: F401  (first: it pins the reference numerics before torch loads)
 import numpy as np
 import pandas as pd
 import torch
@@ -148,15 +149,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in this process (0 = torch's default); "
-                        "1 gives steadier figures on a machine shared with other work")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for every command (e.g. evaluate.bootstrap_samples=500)")
     args = parser.parse_args()
     if set(args.parts) - {"imports"} and not (MODEL / "model.safetensors").exists():
         sys.exit("needs artifacts/model: run `make run` (or `dvc repro train`) first")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}")
+    print(f"torch threads: {compose(args.overrides).numerics.threads} (numerics.threads; the reference profile's, as the step runs)")
     for part in args.parts:
         PARTS[part](args.repeats, args.overrides)
 

@@ -15,7 +15,10 @@
    device. Printed: images/s of each and the share of the step time spent waiting for data,
    1 - resident / full. Runs on CPU too (there the "copy" is the host gather).
 
-    python bench/train_throughput.py [--epochs 5 15] [--repeats 5] [--epoch-pairs 40] [--threads 1]
+    python bench/train_throughput.py [--epochs 5 15] [--repeats 5] [--epoch-pairs 40] [numerics.profile=native]
+
+Both loops run under the numerics profile of the config (conf/numerics: the reference profile's
+kernels and threads unless overridden); bench/numerics_cost.py compares the profiles.
     python bench/train_throughput.py --data-path [--device cuda] [--steps 200]
 
 Needs artifacts/prepared (`make run` or `dvc repro prepare` first).
@@ -31,11 +34,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import components  # noqa: F401  (first: it pins the reference numerics before torch loads)
 import torch
 from torch import nn
 
 from components import train as train_module
 from components.core.config import compose
+from components.core.numerics import activate
+from components.core.numerics_env import restart_for
 from components.data.dataset import load_prepared
 from components.model.networks import Normalize, build_model
 from components.training.loop import DeviceBatches, train_epoch, validate
@@ -86,7 +92,7 @@ class TemplateLoop:
         prepared, self.model, norm = _model_and_data(cfg, prepared_dir, torch.device("cpu"))
         self.data = DeviceBatches.of_split(*prepared.split("train"), norm, torch.device("cpu"))
         self.val = DeviceBatches.of_split(*prepared.split("val"), norm, torch.device("cpu"))
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
         self.batch = cfg.train.batch_size
 
     def epoch(self) -> None:
@@ -221,16 +227,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[5, 15])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epoch-pairs", type=int, default=40, help="pairs of single epochs for the loops-alone comparison")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--prepared", type=Path, default=Path("artifacts/prepared"))
     parser.add_argument("--data-path", action="store_true", help="measure the device data path instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for every command (e.g. model=resnet18)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"threads={torch.get_num_threads()} repeats={args.repeats}")
+    numerics = compose(args.overrides).numerics
+    restart_for(numerics.profile)
+    print(f"numerics={activate(numerics.profile, numerics.threads)} repeats={args.repeats}")
     if args.data_path:
         data_path(torch.device(args.device), args.steps, args.repeats, args.prepared, args.overrides)
         return

@@ -34,11 +34,12 @@ from components.evaluation.fairness import fairness_report, require_groups
 from components.evaluation.gates import decide, summary as gate_summary
 from components.core.io import write_json
 from components.core.lineage import lineage
+from components.core.numerics import activate
 from components.core.progress import progress
 from components.model.networks import load_trained, predict_logits, resolve_device
 from components.evaluation.report import Evaluation, render_html, render_model_card
 
-SECTIONS = ("seed", "data", "train.device", "evaluate", "gate")  # the config this step reads: its DVC params and its config hash
+SECTIONS = ("seed", "data", "train.device", "numerics", "evaluate", "gate")  # the config this step reads: its DVC params and its config hash
 CODE_FILES = ("components/evaluation/templates",)  # the reports' Jinja2 templates: code, though not Python
 REPORT_FILES = ("metrics.json", "quality.json", "fairness.json", "plots/confusion.json", "plots/reliability.json", "evaluation.html", "model_card.md")
 
@@ -137,6 +138,7 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
         raise DataError(f"{prepared_dir}: the test split is empty; add data or change data.split")
     require_groups(index[attributes], {a: list(prepared.meta["groups"][a]) for a in attributes}, str(prepared_dir))
 
+    numerics = activate(cfg.numerics.profile, cfg.numerics.threads)
     device = resolve_device(cfg.train.device)
     model, norm = model.to(device), norm.to(device)
     phases = progress((), "evaluate", total=4, unit="phase", every_s=0)
@@ -149,14 +151,14 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
     decision = decide(quality, fairness["checks"], cfg.gate)
     fairness["gate"] = {k: decision[k] for k in ("open", "blocking", "warnings")}
     phases.step(done=f"quality and fairness ({e.bootstrap_samples} bootstrap samples)")
-    errors = error_analysis(error_features(images, index, attributes, probs), y_pred != y_true, e, cfg.seed)
+    errors = error_analysis(error_features(images, index, attributes, probs), y_pred != y_true, e, cfg.seed, cfg.numerics.profile)
     phases.step(done="error analysis")
     grids = attribution_grids(model, norm, images, index, probs, attributes, classes, e, device, cfg.seed)
     phases.step(done="attributions")
     phases.close()
     ev = Evaluation(model=spec, data=prepared.meta, config=OmegaConf.to_container(cfg, resolve=True), quality=quality,
                     reliability=reliability, fairness=fairness, error_analysis=errors, attributions=grids,
-                    lineage=lineage(cfg, __spec__.name, device.type, CODE_FILES))
+                    lineage=lineage(cfg, __spec__.name, device.type, CODE_FILES, numerics))
     metrics = headline(quality, fairness, decision["open"])
 
     reports_dir.parent.mkdir(parents=True, exist_ok=True)

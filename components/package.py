@@ -3,7 +3,7 @@
 Outputs (in `out_dir`): model.onnx (signature + lineage in its metadata), signature.json,
 <model_name>.mar (handler, model, signature, reference statistics), reference_stats.json
 (from prepare, for drift), samples/ (test images for the deploy smoke test) and
-package.json (version, sha256 of the .mar, parity figures, samples, lineage).
+package.json (version, sha256 of the .mar, the parity check passed, samples, lineage).
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from components.data.dataset import load_prepared
 from components.core.errors import DataError, StepError
 from components.core.io import atomic_dir, sha256_file, write_bytes_atomic, write_json
 from components.core.lineage import lineage
+from components.core.numerics import activate
 from components.model.networks import load_trained
 from components.packaging.archive import make_reproducible
 from components.packaging.onnx import check_parity, embed_metadata, export_onnx, model_signature, onnx_logits
 
 HANDLER = ROOT / "serve" / "handler.py"
 RUNTIME = ROOT / "components" / "runtime"  # the package the handler imports, shipped in the archive
-SECTIONS = ("package",)  # the config this step reads: its DVC params and its config hash
+SECTIONS = ("package", "numerics")  # the config this step reads: its DVC params and its config hash
 # Files the .mar carries besides the imported code: part of this step's code hash and DVC deps.
 CODE_FILES = ("serve/handler.py", *sorted(f"components/runtime/{p.name}" for p in RUNTIME.glob("*.py")))
 ARCHIVER = shutil.which("torch-model-archiver", path=Path(sys.executable).parent) or "torch-model-archiver"
@@ -87,7 +88,7 @@ def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, ou
     if len(pixels) == 0:
         raise DataError(f"{prepared_dir}: the test split is empty; parity cannot be checked")
     signature = model_signature(spec, p.top_k)
-    run_lineage = lineage(cfg, __spec__.name, code_files=CODE_FILES)
+    run_lineage = lineage(cfg, __spec__.name, code_files=CODE_FILES, numerics=activate(cfg.numerics.profile, cfg.numerics.threads))
 
     with atomic_dir(out_dir) as tmp:
         onnx_path = tmp / "model.onnx"
@@ -121,7 +122,7 @@ def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, ou
 
 def summary(manifest: dict, args) -> str:
     parity = manifest["parity"]
-    return (f"package: {manifest['model_name']} version {manifest['version']}, parity max |diff| {parity['max_abs_diff']:.1e} "
+    return (f"package: {manifest['model_name']} version {manifest['version']}, ONNX matches torch within {parity['atol']:.0e} "
             f"on {parity['images']} test images -> {args.out}/{manifest['mar']['file']}")
 
 

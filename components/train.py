@@ -35,6 +35,7 @@ from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError, StepError
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
+from components.core.numerics import activate
 from components.core.progress import progress
 from components.model.networks import Normalize, build_model, resolve_device
 from components.training.loop import DeviceBatches, EpochLogger, train_epoch, validate
@@ -46,7 +47,7 @@ class TrainingError(StepError):
     """A training process failed (its own error is in the log above)."""
 
 
-SECTIONS = ("seed", "data", "model", "train")  # the config this step reads: its DVC params and its config hash
+SECTIONS = ("seed", "data", "model", "train", "numerics")  # the config this step reads: its DVC params and its config hash
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -133,7 +134,8 @@ def _build(cfg: DictConfig, prepared: Prepared, prepared_dir, processes: distrib
     if len(data) == 0 or len(val) == 0:
         raise DataError(f"{prepared_dir}: the train or validation split is empty; add data or change data.split")
     model = build_model(cfg.model.name, spec["channels"], len(spec["classes"]), tuple(spec["image_size"]), cfg.model.width, cfg.model.dropout).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    # fused: its own vectorised kernel, not MKL's vendor-dispatched sqrt (reference numerics, docs/reproducibility.md)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
     weights = balanced_weights(group_keys(index_train, spec["sensitive_attributes"])) if t.balanced_sampling else None
     return Run(model, distributed.wrap(model, processes, device), optimizer, data, val, weights,
                torch.Generator().manual_seed(cfg.seed), spec, resume_key)
@@ -217,12 +219,11 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     prepared = _load(cfg, prepared_dir)
     processes, device = distributed.setup(resolve_device(cfg.train.device))
     seed_everything(cfg.seed, device)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    numerics = activate(cfg.numerics.profile, cfg.numerics.threads)
     # Fixed costs (the lineage and the resume key made from it, DVCLive's start and writes) run in
     # order on one background thread while the epochs run on this one.
     with ThreadPoolExecutor(1, thread_name_prefix="train-background") as background:
-        provenance = background.submit(lineage, cfg, __spec__.name, device.type)
+        provenance = background.submit(lineage, cfg, __spec__.name, device.type, numerics=numerics)
         run = _build(cfg, prepared, prepared_dir, processes, device, background.submit(_resume_key, cfg, prepared, provenance))
         checkpoint = Path(checkpoint_dir) / CHECKPOINT
         state, resumed = _restore(cfg.train.resume, checkpoint, run)

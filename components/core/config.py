@@ -91,8 +91,14 @@ class TrainConfig:
     exclude_groups: list[str] = MISSING
     device: str = MISSING
     processes: int = at_least(1)
-    num_threads: int = at_least(0)
     resume: bool = MISSING
+
+
+@dataclass
+class NumericsConfig:
+    profile: str = MISSING
+    threads: int = at_least(1)
+    metric_tolerance: float = above(0)
 
 
 @dataclass
@@ -295,6 +301,8 @@ class EventsConfig:
     log_file: str = MISSING
     webhooks: list[str] = MISSING
     timeout_s: float = above(0)
+    allow_loopback: bool = MISSING
+    allow_private: bool = MISSING
 
 
 @dataclass
@@ -311,6 +319,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
@@ -353,6 +362,8 @@ def _check(cfg: DictConfig) -> list[str]:
         problems.append("data.split.val and data.split.test must sum below 1 (the rest is the training split)")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         problems.append(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
+    if cfg.numerics.profile not in ("reference", "native"):
+        problems.append(f"numerics.profile must be reference or native, got {cfg.numerics.profile!r}")
     if cfg.evaluate.attribution_method not in ("integrated_gradients", "occlusion"):
         problems.append(f"evaluate.attribution_method must be integrated_gradients or occlusion, got {cfg.evaluate.attribution_method!r}")
     problems += [f"gate.{key} must be block or warn, got {cfg.gate[key]!r}" for key in ("on_fail", "on_inconclusive")

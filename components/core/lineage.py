@@ -98,10 +98,13 @@ def environment(device: str | None = None) -> dict[str, str]:
     return env
 
 
-def lineage(cfg: DictConfig, module: str, device: str | None = None, code_files: tuple[str, ...] = ()) -> dict[str, object]:
-    """What determined a step's outputs: `cfg` is the step's own config sections (see config.select)."""
-    return {"data_hash": data_hash(), "config_hash": config_hash(cfg), "code_hash": code_hash(module, code_files),
-            "environment": environment(device)}
+def lineage(cfg: DictConfig, module: str, device: str | None = None, code_files: tuple[str, ...] = (),
+            numerics: dict | None = None) -> dict[str, object]:
+    """What determined a step's outputs: `cfg` is the step's own config sections (see config.select);
+    `numerics` is the profile the step's floats came from (numerics.activate), for steps that compute them."""
+    record = {"data_hash": data_hash(), "config_hash": config_hash(cfg), "code_hash": code_hash(module, code_files),
+              "environment": environment(device)}
+    return record | {"numerics": numerics} if numerics else record
 
 
 STEP_STAGES = {"config": "components.core.config", "prepare": "components.prepare", "train": "components.train",

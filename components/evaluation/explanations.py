@@ -26,14 +26,20 @@ def error_features(images: np.ndarray, index: pd.DataFrame, attributes: list[str
     return table
 
 
-def error_analysis(features: pd.DataFrame, errors: np.ndarray, e: DictConfig, seed: int) -> dict:
-    """Fit an EBM predicting `errors`; rank its terms and describe the strongest in words."""
+def error_analysis(features: pd.DataFrame, errors: np.ndarray, e: DictConfig, seed: int, numerics: str = "reference") -> dict:
+    """Fit an EBM predicting `errors`; rank its terms and describe the strongest in words. Its native
+    code picks SIMD kernels by the CPU (AVX-512 vs AVX2 change the report), so the reference
+    numerics run its scalar code, the one shown to give the same report on another CPU."""
     n_errors = int(errors.sum())
     summary = {"n_images": len(errors), "n_errors": n_errors, "ranking": [], "findings": [], "term_plots": []}
     if min(n_errors, len(errors) - n_errors) < MIN_PER_OUTCOME:
         summary["findings"] = [f"Not fitted: {n_errors} error(s) in {len(errors)} test images is too few to tell where errors concentrate."]
         return summary
+    from interpret import develop
     from interpret.glassbox import ExplainableBoostingClassifier  # imported where used: a second of import time
+    from interpret.utils._native import Native
+
+    develop.set_option("acceleration", Native.AccelerationFlags_NONE if numerics == "reference" else Native.AccelerationFlags_ALL)
 
     # Text columns (true label, sensitive attributes) are categories, even when they read as numbers ("0".."9").
     types = ["continuous" if pd.api.types.is_numeric_dtype(features[c]) else "nominal" for c in features.columns]

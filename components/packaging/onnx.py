@@ -79,13 +79,15 @@ def onnx_logits(session: ort.InferenceSession, pixels: np.ndarray, signature: di
 
 
 def check_parity(onnx_path: Path, model: nn.Module, norm: Normalize, pixels: np.ndarray, signature: dict, atol: float) -> dict:
-    """torch vs onnxruntime on uint8 images: max |logit difference| <= atol and identical argmax."""
+    """torch vs onnxruntime on uint8 images: max |logit difference| <= atol and identical argmax.
+    The record holds what passed, not the measured difference: onnxruntime picks its kernels by
+    the CPU's ISA (nothing pins them), so that difference is this machine's, not the package's."""
     expected = predict_logits(model, norm, torch.from_numpy(pixels), torch.device("cpu")).numpy()
     got = onnx_logits(ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]), pixels, signature)
     max_diff = float(np.abs(expected - got).max())
     agreement = float((expected.argmax(1) == got.argmax(1)).mean())
-    report = {"images": len(pixels), "max_abs_diff": max_diff, "argmax_agreement": agreement, "atol": atol}
+    report = {"images": len(pixels), "argmax_agreement": agreement, "atol": atol}
     if not max_diff <= atol or agreement < 1.0:
-        raise ParityError(f"{onnx_path}: ONNX output differs from torch on the test split ({json.dumps(report)}); "
+        raise ParityError(f"{onnx_path}: ONNX output differs from torch on the test split ({json.dumps(report | {'max_abs_diff': max_diff})}); "
                           "package.parity_atol bounds the difference")
     return report
