@@ -16,7 +16,6 @@ pipeline's gate step decides the same way from these reports (`enforce_gate=Fals
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from components.core.errors import ConfigError, DataError, StepError
 from components.evaluation.explanations import attribution_grids, error_analysis, error_features
 from components.evaluation.fairness import fairness_report, require_groups
 from components.evaluation.gates import decide, summary as gate_summary
-from components.core.io import write_json
+from components.core.io import scratch_beside, write_json
 from components.core.lineage import lineage
 from components.core.numerics import activate
 from components.core.progress import progress
@@ -161,10 +160,9 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
                     lineage=lineage(cfg, __spec__.name, device.type, CODE_FILES, numerics))
     metrics = headline(quality, fairness, decision["open"])
 
-    reports_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{reports_dir.name}.", dir=reports_dir.parent) as scratch:
-        write_reports(ev, metrics, classes, y_true, y_pred, Path(scratch))
-        publish(Path(scratch), reports_dir)
+    with scratch_beside(reports_dir) as scratch:
+        write_reports(ev, metrics, classes, y_true, y_pred, scratch)
+        publish(scratch, reports_dir)
     emit(events, "experiment_finished", summary(metrics, reports_dir), details={"metrics": metrics, "lineage": ev.lineage,
          "dvc_experiment": os.environ.get("DVC_EXP_NAME")})
     if not decision["open"]:

@@ -34,6 +34,7 @@ from components.core.config import ROOT, config_hash, select
 from components.core.errors import DataError
 from components.core.events import emit
 from components.core.io import atomic_dir, write_json
+from components.core.lifetime import die_with_parent
 from components.core.lineage import code_hash, environment
 from components.registry.tags import fetch_package, read_tag
 from components.scoring.inputs import download, list_files, read_chunks
@@ -47,6 +48,7 @@ _model: dict = {}  # per worker process: the ONNX session and the signature
 
 
 def _load_model(model_path: str, signature: dict, max_pixels: int) -> None:
+    die_with_parent()  # a killed scorer takes its workers with it
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # one core per worker process; the pool uses them all
     options.inter_op_num_threads = 1

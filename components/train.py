@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from components.core.cli import run_step
 from components.core.config import config_hash, select
 from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError, StepError
-from components.core.io import atomic_dir, write_json
+from components.core.io import atomic_dir, replace_dir, scratch_beside, write_json
 from components.core.lineage import lineage
 from components.core.numerics import activate
 from components.core.progress import progress
@@ -198,6 +199,9 @@ def _fit(cfg: DictConfig, run: Run, state: dict, checkpoint: Path, processes: di
             logger.epoch({"train/loss": train_loss, "val/loss": val_loss, "val/accuracy": val_acc})
         epochs.note(train_loss=train_loss, val_loss=val_loss, val_accuracy=val_acc,
                     images_per_s=round(len(order) / (time.perf_counter() - epoch_start)))
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise TrainingError(f"train: the loss is not finite after epoch {epoch + 1} (training {train_loss}, validation "
+                                f"{val_loss}): training diverged; lower train.lr (now {t.lr})")
         _track_best(state, epoch, val_loss, val_acc, run.model)
         if processes.is_main:
             _save_checkpoint(checkpoint, run, state)
@@ -221,13 +225,17 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
     seed_everything(cfg.seed, device)
     numerics = activate(cfg.numerics.profile, cfg.numerics.threads)
     # Fixed costs (the lineage and the resume key made from it, DVCLive's start and writes) run in
-    # order on one background thread while the epochs run on this one.
-    with ThreadPoolExecutor(1, thread_name_prefix="train-background") as background:
+    # order on one background thread while the epochs run on this one. DVCLive writes to a scratch
+    # copy of live_dir that replaces it only when the run succeeds: a failed run leaves the last
+    # good curves and summary in place.
+    with scratch_beside(live_dir) as live_scratch, ThreadPoolExecutor(1, thread_name_prefix="train-background") as background:
         provenance = background.submit(lineage, cfg, __spec__.name, device.type, numerics=numerics)
         run = _build(cfg, prepared, prepared_dir, processes, device, background.submit(_resume_key, cfg, prepared, provenance))
         checkpoint = Path(checkpoint_dir) / CHECKPOINT
         state, resumed = _restore(cfg.train.resume, checkpoint, run)
-        logger = EpochLogger(background, live_dir, resumed) if processes.is_main else None
+        if resumed and Path(live_dir).exists():
+            shutil.copytree(live_dir, live_scratch, dirs_exist_ok=True)
+        logger = EpochLogger(background, live_scratch, resumed) if processes.is_main else None
         _fit(cfg, run, state, checkpoint, processes, logger)
         run.model.load_state_dict(state["best_state"])
         if processes.is_main:
@@ -242,6 +250,7 @@ def train(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_d
         logger.finish({"val": {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"]},
                        "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"]})
         run.spec.update(metrics=metrics, lineage=provenance.result())
+        replace_dir(live_scratch, Path(live_dir))
     _save_model(out_dir, run.model, run.spec)
     return metrics
 

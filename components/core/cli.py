@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from components.core.config import command_config
 from components.core.errors import run_cli
+from components.core.lifetime import die_with_parent
 from components.core.numerics_env import restart_for
 
 OVERRIDES_HELP = "Hydra overrides of conf/: keys (train.lr=0.01), groups (model=resnet18), presets (experiment=quick)"
@@ -32,7 +33,8 @@ def run_step(step: Callable, description: str, summary: Callable[[object, argpar
     def main() -> None:
         args = parser.parse_args()
         cfg = command_config(args.params, args.overrides)
-        restart_for(cfg.numerics.profile)  # torch picks its kernels once per process: the other profile needs a new one
+        restart_for(cfg.numerics.profile)
+        die_with_parent()  # killing `dvc repro` stops the step it runs  # torch picks its kernels once per process: the other profile needs a new one
         result = step(cfg, *(getattr(args, name) for name in paths))
         message = summary(result, args)
         if message:

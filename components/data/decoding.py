@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from components.core.lifetime import die_with_parent
 from components.core.progress import progress
 from components.runtime.features import FEATURES, image_features
 
@@ -42,6 +43,8 @@ def decode_error(path: Path, channels: int, size: tuple[int, int]) -> tuple[np.n
         return decode(path, channels, size), None
     except FileNotFoundError:
         return None, "file not found"
+    except Image.DecompressionBombError as exc:
+        return None, f"too many pixels to decode safely ({exc})"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         return None, f"cannot decode image ({exc.__class__.__name__}: {exc})"
 
@@ -104,7 +107,7 @@ def _decoded_chunks(decode_part: Callable, chunks: list[tuple[int, list]], worke
         yield from (decode_part(part, start) for start, part in chunks)
         return
     # spawn, not fork: a forked child could inherit a lock held by another thread of the caller
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=die_with_parent) as pool:
         futures = [pool.submit(decode_part, part, start) for start, part in chunks]
         yield from (future.result() for future in futures)
 
