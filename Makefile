@@ -13,7 +13,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup data params run stop prometheus emulator test lock clean image
+.PHONY: setup data params run stop prometheus emulator test check lock clean image
 .DEFAULT_GOAL := run
 
 setup: $(STAMP)
@@ -26,19 +26,24 @@ $(STAMP):
 
 # A missing data/ is pulled from the DVC remote (when configured) or regenerated and verified;
 # an existing one is DVC's to check (`dvc repro` re-hashes a changed data/).
+# .dvc/config.local holds the remote's secret (`dvc remote modify --local`), which DVC writes
+# world-readable: it is made readable by its owner only.
 data: setup
+	@test ! -f .dvc/config.local || chmod 600 .dvc/config.local
 	@test -d data || $(BIN)/python -m components.data.sample ensure
 
-# Regenerated only when conf/ changed (the rule compares file times), so a no-op run stays fast;
-# the same command declares the model artifact (package.model_name) in artifacts.yaml and dvc.yaml.
-params: params.yaml
-params.yaml: $(wildcard conf/*.yaml conf/*/*.yaml) components/core/config.py | $(STAMP)
-	@$(BIN)/python -m components.core.config && touch $@
+# Regenerated from conf/ and the overrides params.yaml records (an applied experiment stays) when its
+# content no longer matches them (a digest in its header, checked in milliseconds; file times decide
+# nothing); the same command declares the model artifact (package.model_name) in artifacts.yaml and dvc.yaml.
+params: setup
+	@$(BIN)/python -m components.core.config
 
-# SERVE_ARGS: overrides for the local server, e.g. SERVE_ARGS="serve.inference_port=9080".
+# This machine's ports, state folder and webhooks: local.yaml (gitignored, docs/serving.md), read by
+# every command; SERVE_ARGS adds one-off overrides, e.g. SERVE_ARGS="serve.inference_port=9080".
 # After the pipeline, one line on its numerics: the reference bytes, or why this machine's differ
 # (native profile, no AVX2, arm64, GPU) with each metric's delta against the commit.
 run: data params
+	@$(BIN)/python -m serve check $(SERVE_ARGS)
 	$(BIN)/dvc repro
 	@$(BIN)/python -m components.core.numerics
 	@$(BIN)/python -m serve up $(SERVE_ARGS)
@@ -57,6 +62,11 @@ emulator:
 
 test: data prometheus emulator
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Before every commit (under 2 minutes): the tests without the `slow` marker, every module's logic
+# in-process, plus ruff, the import contracts and the docs check; `make test` also runs the slow tier.
+check: data
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Kubeflow Pipelines component images (CPU, GPU) with the locked dependencies, built from the
 # committed tree (git archive HEAD: uncommitted changes never reach a cluster), tagged

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 
-import components  # noqa: F401  (first: it pins the reference numerics before torch loads)
 import numpy as np
 import pandas as pd
 import torch
@@ -26,6 +25,7 @@ from fairlearn.metrics import MetricFrame
 from sklearn.metrics import accuracy_score
 from torch import nn
 
+import components  # noqa: F401  (first: it pins the reference numerics before torch loads)
 from components.core.config import ROOT, compose
 from components.data.dataset import load_prepared
 from components.evaluate import evaluate
@@ -89,9 +89,11 @@ def attributions(repeats: int, overrides: list[str]) -> None:
     test = load_prepared(PREPARED).split("test")[0]
     forward = nn.Sequential(norm, model).eval()
     ig, occlusion = compose(overrides).evaluate, compose([*overrides, "evaluate.attribution_method=occlusion"]).evaluate
-    print(f"\n== attributions: cost vs explained images (IG {ig.attribution_steps} steps, occlusion window {occlusion.occlusion_window}) ==")
+    print(f"\n== attributions: cost vs explained images (IG {ig.attribution_steps} steps, "
+          f"occlusion window {occlusion.occlusion_window}) ==")
     print("baseline: one plain gradient per image (captum Saliency)")
-    print(f"{'images':>6} {'saliency s':>11} {'IG s':>8} {'occl. s':>8} {'IG/sal':>7} {'occl/sal':>8} {'IG ms/img':>10} {'IG vs 4 img':>12}")
+    print(f"{'images':>6} {'saliency s':>11} {'IG s':>8} {'occl. s':>8} {'IG/sal':>7} {'occl/sal':>8} "
+          f"{'IG ms/img':>10} {'IG vs 4 img':>12}")
     first = None
     for n in (4, 16, 64):
         images, targets = test[:n], np.zeros(n, dtype=int)
@@ -133,7 +135,8 @@ def bootstrap(repeats: int, overrides: list[str]) -> None:
         ours = best_of(10 * repeats, lambda: accuracy_gap_interval(correct, pd.Series(groups), samples, 0.95, 0))
         naive = best_of(1, lambda: naive_bootstrap(correct, groups, samples, rng)) if samples <= 10000 else float("nan")
         fair = best_of(1, lambda: MetricFrame(metrics=accuracy_score, y_true=correct, y_pred=np.ones_like(correct),
-                                              sensitive_features=groups, n_boot=samples, ci_quantiles=[0.025, 0.975], random_state=0)) if samples <= 1000 else float("nan")
+                                              sensitive_features=groups, n_boot=samples, ci_quantiles=[0.025, 0.975],
+                                              random_state=0)) if samples <= 1000 else float("nan")
         first = first or ours
         print(f"{samples:>7} {ours:>9.5f} {naive:>11.3f} {fair:>12.3f} {naive / ours:>13.0f}x {ours / first:>11.1f}x"
               .replace("nanx", "   -").replace("nan", "  -"))  # the slow baselines are skipped at large draw counts

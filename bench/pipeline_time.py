@@ -45,7 +45,8 @@ def main() -> None:
     floor, noop, make_run = zip(*rounds)
     print(f"prepare + train from clean: {prepare_train:6.1f} s   (target <= 60 s)")
     print(f"remaining stages:           {rest:6.1f} s")
-    for name, times, target in (("dvc status (DVC's floor)", floor, None), ("no-op dvc repro", noop, 1.0), ("no-op make run", make_run, 1.5)):
+    for name, times, target in (("dvc status (DVC's floor)", floor, None), ("no-op dvc repro", noop, 1.0),
+                                ("no-op make run", make_run, 1.5)):
         line = f"{name:<25} min {min(times):5.2f}  median {statistics.median(times):5.2f}  max {max(times):5.2f} s"
         if target:
             line += f"   x{statistics.median(times) / statistics.median(floor):.2f} of dvc status   (target <= {target} s)"

@@ -38,7 +38,8 @@ from components.core.config import compose
 from components.data.decoding import decode
 from components.prepare import prepare
 mode, root, out, size, channels = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-cfg = compose([f"data.root={root}", "data.classes=[a,b,c,d]", f"data.image_size=[{size},{size}]", f"data.channels={channels}", *sys.argv[6:]])
+cfg = compose([f"data.root={root}", "data.classes=[a,b,c,d]", f"data.image_size=[{size},{size}]", f"data.channels={channels}",
+               *sys.argv[6:]])
 files = pd.read_csv(root / "metadata.csv")["file"]
 rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
@@ -96,13 +97,16 @@ def report(n: int, kind: str, floors: list[dict], prepares: list[dict]) -> None:
     rates = [r["images"] / r["seconds"] for r in prepares]
     ratios = [rate / (floor_rate * cores) for rate in rates]
     spread = lambda v, f: "/".join(format(x, f) for x in (min(v), statistics.median(v), max(v)))  # noqa: E731
-    print(f"{n} {kind} images {channels}x{size}x{size}, {cores} cores, decoded array {array_mb:.0f} MB, {len(prepares)} repeat(s) (min/median/max)")
+    print(f"{n} {kind} images {channels}x{size}x{size}, {cores} cores, decoded array {array_mb:.0f} MB, "
+          f"{len(prepares)} repeat(s) (min/median/max)")
     print(f"  floor (1 thread, decode only): {spread([r['images'] / r['seconds'] for r in floors], '.0f')} images/s")
     print(f"  prepare ({cores} processes):     {spread(rates, '.0f')} images/s")
-    print(f"  ratio prepare / (floor x {cores}): {spread(ratios, '.2f')}   prepare / floor: {spread([r / floor_rate for r in rates], '.2f')}")
+    print(f"  ratio prepare / (floor x {cores}): {spread(ratios, '.2f')}   "
+          f"prepare / floor: {spread([r / floor_rate for r in rates], '.2f')}")
     print(f"  memory growth / array: main {spread([r['growth_mb'] / array_mb for r in prepares], '.2f')}, "
           f"largest worker {spread([r['worker_peak_mb'] / array_mb for r in prepares], '.2f')} "
-          f"({statistics.median(r['worker_peak_mb'] for r in prepares):.0f} MB); floor {spread([r['growth_mb'] / array_mb for r in floors], '.2f')}")
+          f"({statistics.median(r['worker_peak_mb'] for r in prepares):.0f} MB); "
+          f"floor {spread([r['growth_mb'] / array_mb for r in floors], '.2f')}")
     per_image = 1 / statistics.median(rates)
     print(f"  projected at 1,000,000 images: {per_image * 1e6 / 60:.0f} min, decoded array {1e6 * channels * size * size / 2**30:.1f} GB")
 

@@ -22,10 +22,10 @@ import numpy as np
 import onnxruntime as ort
 
 from components.core.config import compose
-from components.score import predict_files
-from components.scoring.inputs import list_files, read_chunks
 from components.runtime.inference import normalize
 from components.runtime.request import decode_image
+from components.score import predict_files
+from components.scoring.inputs import list_files, read_chunks
 
 
 def baseline(fs, files: list[str], package: Path, chunk: int, max_pixels: int) -> int:
@@ -55,7 +55,8 @@ def main() -> None:
     package = Path(args.package)
     rates: dict[str, list[float]] = {"in-process onnxruntime": [], "batch scoring": []}
     for _ in range(args.repeats):  # alternate, so both see the same machine load
-        for name, run in (("in-process onnxruntime", lambda: baseline(fs, files, package, cfg.score.chunk_size, cfg.serve.max_image_pixels)),
+        for name, run in (("in-process onnxruntime",
+                           lambda: baseline(fs, files, package, cfg.score.chunk_size, cfg.serve.max_image_pixels)),
                           ("batch scoring", lambda: batch(fs, root, files, package, cfg.score, cfg.serve.max_image_pixels))):
             start = time.perf_counter()
             count = run()

@@ -30,14 +30,14 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.support import free_ports  # noqa: E402
 from components.core.config import PORT_KEYS, compose  # noqa: E402
 from components.deploy import read_package  # noqa: E402
-from components.serving.torchserve import copy_checked, register  # noqa: E402
 from components.package import ARCHIVER  # noqa: E402
-from bench.support import free_ports  # noqa: E402
 from components.runtime.inference import normalize, softmax  # noqa: E402
 from components.runtime.request import decode_image  # noqa: E402
 from components.serving import server  # noqa: E402
+from components.serving.torchserve import copy_checked, register  # noqa: E402
 
 NOOP_HANDLER = '''
 def handle(data, context):
@@ -51,7 +51,8 @@ def noop_mar(store: Path) -> str:
         handler = Path(scratch) / "noop.py"
         handler.write_text(NOOP_HANDLER)
         subprocess.run([ARCHIVER, "--model-name", "noop", "--version", "1",
-                        "--handler", str(handler), "--export-path", str(store), "--force"], check=True, env={**os.environ, "TMPDIR": scratch})
+                        "--handler", str(handler), "--export-path", str(store), "--force"],
+                       check=True, env={**os.environ, "TMPDIR": scratch})
     return "noop.mar"
 
 
@@ -132,7 +133,8 @@ def measure(url: str, names: dict, body: bytes, headers: dict, requests_total: i
     results = {name: [] for name in names}
     for _ in range(rounds):
         for name, measured in results.items():
-            measured.append((*load(f"{url}/{name}", body, headers, 200, 1), *load(f"{url}/{name}", body, headers, requests_total // rounds, 8)))
+            measured.append((*load(f"{url}/{name}", body, headers, 200, 1),
+                             *load(f"{url}/{name}", body, headers, requests_total // rounds, 8)))
     return {name: [statistics.median(r[i] for r in measured) for i in range(4)] for name, measured in results.items()}
 
 

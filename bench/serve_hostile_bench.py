@@ -91,7 +91,8 @@ def run(package_dir: Path, overrides: list[str], max_pixels: int | None, rounds:
                        *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])
         try:
             endpoint = server.start(cfg)
-            copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], server.state_dir(cfg).model_store, package["mar"]["file"])
+            copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], server.state_dir(cfg).model_store,
+                         package["mar"]["file"])
             register(endpoint, package["mar"]["file"], cfg.serve)
             url, headers = f"{endpoint.inference_url}/predictions/{package['model_name']}", server.bearer(endpoint.inference_token)
             p50_ms(url, sample, headers, 500)  # warm-up
@@ -110,7 +111,8 @@ def run(package_dir: Path, overrides: list[str], max_pixels: int | None, rounds:
     print(f"  {'beside':<32}{'size':>9}{'p50 ratio min / median / max':>32}   attackers' answers")
     for name, values in ratios.items():
         answers = ", ".join(f"{n} x {status}" for status, n in sorted(statuses[name].items()))
-        print(f"  {name:<32}{len(bodies[name]) / 1e3:>6.0f} kB{min(values):>13.1f} / {statistics.median(values):.1f} / {max(values):.1f}   {answers}")
+        print(f"  {name:<32}{len(bodies[name]) / 1e3:>6.0f} kB{min(values):>13.1f} / {statistics.median(values):.1f} / "
+              f"{max(values):.1f}   {answers}")
 
 
 def main() -> None:

@@ -34,10 +34,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import components  # noqa: F401  (first: it pins the reference numerics before torch loads)
 import torch
 from torch import nn
 
+import components  # noqa: F401  (first: it pins the reference numerics before torch loads)
 from components import train as train_module
 from components.core.config import compose
 from components.core.numerics import activate

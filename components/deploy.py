@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
@@ -24,8 +24,7 @@ from components.core.events import emit
 from components.core.io import sha256_file
 from components.serving import server
 from components.serving.server import Endpoint, bearer
-from components.serving.torchserve import (TIMEOUT_S, copy_checked, default_version, list_versions, register, set_default,
-                                           unregister)
+from components.serving.torchserve import TIMEOUT_S, copy_checked, default_version, list_versions, register, set_default, unregister
 
 
 class DeployError(StepError):
@@ -131,7 +130,7 @@ def deploy(cfg: DictConfig, mar_path: str | Path, version: str, management_url: 
     for old in list_versions(endpoint, name):  # keep the previous default for a rollback, nothing older
         if old not in (version, previous):
             unregister(endpoint, name, old)
-    record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_name": name, "version": version,
+    record = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "model_name": name, "version": version,
               "previous_version": previous, "smoke_samples": len(package["samples"]),
               "endpoint": f"{endpoint.inference_url}/predictions/{name}", "management_url": endpoint.management_url,
               "package_lineage": package["lineage"], "source": source or source_commit()}

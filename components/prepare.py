@@ -17,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from components.core.cli import run_step
 from components.core.config import select
-from components.data.dataset import format_problems, list_dataset, row_problems
-from components.data.decoding import RowStats, decode_all
 from components.core.errors import DataError
-from components.runtime.features import reference_histograms
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
+from components.data.dataset import format_problems, list_dataset, row_problems
+from components.data.decoding import RowStats, decode_all
+from components.runtime.features import reference_histograms
 
 
 def stratified_split(strata: pd.Series, val: float, test: float, seed: int) -> np.ndarray:

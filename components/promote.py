@@ -34,8 +34,19 @@ from components.core.events import emit
 from components.evaluation.gates import decide
 from components.registry.evidence import POLICY_SECTIONS, policy_at, require_locked
 from components.registry.overrides import find_override, record_override
-from components.registry.tags import (RegistryError, check_gto_stages, committed_json, current_stage_tag, fetch_package, git, holders,
-                                      model_artifact, stage_holder, stage_tag, versions)
+from components.registry.tags import (
+    RegistryError,
+    check_gto_stages,
+    committed_json,
+    current_stage_tag,
+    fetch_package,
+    git,
+    holders,
+    model_artifact,
+    stage_holder,
+    stage_tag,
+    versions,
+)
 
 METRICS_FILE = "reports/metrics.json"
 FAIRNESS_FILE = "reports/fairness.json"
@@ -43,15 +54,30 @@ PIPELINE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", "conf", "reports", "dvc
 FORCED = "FORCED past failed gates"  # the verdict of a promotion that overrides the gates (its record: registry/overrides.py)
 
 
-def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
-    """What blocks the reports committed at `commit` under the gate policy of conf/gate (empty list: the gate is open)."""
+def committed_decision(cfg: DictConfig, commit: str, repo: Path = ROOT) -> dict:
+    """The gate's decision (conf/gate) on the reports committed at `commit`: what blocks, what warns."""
     metrics, fairness = committed_json(repo, commit, METRICS_FILE), committed_json(repo, commit, FAIRNESS_FILE)
     if metrics is None or fairness is None:
-        return [f"no {METRICS_FILE} / {FAIRNESS_FILE} committed at {commit[:10]}: run the evaluate step and commit its reports"]
+        return {"blocking": [f"no {METRICS_FILE} / {FAIRNESS_FILE} committed at {commit[:10]}: "
+                             "run the evaluate step and commit its reports"],
+                "warnings": []}
     if any("low" not in check for check in fairness["checks"]):
-        return [f"{FAIRNESS_FILE} at {commit[:10]} has no check intervals (written before conf/gate's verdicts): "
-                "run the evaluate step and commit its reports"]
-    return decide(metrics, fairness["checks"], cfg.gate)["blocking"]
+        return {"blocking": [f"{FAIRNESS_FILE} at {commit[:10]} has no check intervals (written before conf/gate's verdicts): "
+                             "run the evaluate step and commit its reports"], "warnings": []}
+    return decide(metrics, fairness["checks"], cfg.gate)
+
+
+def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
+    """What blocks the reports committed at `commit` under the gate policy of conf/gate (empty list: the gate is open)."""
+    return committed_decision(cfg, commit, repo)["blocking"]
+
+
+def open_verdict(cfg: DictConfig, stage: str, commit: str, repo: Path) -> str:
+    """What an open gate says: "gates passed" only when every check passed, else each warning's verdict."""
+    if stage not in cfg.registry.gated_stages:
+        return "stage not gated"
+    warnings = committed_decision(cfg, commit, repo)["warnings"]
+    return f"gates open with {len(warnings)} warning(s): {'; '.join(warnings)}" if warnings else "gates passed"
 
 
 def judged_failures(cfg: DictConfig, stage: str, commit: str, repo: Path) -> list[str]:
@@ -121,12 +147,13 @@ def promote(cfg: DictConfig, version: str | None, stage: str, force_reason: str 
         fetch_package(commit, Path(tmp) / "package", repo)
     failures = judged_failures(cfg, stage, commit, repo)
     if failures and not force_reason:
-        _refuse(cfg, name, version, stage, commit, failures, "(use --force --reason '...' to override; the override is committed on the record)")
+        _refuse(cfg, name, version, stage, commit, failures,
+                "(use --force --reason '...' to override; the override is committed on the record)")
     if not failures and version in known and version in [h["version"] for h in holders(stage, repo)]:
         return {"name": name, "version": version, "stage": stage, "commit": commit, "verdict": f"already in {stage!r}; nothing to do"}
     if version not in known:
         version = _register(cfg, name, version, commit, push, repo)
-    verdict = "gates passed" if stage in cfg.registry.gated_stages else "stage not gated"
+    verdict = open_verdict(cfg, stage, commit, repo)
     if failures:
         record = record_override(repo, {"artifact": name, "version": version, "stage": stage, "commit": commit, "failures": failures,
                                         "reason": force_reason, "command": command or shlex.join(sys.argv)}, push)
@@ -161,7 +188,7 @@ def check(cfg: DictConfig, tag: str, repo: Path = ROOT, policy_ref: str | None =
     with tempfile.TemporaryDirectory() as tmp:
         fetch_package(assigned["commit"], Path(tmp) / "package", repo)
     failures = judged_failures(policy, stage, assigned["commit"], repo)
-    verdict = "gates passed" if stage in policy.registry.gated_stages else "stage not gated"
+    verdict = open_verdict(policy, stage, assigned["commit"], repo)
     if failures:
         verdict = _overridden(cfg, tag, assigned, failures, policy_ref or "HEAD", repo)
     return {**assigned, "tag": tag, "verdict": verdict}

@@ -36,12 +36,12 @@ from components.core.events import emit
 from components.core.io import atomic_dir, write_json
 from components.core.lifetime import die_with_parent
 from components.core.lineage import code_hash, environment
-from components.registry.tags import fetch_package, read_tag
-from components.scoring.inputs import download, list_files, read_chunks
 from components.monitoring.drift import DriftError, check_drift
+from components.registry.tags import fetch_package, read_tag
 from components.runtime.features import image_features
 from components.runtime.inference import normalize, softmax
 from components.runtime.request import RequestError, decode_image
+from components.scoring.inputs import download, list_files, read_chunks
 
 SECTIONS = ("serve.drift", "serve.max_image_pixels", "score")  # the config this step reads: its DVC params and its config hash
 _model: dict = {}  # per worker process: the ONNX session and the signature
@@ -52,7 +52,8 @@ def _load_model(model_path: str, signature: dict, max_pixels: int) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # one core per worker process; the pool uses them all
     options.inter_op_num_threads = 1
-    _model.update(session=ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"]), signature=signature, max_pixels=max_pixels)
+    _model.update(session=ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"]), signature=signature,
+                  max_pixels=max_pixels)
 
 
 def _decoded(paths: list[str], blobs: list, signature: dict) -> tuple[list[int], list[np.ndarray], list[dict]]:

@@ -10,6 +10,7 @@ Overrides are Hydra overrides of conf/, exactly as with `dvc exp run -S`.
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from kfp import compiler
@@ -20,7 +21,7 @@ from pipelines import preflight
 from pipelines.graph import sweep_pipeline, training_pipeline
 from pipelines.in_pod import IMAGE_COMMIT_ENV
 from pipelines.local import LocalRunFailed, describe, local_data_uri, run_pipeline, shown
-from pipelines.submit import auth_token, client, run_name, submit, upload, version_name
+from pipelines.submit import auth_token, check_version, client, probe, run_name, submit, upload, version_name
 
 OUT_DIR = ROOT / "artifacts" / "kfp"
 
@@ -37,6 +38,7 @@ def build(args, data: dict, retries: bool = True):
 
 def compile_for_cluster(args) -> Path:
     """Check everything a cluster run needs, then write the spec; its path."""
+    preflight.check_images(args.cfg)
     data = preflight.cluster_data_source(args.cfg)
     if not args.sweep:
         preflight.check_deploy_target(args.cfg)
@@ -69,9 +71,10 @@ def run_local_command(args) -> None:
 def upload_command(args) -> None:
     if preflight.git("status", "--porcelain", "--untracked-files=no"):
         raise ConfigError("uncommitted changes: a pipeline version is named by its commit, so commit them first")
+    c = connect(args)  # before compiling: an unreachable or refusing API is the first thing to know
     out = compile_for_cluster(args)
     name = f"{args.cfg.pipeline.name}{'-sweep' if args.sweep else ''}"
-    pipeline_id, version_id = upload(connect(args), out, name, version_name(), args.cfg)
+    pipeline_id, version_id = upload(c, out, name, version_name(), args.namespace or args.cfg.pipeline.submit.namespace)
     print(f"upload: pipeline {name!r} ({pipeline_id}) version {version_name()!r} ({version_id}) from {shown(out)}")
 
 
@@ -79,21 +82,29 @@ def submit_command(args) -> None:
     cfg, s = args.cfg, args.cfg.pipeline.submit
     if args.schedule and not args.pipeline_version:
         raise ConfigError("--schedule needs --pipeline-version: a recurring run runs a registered version (python -m pipelines upload)")
+    c = connect(args)
     out = compile_for_cluster(args)
     name = args.run_name or run_name(cfg)
-    run_id = submit(connect(args), out, name, args.experiment or s.experiment, args.namespace or s.namespace, args.pipeline_version,
+    run_id = submit(c, out, name, args.experiment or s.experiment, args.namespace or s.namespace, args.pipeline_version,
                     args.schedule)
     what = f"registered version {args.pipeline_version}" if args.pipeline_version else shown(out)
     kind = f"recurring run ({args.schedule})" if args.schedule else "run"
-    print(f"submit: {kind} {run_id} ({name!r}) of {what} created on {args.host or s.host}")
+    print(f"submit: {kind} {run_id} ({name!r}) of {what} created on {c.host_url}")
 
 
 def connect(args):
+    """A client of the KFP API at --host, pipeline.submit.host or $KF_PIPELINES_ENDPOINT, checked to be that API (not an
+    auth proxy's login page) and recent enough for this pipeline."""
     s = args.cfg.pipeline.submit
-    host = args.host or s.host
+    host = args.host or s.host or os.environ.get("KF_PIPELINES_ENDPOINT", "")
     if not host:
-        raise ConfigError("no KFP host: give --host URL (or set pipeline.submit.host)")
-    return client(host, args.namespace or s.namespace, auth_token(args.cfg, args.token_file))
+        raise ConfigError("no KFP host: give --host URL (or set pipeline.submit.host or $KF_PIPELINES_ENDPOINT)")
+    token = auth_token(args.cfg, args.token_file)
+    server = probe(host, token, f"--token-file or ${s.token_env}")
+    warning = check_version(server, host)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return client(host, args.namespace or s.namespace, token, server)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -118,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
                                help="force KFP caching on/off for every step (default: as compiled, pipeline.caching)")
     submit_parser.set_defaults(run=submit_command)
     for sub in (upload_parser, submit_parser):
-        sub.add_argument("--host", default=None, help="KFP API URL (default: pipeline.submit.host)")
+        sub.add_argument("--host", default=None, help="KFP API URL (default: pipeline.submit.host, else $KF_PIPELINES_ENDPOINT)")
         sub.add_argument("--namespace", default=None, help="Kubernetes namespace (default: pipeline.submit.namespace)")
         sub.add_argument("--token-file", default=None, help="file holding the bearer token (default: $<pipeline.submit.token_env>)")
     for sub in (compile_parser, local_parser, upload_parser, submit_parser):

@@ -64,6 +64,8 @@ def _with_cluster_settings(task: PipelineTask, b: Build, resources: DictConfig, 
     task.set_container_image(b.image(gpu))
     task.set_env_variable(DATA_HASH_ENV, data_hash())  # the image holds no data.dvc of the run's revision
     kubernetes.set_image_pull_policy(task, p.image.pull_policy)
+    if p.image.pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(p.image.pull_secrets))
     kubernetes.add_pod_label(task, COMMIT_LABEL, b.commit)  # the commit is recorded where it is true: the run's pods
     kubernetes.set_timeout(task, resources.timeout_s)
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
@@ -89,12 +91,21 @@ def _on_gpu_nodes(task: PipelineTask, t: DictConfig) -> PipelineTask:
     return task
 
 
-def _with_data_secrets(task: PipelineTask, p: DictConfig) -> PipelineTask:
-    s = p.s3_secret
+def artifact_secret(p: DictConfig) -> DictConfig:
+    """The secret for KFP's artifact store: pipeline.artifact_secret, or when it names none, the DVC remote's s3_secret."""
+    return p.artifact_secret if p.artifact_secret.name else p.s3_secret
+
+
+def _with_secret_env(task: PipelineTask, s: DictConfig) -> PipelineTask:
     if s.name:
         kubernetes.use_secret_as_env(task, s.name, dict(s.env))
         if s.optional_env:
             kubernetes.use_secret_as_env(task, s.name, dict(s.optional_env), optional=True)
+    return task
+
+
+def _with_data_secrets(task: PipelineTask, p: DictConfig) -> PipelineTask:
+    _with_secret_env(task, p.s3_secret)
     if p.data.git_secret:
         kubernetes.use_secret_as_env(task, p.data.git_secret, {"git-credentials": GIT_CREDENTIALS_ENV,
                                                                "ssh-privatekey": GIT_SSH_KEY_ENV}, optional=True)
@@ -126,7 +137,8 @@ def _trainjob(b: Build, config: str, prepare: PipelineTask, run: dict) -> Pipeli
                         poll_s=t.trainer_poll_s, prepared=prepare.outputs["prepared"], **run)
     waiting = OmegaConf.merge(b.cfg.pipeline.resources, {"timeout_s": t.trainer_timeout_s + 600})  # outlives the job's deadline
     # It reads the job's outputs from the artifact store; no retries: a retry would start a second job.
-    return _with_data_secrets(_with_cluster_settings(train, b, waiting, retries=False).set_display_name("train"), b.cfg.pipeline)
+    return _with_secret_env(_with_cluster_settings(train, b, waiting, retries=False).set_display_name("train"),
+                            artifact_secret(b.cfg.pipeline))
 
 
 def _package_and_deploy(b: Build, gate: PipelineTask, prepare: PipelineTask, train: PipelineTask, deploy_enabled) -> None:
@@ -145,7 +157,16 @@ def _package_and_deploy(b: Build, gate: PipelineTask, prepare: PipelineTask, tra
         _with_cluster_settings(deploy, b, p.resources, retries=False, cache=False).set_display_name("deploy")
         kubernetes.add_pod_label(deploy, DEPLOY_ROLE_LABEL, "deploy")  # serve/k8s/networkpolicy.yaml lets it reach management
         if on_volume:
-            kubernetes.mount_pvc(deploy, d.model_store_pvc, d.volume_path)
+            _on_the_server_volume(deploy, d)
+
+
+def _on_the_server_volume(deploy: PipelineTask, d: DictConfig) -> None:
+    """The shared volume; on TorchServe's node (a ReadWriteOnce volume) and as its uid (NFS root_squash) when so configured."""
+    kubernetes.mount_pvc(deploy, d.model_store_pvc, d.volume_path)
+    for label, value in d.node_selector.items():
+        kubernetes.add_node_selector(deploy, label, value)
+    if d.run_as_user:
+        kubernetes.set_security_context(deploy, run_as_user=d.run_as_user, run_as_group=d.run_as_user)
 
 
 def step_configs(cfg: DictConfig) -> dict[str, str]:

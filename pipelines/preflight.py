@@ -97,10 +97,21 @@ def check_dvc_data_pushed(commit: str, repo_dir: Path = ROOT) -> None:
         wanted = set()
         for out in yaml.safe_load(text)["outs"]:
             wanted |= _object_ids(repo, out["md5"])
-        missing = wanted - set(remote.oids_exist(sorted(wanted)))
+        missing = wanted - _on_remote(remote, wanted)
     if missing:
         raise ConfigError(f"data.dvc at {commit[:10]}: {len(missing)} of {len(wanted)} DVC object(s) are not on the remote "
                           f"({remote.fs.unstrip_protocol(remote.path)}): run `dvc push` first")
+
+
+def _on_remote(remote, wanted: set[str]) -> set[str]:
+    """Which of `wanted` the DVC remote holds. Whatever stops the check (no credentials here, a refused or unreachable
+    remote: botocore, aiohttp, OS errors) is one clear error naming the remote, not the client library's traceback."""
+    try:
+        return set(remote.oids_exist(sorted(wanted)))
+    except Exception as exc:  # a boundary: any failure of the remote client means "cannot check"
+        raise ConfigError(f"cannot check the DVC remote {remote.fs.unstrip_protocol(remote.path)} for the data of data.dvc: "
+                          f"{type(exc).__name__}: {exc}. compile checks it with this machine's credentials for the remote "
+                          "(the DVC remote's own config, or AWS_* for S3)") from None
 
 
 def _object_ids(repo, md5: str) -> set[str]:
@@ -116,6 +127,21 @@ def _object_ids(repo, md5: str) -> set[str]:
     return {md5} | {entry["md5"] for entry in json.loads(listing.read_text())}
 
 
+PLACEHOLDER_REGISTRY = "ghcr.io/example/"
+
+
+def check_images(cfg: DictConfig) -> None:
+    """The images the spec names are yours: a placeholder would wait out the pull until the step's timeout."""
+    i = cfg.pipeline.image
+    used = {"cpu_repository": i.cpu_repository}
+    if cfg.pipeline.train.accelerator_count > 0:
+        used["gpu_repository"] = i.gpu_repository
+    for key, repository in used.items():
+        if repository.startswith(PLACEHOLDER_REGISTRY):
+            raise ConfigError(f"pipeline.image.{key}={repository!r} is the template's placeholder: set it to your registry, "
+                              "where `make image` pushes the images (pods would wait for an image that does not exist)")
+
+
 def check_deploy_target(cfg: DictConfig) -> None:
     """A cluster run that deploys needs the in-cluster TorchServe of serve/k8s/: its URLs and the shared volume."""
     d = cfg.pipeline.deploy
@@ -129,3 +155,16 @@ def check_deploy_target(cfg: DictConfig) -> None:
         url = urlparse(d[key])
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError(f"pipeline.deploy.{key}={d[key]!r}: not an http(s) URL")
+    check_volume(d)
+
+
+ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce")
+
+
+def check_volume(d: DictConfig) -> None:
+    """Two pods share the volume: on one node unless it is ReadWriteMany."""
+    if d.access_mode not in ACCESS_MODES:
+        raise ConfigError(f"pipeline.deploy.access_mode must be one of {', '.join(ACCESS_MODES)}, got {d.access_mode!r}")
+    if d.access_mode == "ReadWriteOnce" and not d.node_selector:
+        raise ConfigError("pipeline.deploy.access_mode=ReadWriteOnce: TorchServe and the deploy step must share one node; set "
+                          "pipeline.deploy.node_selector (e.g. {kubernetes.io/hostname: <node>}) and regenerate with `python -m serve.k8s`")

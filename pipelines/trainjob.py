@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,20 +50,33 @@ def _resources(t: DictConfig) -> dict:
 
 
 def _env(p: DictConfig) -> list[dict]:
-    """The artifact store's credentials (the s3 secret; optional keys may be absent) and the run's data hash."""
-    s = p.s3_secret
+    """The artifact store's credentials (optional keys may be absent) and the run's data hash."""
+    s = p.artifact_secret if p.artifact_secret.name else p.s3_secret
     secret = [] if not s.name else [
         {"name": var, "valueFrom": {"secretKeyRef": {"name": s.name, "key": key, **({"optional": True} if optional else {})}}}
         for mapping, optional in ((s.env, False), (s.optional_env, True)) for key, var in mapping.items()]
     return [*secret, {"name": DATA_HASH_ENV, "value": data_hash()}]  # the image holds no data.dvc of the run's revision
 
 
-def _placement(t: DictConfig) -> list[dict]:
-    """The node selector and tolerations of the train task (only with GPUs), patched onto every node's pod."""
-    if t.accelerator_count == 0:
+def _pod_patch(p: DictConfig) -> dict:
+    """What every node's pod adds to the runtime's: the train task's node selector and tolerations (only with GPUs),
+    an in-memory /dev/shm for NCCL (above one process per node), the image-pull secrets."""
+    t, pod = p.train, {}
+    if t.accelerator_count > 0:
+        pod["nodeSelector"] = dict(t.node_selector)
+        pod["tolerations"] = [{k: v for k, v in dict(tol).items() if v is not None} for tol in t.tolerations]
+    if t.accelerator_count > 1:
+        pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": t.shm_size}}]
+        pod["containers"] = [{"name": NODE_JOB, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
+    if p.image.pull_secrets:
+        pod["imagePullSecrets"] = [{"name": name} for name in p.image.pull_secrets]
+    return pod
+
+
+def _placement(p: DictConfig) -> list[dict]:
+    pod = _pod_patch(p)
+    if not pod:
         return []
-    tolerations = [{k: v for k, v in dict(tol).items() if v is not None} for tol in t.tolerations]
-    pod = {"nodeSelector": dict(t.node_selector), "tolerations": tolerations}
     job = {"name": NODE_JOB, "template": {"spec": {"template": {"spec": pod}}}}
     return [{"manager": "kfp-dvc-template", "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job]}}}}]
 
@@ -93,7 +107,7 @@ def trainjob_template(cfg: DictConfig, image: str, commit: str) -> dict:
             "trainer": {"image": image, "numNodes": t.nodes, "numProcPerNode": max(t.accelerator_count, 1),
                         "command": ["python", "-m", "pipelines.trainjob", "launch"], "env": _env(p),
                         "resourcesPerNode": _resources(t)},
-            "runtimePatches": _placement(t),
+            "runtimePatches": _placement(p),
         },
     })
 
@@ -111,7 +125,17 @@ def _condition(job: dict, kind: str) -> dict | None:
 
 
 def await_trainjob(api, namespace: str, name: str, timeout_s: float, poll_s: float, sleep=time.sleep, clock=time.monotonic) -> None:
-    """Return when the TrainJob is Complete; raise TrainJobError (and delete the job) when it failed or timed out."""
+    """Return when the TrainJob is Complete; raise TrainJobError when it failed or timed out. Whatever ends the wait
+    but completion (a failure, the deadline, an API error while polling, the run terminated: SIGTERM) deletes the job,
+    so it stops holding GPUs."""
+    try:
+        _wait(api, namespace, name, timeout_s, poll_s, sleep, clock)
+    except BaseException:
+        _delete(api, namespace, name)
+        raise
+
+
+def _wait(api, namespace: str, name: str, timeout_s: float, poll_s: float, sleep, clock) -> None:
     deadline = clock() + timeout_s
     while True:
         job = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -119,10 +143,24 @@ def await_trainjob(api, namespace: str, name: str, timeout_s: float, poll_s: flo
             return
         failed = _condition(job, "Failed")
         if failed or clock() >= deadline:
-            api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
             why = f"failed: {failed.get('reason')}: {failed.get('message')}" if failed else f"did not finish within {timeout_s:.0f} s (pipeline.train.trainer_timeout_s)"
             raise TrainJobError(f"TrainJob {namespace}/{name} {why}")
         sleep(poll_s)
+
+
+def _delete(api, namespace: str, name: str) -> None:
+    try:
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except Exception as exc:  # the first error is the one to report; this one only adds what is left behind
+        print(f"train: could not delete TrainJob {namespace}/{name} ({type(exc).__name__}: {exc}): "
+              f"`kubectl -n {namespace} delete trainjob {name}`", file=sys.stderr)
+
+
+def _terminate_on_sigterm() -> None:
+    """KFP stops a terminated run's pods with SIGTERM: raise, so the wait's cleanup deletes the job."""
+    def stop(signum, frame):
+        raise SystemExit(f"train: stopped by signal {signum} (the run was terminated)")
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _fsspec_url(uri: str) -> str:
@@ -159,7 +197,9 @@ def run_trainjob(template: dict, cfg: DictConfig, expected_commit: str, prepared
     config = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
     job = trainjob_for_run(template, name, namespace, ["--config", config, "--expected-commit", expected_commit,
                                                        "--prepared", prepared_uri, "--out", staging])
-    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+    # Strict: a Trainer that does not know a field (runtimePatches, activeDeadlineSeconds before 2.2) refuses the job,
+    # instead of dropping the field.
+    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job, field_validation="Strict")
     await_trainjob(api, namespace, name, job["spec"]["activeDeadlineSeconds"], poll_s)
     download(f"{staging}/model", model_dir)
     download(f"{staging}/live", log_dir)
@@ -178,7 +218,10 @@ def trainjob_op(config: str, expected_commit: str, gpus: int, epochs: int, lr: f
     from pipelines.in_pod import train_step_config
     from pipelines.trainjob import run_trainjob
 
+    from pipelines.trainjob import _terminate_on_sigterm
+
     cfg = train_step_config(config, expected_commit, gpus, epochs=epochs, lr=lr, batch_size=batch_size, model_name=model_name)
+    _terminate_on_sigterm()
     kube_config.load_incluster_config()
     results = run_trainjob(json.loads(job), cfg, expected_commit, prepared.uri, model.uri, model.path, training_log.path,
                            client.CustomObjectsApi(), poll_s)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
 import requests
+import yaml
 
-from components.core.config import ROOT, command_config
+from components.core.config import PORT_KEYS, ROOT, command_config
 from components.core.errors import ConfigError, StepError, run_cli
 from components.core.events import emit
 from components.deploy import deploy, read_package
@@ -60,8 +62,9 @@ def up(cfg, args) -> None:
     if not remote:
         endpoint = server.local_endpoint(cfg)
         sample = package_dir / read_package(package_dir)["samples"][0]["file"]
+        # The key stays in the key file (mode 0600): a log that keeps this output keeps no secret.
         print(f"  predict:  curl -X POST {result['endpoint']} -T {_shown(sample)} "
-              f"-H \"Authorization: Bearer {endpoint.inference_token}\"\n"
+              f"-H \"Authorization: Bearer $(.venv/bin/python -m serve token)\"\n"
               f"            .venv/bin/python -m serve predict {_shown(sample)}\n"
               f"  metrics:  curl {endpoint.metrics_url}\n"
               f"  stop:     make stop")
@@ -100,7 +103,8 @@ def status(cfg, args) -> None:
         sys.exit(STATUS_EXIT_CODES["stopped"])
     endpoint = server.local_endpoint(cfg)
     state, lines = server.serving_state(endpoint, cfg.package.model_name)
-    print(f"serve: {cfg.package.model_name} {state}; TorchServe pid {pid}, inference {endpoint.inference_url}, metrics {endpoint.metrics_url}")
+    print(f"serve: {cfg.package.model_name} {state}; TorchServe pid {pid}, inference {endpoint.inference_url}, "
+          f"metrics {endpoint.metrics_url}")
     print("\n".join(lines))
     sys.exit(STATUS_EXIT_CODES[state])
 
@@ -114,20 +118,59 @@ def predict(cfg, args) -> None:
         sys.exit(1)
 
 
+def _taken(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check(cfg, args) -> None:
+    """Before `make run` trains anything: the local server runs, or every port it needs is free."""
+    if server.running_pid(cfg):
+        return
+    taken = [f"{cfg.serve[key]} (serve.{key})" for key in PORT_KEYS if _taken(cfg.serve.host, cfg.serve[key])]
+    if taken:
+        raise ConfigError(f"port {', '.join(taken)} on {cfg.serve.host} is in use by another program: choose free ones in "
+                          f"local.yaml, e.g. `serve: {{{PORT_KEYS[0]}: 9080}}` (this machine's settings, docs/serving.md)")
+
+
+def prometheus_config(cfg, args) -> None:
+    """serve/prometheus/prometheus.yml with its scrape target at this machine's serve.metrics_port."""
+    config = yaml.safe_load((ROOT / "serve" / "prometheus" / "prometheus.yml").read_text())
+    config["rule_files"] = [str(ROOT / "serve" / "prometheus" / name) for name in config["rule_files"]]
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [f"{cfg.serve.host}:{cfg.serve.metrics_port}"]}]
+    out = Path(cfg.serve.state_dir) / "prometheus.yml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"prometheus --config.file={out} --web.listen-address=127.0.0.1:9090")
+
+
+def token(cfg, args) -> None:
+    """The local server's inference key, for `$(python -m serve token)` in a command line."""
+    key = server.local_endpoint(cfg).inference_token
+    if not key:
+        raise ConfigError(f"no inference key: the local server is not running (state folder {cfg.serve.state_dir}); `make run` starts it")
+    print(key)
+
+
 def drift(cfg, args) -> None:
     from components.monitoring.drift import check_drift  # scipy: imported only by the command that needs it
 
     log_file = Path(args.log) if args.log else server.prediction_log(cfg)
-    report = check_drift(cfg, log_file, Path(args.package) / "reference_stats.json", Path(args.out))
+    out = Path(args.out or Path(cfg.serve.state_dir) / "drift")  # runtime output: never in a tracked folder
+    report = check_drift(cfg, log_file, Path(args.package) / "reference_stats.json", out)
     for name, f in report["features"].items():
         print(f"  {name:<10} PSI {f['psi']:.4f}  KS {f['ks_statistic']:.4f}  {'DRIFT' if f['drifted'] else 'ok'}")
     classes = report["predicted_classes"]
     print(f"  {'classes':<10} PSI {classes['psi']:.4f}              {'DRIFT' if classes['drifted'] else 'ok'}")
     print(f"serve: {'drift detected' if report['drift'] else 'no drift'} in the last {report['samples']} logged predictions "
-          f"-> {args.out}/drift.json, {args.out}/drift.html")
+          f"-> {out}/drift.json, {out}/drift.html")
     if report["drift"]:
         emit(cfg.events, "drift_detected", f"drift in the last {report['samples']} logged predictions of {cfg.package.model_name}",
-             model=cfg.package.model_name, details={"report": str(Path(args.out) / "drift.json"), "features": report["features"],
+             model=cfg.package.model_name, details={"report": str(out / "drift.json"), "features": report["features"],
                                                     "predicted_classes": report["predicted_classes"]})
         sys.exit(1)
 
@@ -151,6 +194,9 @@ def main() -> None:
     sub.add_argument("--inference-url", help="its inference API, for the smoke test (token: $TORCHSERVE_INFERENCE_TOKEN)")
     sub.add_argument("--model-store", help="its model store, mounted on this machine")
     command("down", down, "stop TorchServe")
+    command("check", check, "exit 2 with one line when a port the local server needs is taken (`make run` runs it first)")
+    command("prometheus-config", prometheus_config, "write a Prometheus config scraping this machine's server; print how to run it")
+    command("token", token, "print the local server's inference key (renewed first when about to expire)")
     command("status", status, "show the server, its model versions and their workers", STATUS_HELP)
     sub = command("predict", predict, "send one PNG/JPEG image, print the top-k labels")
     sub.add_argument("file")
@@ -158,7 +204,7 @@ def main() -> None:
     sub = command("drift", drift, "drift report of the prediction log; exit 1 above the thresholds")
     sub.add_argument("--log", default=None, help="prediction log (default: serve.state_dir/serve.prediction_log.file)")
     sub.add_argument("--package", default="artifacts/package", help="package folder holding reference_stats.json")
-    sub.add_argument("--out", default="reports")
+    sub.add_argument("--out", default=None, help="folder of drift.json and drift.html (default: serve.state_dir/drift, untracked)")
     for sub in commands.choices.values():
         sub.add_argument("overrides", nargs="*", help="config overrides, e.g. serve.inference_port=9080")
     args = parser.parse_args()

@@ -44,9 +44,11 @@ def test_every_project_import_names_something_that_exists():
     import importlib.util
 
     missing = []
-    for path in sorted([*ROOT.glob("components/**/*.py"), *ROOT.glob("pipelines/*.py"), *ROOT.glob("serve/*.py"), *ROOT.glob("bench/*.py")]):
+    for path in sorted([*ROOT.glob("components/**/*.py"), *ROOT.glob("pipelines/*.py"), *ROOT.glob("serve/*.py"),
+                        *ROOT.glob("bench/*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in {"components", "pipelines", "serve", "bench"}:
+            if (isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.split(".")[0] in {"components", "pipelines", "serve", "bench"}):
                 module = importlib.import_module(node.module)
                 missing += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
                             if not hasattr(module, a.name) and importlib.util.find_spec(f"{node.module}.{a.name}") is None]

@@ -64,7 +64,8 @@ def test_experiment_preset_is_applied_last():
         ("train.lr=nan", "train.lr must be above 0, got nan"),
         ("train.lr=-1", "train.lr must be above 0, got -1.0"),
         ("model.dropout=1", "model.dropout must be between 0 and 0.99, got 1.0"),
-        ("package.model_name=shapes-", "package.model_name must be letters, digits, '_' or '-', starting and ending with a letter or digit"),
+        ("package.model_name=shapes-",
+         "package.model_name must be letters, digits, '_' or '-', starting and ending with a letter or digit"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -90,7 +91,8 @@ def test_config_check_refuses_a_stale_artifacts_yaml_and_the_writer_repairs_it(t
     assert checked.returncode == 2
     assert checked.stderr.strip() == (f"error: artifacts.yaml is stale (declares ['renamed']): params.yaml names the model artifact "
                                       f"{name!r} (package.model_name, from data.name). Run `make params`, which writes the declarations "
-                                      "from conf/ (choose the dataset in conf/config.yaml: `dvc exp run -S data...` cannot declare its artifact).")
+                                      "from conf/ (choose the dataset in conf/config.yaml: "
+                                      "`dvc exp run -S data...` cannot declare its artifact).")
     written = run([sys.executable, "-m", "components.core.config"], repo).stdout
     assert f"model artifact {name!r}: artifacts.yaml rewritten" in written
     assert index.read_text() == (ROOT / "artifacts.yaml").read_text()

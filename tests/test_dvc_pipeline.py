@@ -7,20 +7,17 @@ import json
 
 import pytest
 
-from tests.helpers.project import copy_project, git_commit, run
+from tests.helpers.project import copy_of, run
 from tests.helpers.servers import seaweed_s3
 
 pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory):
-    """A project copy with a short experiment reproduced and committed."""
-    repo = copy_project(tmp_path_factory.mktemp("pipeline") / "repo")
-    run(["python", "-m", "components.core.config", "experiment=quick"], repo)
-    first = run(["dvc", "repro"], repo)
-    git_commit(repo, "quick experiment")
-    return repo, first.stdout
+def reproduced(quick_project, tmp_path_factory):
+    """A private copy of the session's project with the quick experiment reproduced and committed."""
+    repo = copy_of(quick_project, tmp_path_factory.mktemp("pipeline") / "repo")
+    return repo, (quick_project / "first_repro.txt").read_text()
 
 
 def test_repro_runs_every_stage_then_is_up_to_date(reproduced):

@@ -22,8 +22,6 @@ from components.model.networks import load_trained, predict_logits
 from components.prepare import prepare
 from tests.helpers.datasets import make_image_dataset
 
-pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
-
 DIGITS = tuple("0123456789")
 FAST = ("evaluate.attribution_samples=4", "evaluate.bootstrap_samples=200")
 
@@ -36,6 +34,7 @@ def reports(digits_run, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_reports_exist_and_carry_lineage(reports):
     assert sorted(str(p.relative_to(reports)) for p in reports.rglob("*") if p.is_file()) == sorted(REPORT_FILES)
     quality = json.loads((reports / "quality.json").read_text())
@@ -50,6 +49,7 @@ def test_reports_exist_and_carry_lineage(reports):
     assert quality["lineage"]["data_hash"] == (ROOT / "data.dvc").read_text().split("md5: ")[1].split()[0]
 
 
+@pytest.mark.slow
 def test_quality_metrics_agree_with_the_confusion_matrix_and_plots(reports):
     metrics = json.loads((reports / "quality.json").read_text())
     headline = json.loads((reports / "metrics.json").read_text())
@@ -69,6 +69,7 @@ def test_quality_metrics_agree_with_the_confusion_matrix_and_plots(reports):
     assert metrics["ece"] == pytest.approx(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / 271)
 
 
+@pytest.mark.slow
 def test_the_low_contrast_site_gap_is_measured_and_shown(reports, digits_run):
     fairness = json.loads((reports / "fairness.json").read_text())
     site = fairness["groupings"]["site"]
@@ -77,7 +78,8 @@ def test_the_low_contrast_site_gap_is_measured_and_shown(reports, digits_run):
     index = pd.read_csv(digits_run["prepared"] / "index.csv", dtype=str)
     test = (index["split"] == "test").to_numpy()
     images = torch.from_numpy(np.load(digits_run["prepared"] / "images.npy")[test])
-    correct = predict_logits(model, norm, images, torch.device("cpu")).argmax(1).numpy() == index["label_index"][test].astype(int).to_numpy()
+    predicted = predict_logits(model, norm, images, torch.device("cpu")).argmax(1).numpy()
+    correct = predicted == index["label_index"][test].astype(int).to_numpy()
     for group in ("site_a", "site_b"):
         in_group = (index["site"][test] == group).to_numpy()
         assert site["groups"][group]["count"] == in_group.sum()
@@ -94,6 +96,7 @@ def test_the_low_contrast_site_gap_is_measured_and_shown(reports, digits_run):
         assert f"{c['low']:.4f} to {c['high']:.4f}" in html
 
 
+@pytest.mark.slow
 def test_site_b_per_class_counts_are_too_small_to_judge_equalized_odds(reports):
     """About 8 site_b test images per class: equalized odds is inconclusive, never a fail on a point estimate."""
     fairness = json.loads((reports / "fairness.json").read_text())
@@ -102,6 +105,7 @@ def test_site_b_per_class_counts_are_too_small_to_judge_equalized_odds(reports):
     assert eod["verdict"] == "inconclusive" and eod["why"].startswith(f"rests on {eod['min_count']} test images")
 
 
+@pytest.mark.slow
 def test_html_is_self_contained(reports):
     html = (reports / "evaluation.html").read_text()
     sources = re.findall(r'src="([^"]*)"', html)
@@ -111,6 +115,7 @@ def test_html_is_self_contained(reports):
     assert "Most confident mistakes" in html and "EBM term" in html
 
 
+@pytest.mark.slow
 def test_a_closed_gate_raises_after_writing_the_reports(digits_run, tmp_path):
     strict = (*FAST, "gate.on_inconclusive=block")  # equalized odds on site_b is inconclusive (too few images)
     out = tmp_path / "reports"
@@ -121,10 +126,12 @@ def test_a_closed_gate_raises_after_writing_the_reports(digits_run, tmp_path):
     assert (out / "evaluation.html").exists() and (out / "model_card.md").exists()
     assert "gate CLOSED" in (out / "model_card.md").read_text()
     # Not enforced (the pipeline's gate step decides), the same decision is reported, not raised.
-    metrics = evaluate(compose(["train.epochs=3", *strict]), digits_run["prepared"], digits_run["model"], tmp_path / "r2", enforce_gate=False)
+    metrics = evaluate(compose(["train.epochs=3", *strict]), digits_run["prepared"], digits_run["model"], tmp_path / "r2",
+                       enforce_gate=False)
     assert metrics["gate"] == "closed"
 
 
+@pytest.mark.slow
 def test_reports_leave_other_files_alone(digits_run, tmp_path):
     out = tmp_path / "reports"
     out.mkdir()
@@ -157,23 +164,27 @@ def _assert_writes_nothing(error, match, cfg, prepared, model, tmp_path):
     assert [p.name for p in out.iterdir()] == ["metrics.json"] and (out / "metrics.json").read_text() == "old"
 
 
+@pytest.mark.slow
 def test_unknown_sensitive_attribute_writes_nothing(digits_run, tmp_path):
     cfg = compose(["train.epochs=3", "evaluate.sensitive_attributes=[site,age]"])
     _assert_writes_nothing(ConfigError, r"evaluate.sensitive_attributes: \['age'\] not in the data", cfg,
                            digits_run["prepared"], digits_run["model"], tmp_path)
 
 
+@pytest.mark.slow
 def test_empty_group_writes_nothing(digits_run, tmp_path):
     cfg, prepared = _prepared(tmp_path, rare_group=True)
     _assert_writes_nothing(DataError, r"\['site=g_rare'\] have no images in the test split", cfg, prepared, digits_run["model"], tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classes,channels,mismatch", [(("a", "b", "c"), 1, "classes: model"), (DIGITS, 3, "channels: model 1 vs data 3")])
 def test_model_data_mismatch_writes_nothing(digits_run, tmp_path, classes, channels, mismatch):
     cfg, prepared = _prepared(tmp_path, classes=classes, channels=channels)
     _assert_writes_nothing(DataError, mismatch, cfg, prepared, digits_run["model"], tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_in_one_line(digits_run, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "components.evaluate", "--prepared", str(digits_run["prepared"]), "--model", str(digits_run["model"]),
@@ -207,6 +218,7 @@ def test_error_analysis_finds_the_feature_that_drives_errors():
     assert too_few["ranking"] == [] and "too few" in too_few["findings"][0]
 
 
+@pytest.mark.slow
 def test_integrated_gradients_are_complete_and_occlusion_runs(digits_run):
     """Integrated gradients add up to f(image) - f(black image) for the explained class."""
     model, norm, _ = load_trained(digits_run["model"])

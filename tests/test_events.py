@@ -49,7 +49,6 @@ def events_cfg(log: Path, *webhooks: str):
     return compose([f"events.log_file={log}", f"events.webhooks={urls}", "events.timeout_s=2", "events.allow_loopback=true"]).events
 
 
-@pytest.mark.slow
 def test_every_event_type_reaches_every_receiver_and_the_log_with_one_schema(tmp_path):
     log = tmp_path / "events.jsonl"
     with receiver() as (first, got_first), receiver() as (second, got_second):
@@ -65,7 +64,6 @@ def test_every_event_type_reaches_every_receiver_and_the_log_with_one_schema(tmp
     assert len({e["id"] for e in logged}) == len(logged)
 
 
-@pytest.mark.slow
 def test_a_failing_or_absent_receiver_never_fails_the_caller(tmp_path, capsys):
     log = tmp_path / "events.jsonl"
     nobody = f"http://127.0.0.1:{free_ports(1)[0]}/hook"

@@ -35,7 +35,8 @@ def test_a_diverging_run_is_one_clear_error_and_keeps_the_last_good_outputs(tiny
     before = {"model": _tree(tmp_path / "model"), "live": _tree(tmp_path / "live")}
     for lr in (1e30, 1e308):
         with pytest.raises(StepError, match="the loss is not finite after epoch 1 .*training diverged; lower train.lr") as err:
-            train(small_config(tiny_dataset, f"train.lr={lr}"), tmp_path / "prepared", tmp_path / "model", tmp_path / "live", tmp_path / "ckpt")
+            train(small_config(tiny_dataset, f"train.lr={lr}"), tmp_path / "prepared", tmp_path / "model", tmp_path / "live",
+                  tmp_path / "ckpt")
         assert str(err.value).endswith(f"(now {lr})")
     assert {"model": _tree(tmp_path / "model"), "live": _tree(tmp_path / "live")} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no scratch left behind
@@ -94,7 +95,8 @@ def _wait_for(condition, timeout_s: float) -> bool:
 def test_killing_dvc_repro_stops_the_step_it_was_running(tmp_path):
     repo = copy_project(tmp_path / "repo")
     conf = repo / "conf" / "train" / "default.yaml"  # a run that lasts minutes, so only the kill can end it
-    conf.write_text(conf.read_text().replace("epochs: 15", "epochs: 500").replace("early_stopping_patience: 4", "early_stopping_patience: 0"))
+    conf.write_text(conf.read_text().replace("epochs: 15", "epochs: 500")
+                    .replace("early_stopping_patience: 4", "early_stopping_patience: 0"))
     run(["python", "-m", "components.core.config"], repo)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     dvc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "-f", "train"], cwd=repo, env=env,
@@ -104,3 +106,16 @@ def test_killing_dvc_repro_stops_the_step_it_was_running(tmp_path):
     dvc.send_signal(signal.SIGKILL)  # what a CI timeout or an OOM killer does: DVC cannot pass it on
     dvc.wait()
     assert _wait_for(lambda: not _processes("components.train", repo), 20), "the trainer outlived dvc"
+
+
+@pytest.mark.slow
+def test_a_hand_run_with_overrides_says_which_pipeline_outputs_it_replaced(tmp_path):
+    from tests.helpers.project import run
+
+    repo = copy_project(tmp_path / "repo")
+    run(["python", "-m", "components.prepare", "--out", "artifacts/prepared"], repo)  # params.yaml's config: no note
+    hand = run(["python", "-m", "components.prepare", "--out", "artifacts/prepared", "data.split.test=0.2"], repo)
+    assert ("note: this run's config is not params.yaml, and it replaced pipeline outputs that dvc.lock records "
+            "(artifacts/prepared); bring the pipeline's back with `dvc checkout --force artifacts/prepared`") in hand.stdout
+    elsewhere = run(["python", "-m", "components.prepare", "--out", str(tmp_path / "mine"), "data.split.test=0.2"], repo)
+    assert "note:" not in elsewhere.stdout

@@ -12,8 +12,16 @@ import pytest
 
 from components.core.config import compose
 from components.core.errors import DataError
-from components.evaluation.fairness import (accuracy_gap_interval, check_intervals, fairness_report, group_confusion, group_rates,
-                                            pair_values, require_groups, worst_pairs)
+from components.evaluation.fairness import (
+    accuracy_gap_interval,
+    check_intervals,
+    fairness_report,
+    group_confusion,
+    group_rates,
+    pair_values,
+    require_groups,
+    worst_pairs,
+)
 from components.evaluation.gates import decide, judge
 
 CLASSES = ["x", "y", "z"]

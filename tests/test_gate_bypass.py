@@ -123,7 +123,8 @@ def test_a_tag_message_claiming_an_override_is_no_override(repo):
     run(["python", "-m", "components.promote", "promote", "--version", "v1.0.0", "--stage", "prod", "--force",
          "--reason", "demo: 0.978 is enough for now"], repo)
     message = run(["git", "log", "-1", "--format=%B"], repo).stdout
-    assert run(["git", "rev-parse", "HEAD^", "HEAD^{tree}"], repo).stdout.split() == [before, run(["git", "rev-parse", f"{before}^{{tree}}"], repo).stdout.strip()]
+    before_tree = run(["git", "rev-parse", f"{before}^{{tree}}"], repo).stdout.strip()
+    assert run(["git", "rev-parse", "HEAD^", "HEAD^{tree}"], repo).stdout.split() == [before, before_tree]
     assert "Reason: demo: 0.978 is enough for now" in message
     assert "Command: python -m components.promote promote --version v1.0.0 --stage prod --force --reason" in message
     assert run(["git", "status", "--porcelain", "--untracked-files=no"], repo).stdout == ""  # index and working tree untouched
@@ -175,5 +176,7 @@ def test_serve_up_stage_runs_the_same_check_first(repo):
 
     set_policy(repo, RELAXED)  # the operator's own (working tree) policy: the check passes, then the deploy starts
     passed = run(["python", "-m", "serve", "up", "--stage", "prod"], repo, check=False)
-    assert f"serve: stage prod -> v1.0.0 (commit {head(repo)[:10]}, {tag}): gates passed" in passed.stdout
+    inconclusive = json.loads((repo / "evidence" / "metrics.json").read_text())["fairness"]["inconclusive"]
+    open_gate = f"serve: stage prod -> v1.0.0 (commit {head(repo)[:10]}, {tag}): gates open with {inconclusive} warning(s): site: "
+    assert inconclusive and open_gate in passed.stdout, passed.stdout  # not "gates passed": each warning's verdict is named
     assert passed.returncode == 2 and "digits.mar: archive not found" in passed.stderr  # the stand-in package has no archive

@@ -30,8 +30,8 @@ from components.deploy import deploy
 from components.package import package
 from components.serving.server import read_keys
 from pipelines.in_pod import server_keys
-from serve.k8s.__main__ import (CONFIG_FILE, HANDLER_ENV_FILE, HOME, MODELS, cluster_config_properties, cluster_handler_env,
-                                kserve_config_properties, kserve_manifests)
+from serve.k8s.__main__ import (CONFIG_FILE, HANDLER_ENV_FILE, HOME, MODELS, PVC_FILE, cluster_config_properties, cluster_handler_env,
+                                generated, kserve_config_properties, kserve_manifests, volume_claim)
 from tests.helpers.project import run
 from tests.helpers.servers import free_ports
 
@@ -84,12 +84,36 @@ def test_manifests_wire_config_volume_probes_and_policy_together():
     assert ports == {"inference": cfg.serve.inference_port, "management": cfg.serve.management_port, "metrics": cfg.serve.metrics_port}
 
 
+def test_the_shared_volume_is_generated_from_conf_pipeline_with_its_storage_class_and_access_mode():
+    assert generated(compose([]))[PVC_FILE] == PVC_FILE.read_text()
+    default = volume_claim(compose([]))
+    assert default["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "5Gi"}}}  # the cluster's default class
+    claim = volume_claim(compose(["pipeline.deploy.storage_class=efs-sc", "pipeline.deploy.access_mode=ReadWriteOnce",
+                                  "pipeline.deploy.storage_size=20Gi", "pipeline.deploy.model_store_pvc=models"]))
+    assert claim["metadata"]["name"] == "models"
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}, "storageClassName": "efs-sc"}
+    kubernetes_validate.validate(claim, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.slow
+def test_kubectl_kustomize_builds_both_kustomizations():
+    """`kubectl kustomize` (offline) builds what `kubectl apply -k` would apply; every object validates."""
+    for folder in (K8S, K8S / "kserve"):
+        built = run(["kubectl", "kustomize", str(folder)], ROOT).stdout
+        kinds = [doc["kind"] for doc in yaml.safe_load_all(built)]
+        assert kinds, folder
+    docs = list(yaml.safe_load_all(run(["kubectl", "kustomize", str(K8S)], ROOT).stdout))
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim", "Service"}
+
+
 @pytest.mark.slow
 def test_config_properties_is_generated_from_conf_serve():
     assert CONFIG_FILE.read_text() == cluster_config_properties(compose([]))
     assert HANDLER_ENV_FILE.read_text() == cluster_handler_env(compose([]))
     assert run([sys.executable, "-m", "serve.k8s", "--check"], ROOT).stdout.strip() == (
-        "config.properties, handler.env, kserve/config.properties, kserve/inferenceservice.yaml match conf/serve")
+        "config.properties, handler.env, kserve/config.properties, kserve/inferenceservice.yaml, pvc.yaml match conf/serve")
     stale = run([sys.executable, "-m", "serve.k8s", "--check", "serve.workers=3"], ROOT, check=False)
     assert stale.returncode == 2 and "config.properties: stale; regenerate it with `python -m serve.k8s`" in stale.stderr
 

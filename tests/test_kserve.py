@@ -93,6 +93,8 @@ def test_manifests_and_storage_config_agree_with_conf_serve():
     (container,) = runtime["spec"]["containers"]
     model = service["spec"]["predictor"]["model"]
     assert service["metadata"]["name"] == service_name(name) == "digits" and model["runtime"] == runtime["metadata"]["name"]
+    # RawDeployment works on every KServe; KServe <= 0.15 does not know "Standard" and falls back to Serverless (Knative)
+    assert service["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "RawDeployment"}
     assert model["protocolVersion"] == "v2" and "v2" in runtime["spec"]["protocolVersions"]
     assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     assert model["storageUri"].startswith("s3://")

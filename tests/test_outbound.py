@@ -104,7 +104,6 @@ def test_a_trickling_receiver_is_cut_off_at_timeout_s_in_total(tmp_path, capsys)
     assert len(sent) <= 4 < len(TRICKLED)  # about two bytes in two seconds, then the connection was gone
 
 
-@pytest.mark.slow
 def test_a_redirect_is_not_followed(tmp_path, capsys):
     with receiver(replying("HTTP/1.1 200 OK")) as (elsewhere, got_elsewhere, _):
         with receiver(replying("HTTP/1.1 307 Temporary Redirect", f"Location: {elsewhere}")) as (url, received, _):
@@ -113,7 +112,6 @@ def test_a_redirect_is_not_followed(tmp_path, capsys):
     assert f"not delivered to {url} (HTTP 307: redirects are not followed)" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_loopback_is_refused_after_resolution_unless_allowed(tmp_path, capsys):
     with receiver(replying("HTTP/1.1 204 No Content")) as (url, received, _):
         by_name = url.replace("127.0.0.1", "localhost")

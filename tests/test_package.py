@@ -14,26 +14,18 @@ import pytest
 import yaml
 
 from components.core.config import ROOT, compose, config_hash, select
-from components.data.dataset import decode, load_prepared
-from components.core.io import sha256_file
 from components.core.errors import ConfigError
+from components.core.io import sha256_file
 from components.core.lineage import code_hash
-from components.packaging.onnx import ParityError, check_parity, onnx_logits
+from components.data.dataset import decode, load_prepared
 from components.model.networks import load_trained
-from components.package import SECTIONS, CODE_FILES, package
+from components.package import CODE_FILES, SECTIONS, package
+from components.packaging.onnx import ParityError, check_parity, onnx_logits
 from components.runtime.features import image_features, intensity
 from components.runtime.request import decode_image
 
-pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
 
-
-@pytest.fixture(scope="module")
-def packaged(digits_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("package") / "package"
-    manifest = package(digits_run["cfg"], digits_run["prepared"], digits_run["model"], out)
-    return {**digits_run, "out": out, "manifest": manifest}
-
-
+@pytest.mark.slow
 def test_onnx_model_passes_the_checker_and_matches_torch(packaged):
     out, manifest = packaged["out"], packaged["manifest"]
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
@@ -43,6 +35,7 @@ def test_onnx_model_passes_the_checker_and_matches_torch(packaged):
     # difference is onnxruntime's on this CPU (its kernels follow the ISA), so no committed byte holds it
 
 
+@pytest.mark.slow
 def test_batch_axis_is_dynamic(packaged):
     model = onnx.load(str(packaged["out"] / "model.onnx"))
     assert model.graph.input[0].name == "image"
@@ -52,6 +45,7 @@ def test_batch_axis_is_dynamic(packaged):
         assert session.run(None, {"image": np.zeros((batch, 1, 32, 32), np.float32)})[0].shape == (batch, 10)
 
 
+@pytest.mark.slow
 def test_signature_describes_input_preprocessing_and_classes(packaged):
     signature = json.loads((packaged["out"] / "signature.json").read_text())
     prepared = json.loads((packaged["prepared"] / "prepared.json").read_text())
@@ -65,6 +59,7 @@ def test_signature_describes_input_preprocessing_and_classes(packaged):
     assert signature["output"]["top_k"] == 3
 
 
+@pytest.mark.slow
 def test_onnx_metadata_carries_signature_and_lineage(packaged):
     props = {p.key: p.value for p in onnx.load(str(packaged["out"] / "model.onnx")).metadata_props}
     assert json.loads(props["signature"]) == json.loads((packaged["out"] / "signature.json").read_text())
@@ -77,6 +72,7 @@ def test_onnx_metadata_carries_signature_and_lineage(packaged):
     assert packaged["manifest"]["lineage"]["config_hash"] == props["config_hash"]
 
 
+@pytest.mark.slow
 def test_mar_holds_handler_model_signature_and_features(packaged):
     out, manifest = packaged["out"], packaged["manifest"]
     mar = out / "digits.mar"
@@ -84,7 +80,8 @@ def test_mar_holds_handler_model_signature_and_features(packaged):
     with zipfile.ZipFile(mar) as z:
         assert set(z.namelist()) == {"MAR-INF/MANIFEST.json", "handler.py", "model.onnx", "signature.json",
                                      "reference_stats.json", "components/__init__.py",
-                                     *(f"components/runtime/{name}.py" for name in ("__init__", "features", "inference", "monitoring", "request", "settings"))}
+                                     *(f"components/runtime/{name}.py"
+                                       for name in ("__init__", "features", "inference", "monitoring", "request", "settings"))}
         mar_manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         assert z.read("model.onnx") == (out / "model.onnx").read_bytes()
         assert z.read("handler.py") == (ROOT / "serve" / "handler.py").read_bytes()
@@ -93,6 +90,7 @@ def test_mar_holds_handler_model_signature_and_features(packaged):
                                      "serializedFile": "model.onnx", "handler": "handler.py"}
 
 
+@pytest.mark.slow
 def test_the_archived_handler_imports_only_its_runtime_numpy_pil_and_onnxruntime(packaged, tmp_path):
     """Unpacked as TorchServe does, the handler loads the archive's own components/runtime and no other package."""
     with zipfile.ZipFile(packaged["out"] / "digits.mar") as z:
@@ -104,6 +102,7 @@ def test_the_archived_handler_imports_only_its_runtime_numpy_pil_and_onnxruntime
     assert {name for name in shown[1].split() if not name.startswith("_")} == {"handler", "components", "numpy", "PIL", "onnxruntime"}
 
 
+@pytest.mark.slow
 def test_samples_and_handler_preprocessing_reproduce_prepare(packaged):
     """The handler decodes a raw data file exactly as prepare did, and the samples' expected
     labels are the in-process ONNX predictions."""
@@ -121,6 +120,7 @@ def test_samples_and_handler_preprocessing_reproduce_prepare(packaged):
     assert len(manifest["samples"]) == cfg.package.smoke_samples
 
 
+@pytest.mark.slow
 def test_parity_failure_is_detected(packaged, tmp_path):
     out = packaged["out"]
     model, norm, _ = load_trained(packaged["model"])
@@ -148,12 +148,14 @@ def test_parity_failure_is_detected(packaged, tmp_path):
     assert report["argmax_agreement"] < 0.5
 
 
+@pytest.mark.slow
 def test_export_is_deterministic(packaged, tmp_path):
     again = package(packaged["cfg"], packaged["prepared"], packaged["model"], tmp_path / "again")
     assert again["version"] == packaged["manifest"]["version"]
     assert (tmp_path / "again" / "model.onnx").read_bytes() == (packaged["out"] / "model.onnx").read_bytes()
 
 
+@pytest.mark.slow
 def test_cli_missing_model_is_one_line_exit_2_and_leaves_nothing(digits_run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "components.package", "--prepared", str(digits_run["prepared"]),
                              "--model", str(tmp_path / "none"),
@@ -174,3 +176,15 @@ def test_bad_package_and_serve_config_names_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         compose([override])
     assert message in str(err.value)
+
+
+def test_a_small_model_is_exported_checked_and_archived_in_process(tiny_package):
+    """The fast tier's package step: a 3-class 1x16x16 model through export, parity, signature and archive."""
+    out, manifest = tiny_package["out"], tiny_package["manifest"]
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    assert manifest["parity"] == {"images": manifest["parity"]["images"], "argmax_agreement": 1.0, "atol": 1e-4}
+    signature = json.loads((out / "signature.json").read_text())
+    assert signature["input"]["shape"] == [None, 1, 16, 16] and signature["output"]["classes"] == ["a", "b", "c"]
+    with zipfile.ZipFile(out / manifest["mar"]["file"]) as z:
+        assert {"handler.py", "model.onnx", "signature.json", "reference_stats.json", "components/runtime/request.py"} <= set(z.namelist())
+    assert manifest["mar"]["sha256"] == sha256_file(out / manifest["mar"]["file"])

@@ -34,7 +34,8 @@ from tests.helpers.servers import free_ports, seaweed_s3
 pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
 
 HEAD = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-CLUSTER = ["pipeline.data.uri=s3://bucket/raw", "pipeline.deploy.management_url=http://torchserve.serving:8081",
+IMAGES = ["pipeline.image.cpu_repository=registry.example/cpu", "pipeline.image.gpu_repository=registry.example/gpu"]
+CLUSTER = [*IMAGES, "pipeline.data.uri=s3://bucket/raw", "pipeline.deploy.management_url=http://torchserve.serving:8081",
            "pipeline.deploy.inference_url=http://torchserve.serving:8080", "pipeline.deploy.model_store_pvc=torchserve-store"]
 OPEN_GATE = ["gate.on_fail=warn", "gate.on_inconclusive=warn"]
 
@@ -74,11 +75,13 @@ def tasks_of(spec: dict) -> dict[str, dict]:
 # --- compile -------------------------------------------------------------------------------
 
 def test_compiled_spec_names_images_by_commit_and_carries_cluster_settings(tmp_path):
-    spec, k8s = compiled(tmp_path, "pipeline.train.accelerator_count=2", "pipeline.image.gpu_repository=registry.example/gpu")
+    spec, k8s = compiled(tmp_path, "pipeline.train.accelerator_count=2", "pipeline.retry.num_retries=2",
+                         "pipeline.image.pull_secrets=[regcred]")
     executors = spec["deploymentSpec"]["executors"]
     train = executors["exec-train-op"]["container"]
     assert train["image"] == f"registry.example/gpu:{HEAD}"
-    assert {executors[e]["container"]["image"] for e in executors if e != "exec-train-op"} == {f"ghcr.io/example/kfp-dvc-template:{HEAD}"}
+    assert {executors[e]["container"]["image"] for e in executors if e != "exec-train-op"} == {f"registry.example/cpu:{HEAD}"}
+    assert all([s["secretName"] for s in k8s[e]["imagePullSecret"]] == ["regcred"] for e in executors)
     tasks = tasks_of(spec)
     for name in ("prepare-op", "train-op", "evaluate-op", "gate-op", "package-op", "deploy-op"):
         assert tasks[name]["inputs"]["parameters"]["expected_commit"] == {"runtimeValue": {"constant": HEAD}}
@@ -106,7 +109,7 @@ def test_compiled_spec_names_images_by_commit_and_carries_cluster_settings(tmp_p
 def test_without_gpus_train_gets_no_gpu_scheduling_and_the_cpu_image(tmp_path):
     spec, k8s = compiled(tmp_path, "pipeline.train.accelerator_count=0")
     train = spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]
-    assert train["image"] == f"ghcr.io/example/kfp-dvc-template:{HEAD}" and "accelerator" not in train["resources"]
+    assert train["image"] == f"registry.example/cpu:{HEAD}" and "accelerator" not in train["resources"]
     assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(k8s["exec-train-op"])
     assert tasks_of(spec)["train-op"]["inputs"]["parameters"]["gpus"] == {"runtimeValue": {"constant": 0.0}}
 
@@ -125,8 +128,9 @@ def test_run_parameters_are_typed_and_each_step_gets_only_its_config_sections(tm
     assert tasks["train-op"]["inputs"]["parameters"]["epochs"] == {"componentInputParameter": "pipelinechannel--epochs"}
     sections = {name: set(json.loads(tasks[f"{name}-op"]["inputs"]["parameters"]["config"]["runtimeValue"]["constant"]))
                 for name in ("prepare", "train", "evaluate", "package", "deploy")}
-    assert sections == {"prepare": {"seed", "data"}, "train": {"seed", "data", "model", "train"},
-                        "evaluate": {"seed", "data", "train", "evaluate", "gate"}, "package": {"package"}, "deploy": {"serve"}}
+    assert sections == {"prepare": {"seed", "data"}, "train": {"seed", "data", "model", "train", "numerics"},
+                        "evaluate": {"seed", "data", "train", "evaluate", "gate", "numerics"}, "package": {"package", "numerics"},
+                        "deploy": {"serve"}}
 
 
 def test_a_gate_or_evaluate_change_leaves_the_training_cache_key_alone():
@@ -362,7 +366,7 @@ class FakeKfpApi(BaseHTTPRequestHandler):
         self._record(None)
         path = self.path.split("?")[0]
         if path == "/apis/v2beta1/healthz":
-            self._answer({"multi_user": False})
+            self._answer({"commit_sha": "0" * 40, "tag_name": "2.17.3", "multi_user": False})
         elif path == "/apis/v2beta1/pipelines":
             self._answer({"pipelines": self.pipelines, "total_size": len(self.pipelines)} if self.pipelines else {})
         elif path.endswith("/versions"):
@@ -409,13 +413,13 @@ def test_submit_contract_with_fake_kfp_api_server(fake_kfp_api_server, tmp_path)
     token_file.write_text("token-from-file\n")
     result = run(["python", "-m", "pipelines", "submit", "--host", host, "--namespace", "team-a", "--experiment", "digits-lr",
                   "--token-file", str(token_file), "--no-cache", "experiment=quick", "train.lr=0.0123", *CLUSTER], ROOT)
-    assert [(r["method"], r["path"].split("?")[0]) for r in requests] == [
+    assert [(r["method"], r["path"].split("?")[0]) for r in requests] == [("GET", "/apis/v2beta1/healthz"),
         ("GET", "/apis/v2beta1/experiments"), ("POST", "/apis/v2beta1/experiments"), ("POST", "/apis/v2beta1/runs")]
     assert {r["auth"] for r in requests} == {"Bearer token-from-file"}
-    assert "namespace=team-a" in requests[0]["path"] and "digits-lr" in requests[0]["path"]
-    assert requests[1]["body"] == {"display_name": "digits-lr", "namespace": "team-a"}
+    assert "namespace=team-a" in requests[1]["path"] and "digits-lr" in requests[1]["path"]
+    assert requests[2]["body"] == {"display_name": "digits-lr", "namespace": "team-a"}
 
-    created = requests[2]["body"]
+    created = requests[3]["body"]
     assert created["experiment_id"] == "exp-1"
     assert created["display_name"].startswith(f"kfp-dvc-template commit {HEAD[:8]}")
     assert f" data {data_hash()[:8]} " in created["display_name"]

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from components.core.config import ROOT
+from components.core.errors import DataError
 from components.data import decoding
 from components.data.dataset import load_prepared
-from components.core.errors import DataError
-from components.runtime.features import FEATURES
 from components.prepare import prepare, stratified_split
+from components.runtime.features import FEATURES
 from tests.helpers.datasets import make_image_dataset, small_config
 
 
@@ -135,7 +135,8 @@ def test_imagefolder_metadata_rows_must_name_existing_images_and_columns_must_ex
     cfg = small_config(data, "data.format=imagefolder", "data.sensitive_attributes=[camera]")
     with pytest.raises(DataError, match=r"metadata.csv line 38 \(b/999.png\): no such image in a class folder"):
         prepare(cfg, data, tmp_path / "out")
-    with pytest.raises(DataError, match=r"metadata.csv: no column 'path' \(data.file_column\); its columns are \['file', 'label', 'camera'\]"):
+    with pytest.raises(DataError,
+                       match=r"metadata.csv: no column 'path' \(data.file_column\); its columns are \['file', 'label', 'camera'\]"):
         prepare(small_config(data, "data.format=imagefolder", "data.sensitive_attributes=[camera]", "data.file_column=path"),
                 data, tmp_path / "out")
 
@@ -159,7 +160,6 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.slow
 def test_cache_is_byte_identical_with_one_or_several_decoding_processes(tiny_dataset, tmp_path, monkeypatch):
     cfg = small_config(tiny_dataset)
     prepare(cfg, tiny_dataset, tmp_path / "one")  # 36 rows: one chunk, decoded in this process

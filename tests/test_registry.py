@@ -16,15 +16,13 @@ from components.core.config import compose, load_config
 from components.deploy import default_version
 from components.promote import promote, rollback
 from components.registry.tags import RegistryError, versions
-from serve.__main__ import deploy_stage
 from components.serving import server
-from tests.helpers.project import copy_project, git_commit, run
+from serve.__main__ import deploy_stage
+from tests.helpers.project import copy_of, git_commit, run
 from tests.helpers.servers import S3Server, free_ports, seaweed_s3
 from tests.helpers.workflow import run_job
 
 DEPLOY_WORKFLOW = ".github/workflows/deploy-on-stage-tag.yml"
-
-pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
 
 
 @dataclass
@@ -45,17 +43,15 @@ class Project:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(quick_project, tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
-    repo = copy_project(root / "repo")
+    repo = copy_of(quick_project, root / "repo")  # model v1: the quick experiment, committed
     ports = free_ports(5)
     serve_overrides = [f"serve.state_dir={root / 'serve'}", f"serve.inference_port={ports[0]}", f"serve.management_port={ports[1]}",
                        f"serve.metrics_port={ports[2]}", f"serve.grpc_inference_port={ports[3]}", f"serve.grpc_management_port={ports[4]}"]
     with seaweed_s3(root / "s3") as s3:
         for key, value in (("endpointurl", s3.endpoint), ("access_key_id", s3.access_key), ("secret_access_key", s3.secret_key)):
             run(["dvc", "remote", "modify", "--local", "storage", key, value], repo)
-        run(["dvc", "exp", "run", "-S", "experiment=quick"], repo)
-        git_commit(repo, "model v1")
         run(["dvc", "push"], repo)
         run(["git", "clone", "-q", "--bare", str(repo), str(root / "origin.git")], root)  # main there: the branch that deploys
         run(["git", "remote", "add", "origin", str(root / "origin.git")], repo)
@@ -72,8 +68,9 @@ def gates_around(metrics: dict, fairness: dict, passing: bool) -> list[str]:
     return [f"gate.quality.min_accuracy={metrics['accuracy'] + delta}",
             f"gate.quality.min_balanced_accuracy={metrics['balanced_accuracy'] - 0.001}",
             f"gate.quality.max_ece={metrics['ece'] + 0.001}", "gate.on_fail=block", "gate.on_inconclusive=warn",
-            *(f"gate.fairness.max_{check}=1" for check in ("accuracy_difference", "recall_macro_difference", "demographic_parity_difference",
-                                                            "equalized_odds_difference")), "gate.fairness.min_accuracy_ratio=0"]  # quality decides here
+            *(f"gate.fairness.max_{check}=1" for check in ("accuracy_difference", "recall_macro_difference",
+                                                            "demographic_parity_difference", "equalized_odds_difference")),
+            "gate.fairness.min_accuracy_ratio=0", "gate.fairness.min_group_size=1"]  # quality decides here
 
 
 def latest_stage_tag_message(repo: Path, stage: str) -> str:
@@ -104,6 +101,7 @@ def test_gto_and_the_registry_accept_the_same_stages():
     assert yaml.safe_load((ROOT / ".gto").read_text())["stages"] == list(load_config().registry.stages)
 
 
+@pytest.mark.slow
 def test_promotion_lifecycle(project: Project):
     repo = project.repo
     metrics_v1, fairness_v1 = project.reports()
@@ -171,6 +169,7 @@ def live_default(project: Project) -> str:
     return default_version(server.local_endpoint(cfg), cfg.package.model_name)
 
 
+@pytest.mark.slow
 def test_cli_refuses_force_without_reason_and_unknown_stage(project: Project):
     cli = ["python", "-m", "components.promote", "promote", "--version", "v9.0.0"]
     no_reason = run([*cli, "--stage", "prod", "--force"], project.repo, check=False)
@@ -181,6 +180,7 @@ def test_cli_refuses_force_without_reason_and_unknown_stage(project: Project):
     assert listed.stdout.splitlines()[0].split() == ["version", "commit", "stages"]
 
 
+@pytest.mark.slow
 def test_rollback_without_history_is_refused(project: Project, tmp_path):
     with pytest.raises(RegistryError, match="no earlier version held 'staging'|no version of digits is in stage 'staging'"):
         rollback(project.cfg(), "staging", repo=clean_copy(project.repo, tmp_path))
@@ -217,6 +217,7 @@ def newest_tag(repo: Path, pattern: str) -> str:
     return max(run(["git", "tag", "-l", pattern], repo).stdout.split(), key=lambda tag: int(tag.rsplit("#", 1)[1]))
 
 
+@pytest.mark.slow
 def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project):
     repo = project.repo
     # The team tightens its prod policy; the model at HEAD no longer passes it.
@@ -263,6 +264,7 @@ def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project)
         assert "gates overridden by the record" in passed.stdout and "demo: accepted below the new policy" in passed.stdout
 
 
+@pytest.mark.slow
 def test_batch_scoring_by_tag_and_as_the_on_demand_dvc_stage(project: Project):
     repo = project.repo
     if not run(["git", "tag", "-l", "digits@v*"], repo).stdout.split():  # this test alone: nothing registered yet

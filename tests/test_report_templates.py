@@ -18,8 +18,6 @@ from components.prepare import prepare
 from components.train import train
 from tests.helpers.datasets import small_config
 
-pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
-
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):

@@ -16,35 +16,30 @@ from PIL import Image
 from components.core.config import ROOT, compose
 from components.core.errors import DataError
 from components.runtime.features import FEATURES
-from components.package import package
 from components.score import score
-from pipelines.local import run_pipeline
 from pipelines.in_pod import IMAGE_COMMIT_ENV
+from pipelines.local import run_pipeline
 from pipelines.score import score_pipeline
 from tests.helpers.project import run
 from tests.helpers.servers import seaweed_s3
 
-pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
-
 PREDICTION_LOG_KEYS = {"model_version", "prediction", "confidence", "features"}  # serve/handler.py's log lines
 
 
-@pytest.fixture(scope="module")
-def packaged(digits_run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("score") / "package"
-    package(digits_run["cfg"], digits_run["prepared"], digits_run["model"], out)
-    return out
+@pytest.fixture
+def package_dir(packaged) -> Path:
+    return packaged["out"]
 
 
 @pytest.fixture
-def samples_with_bad_files(packaged, tmp_path) -> tuple[Path, dict[str, str]]:
+def samples_with_bad_files(package_dir, tmp_path) -> tuple[Path, dict[str, str]]:
     """The package's sample images (labels known) in nested folders, plus files that cannot be scored."""
     folder = tmp_path / "batch"
     expected = {}
-    for i, sample in enumerate(json.loads((packaged / "package.json").read_text())["samples"]):
+    for i, sample in enumerate(json.loads((package_dir / "package.json").read_text())["samples"]):
         name = f"part{i % 2}/{Path(sample['file']).name}"
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(packaged / sample["file"], folder / name)
+        shutil.copy(package_dir / sample["file"], folder / name)
         expected[name] = sample["expected"]
     (folder / "part0" / "not_an_image.png").write_bytes(b"hello")
     whole = (folder / next(iter(expected))).read_bytes()
@@ -62,10 +57,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_folder_is_scored_like_the_package_predicts_and_bad_files_are_skipped(packaged, samples_with_bad_files, tmp_path):
+@pytest.mark.slow
+def test_a_folder_is_scored_like_the_package_predicts_and_bad_files_are_skipped(package_dir, samples_with_bad_files, tmp_path):
     folder, expected = samples_with_bad_files
     out = tmp_path / "out"
-    summary = score(cfg_for(tmp_path, "score.workers=2"), str(folder), packaged, out=out)
+    summary = score(cfg_for(tmp_path, "score.workers=2"), str(folder), package_dir, out=out)
 
     predictions = read_jsonl(out / "predictions.jsonl")
     assert {p["file"]: p["prediction"] for p in predictions} == expected
@@ -76,16 +72,31 @@ def test_a_folder_is_scored_like_the_package_predicts_and_bad_files_are_skipped(
     assert rejected["part0/not_an_image.png"].startswith("not a PNG or JPEG image")
     assert rejected["part1/truncated.png"].startswith("truncated or corrupt image")
 
-    manifest = json.loads((packaged / "package.json").read_text())
+    manifest = json.loads((package_dir / "package.json").read_text())
     assert (summary["files"], summary["scored"], summary["rejected"]) == (len(expected) + 3, len(expected), 3)
-    assert summary["model"] == {"name": manifest["model_name"], "version": manifest["version"], "package": str(packaged)}
+    assert summary["model"] == {"name": manifest["model_name"], "version": manifest["version"], "package": str(package_dir)}
     assert summary["lineage"]["package"] == manifest["lineage"]
     assert summary["drift"]["checked"] is False and "serve.drift.min_samples" in summary["drift"]["reason"]
     assert json.loads((out / "score.json").read_text()) == summary
 
-    again = score(cfg_for(tmp_path, "score.workers=1", "score.chunk_size=1"), str(folder), packaged, out=tmp_path / "again")
+    again = score(cfg_for(tmp_path, "score.workers=1", "score.chunk_size=1"), str(folder), package_dir, out=tmp_path / "again")
     assert (tmp_path / "again" / "predictions.jsonl").read_bytes() == (out / "predictions.jsonl").read_bytes()
     assert again["lineage"]["input_hash"] == summary["lineage"]["input_hash"]
+
+
+def test_a_folder_is_scored_in_process_with_a_small_package(tiny_package, tmp_path):
+    """The fast tier's batch scoring: the package's samples scored as it predicts them, a broken file rejected."""
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    samples = tiny_package["manifest"]["samples"]
+    for sample in samples:
+        shutil.copy(tiny_package["out"] / sample["file"], folder / Path(sample["file"]).name)
+    (folder / "broken.png").write_bytes(b"hello")
+    summary = score(cfg_for(tmp_path, "score.workers=1"), str(folder), tiny_package["out"], out=tmp_path / "out")
+    assert (summary["files"], summary["scored"], summary["rejected"]) == (len(samples) + 1, len(samples), 1)
+    predictions = {p["file"]: p["prediction"] for p in read_jsonl(tmp_path / "out" / "predictions.jsonl")}
+    assert predictions == {Path(sample["file"]).name: sample["expected"] for sample in samples}
+    assert [r["file"] for r in read_jsonl(tmp_path / "out" / "rejected.jsonl")] == ["broken.png"]
 
 
 def inverted_copies(count: int, folder: Path) -> Path:
@@ -96,23 +107,25 @@ def inverted_copies(count: int, folder: Path) -> Path:
     return folder
 
 
-def test_a_shifted_batch_feeds_the_online_drift_check_and_emits_an_event(packaged, tmp_path):
+@pytest.mark.slow
+def test_a_shifted_batch_feeds_the_online_drift_check_and_emits_an_event(package_dir, tmp_path):
     batch = inverted_copies(120, tmp_path / "inverted")
     out = tmp_path / "out"
-    summary = score(cfg_for(tmp_path, "serve.drift.min_samples=100"), str(batch), packaged, out=out)
+    summary = score(cfg_for(tmp_path, "serve.drift.min_samples=100"), str(batch), package_dir, out=out)
     assert summary["drift"] == {"checked": True, "drift": True, "samples": 120}
     assert json.loads((out / "drift.json").read_text())["drift"] is True and (out / "drift.html").exists()
     event = read_jsonl(tmp_path / "events.jsonl")[-1]
     assert (event["type"], event["details"]["input"]) == ("drift_detected", str(batch))
 
     # The online command reads the batch's predictions unchanged: same shape as the prediction log.
-    online = run(["python", "-m", "serve", "drift", "--log", str(out / "predictions.jsonl"), "--package", str(packaged),
+    online = run(["python", "-m", "serve", "drift", "--log", str(out / "predictions.jsonl"), "--package", str(package_dir),
                   "--out", str(tmp_path / "online"), "serve.drift.min_samples=100", f"events.log_file={tmp_path / 'online.jsonl'}"],
                  ROOT, check=False)
     assert online.returncode == 1 and "drift detected in the last 120 logged predictions" in online.stdout
 
 
-def test_an_s3_prefix_is_scored_with_a_package_from_s3(packaged, samples_with_bad_files, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_an_s3_prefix_is_scored_with_a_package_from_s3(package_dir, samples_with_bad_files, tmp_path, monkeypatch):
     import s3fs
 
     folder, expected = samples_with_bad_files
@@ -122,35 +135,37 @@ def test_an_s3_prefix_is_scored_with_a_package_from_s3(packaged, samples_with_ba
             monkeypatch.setenv(name, value)
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.put(str(folder) + "/", f"{s3.bucket}/incoming/", recursive=True)
-        fs.put(str(packaged) + "/", f"{s3.bucket}/packages/v1/", recursive=True)
+        fs.put(str(package_dir) + "/", f"{s3.bucket}/packages/v1/", recursive=True)
         summary = score(cfg_for(tmp_path), f"s3://{s3.bucket}/incoming", f"s3://{s3.bucket}/packages/v1", out=tmp_path / "out")
     assert {p["file"]: p["prediction"] for p in read_jsonl(tmp_path / "out" / "predictions.jsonl")} == expected
     assert summary["rejected"] == 3 and summary["model"]["package"] == f"s3://{s3.bucket}/packages/v1"
 
 
-def test_bad_inputs_fail_with_one_clear_error_and_leave_nothing(packaged, tmp_path):
-    cfg = cfg_for(tmp_path)
+def test_bad_inputs_fail_with_one_clear_error_and_leave_nothing(tiny_package, tmp_path):
+    cfg, package_dir = cfg_for(tmp_path), tiny_package["out"]
     out = tmp_path / "out"
     with pytest.raises(DataError, match="no-such-folder: no such folder or S3 prefix"):
-        score(cfg, str(tmp_path / "no-such-folder"), packaged, out=out)
+        score(cfg, str(tmp_path / "no-such-folder"), package_dir, out=out)
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("x")
     with pytest.raises(DataError, match=r"no files ending in \.png, \.jpg, \.jpeg to score"):
-        score(cfg, str(tmp_path / "texts"), packaged, out=out)
+        score(cfg, str(tmp_path / "texts"), package_dir, out=out)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.png").write_bytes(b"junk")
     with pytest.raises(DataError, match="none of the 1 files could be scored"):
-        score(cfg, str(tmp_path / "junk"), packaged, out=out)
+        score(cfg, str(tmp_path / "junk"), package_dir, out=out)
     with pytest.raises(DataError, match="no package.json"):
         score(cfg, str(tmp_path / "junk"), tmp_path / "no-package", out=out)
     assert not out.exists()
 
 
-def test_the_score_pipeline_runs_with_kfp_local(packaged, samples_with_bad_files, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_the_score_pipeline_runs_with_kfp_local(package_dir, samples_with_bad_files, tmp_path, monkeypatch):
     folder, expected = samples_with_bad_files
     cfg = cfg_for(tmp_path)
     monkeypatch.setenv(IMAGE_COMMIT_ENV, "c0ffee")  # this working tree plays the image of that commit
-    done = run_pipeline(score_pipeline(cfg, "c0ffee"), {"input_uri": str(folder), "package_uri": str(packaged)}, tmp_path / "kfp", False, cfg)
+    done = run_pipeline(score_pipeline(cfg, "c0ffee"), {"input_uri": str(folder), "package_uri": str(package_dir)}, tmp_path / "kfp",
+                        False, cfg)
     assert done.failure is None
     task = done.tasks["score-op"]
     assert {p["file"]: p["prediction"] for p in read_jsonl(Path(task.artifacts["scored"]) / "predictions.jsonl")} == expected

@@ -28,19 +28,16 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from components.core.config import PORT_KEYS, ROOT, compose
+from components.core.io import sha256_file, write_json
 from components.data.dataset import load_prepared
-from components.core.io import sha256_file
 from components.deploy import DeployError, deploy
-from components.serving.torchserve import default_version, list_versions, register, set_default, unregister
-from components.core.io import write_json
-from components.packaging.onnx import onnx_logits
-from components.package import build_mar, package
-from components.serving import server
 from components.monitoring.drift import drift_report, load_window
+from components.package import build_mar
+from components.packaging.onnx import onnx_logits
 from components.runtime.monitoring import MONITOR_INTERVAL_S, rotate_log, rotated_logs
+from components.serving import server
+from components.serving.torchserve import default_version, list_versions, register, set_default, unregister
 from tests.helpers.servers import free_ports, prometheus_server
-
-pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
 
 PROMETHEUS_DIR = ROOT / "serve" / "prometheus"
 
@@ -52,8 +49,8 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def live(digits_run, tmp_path_factory):
-    """Package the session's model, start TorchServe, deploy; always stopped at the end."""
+def live(packaged, tmp_path_factory):
+    """TorchServe started with the session's package deployed; always stopped at the end."""
     root = tmp_path_factory.mktemp("serve")
     ports = free_ports(5)
     # Every prediction logged, in files of 100 kB: the load test rotates the log a few times.
@@ -61,12 +58,12 @@ def live(digits_run, tmp_path_factory):
                  "serve.prediction_log.max_mb=0.1", "serve.prediction_log.backups=100",
                  *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, ports))]  # also the CLI's arguments
     cfg = compose(overrides)
-    manifest = package(cfg, digits_run["prepared"], digits_run["model"], root / "package")
+    manifest = packaged["manifest"]
     try:
         server.start(cfg)
-        deploy(cfg, root / "package" / "digits.mar", manifest["version"])
-        yield {"cfg": cfg, "overrides": overrides, "root": root, "package": root / "package", "manifest": manifest,
-               "endpoint": server.local_endpoint(cfg), "prepared": digits_run["prepared"]}
+        deploy(cfg, packaged["out"] / "digits.mar", manifest["version"])
+        yield {"cfg": cfg, "overrides": overrides, "root": root, "package": packaged["out"], "manifest": manifest,
+               "endpoint": server.local_endpoint(cfg), "prepared": packaged["prepared"]}
     finally:
         server.stop(cfg)
 
@@ -93,6 +90,7 @@ def in_process_probabilities(live, pixels: np.ndarray) -> np.ndarray:
     return probs / probs.sum(1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_predictions_match_the_onnx_model_in_process(live):
     pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:60])
     probs = in_process_probabilities(live, pixels)
@@ -124,10 +122,12 @@ BAD_REQUESTS = {
     "JSON non-numeric": ({"json": {"instances": [[[["x"] * 32] * 32]]}}, 400, "instance 0: values must be numbers"),
     "JSON out of range": ({"json": {"instances": [np.full((1, 32, 32), 300).tolist()]}}, 400, "finite numbers in [0, 255]"),
     "two multipart files": ({"files": {"a": b"1", "b": b"2"}}, 400, "one image per request"),
-    "decompression bomb": ("huge", 413, "image is 5000x5000 = 25000000 pixels, more than the server's limit of 1000000 (serve.max_image_pixels)"),
+    "decompression bomb": ("huge", 413,
+                           "image is 5000x5000 = 25000000 pixels, more than the server's limit of 1000000 (serve.max_image_pixels)"),
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", BAD_REQUESTS)
 def test_malformed_request_gets_4xx_with_a_message_and_the_worker_keeps_serving(live, kind):
     request, status, message = BAD_REQUESTS[kind]
@@ -156,13 +156,15 @@ def test_malformed_request_gets_4xx_with_a_message_and_the_worker_keeps_serving(
 def batched_model(live, name: str):
     """The package registered again as `name`, batching up to 8 requests that arrive within 200 ms."""
     endpoint, version = live["endpoint"], live["manifest"]["version"]
-    register(endpoint, f"digits-{version}.mar", OmegaConf.merge(live["cfg"].serve, {"batch_size": 8, "max_batch_delay_ms": 200}), model_name=name)
+    register(endpoint, f"digits-{version}.mar", OmegaConf.merge(live["cfg"].serve, {"batch_size": 8, "max_batch_delay_ms": 200}),
+             model_name=name)
     try:
         yield f"{endpoint.inference_url}/predictions/{name}"
     finally:
         unregister(endpoint, name, version)
 
 
+@pytest.mark.slow
 def test_batched_requests_are_answered_one_by_one_with_their_own_status(live):
     """A TorchServe batch mixing good and malformed requests: each gets its own answer."""
     samples = live["manifest"]["samples"]
@@ -184,9 +186,11 @@ HOSTILE_REQUESTS = {  # kind: (requests.post arguments, status, message)
     "instance nested 500 deep": ({"json": {"instances": [json.loads("[" * 500 + "]" * 500)]}}, 400, "instance 0: values must be numbers"),
     "a number beyond any float": ({"data": b'{"instances": [[[' + b"9" * 4000 + b"]]]}"}, 400, "instance 0: values must be numbers"),
     "numbers as strings": ({"json": {"instances": [[["1"] * 32] * 32]}}, 400, "instance 0: values must be numbers"),
-    "v2 with a list as datatype": ({"json": {"inputs": [{"name": "image", "shape": [1, 1, 32, 32], "datatype": [[["UINT8"]]], "data": []}]}},
+    "v2 with a list as datatype": ({"json": {"inputs": [{"name": "image", "shape": [1, 1, 32, 32], "datatype": [[["UINT8"]]],
+                                                         "data": []}]}},
                                    400, "inputs[0].datatype must be one of ['FP32', 'UINT8'], got list"),
-    "v2 with fractional dimensions": ({"json": {"inputs": [{"name": "image", "shape": [1.0, 1, 32, 32], "datatype": "UINT8", "data": [0] * 1024}]}},
+    "v2 with fractional dimensions": ({"json": {"inputs": [{"name": "image", "shape": [1.0, 1, 32, 32], "datatype": "UINT8",
+                                                            "data": [0] * 1024}]}},
                                       400, "inputs[0].shape must be [N, 1, 32, 32]"),
     "invalid UTF-8 as application/json": ({"data": b"{\xff\xfe}", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
     "16 megapixel PNG": ("16 megapixels", 413, "image is 4000x3999 = 15996000 pixels, more than the server's limit of 1000000"),
@@ -201,6 +205,7 @@ def hostile_request(live, kind: str) -> dict:
     return {**request, "headers": {**auth(live), **request.get("headers", {})}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", HOSTILE_REQUESTS)
 def test_hostile_request_gets_4xx_naming_the_problem(live, kind):
     _, status, message = HOSTILE_REQUESTS[kind]
@@ -210,6 +215,7 @@ def test_hostile_request_gets_4xx_naming_the_problem(live, kind):
     assert set(body) == {"code", "error"} and body["code"] == status and message in body["error"]
 
 
+@pytest.mark.slow
 def test_hostile_clients_beside_valid_ones_fail_no_valid_request_and_log_one_line_per_second(live):
     """4 clients cycling through the hostile requests, 4 valid clients, all in the same batches."""
     model_log = server.state_dir(live["cfg"]).logs / "model_log.log"
@@ -243,6 +249,7 @@ def test_hostile_clients_beside_valid_ones_fail_no_valid_request_and_log_one_lin
     assert len(added.splitlines()) <= len(summaries) + 10, added[-2000:]
 
 
+@pytest.mark.slow
 def test_a_body_sent_as_a_form_gets_415_or_the_frontends_500_logged_in_one_line(live):
     """curl --data-binary sends Content-Type application/x-www-form-urlencoded. TorchServe's Java
     frontend decodes such a body as a form before any handler runs: when it holds a '%' not followed
@@ -270,6 +277,7 @@ def test_a_body_sent_as_a_form_gets_415_or_the_frontends_500_logged_in_one_line(
     assert with_type.status_code == 200 and with_type.json()[0]["label"] == live["manifest"]["samples"][0]["expected"]
 
 
+@pytest.mark.slow
 def test_open_inference_protocol_requests_get_v2_answers(live):
     pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:3])
     probs = in_process_probabilities(live, pixels)
@@ -280,7 +288,8 @@ def test_open_inference_protocol_requests_get_v2_answers(live):
         response = requests.post(url, json=body, headers=auth(live), timeout=30)
         assert response.status_code == 200, response.text
         answer = response.json()
-        assert answer.get("id") == body.get("id") and (answer["model_name"], answer["model_version"]) == ("digits", live["manifest"]["version"])
+        assert answer.get("id") == body.get("id")
+        assert (answer["model_name"], answer["model_version"]) == ("digits", live["manifest"]["version"])
         [probabilities, labels] = answer["outputs"]
         assert (probabilities["name"], probabilities["shape"], probabilities["datatype"]) == ("probabilities", [3, 10], "FP32")
         assert np.allclose(np.reshape(probabilities["data"], (3, 10)), probs, atol=1e-5)
@@ -295,16 +304,19 @@ def test_open_inference_protocol_requests_get_v2_answers(live):
         assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
+@pytest.mark.slow
 def test_token_is_required_on_inference_and_management(live):
     endpoint, sample = live["endpoint"], (live["package"] / "samples" / "00.png").read_bytes()
     for url, method, good_token in ((predict_url(live), "POST", endpoint.inference_token),
                                     (f"{endpoint.management_url}/models", "GET", endpoint.management_token)):
-        for headers in ({}, server.bearer("wrong-key"), server.bearer(endpoint.inference_token if method == "GET" else endpoint.management_token)):
+        wrong_token = endpoint.inference_token if method == "GET" else endpoint.management_token
+        for headers in ({}, server.bearer("wrong-key"), server.bearer(wrong_token)):
             response = requests.request(method, url, data=sample, headers=headers, timeout=10)
             assert response.status_code == 400 and "Token Authorization failed" in response.json()["message"]
         assert requests.request(method, url, data=sample, headers=server.bearer(good_token), timeout=10).status_code == 200
 
 
+@pytest.mark.slow
 def test_only_loopback_and_only_the_model_store_can_be_registered(live):
     endpoint, cfg = live["endpoint"], live["cfg"]
     listening = {c.laddr for c in psutil.Process(server.running_pid(cfg)).net_connections() if c.status == psutil.CONN_LISTEN}
@@ -344,10 +356,12 @@ def run_load(live, count: int, clients: int, timeout_s: float = 30, progress: li
         return [r for part in pool.map(worker, shares) for r in part]
 
 
+@pytest.mark.slow
 def test_bounded_load_2000_requests_at_8_clients_has_zero_errors(live):
     logs = server.state_dir(live["cfg"]).logs
     sizes = {name: (logs / name).stat().st_size for name in ("console.log", "ts_log.log", "model_log.log")}
-    access_lines, logged, rotated = _line_count(logs / "access_log.log"), _logged_predictions(live, settle=True), rotated_logs(server.prediction_log(live["cfg"]))
+    access_lines, logged = _line_count(logs / "access_log.log"), _logged_predictions(live, settle=True)
+    rotated = rotated_logs(server.prediction_log(live["cfg"]))
     results = run_load(live, 2000, 8)
     assert len(results) == 2000
     assert results.count(200) == 2000, {str(r) for r in results if r != 200}
@@ -360,6 +374,7 @@ def test_bounded_load_2000_requests_at_8_clients_has_zero_errors(live):
     assert len(rotated_logs(server.prediction_log(live["cfg"]))) > len(rotated)
 
 
+@pytest.mark.slow
 def test_killed_worker_recovers_with_no_hung_requests(live):
     [victim] = worker_pids(live)
     progress: list = []
@@ -410,6 +425,7 @@ def _variant(live, tmp_path: Path, version: str, signature_change=None) -> Path:
     return mar
 
 
+@pytest.mark.slow
 def test_deploy_new_version_then_roll_back_a_failing_one(live, tmp_path):
     cfg, endpoint, good = live["cfg"], live["endpoint"], live["manifest"]["version"]
     second = _variant(live, tmp_path, "second")
@@ -432,6 +448,7 @@ def test_deploy_new_version_then_roll_back_a_failing_one(live, tmp_path):
     assert answer.json()[0]["label"] == sample["expected"]
 
 
+@pytest.mark.slow
 def test_deploy_refuses_a_corrupt_archive_or_a_wrong_version(live, tmp_path):
     cfg = live["cfg"]
     corrupt = _variant(live, tmp_path, "corrupt")
@@ -475,6 +492,7 @@ def _on_free_port(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
     raise RuntimeError("no free loopback port in 18600-18699")
 
 
+@pytest.mark.slow
 def test_the_deploy_record_is_written_before_the_deployed_event_is_sent(live, tmp_path):
     """A receiver that stalls until the job is killed can no longer cost the deploy record."""
     log = server.state_dir(live["cfg"]).deploy_log
@@ -507,6 +525,7 @@ def query_until_present(url: str, query: str, timeout_s: float = 60) -> list[dic
     raise AssertionError(f"Prometheus has no {query} after {timeout_s}s")
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_the_custom_metrics_and_loads_the_alerts(live, tmp_path):
     assert subprocess.run(["promtool", "test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml")]).returncode == 0
     with prometheus(tmp_path / "prometheus", live["cfg"].serve.metrics_port) as url:
@@ -522,7 +541,8 @@ def test_prometheus_scrapes_the_custom_metrics_and_loads_the_alerts(live, tmp_pa
         assert float(query_until_present(url, 'up{job="torchserve"}')[0]["value"][1]) == 1
         groups = requests.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
         assert {rule["name"] for g in groups for rule in g["rules"]} == {
-            "ModelInputDrift", "ModelLowConfidence", "ModelRejectedInputs", "TorchServeDown", "TorchServeErrorRate", "TorchServeHighLatency"}
+            "ModelInputDrift", "ModelLowConfidence", "ModelRejectedInputs", "TorchServeDown", "TorchServeErrorRate",
+            "TorchServeHighLatency"}
         assert all(rule["health"] == "ok" or rule["health"] == "unknown" for g in groups for rule in g["rules"])
 
 
@@ -534,6 +554,7 @@ def _metric_total(live, name: str, **labels: str) -> float:
                if line.startswith(name + "{") and all(label in line for label in wanted))
 
 
+@pytest.mark.slow
 def test_custom_metrics_count_every_prediction_and_rejection(live):
     samples = live["manifest"]["samples"]
     time.sleep(2 * MONITOR_INTERVAL_S)  # counts of earlier tests' requests are emitted by now
@@ -600,6 +621,7 @@ def test_prediction_log_rotation_keeps_the_newest_files_and_drift_reads_across_t
     assert not log_file.exists() and [record["i"] for record in load_window(log_file, 15)] == list(range(85, 100))
 
 
+@pytest.mark.slow
 def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp_path):
     pixels = np.array(load_prepared(live["prepared"]).split("test")[0], dtype=np.float64)
     reference = json.loads((live["package"] / "reference_stats.json").read_text())
@@ -625,6 +647,7 @@ def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp
     assert "Drift detected" in page and "data:image/png;base64," in page and "http" not in page.replace("http-equiv", "")
 
 
+@pytest.mark.slow
 def test_cli_status_and_predict_use_the_key_file(live):
     params = live["overrides"]
     status = subprocess.run([sys.executable, "-m", "serve", "status", *params], cwd=ROOT, capture_output=True, text=True)
@@ -640,6 +663,7 @@ def test_cli_status_and_predict_use_the_key_file(live):
     assert again.returncode == 0 and again.stdout.strip() == f"serve: digits version {live['manifest']['version']} is already the default"
 
 
+@pytest.mark.slow
 def test_expired_keys_are_renewed_by_every_command_and_status_exit_codes_tell_the_state(live, tmp_path):
     """A second TorchServe whose keys live 30 s (token_expiration_min is a float for TorchServe too)."""
     overrides = ["serve.token_expiration_min=0.5", f"serve.state_dir={tmp_path / 'state'}",
@@ -654,17 +678,24 @@ def test_expired_keys_are_renewed_by_every_command_and_status_exit_codes_tell_th
         first = server.start(cfg)
         unregistered = cli("status")
         assert unregistered.returncode == 4 and "digits: not registered" in unregistered.stdout, unregistered.stderr
-        assert cli("up", "--package", str(live["package"])).returncode == 0
+        deployed = cli("up", "--package", str(live["package"]))
+        assert deployed.returncode == 0, deployed.stderr
+        assert first.inference_token not in deployed.stdout + deployed.stderr  # CI logs keep no key
+        assert '-H "Authorization: Bearer $(.venv/bin/python -m serve token)"' in deployed.stdout
         time.sleep(cfg.serve.token_expiration_min * 60 + 1)
-        for url, token in ((first.inference_url + "/ping", first.inference_token), (first.management_url + "/models", first.management_token)):
+        for url, token in ((first.inference_url + "/ping", first.inference_token),
+                           (first.management_url + "/models", first.management_token)):
             expired = requests.get(url, headers=server.bearer(token), timeout=10)
             assert expired.status_code == 400 and "Token Authorization failed" in expired.json()["message"]
         up = cli("up", "--package", str(live["package"]))  # what `make run` runs
-        assert up.returncode == 0 and f"digits version {live['manifest']['version']} is already the default" in up.stdout, up.stderr  # keys renewed, nothing to redeploy
+        # keys renewed, nothing to redeploy
+        assert up.returncode == 0 and f"digits version {live['manifest']['version']} is already the default" in up.stdout, up.stderr
         renewed = server.local_endpoint(cfg, renew=False)
         assert {renewed.inference_token, renewed.management_token}.isdisjoint({first.inference_token, first.management_token})
+        assert cli("token").stdout.strip() == renewed.inference_token
         status = cli("status")
-        assert status.returncode == 0 and f"digits {live['manifest']['version']} (default): 1/1 workers READY" in status.stdout, status.stderr
+        assert status.returncode == 0, status.stderr
+        assert f"digits {live['manifest']['version']} (default): 1/1 workers READY" in status.stdout, status.stderr
         sample = live["manifest"]["samples"][0]
         predicted = cli("predict", str(live["package"] / sample["file"]))
         assert predicted.returncode == 0 and json.loads(predicted.stdout)[0]["label"] == sample["expected"], predicted.stderr

@@ -84,13 +84,12 @@ def test_resume_continues_only_a_matching_checkpoint_and_a_finished_run_leaves_n
     assert full.keys() == again.keys()
     assert all(torch.equal(full[k], again[k]) for k in full)
 
-@pytest.mark.slow
 def test_weights_load_without_pickle_and_carry_lineage(tiny_dataset, tmp_path):
     cfg = small_config(tiny_dataset)
     _run(cfg, tiny_dataset, tmp_path, "model")
     with safe_open(tmp_path / "model" / "model.safetensors", "pt") as f:
         spec = json.loads(f.metadata()["spec"])
-    assert set(spec["lineage"]) == {"data_hash", "config_hash", "code_hash", "environment"}
+    assert set(spec["lineage"]) == {"data_hash", "config_hash", "code_hash", "environment", "numerics"}
     assert spec["lineage"]["environment"]["device"] == "cpu"
     assert spec["classes"] == ["a", "b", "c"]
     model, norm, loaded_spec = load_trained(tmp_path / "model")
@@ -190,11 +189,16 @@ def test_device_batches_serve_the_order_once_normalised_on_the_device():
     assert torch.allclose(torch.cat([x for x, _ in served]), (images[order].float() / 255 - 0.5) / 0.25, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_a_dvclive_failure_on_the_background_thread_fails_the_step(tiny_dataset, tmp_path):
+def test_a_dvclive_failure_on_the_background_thread_fails_the_step(tiny_dataset, tmp_path, monkeypatch):
+    from components.training.loop import EpochLogger
+
     cfg = small_config(tiny_dataset, "train.epochs=1")
     prepare(cfg, tiny_dataset, tmp_path / "prepared")
-    (tmp_path / "live").write_text("a file where DVCLive wants a folder")
-    with pytest.raises(Exception, match="live"):
+
+    def failing_write(self, values):
+        raise OSError("live: no space left on device")
+
+    monkeypatch.setattr(EpochLogger, "_epoch", failing_write)
+    with pytest.raises(OSError, match="live"):
         train(cfg, tmp_path / "prepared", tmp_path / "model", tmp_path / "live", tmp_path / "ckpt")
     assert not (tmp_path / "model").exists()

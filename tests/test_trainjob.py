@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,8 @@ def test_trainjob_is_a_valid_trainer_api_object_with_the_train_task_settings():
     pod = manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]  # NCCL's /dev/shm
+    assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
 
 
 def test_cpu_nodes_get_the_cpu_image_one_process_each_and_no_gpu_placement():
@@ -131,7 +135,8 @@ class FakeKubernetesTrainer:
                 env[var["name"]] = self.secrets[ref["name"]][ref["key"]]
         return env
 
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body, field_validation=None):
+        assert field_validation == "Strict"  # an older Trainer refuses a field it lacks instead of dropping it
         trainer, port = body["spec"]["trainer"], free_ports(1)[0]
         pods = [subprocess.Popen(trainer["command"], cwd=ROOT, env=self._env(trainer, rank, port), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True) for rank in range(trainer["numNodes"])]
@@ -206,3 +211,93 @@ def test_a_trainjob_past_its_timeout_is_deleted_fake_kubernetes_api():
     with pytest.raises(TrainJobError, match=r"did not finish within 120 s \(pipeline.train.trainer_timeout_s\)"):
         await_trainjob(api, "ns", "train-7", 120, 30, sleep=sleep, clock=lambda: now[0])
     assert api.deleted == ["train-7"] and api.polls == 5
+
+
+# --- cleanup, through the real kubernetes client ------------------------------------------------
+
+class FakeKubernetesApiServer(BaseHTTPRequestHandler):
+    """Answers the TrainJob paths like the Kubernetes API would, with a 500 on the n-th GET; records every request."""
+
+    seen: list[tuple[str, str]] = []
+    fail_on_get = 2
+
+    def _json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.seen.append(("GET", self.path))
+        if sum(method == "GET" for method, _ in self.seen) >= self.fail_on_get:
+            self._json(500, {"kind": "Status", "status": "Failure", "message": "etcdserver: request timed out", "code": 500})
+        else:
+            self._json(200, {"status": {"conditions": [{"type": "Created", "status": "True"}]}})
+
+    def do_DELETE(self):
+        self.seen.append(("DELETE", self.path))
+        self._json(200, {"kind": "Status", "status": "Success"})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_polling_error_deletes_the_trainjob_with_kubernetes_client_and_fake_kubernetes_api():
+    from kubernetes import client
+
+    FakeKubernetesApiServer.seen = []
+    httpd = next(ThreadingHTTPServer(("127.0.0.1", port), FakeKubernetesApiServer) for port in range(18750, 18800)
+                 if _bindable(port))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        api = client.CustomObjectsApi(client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{httpd.server_address[1]}")))
+        with pytest.raises(client.ApiException, match="etcdserver: request timed out"):
+            await_trainjob(api, "team-a", "train-5", 600, 1, sleep=lambda s: None)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    path = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/team-a/trainjobs/train-5"
+    assert FakeKubernetesApiServer.seen == [("GET", path), ("GET", path), ("DELETE", path)]
+
+
+def test_a_terminated_run_deletes_the_trainjob_fake_kubernetes_api():
+    """KFP stops a terminated run's pod with SIGTERM: the wait ends and the job is deleted."""
+    import signal
+
+    from pipelines.trainjob import _terminate_on_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    api = StaticJobApi([{"type": "Created", "status": "True"}])
+    try:
+        _terminate_on_sigterm()
+        with pytest.raises(SystemExit, match="stopped by signal 15"):
+            await_trainjob(api, "ns", "train-3", 600, 1, sleep=lambda s: os.kill(os.getpid(), signal.SIGTERM))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert api.deleted == ["train-3"]
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_the_trainjob_rbac_manifest_validates_and_grants_what_the_task_calls():
+    import kubernetes_validate
+
+    docs = list(yaml.safe_load_all((ROOT / "pipelines" / "k8s" / "trainjob-rbac.yaml").read_text()))
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    role, binding = docs
+    (rule,) = role["rules"]
+    assert (rule["apiGroups"], rule["resources"]) == (["trainer.kubeflow.org"], ["trainjobs"])
+    assert {"create", "get", "delete"} <= set(rule["verbs"])  # run_trainjob and await_trainjob
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] and binding["subjects"][0]["name"] == "pipeline-runner"

@@ -7,12 +7,14 @@ type, is rejected with the full dotted key in the message.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import ipaddress
 import json
 import math
 import os
 import re
+import subprocess
 import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -193,6 +195,7 @@ class PipelineImages:
     cpu_repository: str = MISSING
     gpu_repository: str = MISSING
     pull_policy: str = MISSING
+    pull_secrets: list[str] = MISSING
 
 
 @dataclass
@@ -257,6 +260,11 @@ class PipelineDeploy:
     volume_path: str = MISSING
     model_store: str = MISSING
     key_file: str = MISSING
+    storage_class: str = MISSING
+    access_mode: str = MISSING
+    storage_size: str = MISSING
+    node_selector: dict[str, str] = MISSING
+    run_as_user: int = at_least(0)
 
 
 @dataclass
@@ -284,6 +292,7 @@ class PipelineConfig:
     retry: PipelineRetry = field(default_factory=PipelineRetry)
     caching: bool = MISSING
     s3_secret: SecretEnv = field(default_factory=SecretEnv)
+    artifact_secret: SecretEnv = field(default_factory=SecretEnv)
     data: PipelineData = field(default_factory=PipelineData)
     deploy: PipelineDeploy = field(default_factory=PipelineDeploy)
     submit: PipelineSubmit = field(default_factory=PipelineSubmit)
@@ -432,12 +441,29 @@ def command_config(params_file: str | os.PathLike | None, overrides: list[str], 
     if overrides and params_file is not None:
         raise ConfigError(f"give either --params {params_file} or overrides of conf/ {list(overrides)}, not both")
     if overrides:
-        return compose(list(overrides))
+        return with_local_settings(compose(list(overrides)))
     if params_file is None:
         if refuse_stale:
             check_params()
-        return load_config()
-    return load_config(params_file)
+        return with_local_settings(load_config())
+    return with_local_settings(load_config(params_file))
+
+
+LOCAL_FILE = ROOT / "local.yaml"  # gitignored: this machine's settings, never an experiment's
+LOCAL_SECTIONS = ("serve", "events", "pipeline.submit")  # what it may set: ports, state folder, webhooks, the KFP host
+
+
+def with_local_settings(cfg: DictConfig, local_file: Path = LOCAL_FILE) -> DictConfig:
+    """`cfg` with this machine's settings from local.yaml on top: read by every command, never part
+    of params.yaml, so changing them dirties no tracked file and re-runs no stage (no step reads them)."""
+    if not local_file.exists():
+        return cfg
+    local = yaml.safe_load(local_file.read_text()) or {}
+    outside = [key for key in _flat(local) if not key.startswith(tuple(f"{section}." for section in LOCAL_SECTIONS))]
+    if outside:
+        raise ConfigError(f"{local_file}: {', '.join(outside)}: only {', '.join(LOCAL_SECTIONS)} settings belong to this machine; "
+                          "the rest is an experiment's (conf/, `dvc exp run -S`)")
+    return validate(OmegaConf.merge(OmegaConf.to_container(cfg), local), f"{local_file.name} over {'params.yaml'}")
 
 
 def compose(overrides: list[str] = ()) -> DictConfig:
@@ -457,7 +483,16 @@ def _compose_to(out: Path, overrides: list[str]) -> None:
         compose_and_dump(out, str(CONF_DIR), None, "config", str(ROOT / ".dvc" / "hydra_plugins"), list(overrides))
     except HydraException as exc:
         source = f"command-line overrides {list(overrides)}" if overrides else "conf/"
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}{_did_you_mean(exc)}") from None
+
+
+def _did_you_mean(exc: Exception) -> str:
+    """` (did you mean train.epochs?)` for an override of a key conf/ does not have, when one is close."""
+    unknown = getattr(exc.__cause__, "full_key", None) or getattr(exc, "full_key", None)
+    if not unknown:
+        return ""
+    close = difflib.get_close_matches(unknown, list(_flat(OmegaConf.to_container(compose([])))), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 OVERRIDES_HEADER = "# Generated from conf/ with overrides: "  # first line of params.yaml; never edit the file
@@ -517,16 +552,70 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_params(params_file: Path = PARAMS_FILE) -> None:
-    """Refuse a params.yaml that conf/ no longer matches (plain `dvc repro` never recomposes it).
-    Under `dvc exp run`, DVC has just composed params.yaml from conf/ and the -S overrides."""
-    if os.environ.get("DVC_EXP_BASELINE_REV") or _unchanged_since_written(params_file):
+    """Refuse a params.yaml that conf/ (with the overrides it records) no longer matches: plain
+    `dvc repro` never recomposes it."""
+    if _unchanged_since_written(params_file):
         return
     stale = stale_keys(params_file)
     if stale:
         raise ConfigError(f"{params_file.name} is stale: conf/ changed {len(stale)} key(s) since it was generated "
                           f"with overrides {recorded_overrides(params_file)} "
                           f"({'; '.join(stale[:10])}{'; ...' if len(stale) > 10 else ''}). "
-                          "Run `make params` (then `dvc repro`), or `dvc exp run`, which composes conf/ itself.")
+                          "Run `make params` (it keeps those overrides; then `dvc repro`), or `dvc exp run`.")
+
+
+def _override(key: str, value: Any, present: bool) -> str:
+    """A Hydra override that sets `key` to `value` (`+key` when conf/ lacks the key)."""
+    return f"{'' if present else '+'}{key}={json.dumps(value)}"
+
+
+def overrides_between(base: DictConfig, target: DictConfig) -> list[str]:
+    """The key overrides that turn `base` into `target` (both validated configs, same schema)."""
+    before, after = _flat(OmegaConf.to_container(base)), _flat(OmegaConf.to_container(target))
+    return [_override(key, after[key], key in before) for key in sorted(after) if before.get(key, MISSING) != after[key]]
+
+
+def record_experiment(params_file: Path = PARAMS_FILE, baseline: list[str] = ()) -> list[str]:
+    """Under `dvc exp run`: DVC has just composed params.yaml from conf/ and the -S overrides, without
+    this project's header. Validate it (a bad value restores the last good file and names the key),
+    keep the baseline's recorded overrides that -S did not change, and rewrite params.yaml with its
+    header, so `dvc exp apply` and a commit leave a params.yaml every command accepts."""
+    try:
+        composed = validate(OmegaConf.load(params_file), f"{params_file.name} (composed by dvc exp run from conf/ and -S)")
+    except ConfigError:
+        _restore_baseline_params(params_file)
+        raise
+    from_s = overrides_between(compose([]), composed)  # what -S changed in conf/
+    changed = {item.split("=", 1)[0].lstrip("+") for item in from_s}
+    kept = [item for item in baseline if item.split("=", 1)[0].lstrip("+~") not in changed]
+    write_params([*kept, *from_s], params_file)
+    return kept
+
+
+def _restore_baseline_params(params_file: Path) -> None:
+    shown = subprocess.run(["git", "show", f"HEAD:{params_file.name}"], cwd=params_file.parent, capture_output=True)
+    if shown.returncode == 0:
+        write_bytes_atomic(params_file, shown.stdout)
+
+
+def baseline_overrides(params_file: Path = PARAMS_FILE) -> list[str]:
+    """The overrides recorded in params.yaml as committed at HEAD (the experiment's baseline)."""
+    shown = subprocess.run(["git", "show", f"HEAD:{params_file.name}"], cwd=params_file.parent, capture_output=True, text=True)
+    first = shown.stdout.split("\n", 1)[0] if shown.returncode == 0 else ""
+    return json.loads(first[len(OVERRIDES_HEADER):]) if first.startswith(OVERRIDES_HEADER) else []
+
+
+def refresh_params(reset: bool = False, params_file: Path = PARAMS_FILE) -> str:
+    """`make params`: regenerate params.yaml from conf/ and the overrides it records (an applied
+    experiment stays applied; `reset` drops them), deciding by content, not by file times."""
+    if not reset and _unchanged_since_written(params_file):
+        return "already up to date"
+    try:
+        overrides = [] if reset else recorded_overrides(params_file)
+    except ValueError:  # a first line that is this project's header in name only
+        overrides = []
+    write_params(overrides, params_file)
+    return f"regenerated from conf/ with overrides {overrides}"
 
 
 ARTIFACTS_HEADER = ("# GTO's index of this repository's artifacts, generated from conf/ (package.model_name) by\n"
@@ -595,19 +684,26 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="params.yaml and the model artifact's declarations from conf/: regenerate them, "
                                                  "or check that they are current.")
     parser.add_argument("--check", action="store_true", help="only check that they match conf/ (the `config` stage)")
+    parser.add_argument("--reset", action="store_true", help="drop the overrides params.yaml records (an applied experiment)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides written into params.yaml, e.g. train.lr=0.01")
 
     def _main() -> None:
         args = parser.parse_args()
+        if args.check and os.environ.get("DVC_EXP_BASELINE_REV"):
+            kept = record_experiment(baseline=baseline_overrides())
+            print(f"params.yaml: this experiment's overrides recorded{f', the baseline overrides {kept} kept' if kept else ''}")
         if args.check:
             check_params()
             check_artifacts(load_config().package.model_name)
             print("params.yaml, artifacts.yaml and dvc.yaml's `artifacts:` match conf/")
+            return
+        if args.overrides:
+            status = f"{'regenerated' if write_params(args.overrides) else 'already up to date'} with overrides {args.overrides}"
         else:
-            changed = write_params(args.overrides)
-            name = load_config().package.model_name
-            written = write_artifacts(name)
-            print(f"params.yaml {'regenerated' if changed else 'already up to date'} from conf/")
-            print(f"model artifact {name!r}: {' and '.join(written) + ' rewritten' if written else 'artifacts.yaml and dvc.yaml already declare it'}")
+            status = refresh_params(args.reset)
+        name = load_config().package.model_name
+        written = write_artifacts(name)
+        print(f"params.yaml {status}")
+        print(f"model artifact {name!r}: {' and '.join(written) + ' rewritten' if written else 'artifacts.yaml and dvc.yaml already declare it'}")
 
     run_cli(_main)

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -46,7 +46,7 @@ def make_event(kind: str, message: str, model: str | None = None, version: str |
     """The one event schema: what happened (type, message), to what (model, version, stage, commit), and the detail."""
     if kind not in EVENT_TYPES:
         raise ValueError(f"unknown event type {kind!r}; known: {', '.join(EVENT_TYPES)}")
-    return {"schema": SCHEMA, "id": uuid.uuid4().hex, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+    return {"schema": SCHEMA, "id": uuid.uuid4().hex, "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "type": kind, "model": model, "version": version, "stage": stage, "commit": commit, "message": message,
             "details": details or {}}
 

@@ -22,7 +22,6 @@ from components.core.lifetime import die_with_parent
 from components.core.progress import progress
 from components.runtime.features import FEATURES, image_features
 
-
 CHUNK_ROWS = 2048  # large enough to amortise a task's overhead, small enough to balance the cores
 BLOCK_ELEMENTS = 1 << 22  # pixels per block of row_stats: its float32 copies stay at ~16 MB
 

@@ -163,7 +163,8 @@ def limitations(ev: Evaluation) -> list[str]:
         small = [g for g, r in report["groups"].items() if r["count"] < SMALL_GROUP]
         if small:
             found.append(f"{name}: group(s) {small} have fewer than {SMALL_GROUP} test images; their numbers are uncertain.")
-    found.append(f"Expected calibration error {ev.quality['ece']:.3f}: confidences are probabilities only as far as the reliability diagram shows.")
+    found.append(f"Expected calibration error {ev.quality['ece']:.3f}: "
+                 "confidences are probabilities only as far as the reliability diagram shows.")
     return found
 
 

@@ -72,7 +72,8 @@ def _adapted_resnet(name: str, in_channels: int, num_classes: int, image_size: t
     return model
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: tuple[int, int], width: int = 32, dropout: float = 0.25) -> nn.Module:
+def build_model(name: str, in_channels: int, num_classes: int, image_size: tuple[int, int], width: int = 32,
+                dropout: float = 0.25) -> nn.Module:
     if name == "cnn":
         return SmallCNN(in_channels, num_classes, width, dropout)
     if name in RESNETS:

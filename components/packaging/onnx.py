@@ -88,6 +88,7 @@ def check_parity(onnx_path: Path, model: nn.Module, norm: Normalize, pixels: np.
     agreement = float((expected.argmax(1) == got.argmax(1)).mean())
     report = {"images": len(pixels), "argmax_agreement": agreement, "atol": atol}
     if not max_diff <= atol or agreement < 1.0:
-        raise ParityError(f"{onnx_path}: ONNX output differs from torch on the test split ({json.dumps(report | {'max_abs_diff': max_diff})}); "
+        raise ParityError(f"{onnx_path}: ONNX output differs from torch on the test split "
+                          f"({json.dumps(report | {'max_abs_diff': max_diff})}); "
                           "package.parity_atol bounds the difference")
     return report

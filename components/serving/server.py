@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -26,8 +26,7 @@ from omegaconf import DictConfig
 
 from components.core.config import ROOT
 from components.core.errors import StepError
-from components.runtime.settings import (LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV,
-                                         THREADS_ENV)
+from components.runtime.settings import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
 
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 LOG_CONFIG = ROOT / "serve" / "log4j2.xml"
@@ -142,15 +141,17 @@ def read_keys(key_file: Path) -> dict[str, str]:
 def expiring_keys(key_file: Path, margin_s: float) -> list[str]:
     """The kinds of key ("inference", "management") in the key file that expire within margin_s."""
     data = json.loads(key_file.read_text())
-    horizon = datetime.now(timezone.utc) + timedelta(seconds=margin_s)
-    return [kind for kind in ("inference", "management") if kind in data and datetime.fromisoformat(data[kind]["expiration time"]) <= horizon]
+    horizon = datetime.now(UTC) + timedelta(seconds=margin_s)
+    return [kind for kind in ("inference", "management")
+            if kind in data and datetime.fromisoformat(data[kind]["expiration time"]) <= horizon]
 
 
 def renew_expiring_keys(key_file: Path, management_url: str, margin_s: float) -> dict[str, str]:
     """Renew the keys expiring within margin_s with the (never expiring) API key; TorchServe rewrites the key file."""
     for kind in expiring_keys(key_file, margin_s):
         try:
-            response = requests.post(f"{management_url}/token", params={"type": kind}, headers=bearer(read_keys(key_file)["API"]), timeout=10)
+            response = requests.post(f"{management_url}/token", params={"type": kind}, headers=bearer(read_keys(key_file)["API"]),
+                                     timeout=10)
         except requests.RequestException as exc:
             raise ServeError(f"the {kind} key in {key_file} has expired and TorchServe is unreachable to renew it ({exc})") from None
         if not response.ok:

@@ -52,8 +52,8 @@ def _outputs(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line) if path.exists() else {}
 
 
-def run_job(workflow: Path, job: str, repo: Path, env: dict[str, str], secrets: dict[str, str] | None = None, vars: dict[str, str] | None = None,
-            skip: tuple[str, ...] = ()) -> JobRun:
+def run_job(workflow: Path, job: str, repo: Path, env: dict[str, str], secrets: dict[str, str] | None = None,
+            vars: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> JobRun:
     context = {"secrets": secrets or {}, "vars": vars or {}, "steps": {}}
     done = JobRun()
     for i, step in enumerate(yaml.safe_load(workflow.read_text())["jobs"][job]["steps"]):

@@ -1,0 +1,143 @@
+"""Every image builds (as far as this machine, which has no Docker, can show): each Dockerfile's
+`pip install` resolves for its base image's Python version and platform, with wheels only (what
+`docker build` would have to find on the registry), and the code the serving image runs parses as
+that image's Python. The base images' Python and glibc come from their published build files,
+named per image below; a new base image must be added here, or the test fails."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from components.core.config import ROOT
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    python: str | None  # None: the Dockerfile installs its own Python (python3.X -m venv)
+    glibc: tuple[int, int]
+    source: str
+
+
+BASE_IMAGES = {
+    "python:3.11.7-slim-bookworm": BaseImage("3.11", (2, 36), "docker-library/python 3.11/slim-bookworm: Debian 12 (glibc 2.36)"),
+    "nvidia/cuda:13.0.0-base-ubuntu22.04": BaseImage(None, (2, 35), "nvidia/cuda ubuntu22.04 (glibc 2.35); Python from deadsnakes"),
+    "pytorch/torchserve:0.12.0-cpu": BaseImage("3.9", (2, 31), "pytorch/serve v0.12.0 docker/build_image.sh: PYTHON_VERSION=3.9, "
+                                                                "BASE_IMAGE=ubuntu:20.04 (glibc 2.31)"),
+}
+# Dockerfile -> its build context (`make image` sends `git archive HEAD`; serve/k8s/Dockerfile's header names its folder).
+IMAGES = {"pipelines/Dockerfile": ROOT, "pipelines/Dockerfile.gpu": ROOT, "serve/k8s/Dockerfile": ROOT / "serve" / "k8s"}
+# Pins of requirements.lock with no wheel on the registry: pure-Python source distributions that pip builds in the image.
+SDIST_ONLY = {"antlr4-python3-runtime", "dash-cytoscape", "kfp-server-api"}
+
+
+def base_image(dockerfile: str) -> str:
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
+    (image,) = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    return re.sub(r"\$\{(\w+)\}", lambda m: defaults[m[1]], image)
+
+
+def python_of(dockerfile: str) -> str:
+    """The Python the image's pip installs for: the base image's, or the one the Dockerfile makes its venv with."""
+    own = re.search(r"\bpython(3\.\d+) -m venv", dockerfile)
+    base = BASE_IMAGES[base_image(dockerfile)]
+    assert own or base.python, f"no Python known for {base_image(dockerfile)}"
+    return own[1] if own else base.python
+
+
+def pip_installs(dockerfile: str, context: Path) -> list[list[str]]:
+    """The requirement arguments of each `pip install` (ARG defaults substituted, `-r` files read from the build
+    context through the COPY that put them in the image), leaving out installs of the project itself (`-e .`)."""
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
+    copied = {Path(dest).name if dest.endswith("/") else dest: source for source, dest in re.findall(r"^COPY (\S+) (\S+)$", dockerfile, re.M)}
+    installs = []
+    for line in re.findall(r"pip install ([^&\n\\]+)", dockerfile):
+        words = shlex.split(re.sub(r"\$\{(\w+)\}", lambda m: defaults[m[1]], line))
+        if "-e" in words:
+            continue
+        requirements, i = [], 0
+        while i < len(words):
+            if words[i] == "-r":
+                name = words[i + 1]
+                requirements.append(str(context / copied.get(name, copied.get(Path(name).name, name))))
+                i += 2
+                continue
+            if not words[i].startswith("-"):
+                requirements.append(words[i])
+            i += 1
+        installs.append(requirements)
+    return installs
+
+
+def platforms(glibc: tuple[int, int]) -> list[str]:
+    """Every manylinux tag a wheel may carry to install on x86_64 with this glibc."""
+    major, minor = glibc
+    return [*(f"manylinux_{major}_{m}_x86_64" for m in range(minor, 16, -1)), "manylinux2014_x86_64", "manylinux2010_x86_64",
+            "manylinux1_x86_64"]
+
+
+def resolve(requirements: list[str], python: str, glibc: tuple[int, int], scratch: Path) -> subprocess.CompletedProcess:
+    """pip's dry run of one `pip install` for another Python and platform, wheels only. A lock pins every
+    transitive dependency, so it is resolved pin by pin (--no-deps), its source-only pins left out."""
+    arguments = []
+    for requirement in requirements:
+        if requirement.endswith(".lock"):
+            pins = [line for line in Path(requirement).read_text().splitlines()
+                    if line and not line.startswith("#") and re.split(r"[=<>;\[ ]", line)[0].lower().replace("_", "-") not in SDIST_ONLY]
+            filtered = scratch / Path(requirement).name
+            filtered.write_text("\n".join(pins) + "\n")
+            arguments += ["--no-deps", "-r", str(filtered)]
+        else:
+            arguments += ["-r", requirement] if Path(requirement).is_file() else [requirement]
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--python-version", python,
+               *(f"--platform={tag}" for tag in platforms(glibc)), "--only-binary=:all:", "--target", str(scratch / "target"), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_every_image_has_a_known_base_and_python():
+    for name in IMAGES:
+        text = (ROOT / name).read_text()
+        assert base_image(text) in BASE_IMAGES, f"{name}: add {base_image(text)}'s Python and glibc (from its build files) to BASE_IMAGES"
+    assert python_of((ROOT / "serve/k8s/Dockerfile").read_text()) == "3.9"
+    assert python_of((ROOT / "pipelines/Dockerfile.gpu").read_text()) == "3.11"
+
+
+def test_the_serving_image_installs_from_its_own_requirements_for_python_3_9():
+    text = (ROOT / "serve" / "k8s" / "Dockerfile").read_text()
+    assert pip_installs(text, IMAGES["serve/k8s/Dockerfile"]) == [[str(ROOT / "serve" / "k8s" / "requirements.txt")]]
+    assert "onnxruntime==1.19.2" in (ROOT / "serve" / "k8s" / "requirements.txt").read_text().split()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_each_dockerfile_pip_install_resolves_for_its_base_python_and_platform(name, tmp_path):
+    text = (ROOT / name).read_text()
+    python, glibc = python_of(text), BASE_IMAGES[base_image(text)].glibc
+    for requirements in pip_installs(text, IMAGES[name]):
+        result = resolve(requirements, python, glibc, tmp_path)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+        assert result.returncode == 0, f"{name}: pip install {' '.join(requirements)} does not resolve for Python {python}: {errors}"
+
+
+@pytest.mark.slow
+def test_the_old_serving_pin_does_not_resolve_for_python_3_9(tmp_path):
+    """What the check catches: onnxruntime 1.32.0 (requirements.lock's, Python 3.11) has no Python 3.9 wheel."""
+    result = resolve(["onnxruntime==1.32.0"], "3.9", BASE_IMAGES["pytorch/torchserve:0.12.0-cpu"].glibc, tmp_path)
+    assert result.returncode != 0 and "No matching distribution found for onnxruntime==1.32.0" in result.stderr
+
+
+def test_the_code_the_serving_image_runs_parses_as_its_python():
+    """The .mar carries serve/handler.py and components/runtime/: they run on the serving image's Python (3.9)."""
+    major, minor = map(int, python_of((ROOT / "serve/k8s/Dockerfile").read_text()).split("."))
+    for path in [ROOT / "serve" / "handler.py", *sorted((ROOT / "components" / "runtime").glob("*.py"))]:
+        source = path.read_text()
+        ast.parse(source, str(path), feature_version=(major, minor))
+        annotated = any(isinstance(node, (ast.AnnAssign, ast.FunctionDef)) for node in ast.walk(ast.parse(source)))
+        assert not annotated or "from __future__ import annotations" in source, f"{path}: `X | None` annotations need it on 3.9"

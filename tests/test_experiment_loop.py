@@ -1,0 +1,78 @@
+"""The experiment loop round-trips with the real DVC and git: an experiment applied and committed is
+accepted by every command and kept by `make params` and by later experiments; a bad override never
+leaves a broken params.yaml; any params.yaml state is recovered from by content."""
+
+from __future__ import annotations
+
+import pytest
+
+from components.core.config import PARAMS_FILE, compose, recorded_overrides
+from components.core.errors import ConfigError
+from tests.helpers.project import copy_project, git_commit, run
+
+
+def _params(repo) -> tuple[float, int]:
+    shown = run(["python", "-c", "from components.core.config import command_config as c; cfg = c(None, []); "
+                 "print(cfg.train.lr, cfg.train.epochs)"], repo)
+    lr, epochs = shown.stdout.split()
+    return float(lr), int(epochs)
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory):
+    """A project copy whose committed baseline is an applied experiment (train.lr=0.005, quick)."""
+    repo = copy_project(tmp_path_factory.mktemp("exp") / "repo")
+    run(["dvc", "exp", "run", "-n", "lr5", "-S", "train.lr=0.005", "-S", "experiment=quick"], repo)
+    run(["git", "checkout", "--", "."], repo)
+    run(["dvc", "exp", "apply", "lr5"], repo)
+    git_commit(repo, "the lr5 experiment is the new baseline")
+    return repo
+
+
+@pytest.mark.slow
+def test_an_applied_and_committed_experiment_is_accepted_and_kept(applied):
+    assert 'train.lr=0.005' in recorded_overrides(applied / PARAMS_FILE.name)
+    assert "match conf/" in run(["python", "-m", "components.core.config", "--check"], applied).stdout
+    assert "params.yaml already up to date" in run(["python", "-m", "components.core.config"], applied).stdout  # make params
+    assert _params(applied) == (0.005, 2)  # what every step reads
+    assert run(["git", "status", "--porcelain"], applied).stdout == ""
+
+
+@pytest.mark.slow
+def test_a_later_experiment_keeps_the_baselines_overrides(applied):
+    result = run(["dvc", "exp", "run", "-n", "ep3", "-S", "train.epochs=3"], applied, check=False)
+    kept = next(line for line in result.stdout.splitlines() if line.startswith("params.yaml: this experiment's overrides recorded"))
+    assert "the baseline overrides [" in kept and "'train.lr=0.005'" in kept
+    assert _params(applied) == (0.005, 3)
+    run(["git", "checkout", "--", "."], applied)
+
+
+@pytest.mark.slow
+def test_a_bad_override_names_the_key_and_leaves_the_last_good_params(applied):
+    committed = (applied / "params.yaml").read_bytes()
+    bad = run(["dvc", "exp", "run", "-S", "train.epochs=abc"], applied, check=False)
+    assert bad.returncode != 0
+    assert "Value 'abc' of type 'str' could not be converted to Integer (key: train.epochs)" in bad.stderr + bad.stdout
+    assert (applied / "params.yaml").read_bytes() == committed
+    assert "match conf/" in run(["python", "-m", "components.core.config", "--check"], applied).stdout
+
+
+@pytest.mark.slow
+def test_make_params_recovers_from_any_params_file_by_content(applied):
+    params = applied / "params.yaml"
+    committed = params.read_bytes()
+    params.write_bytes(committed.replace(b"lr: 0.005", b"lr: 0.9"))  # hand-edited, header kept: the overrides stay
+    assert "regenerated from conf/ with overrides" in run(["python", "-m", "components.core.config"], applied).stdout
+    assert params.read_bytes() == committed
+    params.write_text("train:\n  epochs: abc\n")  # what a broken run or an editor may leave: no header, invalid
+    run(["python", "-m", "components.core.config"], applied)
+    assert recorded_overrides(params) == [] and _params(applied) == (0.002, 15)
+    params.write_bytes(committed)
+    run(["python", "-m", "components.core.config", "--reset"], applied)  # the documented way back to conf/ alone
+    assert recorded_overrides(params) == [] and _params(applied) == (0.002, 15)
+    params.write_bytes(committed)
+
+
+def test_a_typo_in_an_override_suggests_the_key():
+    with pytest.raises(ConfigError, match=r"(?s)Could not override 'train.epoch'.*did you mean train.epochs\?"):
+        compose(["train.epoch=3"])

@@ -1,0 +1,65 @@
+"""What the handler's runtime (components/runtime, carried by the .mar) makes of a request, in-process:
+images and JSON become pixels, every malformed request one RequestError with its status, and the
+answers are the model's top-k. tests/test_serve.py sends the same kinds through a real TorchServe."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.runtime.inference import create_session, probabilities, top_k
+from components.runtime.request import RequestError, request_images
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def signature(tiny_package) -> dict:
+    return json.loads((tiny_package["out"] / "signature.json").read_text())
+
+
+def test_images_instances_and_v2_tensors_become_the_same_pixels(tiny_package, signature):
+    sample = tiny_package["manifest"]["samples"][0]
+    image = request_images({"body": (tiny_package["out"] / sample["file"]).read_bytes()}, signature, 1_000_000)
+    assert image.protocol == "image" and image.pixels.shape == (1, 1, 16, 16) and image.pixels.dtype == np.float32
+    instances = request_images({"body": json.dumps({"instances": image.pixels.tolist()}).encode()}, signature, 1_000_000)
+    v2 = request_images({"body": {"id": "7", "inputs": [{"name": "image", "shape": [1, 1, 16, 16], "datatype": "UINT8",
+                                                         "data": image.pixels.astype(int).ravel().tolist()}]}}, signature, 1_000_000)
+    assert (instances.protocol, v2.protocol, v2.request_id) == ("instances", "v2", "7")
+    assert np.array_equal(instances.pixels, image.pixels) and np.array_equal(v2.pixels, image.pixels)
+
+    session = create_session(tiny_package["out"] / "model.onnx", 1)
+    probs = probabilities(session, image.pixels, signature)
+    assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1, abs=1e-5)
+    assert top_k(probs, signature["output"]["classes"], 2)[0][0]["label"] == sample["expected"]
+
+
+@pytest.mark.parametrize("row,status,message", [
+    ({"body": b""}, 400, "empty request"),
+    ({"body": b"a", "data": b"b"}, 400, "send one image per request"),
+    ({"body": b"not an image"}, 400, "not a PNG or JPEG image"),
+    ({"body": b"[" * 100_000}, 400, "body is not valid JSON: nested too deeply"),
+    ({"body": b"{\xff\xfe}"}, 400, "body is not valid JSON"),
+    ({"body": b'{"instances": [[["1"]]]}'}, 400, "instance 0: values must be numbers"),
+    ({"body": json.dumps({"instances": np.zeros((1, 28, 28)).tolist()}).encode()}, 400, "instance 0: expected shape [1, 16, 16]"),
+    ({"body": {"inputs": [{"name": "image", "shape": [1, 1, 16, 16], "datatype": "INT64", "data": [0] * 256}]}}, 400,
+     "inputs[0].datatype must be one of ['FP32', 'UINT8'], got INT64"),
+    ({"body": {"inputs": [{"name": "image", "shape": [1.0, 1, 16, 16], "datatype": "UINT8", "data": [0] * 256}]}}, 400,
+     "inputs[0].shape must be [N, 1, 16, 16]"),
+    ({"body": {"inputs": [{"name": "image", "shape": [1, 1, 16, 16], "datatype": "UINT8", "data": [0.5] * 256}]}}, 400,
+     "UINT8 values must be whole numbers"),
+    ({"body": png(np.zeros((1001, 1000), np.uint8))}, 413, "image is 1000x1001 = 1001000 pixels, more than the server's limit of 1000000"),
+], ids=["empty", "two fields", "not an image", "nested brackets", "invalid UTF-8", "numbers as strings", "wrong size",
+        "v2 datatype", "v2 fractional shape", "v2 fractional UINT8", "too many pixels"])
+def test_a_malformed_request_is_one_error_with_its_status(signature, row, status, message):
+    with pytest.raises(RequestError) as err:
+        request_images(row, signature, 1_000_000)
+    assert err.value.status == status and message in str(err.value)
