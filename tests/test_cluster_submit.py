@@ -9,15 +9,15 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from components.core.config import ROOT
 from pipelines.submit import Server, SubmitError, check_version, client, probe, submit, upload
 from tests.helpers.project import run
+from tests.helpers.servers import http_server
 
 Answer = tuple[int, dict[str, str], bytes]
 LOGIN_PAGE = b"<!DOCTYPE html><html><head><title>Log in to Your Account</title></head><body><form>Dex</form></body></html>"
@@ -50,14 +50,8 @@ def fake_server(answer: Callable[[str, str], Answer]) -> Iterator[tuple[str, lis
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server(Handler) as url:
+        yield url, seen
 
 
 def free_port() -> int:

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from components.core.config import compose
 from components.core.errors import ConfigError
 from components.core.events import EVENT_TYPES, SCHEMA, emit
-from tests.helpers.servers import free_ports
+from tests.helpers.servers import free_ports, http_server
 
 
 @contextlib.contextmanager
@@ -34,14 +33,8 @@ def receiver(status: int = 200) -> Iterator[tuple[str, list[dict]]]:
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(Handler) as url:
+        yield f"{url}/hook", received
 
 
 def events_cfg(log: Path, *webhooks: str):

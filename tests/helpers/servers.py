@@ -106,3 +106,18 @@ def prometheus_server(workdir: Path, config: dict) -> Iterator[str]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def http_server(handler: type) -> Iterator[str]:
+    """A threaded HTTP server on a free loopback port answering with `handler`; yields its base URL."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
