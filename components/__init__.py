@@ -16,6 +16,7 @@ if sys.version_info[:2] != (3, 11) or _missing:
              "run `make run`, or `source .venv/bin/activate` before `dvc repro` / `dvc exp run` "
              "(DVC runs stages with the python on your PATH)")
 
+from components.core import lifetime  # noqa: E402, F401  (records who started the step, before slow imports)
 from components.core.numerics_env import pin_environment  # noqa: E402  (after the environment check)
 
 pin_environment()

@@ -92,13 +92,19 @@ def _wait_for(condition, timeout_s: float) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_killing_dvc_repro_stops_the_step_it_was_running(tmp_path):
+@pytest.mark.parametrize("shell", ["/bin/bash", None], ids=["bash-execs-the-step", "no-SHELL-so-dash-stays-between"])
+def test_killing_dvc_repro_stops_the_step_it_was_running(tmp_path, shell):
+    """DVC runs the stage as `$SHELL -c cmd` (`/bin/sh` without $SHELL): bash execs the step, Debian's
+    dash stays in between as its parent and outlives DVC."""
     repo = copy_project(tmp_path / "repo")
     conf = repo / "conf" / "train" / "default.yaml"  # a run that lasts minutes, so only the kill can end it
     conf.write_text(conf.read_text().replace("epochs: 15", "epochs: 500")
                     .replace("early_stopping_patience: 4", "early_stopping_patience: 0"))
     run(["python", "-m", "components.core.config"], repo)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("SHELL", None)
+    if shell:
+        env["SHELL"] = shell
     dvc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "-f", "train"], cwd=repo, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert _wait_for(lambda: _processes("components.train", repo), 120), "the train stage never started"

@@ -104,9 +104,11 @@ def test_the_registry_artifact_follows_data_name(tmp_path):
     assert any(fnmatch.fnmatchcase("shapes#prod#1", pattern) for pattern in workflow[True]["push"]["tags"])  # YAML 1.1: `on` is True
     run(["dvc", "remote", "modify", "--local", "storage", "url", str(tmp_path / "empty-remote")], repo)
     (repo / ".venv").symlink_to(sys.prefix)
+    run(["git", "clone", "-q", "--bare", str(repo), str(tmp_path / "origin.git")], tmp_path)  # its default branch's policy decides
+    run(["git", "remote", "add", "origin", str(tmp_path / "origin.git")], repo)
     job = run_job(repo / ".github/workflows/deploy-on-stage-tag.yml", "deploy", repo, env={"GITHUB_REF_NAME": "shapes#prod#1"},
                   skip=("Set up the locked environment",))
-    assert job.names == ["Which stage did this tag assign?", "Re-check gates and remote retrievability"]
+    assert job.names == ["Which stage did this tag assign?", "Which branch's policy decides?", "Re-check gates and remote retrievability"]
     checked = job.steps[-1][1]
     assert checked.returncode == 2 and f"artifacts/package at {head[:10]} cannot be fetched from the DVC remote" in checked.stderr
     run(["gto", "register", sample, "--version", "v1.0.0"], repo)
