@@ -110,15 +110,21 @@ def _refuse(cfg: DictConfig, name: str, version: str | None, stage: str, commit:
                         + f"\n{hint}")
 
 
-def _commit_to_register(version: str | None, known: dict[str, str], repo: Path) -> str:
-    """The commit of a known version, or the current commit when it has no uncommitted pipeline changes."""
+def _version_to_promote(version: str | None, known: dict[str, str], repo: Path) -> tuple[str | None, str]:
+    """The version and its commit: a known version's, or the current commit when it has no uncommitted pipeline
+    changes, under the version it is already registered as (a commit holds one version), else `version` (None: next)."""
     if version in known:
-        return known[version]
+        return version, known[version]
     dirty = _uncommitted_changes(repo)
     if dirty:
         raise RegistryError("uncommitted pipeline changes; commit (and `dvc push`) them before registering a version:\n  "
                             + "\n  ".join(dirty))
-    return git(repo, "rev-parse", "HEAD")
+    head = git(repo, "rev-parse", "HEAD")
+    registered = [v for v, commit in known.items() if commit == head]
+    if registered and version is not None:
+        raise RegistryError(f"commit {head[:10]} is already registered as {registered[0]} and a commit holds one version: "
+                            f"promote that one (--version {registered[0]}), or commit the new model first")
+    return (registered[0] if registered else version), head
 
 
 def _register(cfg: DictConfig, name: str, version: str | None, commit: str, push: bool, repo: Path) -> str:
@@ -142,7 +148,7 @@ def promote(cfg: DictConfig, version: str | None, stage: str, force_reason: str 
         raise RegistryError(f"unknown stage {stage!r}; registry.stages allows {list(cfg.registry.stages)}")
     name, _ = model_artifact(repo)
     known = {v["version"]: v["commit"] for v in versions(repo)}
-    commit = _commit_to_register(version, known, repo)
+    version, commit = _version_to_promote(version, known, repo)
     with tempfile.TemporaryDirectory() as tmp:
         fetch_package(commit, Path(tmp) / "package", repo)
     failures = judged_failures(cfg, stage, commit, repo)
@@ -288,8 +294,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
+    from gto.exceptions import GTOException
+
     args = _parser().parse_args()
-    args.run(command_config(args.params, args.overrides, refuse_stale=False), args)
+    try:
+        args.run(command_config(args.params, args.overrides, refuse_stale=False), args)
+    except GTOException as exc:  # GTO's own refusals (an invalid version name, a tag that exists...): one line
+        raise RegistryError(f"gto: {' '.join(str(exc).split())}") from exc
 
 
 if __name__ == "__main__":

@@ -32,10 +32,12 @@ def tiny_dataset(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def built_once(tmp_path_factory, worker_id: str) -> Callable[[str, Callable[[Path], None]], Path]:
+def built_once(tmp_path_factory, pytestconfig) -> Callable[[str, Callable[[Path], None]], Path]:
     """built_once(name, build): the folder `build` filled, built by one worker of this session only."""
     # Each xdist worker's base temp is <session temp>/popen-gwN: their common parent is this session's.
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    # (Not the `worker_id` fixture: it is missing under `-p no:xdist`.)
+    in_worker = hasattr(pytestconfig, "workerinput")
+    shared = tmp_path_factory.getbasetemp().parent if in_worker else tmp_path_factory.getbasetemp()
 
     def get(name: str, build: Callable[[Path], None]) -> Path:
         folder, done = shared / name, shared / f"{name}.done"

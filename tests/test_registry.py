@@ -181,6 +181,25 @@ def test_cli_refuses_force_without_reason_and_unknown_stage(project: Project):
 
 
 @pytest.mark.slow
+def test_a_second_stage_at_the_same_commit_reuses_its_version_and_gto_refusals_are_one_line(project: Project):
+    staged = promote(project.cfg(), None, "staging", repo=project.repo)
+    again = promote(project.cfg(), None, "staging", repo=project.repo)  # no --version: the commit's own version
+    assert (again["version"], again["verdict"]) == (staged["version"], "already in 'staging'; nothing to do")
+    cli = ["python", "-m", "components.promote", "promote", "--stage", "staging"]
+    second = run([*cli, "--version", "v99.0.0"], project.repo, check=False)
+    assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+        f"error: commit {staged['commit'][:10]} is already registered as {staged['version']} and a commit holds one version: "
+        f"promote that one (--version {staged['version']}), or commit the new model first"]
+    run(["git", "commit", "-q", "--allow-empty", "-m", "no model change"], project.repo)  # a commit without a version
+    try:
+        invalid = run([*cli, "--version", "1.0"], project.repo, check=False)  # GTO's own refusal of a non-semver name
+        assert invalid.returncode == 2 and len(invalid.stderr.strip().splitlines()) == 1
+        assert invalid.stderr.startswith("error: gto: ") and "1.0" in invalid.stderr and "Traceback" not in invalid.stderr
+    finally:
+        run(["git", "reset", "-q", "--hard", "HEAD~1"], project.repo)
+
+
+@pytest.mark.slow
 def test_rollback_without_history_is_refused(project: Project, tmp_path):
     with pytest.raises(RegistryError, match="no earlier version held 'staging'|no version of digits is in stage 'staging'"):
         rollback(project.cfg(), "staging", repo=clean_copy(project.repo, tmp_path))
