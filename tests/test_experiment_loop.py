@@ -4,6 +4,8 @@ leaves a broken params.yaml; any params.yaml state is recovered from by content.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from components.core.config import PARAMS_FILE, compose, recorded_overrides
@@ -45,6 +47,16 @@ def test_a_later_experiment_keeps_the_baselines_overrides(applied):
     assert "the baseline overrides [" in kept and "'train.lr=0.005'" in kept
     assert _params(applied) == (0.005, 3)
     run(["git", "checkout", "--", "."], applied)
+
+
+@pytest.mark.slow
+def test_an_experiment_run_in_dvcs_temporary_copy_logs_its_event_in_the_project(applied):
+    log = applied / ".events" / "events.jsonl"
+    before = log.read_text().count("\n") if log.exists() else 0
+    run(["dvc", "exp", "run", "--temp", "-n", "in-a-copy", "-S", "train.epochs=1"], applied)  # DVC's copy: .dvc/tmp/exps/tmp*
+    events = [json.loads(line) for line in log.read_text().splitlines()[before:]]
+    assert [e["type"] for e in events] == ["experiment_finished"]
+    assert not list((applied / ".dvc" / "tmp" / "exps").glob("tmp*"))  # the copy is gone, the event is not
 
 
 @pytest.mark.slow

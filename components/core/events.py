@@ -168,11 +168,22 @@ def deliver(url: str, event: dict, events: DictConfig) -> str | None:
     return None if 200 <= status < 300 else f"HTTP {status}"
 
 
+DVC_EXPERIMENT_COPIES = (".dvc", "tmp", "exps")  # where DVC runs queued and --temp experiments, in copies it deletes
+
+
+def workspace_root(root: Path = ROOT) -> Path:
+    """The user's project: `root`, or, when `root` is one of DVC's experiment copies inside a project, that project."""
+    for i in range(len(root.parts) - len(DVC_EXPERIMENT_COPIES)):
+        if root.parts[i:i + len(DVC_EXPERIMENT_COPIES)] == DVC_EXPERIMENT_COPIES:
+            return Path(*root.parts[:i])
+    return root
+
+
 def emit(events: DictConfig, kind: str, message: str, **subject) -> dict:
     """Record one event (the `events` config section) and send it to every webhook; returns the event."""
     event = make_event(kind, message, **subject)
     if events.log_file:
-        append_to_log(ROOT / events.log_file, event)
+        append_to_log(workspace_root() / events.log_file, event)
     for url in events.webhooks:
         failure = deliver(url, event, events)
         if failure:
