@@ -13,7 +13,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup data params run stop prometheus emulator test check lock clean image
+.PHONY: setup data params run stop exps prometheus emulator test check lock clean image
 .DEFAULT_GOAL := run
 
 setup: $(STAMP)
@@ -51,6 +51,13 @@ run: data params
 # Stop the local TorchServe started by `make run`.
 stop:
 	@$(BIN)/python -m serve down $(SERVE_ARGS)
+
+# The experiments as one Markdown table: the headline metrics always, and whatever else differs
+# between the experiments shown (plain `dvc exp show` lists every param and dependency hash).
+EXPS_KEEP := ^(accuracy|balanced_accuracy|ece|gate|val\.loss)$$
+EXPS_DROP := Created|State|Executor|step$$|.*/|data$$|conf$$|requirements\.lock
+exps: setup
+	@$(BIN)/dvc exp show --no-pager --md --only-changed --keep '$(EXPS_KEEP)' --drop '$(EXPS_DROP)' $(EXPS_ARGS)
 
 # The tests scrape TorchServe with a real Prometheus (Debian package); installed once.
 prometheus:
