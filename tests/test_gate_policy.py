@@ -43,11 +43,14 @@ def test_the_rules_evaluate_judges_with_are_the_schemas_thresholds():
 def test_every_gate_key_is_a_typed_run_parameter_with_its_conf_default():
     cfg = compose([])
     parameters = run_parameters(cfg, DATA).parameters
+    assert {key for key, _ in gate_parameters().values()} == {f"gate.{key}" for key in _flat_keys(OmegaConf.to_container(cfg.gate))}
     for name, (key, kind) in gate_parameters().items():
         assert parameters[name].annotation is kind and parameters[name].default == OmegaConf.select(cfg, key), name
         assert type(parameters[name].default) is kind  # a plain str for a choice: KFP types its parameters by it
-    assert {name for name in gate_parameters()} == {f.name for section in (GateConfig, *_sections(GateConfig)) for f in fields(section)
-                                                     if not is_dataclass(f.default_factory)}
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    return [k for key, value in tree.items() for k in (_flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key])]
 
 
 def _sections(schema: type) -> list[type]:
@@ -58,9 +61,8 @@ def test_the_gate_step_takes_every_gate_parameter_and_rebuilds_the_policy_from_t
     """gate_op's signature is written out (KFP runs the component from its source): this keeps it the schema's."""
     assert set(gate_op.component_spec.inputs) - {"expected_commit", "reports"} == set(gate_parameters())
     monkeypatch.setenv(IMAGE_COMMIT_ENV, "abc")
-    stricter = {name: OmegaConf.select(compose(["gate.fairness.min_group_size=7", "gate.on_fail=warn"]), key)
-                for name, (key, _) in gate_parameters().items()}
-    assert gate_config("abc", stricter) == compose(["gate.fairness.min_group_size=7", "gate.on_fail=warn"]).gate
+    run = compose(["gate.fairness.min_group_size=7", "gate.on_fail=warn"])
+    assert gate_config("abc", {name: OmegaConf.select(run, key) for name, (key, _) in gate_parameters().items()}) == run.gate
 
 
 def gate_table() -> str:
