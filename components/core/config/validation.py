@@ -36,7 +36,7 @@ def validate(raw: Any, source: str) -> DictConfig:
 def _schema_for(raw: Any) -> DictConfig:
     """The schema, with the model section of the model `raw` names (its own settings, if it has any)."""
     schema = OmegaConf.structured(Config)
-    name = OmegaConf.select(OmegaConf.create(raw), "model.name", default=None) if raw is not None else None
+    name = OmegaConf.select(OmegaConf.create(raw), "model.name", default=None)
     schema.model = OmegaConf.structured(MODEL_SETTINGS.get(name, ModelConfig))
     return schema
 
