@@ -26,7 +26,8 @@ from sklearn.metrics import accuracy_score
 from torch import nn
 
 import components  # noqa: F401  (first: it pins the reference numerics before torch loads)
-from components.core.config import ROOT, compose
+from components.core.config.compose import compose
+from components.core.paths import ROOT
 from components.data.dataset import load_prepared
 from components.evaluate import evaluate
 from components.evaluation.explanations import attribute

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 from components.data.decoding import available_cores
 
 CHILD = r"""
@@ -34,7 +34,7 @@ import json, resource, sys, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from components.core.config import compose
+from components.core.config.compose import compose
 from components.data.decoding import decode
 from components.prepare import prepare
 mode, root, out, size, channels = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])

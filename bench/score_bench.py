@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from components.core.config import compose
+from components.core.config.compose import compose
 from components.runtime.inference import normalize
 from components.runtime.request import decode_image
 from components.score import predict_files

@@ -31,7 +31,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.support import free_ports  # noqa: E402
-from components.core.config import PORT_KEYS, compose  # noqa: E402
+from components.core.config.compose import compose  # noqa: E402
+from components.core.config.schema import PORT_KEYS  # noqa: E402
 from components.deploy import read_package  # noqa: E402
 from components.package import ARCHIVER  # noqa: E402
 from components.runtime.inference import normalize, softmax  # noqa: E402

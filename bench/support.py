@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 
 VENV_BIN = str(Path(sys.executable).parent)
 

@@ -35,11 +35,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 import components  # noqa: F401  (first: it pins the reference numerics before torch loads)
 from components import train as train_module
-from components.core.config import compose
+from components.core.config.compose import compose
 from components.core.numerics import activate
 from components.core.numerics_env import restart_for
 from components.data.dataset import load_prepared
@@ -50,8 +51,7 @@ from components.training.loop import DeviceBatches, train_epoch, validate
 def _model_and_data(cfg, prepared_dir: Path, device: torch.device):
     prepared = load_prepared(prepared_dir)
     meta = prepared.meta
-    model = build_model(cfg.model.name, meta["channels"], len(meta["classes"]), tuple(meta["image_size"]),
-                        cfg.model.width, cfg.model.dropout).to(device)
+    model = build_model(OmegaConf.to_container(cfg.model), meta["channels"], len(meta["classes"]), tuple(meta["image_size"])).to(device)
     norm = Normalize(**meta["normalization"]).to(device)
     return prepared, model, norm
 

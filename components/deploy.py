@@ -18,10 +18,10 @@ from pathlib import Path
 import requests
 from omegaconf import DictConfig
 
-from components.core.config import ROOT
 from components.core.errors import ConfigError, StepError
 from components.core.events import emit
 from components.core.io import sha256_file
+from components.core.paths import ROOT
 from components.serving import server
 from components.serving.server import Endpoint, bearer
 from components.serving.torchserve import TIMEOUT_S, copy_checked, default_version, list_versions, register, set_default, unregister

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from components.core.cli import run_step
-from components.core.config import select
+from components.core.config.sections import select
 from components.core.events import emit
 from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError, StepError

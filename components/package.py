@@ -24,7 +24,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from components.core.cli import run_step
-from components.core.config import ROOT, select
+from components.core.config.sections import select
+from components.core.paths import ROOT
 from components.data.dataset import load_prepared
 from components.core.errors import DataError, StepError
 from components.core.io import atomic_dir, sha256_file, write_bytes_atomic, write_json

@@ -16,7 +16,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from components.core.cli import run_step
-from components.core.config import select
+from components.core.config.sections import select
 from components.core.errors import DataError
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage

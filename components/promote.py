@@ -28,9 +28,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from components.core.config import ROOT, command_config
+from components.core.config.command import command_config
 from components.core.errors import ConfigError, run_cli
 from components.core.events import emit
+from components.core.paths import ROOT
 from components.evaluation.gates import decide
 from components.registry.evidence import POLICY_SECTIONS, policy_at, require_locked
 from components.registry.overrides import find_override, record_override

@@ -30,12 +30,13 @@ import onnxruntime as ort
 from omegaconf import DictConfig
 
 from components.core.cli import run_step
-from components.core.config import ROOT, config_hash, select
+from components.core.config.sections import config_hash, select
 from components.core.errors import DataError
 from components.core.events import emit
 from components.core.io import atomic_dir, write_json
 from components.core.lifetime import die_with_parent
 from components.core.lineage import code_hash, environment
+from components.core.paths import ROOT
 from components.monitoring.drift import DriftError, check_drift
 from components.registry.tags import fetch_package, read_tag
 from components.runtime.features import image_features

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from components.training import distributed
 from components.core.cli import run_step
-from components.core.config import config_hash, select
+from components.core.config.sections import config_hash, select
 from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError, StepError
 from components.core.io import atomic_dir, replace_dir, scratch_beside, write_json
@@ -134,7 +134,7 @@ def _build(cfg: DictConfig, prepared: Prepared, prepared_dir, processes: distrib
     val = DeviceBatches.of_split(*prepared.split("val"), norm, device)
     if len(data) == 0 or len(val) == 0:
         raise DataError(f"{prepared_dir}: the train or validation split is empty; add data or change data.split")
-    model = build_model(cfg.model.name, spec["channels"], len(spec["classes"]), tuple(spec["image_size"]), cfg.model.width, cfg.model.dropout).to(device)
+    model = build_model(spec["model"], spec["channels"], len(spec["classes"]), tuple(spec["image_size"])).to(device)
     # fused: its own vectorised kernel, not MKL's vendor-dispatched sqrt (reference numerics, docs/reproducibility.md)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
     weights = balanced_weights(group_keys(index_train, spec["sensitive_attributes"])) if t.balanced_sampling else None

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from kfp import compiler
 
-from components.core.config import ROOT, compose
+from components.core.config.compose import compose
+from components.core.paths import ROOT
 from components.core.errors import ConfigError, run_cli
 from pipelines import preflight
 from pipelines.graph import sweep_pipeline, training_pipeline

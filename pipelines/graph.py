@@ -10,6 +10,7 @@ batch size, model, gate thresholds, deploy) are typed pipeline parameters.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipelines' real annotation objects.
+import inspect
 import json
 from dataclasses import dataclass
 
@@ -21,7 +22,8 @@ from components import evaluate as evaluate_step
 from components import package as package_step
 from components import prepare as prepare_step
 from components import train as train_step
-from components.core.config import select
+from components.core.config.schema import gate_parameters
+from components.core.config.sections import select
 from components.core.errors import ConfigError
 from components.core.lineage import DATA_HASH_ENV, data_hash
 from pipelines.in_pod import GIT_CREDENTIALS_ENV, GIT_SSH_KEY_ENV, RUN_PARAMETERS
@@ -31,9 +33,6 @@ from pipelines.wrappers import (deploy_op, evaluate_op, gate_op, package_op, pre
 
 COMMIT_LABEL, DEPLOY_ROLE_LABEL = "git-commit", "kfp-dvc-template/role"
 DEPLOY_SECTIONS = ("serve",)  # what components.deploy reads
-GATE_PARAMETERS = ("min_accuracy", "min_balanced_accuracy", "max_ece", "max_accuracy_difference", "min_accuracy_ratio",
-                   "max_recall_macro_difference", "max_demographic_parity_difference", "max_equalized_odds_difference",
-                   "min_group_size", "on_fail", "on_inconclusive")
 
 
 @dataclass(frozen=True)
@@ -53,9 +52,15 @@ def sections_json(cfg: DictConfig, sections: tuple[str, ...]) -> str:
     return json.dumps(OmegaConf.to_container(select(cfg, sections), resolve=True), sort_keys=True)
 
 
-def gate_defaults(cfg: DictConfig) -> dict:
-    g = cfg.gate
-    return {**g.quality, **g.fairness, "on_fail": g.on_fail, "on_inconclusive": g.on_inconclusive}
+def run_parameters(cfg: DictConfig, data: dict) -> inspect.Signature:
+    """The training pipeline's typed run parameters, defaults from `cfg`: the data (`data`), the train step's
+    (RUN_PARAMETERS), every key of the gate policy (from its schema) and whether to deploy."""
+    typed = {name: (str, data[name]) for name in ("data_repo", "data_rev", "data_uri")}
+    typed |= {name: (type(OmegaConf.select(cfg, key)), OmegaConf.select(cfg, key)) for name, key in RUN_PARAMETERS.items()}
+    typed |= {name: (kind, kind(OmegaConf.select(cfg, key))) for name, (key, kind) in gate_parameters().items()}
+    typed["deploy"] = (bool, cfg.pipeline.deploy.enabled)
+    return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
+                              for name, (kind, default) in typed.items()])
 
 
 def _with_cluster_settings(task: PipelineTask, b: Build, resources: DictConfig, gpu: bool = False, retries: bool = True,
@@ -177,38 +182,26 @@ def step_configs(cfg: DictConfig) -> dict[str, str]:
 def training_pipeline(cfg: DictConfig, commit: str, data: dict, retries: bool = True):
     """prepare -> train -> evaluate -> gate -> package -> deploy, with an exit handler recording the outcome.
     `data` holds the defaults of the data parameters (data_repo, data_rev, data_uri)."""
-    b, p, gate = Build(cfg, commit, retries), cfg.pipeline, gate_defaults(cfg)
+    b, p, signature = Build(cfg, commit, retries), cfg.pipeline, run_parameters(cfg, data)
     configs = step_configs(cfg)
 
-    @dsl.pipeline(name=p.name, description="prepare -> train -> evaluate -> gate (conf/gate) -> package -> deploy")
-    def pipeline(data_repo: str = data["data_repo"], data_rev: str = data["data_rev"], data_uri: str = data["data_uri"],
-                 epochs: int = cfg.train.epochs, lr: float = cfg.train.lr, batch_size: int = cfg.train.batch_size,
-                 model_name: str = cfg.model.name, min_accuracy: float = gate["min_accuracy"],
-                 min_balanced_accuracy: float = gate["min_balanced_accuracy"], max_ece: float = gate["max_ece"],
-                 max_accuracy_difference: float = gate["max_accuracy_difference"],
-                 min_accuracy_ratio: float = gate["min_accuracy_ratio"],
-                 max_recall_macro_difference: float = gate["max_recall_macro_difference"],
-                 max_demographic_parity_difference: float = gate["max_demographic_parity_difference"],
-                 max_equalized_odds_difference: float = gate["max_equalized_odds_difference"],
-                 min_group_size: int = gate["min_group_size"], on_fail: str = gate["on_fail"],
-                 on_inconclusive: str = gate["on_inconclusive"], deploy: bool = p.deploy.enabled):
-        parameters = locals()
+    def pipeline(*arguments):  # KFP passes the run parameters in the order of its signature
+        parameters = dict(zip(signature.parameters, arguments))
         outcome = _with_cluster_settings(record_outcome_op(), b, p.resources, retries=False, cache=False)
         with dsl.ExitHandler(outcome.set_display_name("record-outcome"), name="run"):
             data_args = {key: parameters[key] for key in ("data_repo", "data_rev", "data_uri")}
             prepare, train, evaluate = _steps_to_evaluate(b, configs, data_args, {key: parameters[key] for key in RUN_PARAMETERS})
-            closed = gate_op(expected_commit=commit, reports=evaluate.outputs["reports"], **{k: parameters[k] for k in GATE_PARAMETERS})
+            closed = gate_op(expected_commit=commit, reports=evaluate.outputs["reports"], **{k: parameters[k] for k in gate_parameters()})
             _with_cluster_settings(closed, b, p.resources, retries=False).set_display_name("gate")
-            _package_and_deploy(b, closed, prepare, train, deploy)
+            _package_and_deploy(b, closed, prepare, train, parameters["deploy"])
 
-    return pipeline
+    pipeline.__signature__ = signature
+    return dsl.pipeline(name=p.name, description="prepare -> train -> evaluate -> gate (conf/gate) -> package -> deploy")(pipeline)
 
 
 def sweep_pipeline(cfg: DictConfig, trials: list[tuple[str, DictConfig]], commit: str, data: dict, retries: bool = True):
     """One prepare -> train -> evaluate per (name, config) trial, in parallel; then the best trial by cfg.pipeline.sweep.metric."""
     b, p, sweep = Build(cfg, commit, retries), cfg.pipeline, cfg.pipeline.sweep
-    if sweep.goal not in ("maximize", "minimize"):
-        raise ConfigError(f"pipeline.sweep.goal must be maximize or minimize, got {sweep.goal!r}")
     if not trials:
         raise ConfigError("pipeline.sweep.trials is empty: give at least one list of overrides")
     items = [{"name": name, **step_configs(trial_cfg), **{k: OmegaConf.select(trial_cfg, key) for k, key in RUN_PARAMETERS.items()}}
@@ -221,7 +214,7 @@ def sweep_pipeline(cfg: DictConfig, trials: list[tuple[str, DictConfig]], commit
             configs = {"prepare": trial.prepare, "train": trial.train, "evaluate": trial.evaluate}
             data_args = {"data_repo": data_repo, "data_rev": data_rev, "data_uri": data_uri}
             _, _, evaluate = _steps_to_evaluate(b, configs, data_args, {k: getattr(trial, k) for k in RUN_PARAMETERS})
-        best = select_best_op(trials=trials, reports=dsl.Collected(evaluate.outputs["reports"]), metric=sweep.metric, goal=sweep.goal)
+        best = select_best_op(trials=trials, reports=dsl.Collected(evaluate.outputs["reports"]), metric=sweep.metric, goal=str(sweep.goal))
         _with_cluster_settings(best, b, p.resources, retries=False).set_display_name("select-best")
 
     return pipeline

@@ -18,7 +18,9 @@ from pathlib import Path
 import requests
 from omegaconf import DictConfig, OmegaConf
 
-from components.core.config import compose, validate
+from components.core.config.compose import compose
+from components.core.config.schema import gate_parameters
+from components.core.config.validation import validate
 from components.core.errors import ConfigError
 
 # Baked into the component images by pipelines/Dockerfile* from `make image`'s GIT_COMMIT build arg.
@@ -40,6 +42,11 @@ def step_config(sections: str, expected_commit: str, run_parameters: dict | None
     for key, value in (run_parameters or {}).items():
         OmegaConf.update(cfg, key, value)
     return validate(cfg, "pipeline parameters (config sections and run parameters)")
+
+
+def gate_config(expected_commit: str, parameters: dict) -> DictConfig:
+    """The gate policy of a run: conf/gate with the run's gate parameters (named as gate_parameters names them)."""
+    return step_config("{}", expected_commit, {key: parameters[name] for name, (key, _) in gate_parameters().items()}).gate
 
 
 # Typed run parameter of the train task -> the config key it sets.

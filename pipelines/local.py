@@ -19,7 +19,7 @@ from pathlib import Path
 from kfp import local
 from omegaconf import DictConfig
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 from components.core.errors import StepError
 from components.serving import server
 

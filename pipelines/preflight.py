@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import yaml
 from omegaconf import DictConfig
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 from components.core.errors import ConfigError
 
 CLONABLE = re.compile(r"^(https?://|ssh://|[\w.-]+@[\w.-]+:)")  # scp-like ssh: git@host:path

@@ -17,7 +17,8 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 from omegaconf import DictConfig
 
-from components.core.config import ROOT, compose
+from components.core.config.compose import compose
+from components.core.paths import ROOT
 from components.core.errors import run_cli
 from pipelines import preflight
 from pipelines.graph import Build, _with_cluster_settings, sections_json

@@ -83,20 +83,17 @@ def gate_op(expected_commit: str, reports: Input[Artifact], min_accuracy: float,
             max_accuracy_difference: float, min_accuracy_ratio: float, max_recall_macro_difference: float,
             max_demographic_parity_difference: float, max_equalized_odds_difference: float, min_group_size: int,
             on_fail: str, on_inconclusive: str) -> str:
-    """The gate policy of conf/gate on evaluate's reports, with this run's thresholds: exits non-zero when it closes."""
+    """The gate policy of conf/gate on evaluate's reports, with this run's thresholds: exits non-zero when it closes.
+    Its parameters after `reports` are the gate schema's, one per key (gate_parameters; a test keeps them equal):
+    KFP runs this function from its source, and the backends of Kubeflow 1.10 fill in only whole parameters."""
+    thresholds = {name: value for name, value in locals().items() if name not in ("expected_commit", "reports")}
     import json
     import sys
 
     from components.evaluation.gates import decide, summary
-    from pipelines.in_pod import step_config
+    from pipelines.in_pod import gate_config
 
-    fairness = {"max_accuracy_difference": max_accuracy_difference, "min_accuracy_ratio": min_accuracy_ratio,
-                "max_recall_macro_difference": max_recall_macro_difference, "min_group_size": min_group_size,
-                "max_demographic_parity_difference": max_demographic_parity_difference,
-                "max_equalized_odds_difference": max_equalized_odds_difference}
-    quality = {"min_accuracy": min_accuracy, "min_balanced_accuracy": min_balanced_accuracy, "max_ece": max_ece}
-    policy = {"gate": {"quality": quality, "fairness": fairness, "on_fail": on_fail, "on_inconclusive": on_inconclusive}}
-    gate = step_config(json.dumps(policy), expected_commit).gate
+    gate = gate_config(expected_commit, thresholds)
     metrics = json.loads(open(f"{reports.path}/metrics.json").read())
     decision = decide(metrics, json.loads(open(f"{reports.path}/fairness.json").read())["checks"], gate)
     print(summary(decision))

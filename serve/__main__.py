@@ -17,9 +17,11 @@ from pathlib import Path
 import requests
 import yaml
 
-from components.core.config import PORT_KEYS, ROOT, command_config
+from components.core.config.command import command_config
+from components.core.config.schema import PORT_KEYS
 from components.core.errors import ConfigError, StepError, run_cli
 from components.core.events import emit
+from components.core.paths import ROOT
 from components.deploy import deploy, read_package
 from components.promote import check_stage
 from components.registry.tags import fetch_release

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from components.core.config import ROOT, compose
+from components.core.config.compose import compose
+from components.core.paths import ROOT
 from components.package import package
 from components.prepare import prepare
 from components.train import train

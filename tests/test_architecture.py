@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 
 STEPS = {"prepare", "train", "evaluate", "package", "deploy", "promote", "score"}
 

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from kfp import compiler
 
-from components.core.config import ROOT, compose
+from components.core.config.compose import compose
+from components.core.paths import ROOT
 from components.core.errors import ConfigError
 from pipelines import preflight
 from pipelines.graph import training_pipeline

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 from pipelines.submit import Server, SubmitError, check_version, client, probe, submit, upload
 from tests.helpers.project import run
 from tests.helpers.servers import http_server

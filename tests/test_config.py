@@ -8,9 +8,11 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from components.core import config
-from components.core.config import PARAMS_FILE, ROOT, check_params, compose, load_config, write_params
+from components.core.config import params_file
+from components.core.config.compose import compose
+from components.core.config.params_file import check_params, load_config, write_params
 from components.core.errors import ConfigError
+from components.core.paths import PARAMS_FILE, ROOT
 from tests.helpers.project import copy_project, run
 
 
@@ -37,7 +39,7 @@ def test_a_params_file_conf_still_matches_is_checked_without_recomposing_conf(tm
         raise AssertionError("conf/ was recomposed")
 
     with monkeypatch.context() as fast:
-        fast.setattr(config, "compose", no_compose)
+        fast.setattr(params_file, "compose", no_compose)
         check_params(params)  # the digests of conf/ and of the body match what write_params wrote
     params.write_text(params.read_text().replace("epochs: 15", "epochs: 3"))  # a hand edit: the body's digest no longer matches
     with pytest.raises(ConfigError, match=r"params.yaml is stale: .*train.epochs: 3 -> 15"):
@@ -57,7 +59,12 @@ def test_experiment_preset_is_applied_last():
         ("train.lr=fast", "could not be converted to Float (key: train.lr)"),
         ("model=vgg", "Could not find 'model/vgg'"),
         ("data.channels=2", "data.channels must be 1 or 3"),
-        ("train.device=tpu", "train.device must be auto, cpu or cuda"),
+        ("train.device=tpu", "train.device must be auto, cpu or cuda, got 'tpu'"),
+        ("data.format=zip", "data.format must be csv or imagefolder, got 'zip'"),
+        ("numerics.profile=fast", "numerics.profile must be reference or native, got 'fast'"),
+        ("evaluate.attribution_method=shap", "evaluate.attribution_method must be integrated_gradients or occlusion, got 'shap'"),
+        ("gate.on_fail=ignore", "gate.on_fail must be block or warn, got 'ignore'"),
+        ("pipeline.sweep.goal=best", "pipeline.sweep.goal must be maximize or minimize, got 'best'"),
         ("serve.max_batch_delay_ms=-1", "serve.max_batch_delay_ms must be at least 0, got -1"),
         ("serve.prediction_log.backups=0", "serve.prediction_log.backups must be at least 1, got 0"),
         ("train.lr=0", "command-line overrides ['train.lr=0']: train.lr must be above 0, got 0.0"),
@@ -72,6 +79,25 @@ def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         compose([override])
     assert message in str(err.value)
+
+
+def test_a_choice_reads_as_its_plain_value():
+    cfg = compose([])
+    assert cfg.train.device == "auto" and f"{cfg.gate.on_fail}" == "block" and str(cfg.data.format) == "csv"
+
+
+def test_a_model_carries_only_its_own_settings():
+    assert dict(compose(["model=resnet18"]).model) == {"name": "resnet18"}
+    assert set(compose(["model=cnn"]).model) == {"name", "width", "dropout"}
+    with pytest.raises(ConfigError, match=r"Key 'width' not in 'ModelConfig' \(key: model.width\)"):
+        compose(["model=resnet18", "+model.width=64"])
+
+
+def test_a_model_setting_missing_from_its_yaml_is_named(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS_FILE.read_text().replace("  width: 32\n", ""))
+    with pytest.raises(ConfigError, match="no value for model.width"):
+        load_config(params)
 
 
 def test_unknown_key_in_params_file_names_file_and_key(tmp_path):
@@ -113,7 +139,7 @@ def test_every_numeric_setting_declares_its_range():
     import dataclasses
     import typing
 
-    from components.core import config as schema
+    from components.core.config import schema
 
     def numeric_fields(cls, prefix=""):
         hints = typing.get_type_hints(cls)
@@ -123,5 +149,6 @@ def test_every_numeric_setting_declares_its_range():
             elif hints[f.name] in (int, float):
                 yield f"{prefix}{f.name}", f
 
-    unranged = [key for key, f in numeric_fields(schema.Config) if "range" not in f.metadata]
+    model_settings = [item for cls in schema.MODEL_SETTINGS.values() for item in numeric_fields(cls, "model.")]
+    unranged = [key for key, f in [*numeric_fields(schema.Config), *model_settings] if "range" not in f.metadata]
     assert unranged == []

@@ -11,7 +11,9 @@ import pytest
 import requests
 import yaml
 
-from components.core.config import PORT_KEYS, ROOT, compose
+from components.core.config.compose import compose
+from components.core.config.schema import PORT_KEYS
+from components.core.paths import ROOT
 from components.deploy import deploy
 from components.serving import server
 from tests.helpers.servers import free_ports, prometheus_server

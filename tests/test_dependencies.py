@@ -16,7 +16,7 @@ from importlib.metadata import distribution, packages_distributions
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 
 SHIPPED = ("components", "pipelines", "serve", "bench")
 # Used without an import statement of their own.

@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from components.core.config import ROOT, compose
+from components.core.config.compose import compose
 from components.core.errors import ConfigError, DataError
+from components.core.paths import ROOT
 from components.evaluate import REPORT_FILES, GateClosed, calibration, evaluate
 from components.evaluation.explanations import attribute, attribution_grid, error_analysis
 from components.model.networks import load_trained, predict_logits

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from components.core.config import compose
+from components.core.config.compose import compose
 from components.core.errors import ConfigError
 from components.core.events import EVENT_TYPES, SCHEMA, emit
 from tests.helpers.servers import free_ports, http_server

@@ -8,13 +8,15 @@ import json
 
 import pytest
 
-from components.core.config import PARAMS_FILE, compose, recorded_overrides
+from components.core.config.compose import compose
+from components.core.config.params_file import recorded_overrides
 from components.core.errors import ConfigError
+from components.core.paths import PARAMS_FILE
 from tests.helpers.project import copy_project, git_commit, run
 
 
 def _params(repo) -> tuple[float, int]:
-    shown = run(["python", "-c", "from components.core.config import command_config as c; cfg = c(None, []); "
+    shown = run(["python", "-c", "from components.core.config.command import command_config as c; cfg = c(None, []); "
                  "print(cfg.train.lr, cfg.train.epochs)"], repo)
     lr, epochs = shown.stdout.split()
     return float(lr), int(epochs)

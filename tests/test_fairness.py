@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.core.config import compose
+from components.core.config.compose import compose
 from components.core.errors import DataError
 from components.evaluation.fairness import (
     accuracy_gap_interval,

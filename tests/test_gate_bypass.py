@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 from components.registry.overrides import override_message
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.workflow import run_job

@@ -25,7 +25,9 @@ import pytest
 import requests
 import yaml
 
-from components.core.config import PORT_KEYS, ROOT, compose
+from components.core.config.compose import compose
+from components.core.config.schema import PORT_KEYS
+from components.core.paths import ROOT
 from components.deploy import deploy
 from components.package import package
 from components.serving.server import read_keys

@@ -13,7 +13,8 @@ import jsonschema
 import pytest
 import yaml
 
-from components.core.config import ROOT, compose
+from components.core.config.compose import compose
+from components.core.paths import ROOT
 from serve.k8s.__main__ import KSERVE_CONFIG_FILE, KSERVE_MANIFEST_FILE, MODELS, generated, kserve_manifests, service_name
 
 KSERVE = ROOT / "serve" / "k8s" / "kserve"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 
 
 def test_ruff_finds_nothing():

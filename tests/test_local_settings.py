@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.core.config import load_config, with_local_settings
+from components.core.config.command import with_local_settings
+from components.core.config.params_file import load_config
 from components.core.errors import ConfigError
 from tests.helpers.project import copy_project, run
 

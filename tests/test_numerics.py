@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 from components.core.numerics import explain, reference_host
 from components.core.numerics_env import REFERENCE_ENV
 from tests.helpers.project import run

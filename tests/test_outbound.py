@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from components.core.config import compose
+from components.core.config.compose import compose
 from components.core.errors import ConfigError
 from components.core.events import emit
 

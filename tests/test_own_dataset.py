@@ -12,7 +12,7 @@ import zipfile
 import pytest
 import yaml
 
-from components.core.config import load_config
+from components.core.config.params_file import load_config
 from tests.helpers.datasets import make_image_dataset
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.workflow import run_job

@@ -13,10 +13,12 @@ import onnxruntime as ort
 import pytest
 import yaml
 
-from components.core.config import ROOT, compose, config_hash, select
+from components.core.config.compose import compose
+from components.core.config.sections import config_hash, select
 from components.core.errors import ConfigError
 from components.core.io import sha256_file
 from components.core.lineage import code_hash
+from components.core.paths import ROOT
 from components.data.dataset import decode, load_prepared
 from components.model.networks import load_trained
 from components.package import CODE_FILES, SECTIONS, package

@@ -19,7 +19,9 @@ import yaml
 from kfp import local
 from safetensors.torch import load_file
 
-from components.core.config import PORT_KEYS, ROOT, compose
+from components.core.config.compose import compose
+from components.core.config.schema import PORT_KEYS
+from components.core.paths import ROOT
 from components.core.errors import ConfigError
 from components.core.lineage import data_hash
 from pipelines import preflight

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 from tests.helpers.project import git_commit, run
 
 pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each

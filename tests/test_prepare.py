@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.core.config import ROOT
 from components.core.errors import DataError
+from components.core.paths import ROOT
 from components.data import decoding
 from components.data.dataset import load_prepared
 from components.prepare import prepare, stratified_split

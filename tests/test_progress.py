@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 from tests.helpers.project import run
 
 pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.core.config import compose, load_config
+from components.core.config.compose import compose
+from components.core.config.params_file import load_config
 from components.deploy import default_version
 from components.promote import promote, rollback
 from components.registry.tags import RegistryError, versions
@@ -82,7 +83,8 @@ def latest_stage_tag_message(repo: Path, stage: str) -> str:
 
 def test_artifact_declarations_agree():
     """dvc.yaml's `artifacts:` and GTO's artifacts.yaml declare the package as one model artifact named as conf/ names the model."""
-    from components.core.config import ROOT, stale_artifact_files
+    from components.core.config.dvc_yaml import stale_artifact_files
+    from components.core.paths import ROOT
 
     name = load_config().package.model_name
     assert stale_artifact_files(name) == {}, "artifact declarations differ from what conf/ generates: run `make params` and commit"
@@ -96,7 +98,7 @@ def test_artifact_declarations_agree():
 
 
 def test_gto_and_the_registry_accept_the_same_stages():
-    from components.core.config import ROOT
+    from components.core.paths import ROOT
 
     assert yaml.safe_load((ROOT / ".gto").read_text())["stages"] == list(load_config().registry.stages)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.core.config import compose
+from components.core.config.compose import compose
 from components.evaluate import evaluate
 from components.evaluation import report
 from components.evaluation.explanations import error_analysis

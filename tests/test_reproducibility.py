@@ -20,11 +20,13 @@ import components.package
 import components.prepare
 import components.train
 from bench.support import VENV_BIN
-from components.core import config as schema
 from components.core import lineage as lineage_module
-from components.core.config import ROOT, compose, select
+from components.core.config import schema
+from components.core.config.compose import compose
+from components.core.config.sections import select
 from components.core.lineage import code_hash, environment, lineage, source_files
 from components.core.numerics import reference_host
+from components.core.paths import ROOT
 from tests.helpers.project import copy_project, run
 
 STEPS = {"prepare": components.prepare, "train": components.train, "evaluate": components.evaluate, "package": components.package}
@@ -41,13 +43,13 @@ def test_stage_deps_are_exactly_the_import_closure_and_params_the_steps_sections
     module = STEPS[name]
     expected = [*STAGE_INPUTS[name], "requirements.lock", *source_files(module.__name__, getattr(module, "CODE_FILES", ()))]
     stage = stages()[name]
-    assert stage["deps"] == expected, "regenerate them: python -m components.core.lineage"
+    assert stage["deps"] == expected, "regenerate them: python -m components.core.config.dvc_yaml"
     assert stage["params"] == list(module.SECTIONS)
 
 
 def test_the_config_check_runs_before_every_stage_and_depends_on_conf():
     config = stages()["config"]
-    assert config["deps"] == ["conf", *source_files("components.core.config")]
+    assert config["deps"] == ["conf", *source_files("components.core.config.__main__")]
     assert config["outs"] == [{"params.yaml": {"cache": False, "persist": True}}]
 
 
@@ -104,7 +106,8 @@ def _fields(cls, prefix=""):
 def test_defaults_live_only_in_conf():
     """The schema declares types; every value comes from conf/ (a default in both places drifts)."""
     values = []
-    for key, f in _fields(schema.Config):
+    model_settings = [item for cls in schema.MODEL_SETTINGS.values() for item in _fields(cls, "model.")]
+    for key, f in [*_fields(schema.Config), *model_settings]:
         structural = f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
         optional_absent = f.default is None and type(None) in typing.get_args(typing.get_type_hints(schema.Toleration).get(f.name, int))
         if not (f.default is MISSING or structural or optional_absent):

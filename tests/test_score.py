@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.core.config import ROOT, compose
+from components.core.config.compose import compose
 from components.core.errors import DataError
+from components.core.paths import ROOT
 from components.runtime.features import FEATURES
 from components.score import score
 from pipelines.in_pod import IMAGE_COMMIT_ENV

@@ -27,8 +27,10 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from components.core.config import PORT_KEYS, ROOT, compose
+from components.core.config.compose import compose
+from components.core.config.schema import PORT_KEYS
 from components.core.io import sha256_file, write_json
+from components.core.paths import ROOT
 from components.data.dataset import load_prepared
 from components.deploy import DeployError, deploy
 from components.monitoring.drift import drift_report, load_window

@@ -7,9 +7,11 @@ import os
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from components.core.config.compose import compose
 from components.core.errors import ConfigError
 from components.model.networks import build_model, load_trained
 from components.prepare import prepare
@@ -121,13 +123,13 @@ def test_balanced_sampling_changes_the_model(tiny_dataset, tmp_path):
 
 @pytest.mark.parametrize("name,channels,size", [("resnet18", 3, (16, 16)), ("resnet18", 1, (128, 96)), ("cnn", 3, (40, 30))])
 def test_model_zoo_adapts_to_channels_and_size(name, channels, size):
-    model = build_model(name, channels, 7, size).eval()
+    model = build_model(OmegaConf.to_container(compose([f"model={name}"]).model), channels, 7, size).eval()
     assert model(torch.zeros(2, channels, *size)).shape == (2, 7)
 
 
 def test_unknown_model_name_is_a_config_error():
     with pytest.raises(ConfigError, match="model.name"):
-        build_model("vgg_tiny", 1, 3, (16, 16))
+        build_model({"name": "vgg_tiny"}, 1, 3, (16, 16))
 
 
 @pytest.mark.slow
@@ -147,7 +149,8 @@ def test_the_train_step_starts_its_own_data_parallel_processes(tiny_dataset, tmp
     import subprocess
     import sys
 
-    from components.core.config import ROOT, compose
+    from components.core.config.compose import compose
+    from components.core.paths import ROOT
 
     overrides = small_overrides(tiny_dataset, "train.epochs=12", "train.lr=0.01", "train.early_stopping_patience=0", "train.processes=2")
     prepare(compose(overrides), tiny_dataset, tmp_path / "prepared")

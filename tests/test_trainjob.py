@@ -18,7 +18,8 @@ import pytest
 import yaml
 from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 
-from components.core.config import ROOT, compose
+from components.core.config.compose import compose
+from components.core.paths import ROOT
 from components.core.errors import ConfigError
 from components.prepare import prepare
 from pipelines.graph import Build, training_pipeline

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from components.core.config import ROOT, command_config
+from components.core.config.command import command_config
 from components.core.errors import run_cli
 from components.core.lifetime import die_with_parent
 from components.core.numerics_env import restart_for
+from components.core.paths import ROOT
 
 OUTPUT_OPTIONS = ("out", "live", "reports", "checkpoints")  # the path options a step writes
 OVERRIDES_HELP = "Hydra overrides of conf/: keys (train.lr=0.01), groups (model=resnet18), presets (experiment=quick)"

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import certifi
 from omegaconf import DictConfig
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 
 SCHEMA = "kfp-dvc-template/event/v1"
 EVENT_TYPES = ("experiment_finished", "version_registered", "stage_assigned", "deployed", "rolled_back", "drift_detected",

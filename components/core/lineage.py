@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from components.core.config import ROOT, config_hash
+from components.core.config.sections import config_hash
+from components.core.paths import ROOT
 
 # Inside a component image there is no data.dvc of the run's revision: the pipeline passes the hash.
 DATA_HASH_ENV = "LINEAGE_DATA_HASH"
@@ -100,42 +101,8 @@ def environment(device: str | None = None) -> dict[str, str]:
 
 def lineage(cfg: DictConfig, module: str, device: str | None = None, code_files: tuple[str, ...] = (),
             numerics: dict | None = None) -> dict[str, object]:
-    """What determined a step's outputs: `cfg` is the step's own config sections (see config.select);
+    """What determined a step's outputs: `cfg` is the step's own config sections (see config.sections.select);
     `numerics` is the profile the step's floats came from (numerics.activate), for steps that compute them."""
     record = {"data_hash": data_hash(), "config_hash": config_hash(cfg), "code_hash": code_hash(module, code_files),
               "environment": environment(device)}
     return record | {"numerics": numerics} if numerics else record
-
-
-STEP_STAGES = {"config": "components.core.config", "prepare": "components.prepare", "train": "components.train",
-               "evaluate": "components.evaluate", "package": "components.package", "score": "components.score"}
-DVC_FILES = (ROOT / "dvc.yaml", ROOT / "serve" / "batch" / "dvc.yaml")
-
-
-def stage_code_deps(stage: str) -> list[str]:
-    """The code deps dvc.yaml must list for `stage`: the import closure of its module, plus what it ships."""
-    import importlib
-
-    module = importlib.import_module(STEP_STAGES[stage])
-    return source_files(module.__name__, getattr(module, "CODE_FILES", ()))
-
-
-def write_dvc_yaml_deps(dvc_yaml: Path = ROOT / "dvc.yaml") -> None:
-    """Rewrite the code deps of every step stage in dvc.yaml (other deps, comments and layout stay)."""
-    lines, out, stage = dvc_yaml.read_text().splitlines(), [], None
-    for line in lines:
-        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
-            stage = line.strip().rstrip(":")
-        code = line.startswith("      - ") and line[8:].startswith(("components/", "serve/"))
-        if code and stage in STEP_STAGES:
-            if not out[-1].startswith("      - ") or not out[-1][8:].startswith(("components/", "serve/")):
-                out += [f"      - {name}" for name in stage_code_deps(stage)]
-            continue
-        out.append(line)
-    dvc_yaml.write_text("\n".join(out) + "\n")
-
-
-if __name__ == "__main__":
-    for dvc_file in DVC_FILES:
-        write_dvc_yaml_deps(dvc_file)
-    print(f"{', '.join(str(f.relative_to(ROOT)) for f in DVC_FILES)}: code deps of every stage rewritten from the import closure")

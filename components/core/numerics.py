@@ -130,7 +130,8 @@ def explain(root: Path, tolerance: float) -> tuple[str, bool]:
 
 
 if __name__ == "__main__":
-    from components.core.config import ROOT, load_config
+    from components.core.config.params_file import load_config
+    from components.core.paths import ROOT
 
     line, within = explain(ROOT, load_config().numerics.metric_tolerance)
     print(line)

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.core.config import ROOT
 from components.core.errors import DataError, run_cli
 from components.core.io import atomic_dir
 from components.core.lineage import data_hash
+from components.core.paths import ROOT
 
 # These constants define the shipped example (and so the hash in data.dvc); they are not
 # experiment parameters.

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-# check name -> (gate.fairness key, rule): "<=" a value must stay at or below its tolerance.
-FAIRNESS_RULES = {
-    "accuracy_difference": ("max_accuracy_difference", "<="),
-    "accuracy_ratio": ("min_accuracy_ratio", ">="),
-    "recall_macro_difference": ("max_recall_macro_difference", "<="),
-    "demographic_parity_difference": ("max_demographic_parity_difference", "<="),
-    "equalized_odds_difference": ("max_equalized_odds_difference", "<="),
-}
-QUALITY_RULES = (("accuracy", "min_accuracy", ">="), ("balanced_accuracy", "min_balanced_accuracy", ">="), ("ece", "max_ece", "<="))
+from components.core.config.schema import FairnessGate, QualityGate, threshold_rules
+
+# check or metric name -> (its gate key, rule), from the schema's thresholds: "<=" a value must stay at or below it.
+FAIRNESS_RULES = threshold_rules(FairnessGate)
+QUALITY_RULES = threshold_rules(QualityGate)
 
 
 def _within(value: float, rule: str, tolerance: float) -> bool:
@@ -53,7 +49,7 @@ def describe(check: dict) -> str:
 
 def quality_failures(metrics: dict, quality: DictConfig) -> list[str]:
     return [f"{metric} {metrics[metric]:.4f} not {rule} {quality[key]} (gate.quality.{key})"
-            for metric, key, rule in QUALITY_RULES if not _within(metrics[metric], rule, quality[key])]
+            for metric, (key, rule) in QUALITY_RULES.items() if not _within(metrics[metric], rule, quality[key])]
 
 
 def decide(metrics: dict, checks: list[dict], gate: DictConfig) -> dict:

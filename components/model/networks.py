@@ -44,7 +44,7 @@ def predict_logits(model: nn.Module, norm: Normalize, images: torch.Tensor, devi
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.25):
+    def __init__(self, in_channels: int, num_classes: int, width: int, dropout: float):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
@@ -72,10 +72,12 @@ def _adapted_resnet(name: str, in_channels: int, num_classes: int, image_size: t
     return model
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: tuple[int, int], width: int = 32,
-                dropout: float = 0.25) -> nn.Module:
+def build_model(model: dict, in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+    """The network the model section names (`model.name`), built with that model's own settings (conf/model/<name>.yaml,
+    declared in the schema's MODEL_SETTINGS): a new model is a branch here and a YAML file."""
+    name = model["name"]
     if name == "cnn":
-        return SmallCNN(in_channels, num_classes, width, dropout)
+        return SmallCNN(in_channels, num_classes, model["width"], model["dropout"])
     if name in RESNETS:
         return _adapted_resnet(name, in_channels, num_classes, image_size)
     raise ConfigError(f"model.name: unknown model {name!r}; choose 'cnn' or one of {list(RESNETS)}")
@@ -88,7 +90,6 @@ def load_trained(model_dir: str | Path) -> tuple[nn.Module, Normalize, dict]:
     if not spec_file.exists() or not weights.exists():
         raise DataError(f"{model_dir}: no trained model (model.json + model.safetensors); run the train step first")
     spec = json.loads(spec_file.read_text())
-    model = build_model(spec["model"]["name"], spec["channels"], len(spec["classes"]), tuple(spec["image_size"]),
-                        spec["model"]["width"], spec["model"]["dropout"])
+    model = build_model(spec["model"], spec["channels"], len(spec["classes"]), tuple(spec["image_size"]))
     model.load_state_dict(load_file(weights))
     return model.eval(), Normalize(**spec["normalization"]), spec

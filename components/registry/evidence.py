@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from components.core.config import validate
+from components.core.config.validation import validate
 from components.registry.tags import RegistryError
 
 POLICY_SECTIONS = ("gate", "registry")  # what a policy ref decides: thresholds, and which stages are gated

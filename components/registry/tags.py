@@ -14,8 +14,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from components.core.config import ROOT
 from components.core.errors import StepError
+from components.core.paths import ROOT
 from components.serving import server
 
 

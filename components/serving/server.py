@@ -24,8 +24,8 @@ import psutil
 import requests
 from omegaconf import DictConfig
 
-from components.core.config import ROOT
 from components.core.errors import StepError
+from components.core.paths import ROOT
 from components.runtime.settings import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
 
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from components.core.config import compose
+from components.core.config.compose import compose
 from components.core.errors import ConfigError, run_cli
 from components.serving.server import StateDir, config_properties, handler_env
 

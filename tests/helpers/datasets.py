@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.core.config import compose
+from components.core.config.compose import compose
 
 
 def make_image_dataset(root: Path, classes=("a", "b", "c"), per_class: int = 12, channels: int = 1,
