@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from components.core.config import ROOT
+from components.core.paths import ROOT
 from tests.helpers.project import copy_project, run
 
 pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
