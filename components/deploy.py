@@ -22,9 +22,9 @@ from components.core.config import ROOT
 from components.core.errors import ConfigError, StepError
 from components.core.events import emit
 from components.core.io import sha256_file
-from components.serving import server
-from components.serving.server import Endpoint, bearer
-from components.serving.torchserve import TIMEOUT_S, copy_checked, default_version, list_versions, register, set_default, unregister
+from components.torchserve import server
+from components.torchserve.management import TIMEOUT_S, copy_checked, default_version, list_versions, register, set_default, unregister
+from components.torchserve.server import Endpoint, bearer
 
 
 class DeployError(StepError):

@@ -10,7 +10,7 @@ TorchServe would give. Outputs (`out_dir`, complete or not at all):
 - predictions.jsonl: one line per image, the prediction log's shape (model_version, prediction,
   confidence, features) plus file and top_k, so the online drift check reads it unchanged;
 - rejected.jsonl: files that could not be read or decoded, with the reason (never fatal);
-- drift.json / drift.html: components/monitoring/drift.py's check of these predictions against the package's
+- drift.json / drift.html: components/drift/report.py's check of these predictions against the package's
   reference statistics (serve.drift thresholds), when there are serve.drift.min_samples of them;
 - score.json: counts, drift verdict and lineage (package, input content hash, config, code).
 """
@@ -36,11 +36,11 @@ from components.core.events import emit
 from components.core.io import atomic_dir, write_json
 from components.core.lifetime import die_with_parent
 from components.core.lineage import code_hash, environment
-from components.monitoring.drift import DriftError, check_drift
+from components.drift.features import image_features
+from components.drift.report import DriftError, check_drift
+from components.handler.inference import normalize, softmax
+from components.handler.request import RequestError, decode_image
 from components.registry.tags import fetch_package, read_tag
-from components.runtime.features import image_features
-from components.runtime.inference import normalize, softmax
-from components.runtime.request import RequestError, decode_image
 from components.scoring.inputs import download, list_files, read_chunks
 
 SECTIONS = ("serve.drift", "serve.max_image_pixels", "score")  # the config this step reads: its DVC params and its config hash

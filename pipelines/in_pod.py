@@ -89,7 +89,7 @@ def server_keys(key_file: str, management_url: str) -> dict[str, str]:
     """TorchServe's current keys from the key file it rewrites at every start (on the volume the
     deploy step shares with it). An expiring key is renewed with the API key (which does not
     expire): TorchServe writes the new key into the same file."""
-    from components.serving.server import bearer, read_keys
+    from components.torchserve.server import bearer, read_keys
 
     path = Path(key_file)
     if not path.is_file():

@@ -13,7 +13,7 @@ import yaml
 
 from components.core.config import PORT_KEYS, ROOT, compose
 from components.deploy import deploy
-from components.serving import server
+from components.torchserve import server
 from tests.helpers.servers import free_ports, prometheus_server
 
 GRAFANA = ROOT / "serve" / "grafana"

@@ -28,7 +28,7 @@ import yaml
 from components.core.config import PORT_KEYS, ROOT, compose
 from components.deploy import deploy
 from components.package import package
-from components.serving.server import read_keys
+from components.torchserve.server import read_keys
 from pipelines.in_pod import server_keys
 from serve.k8s.__main__ import (CONFIG_FILE, HANDLER_ENV_FILE, HOME, MODELS, PVC_FILE, cluster_config_properties, cluster_handler_env,
                                 generated, kserve_config_properties, kserve_manifests, volume_claim)

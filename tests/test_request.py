@@ -1,4 +1,4 @@
-"""What the handler's runtime (components/runtime, carried by the .mar) makes of a request, in-process:
+"""What the handler's runtime (components/handler, carried by the .mar) makes of a request, in-process:
 images and JSON become pixels, every malformed request one RequestError with its status, and the
 answers are the model's top-k. tests/test_serve.py sends the same kinds through a real TorchServe."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.runtime.inference import create_session, probabilities, top_k
-from components.runtime.request import RequestError, request_images
+from components.handler.inference import create_session, probabilities, top_k
+from components.handler.request import RequestError, request_images
 
 
 def png(pixels: np.ndarray) -> bytes:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from components.core.config import ROOT, compose
 from components.core.errors import DataError
-from components.runtime.features import FEATURES
+from components.drift.features import FEATURES
 from components.score import score
 from pipelines.in_pod import IMAGE_COMMIT_ENV
 from pipelines.local import run_pipeline
@@ -23,7 +23,7 @@ from pipelines.score import score_pipeline
 from tests.helpers.project import run
 from tests.helpers.servers import seaweed_s3
 
-PREDICTION_LOG_KEYS = {"model_version", "prediction", "confidence", "features"}  # serve/handler.py's log lines
+PREDICTION_LOG_KEYS = {"model_version", "prediction", "confidence", "features"}  # components/handler/handler.py's log lines
 
 
 @pytest.fixture

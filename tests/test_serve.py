@@ -31,12 +31,13 @@ from components.core.config import PORT_KEYS, ROOT, compose
 from components.core.io import sha256_file, write_json
 from components.data.dataset import load_prepared
 from components.deploy import DeployError, deploy
-from components.monitoring.drift import drift_report, load_window
+from components.drift.prediction_log import rotate_log, rotated_logs
+from components.drift.report import drift_report, load_window
+from components.handler.telemetry import MONITOR_INTERVAL_S
 from components.package import build_mar
 from components.packaging.onnx import onnx_logits
-from components.runtime.monitoring import MONITOR_INTERVAL_S, rotate_log, rotated_logs
-from components.serving import server
-from components.serving.torchserve import default_version, list_versions, register, set_default, unregister
+from components.torchserve import server
+from components.torchserve.management import default_version, list_versions, register, set_default, unregister
 from tests.helpers.servers import free_ports, prometheus_server
 
 PROMETHEUS_DIR = ROOT / "serve" / "prometheus"

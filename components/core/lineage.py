@@ -112,12 +112,18 @@ STEP_STAGES = {"config": "components.core.config", "prepare": "components.prepar
 DVC_FILES = (ROOT / "dvc.yaml", ROOT / "serve" / "batch" / "dvc.yaml")
 
 
+def declared_code_files(module: str) -> tuple[str, ...]:
+    """The `CODE_FILES` a step declares (a literal tuple), read from its source as its imports are: lineage
+    imports no step; at run time the step passes them itself (lineage(..., code_files=CODE_FILES))."""
+    for node in ast.parse(_module_file(module).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(isinstance(target, ast.Name) and target.id == "CODE_FILES" for target in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
 def stage_code_deps(stage: str) -> list[str]:
     """The code deps dvc.yaml must list for `stage`: the import closure of its module, plus what it ships."""
-    import importlib
-
-    module = importlib.import_module(STEP_STAGES[stage])
-    return source_files(module.__name__, getattr(module, "CODE_FILES", ()))
+    return source_files(STEP_STAGES[stage], declared_code_files(STEP_STAGES[stage]))
 
 
 def write_dvc_yaml_deps(dvc_yaml: Path = ROOT / "dvc.yaml") -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -16,7 +15,6 @@ from omegaconf import DictConfig
 
 from components.core.config import ROOT
 from components.core.errors import StepError
-from components.serving import server
 
 
 class RegistryError(StepError):
@@ -101,13 +99,6 @@ def fetch_package(commit: str, dest: Path, repo: Path = ROOT) -> Path:
                 "run `dvc push` (`dvc commit` first if `dvc push` reports missing cache files; "
                 "and check the remote's endpoint/credentials)") from None
     return dest
-
-
-def fetch_release(cfg: DictConfig, version: str, commit: str, repo: Path = ROOT) -> Path:
-    """Fetch the package of a registered version from the DVC remote into the serve state folder."""
-    release = server.state_dir(cfg).root / "releases" / version
-    shutil.rmtree(release, ignore_errors=True)
-    return fetch_package(commit, release, repo)
 
 
 def check_gto_stages(cfg: DictConfig, repo: Path = ROOT) -> None:

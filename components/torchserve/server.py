@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from components.core.config import ROOT
 from components.core.errors import StepError
-from components.runtime.settings import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
+from components.handler.settings import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
 
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 LOG_CONFIG = ROOT / "serve" / "log4j2.xml"
@@ -62,10 +62,11 @@ class StateDir:
     pid_file = property(lambda self: self.root / "tmp" / ".model_server.pid")
     console = property(lambda self: self.root / "logs" / "console.log")
     deploy_log = property(lambda self: self.root / "deployments.jsonl")  # one JSON record per deployment
+    releases = property(lambda self: self.root / "releases")  # packages of registered versions, fetched to be deployed
 
 
 def handler_env(cfg: DictConfig, log_file: Path) -> dict[str, str]:
-    """The handler's settings from conf/serve (components/runtime/settings.py), for the local server and the cluster's."""
+    """The handler's settings from conf/serve (components/handler/settings.py), for the local server and the cluster's."""
     s = cfg.serve
     return {PREDICTION_LOG_ENV: str(log_file), SAMPLE_RATE_ENV: str(s.prediction_log.sample_rate), THREADS_ENV: str(s.onnx_threads),
             LOG_MAX_BYTES_ENV: str(int(s.prediction_log.max_mb * 1e6)), LOG_BACKUPS_ENV: str(s.prediction_log.backups),

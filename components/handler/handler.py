@@ -1,9 +1,9 @@
 """TorchServe handler: the packaged ONNX model run with onnxruntime.
 
 A request is a PNG/JPEG image, JSON {"instances": [...]} or an Open Inference Protocol (KServe
-v2) tensor (components/runtime/request.py); the answer is the top-k labels with probabilities,
+v2) tensor (components/handler/request.py); the answer is the top-k labels with probabilities,
 or the v2 outputs. A malformed request gets a 4xx and one message, alone: the rest of its batch
-and the worker carry on. The work lives in components/runtime/, which the archive carries.
+and the worker carry on. Its parts live beside it in components/handler/, which the archive carries.
 
 To adapt it, replace one step (override its method); each keeps this contract, so the others
 stay as they are:
@@ -14,7 +14,7 @@ stay as they are:
 - postprocess(parsed, probs, context): one JSON answer per request, statuses set on the context.
 
 handle() only chains them. TorchServe loads the one class a handler file defines. Settings come
-from environment variables set by components/serving/server.py.
+from environment variables set by components/torchserve/server.py.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from components.runtime.inference import create_session, probabilities, top_k
-from components.runtime.monitoring import Monitor, PredictionLog
-from components.runtime.request import FORM_CONTENT_TYPE, ParsedRequest, RequestError, request_images
-from components.runtime.settings import (LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV,
+from components.handler.inference import create_session, probabilities, top_k
+from components.drift.prediction_log import PredictionLog
+from components.handler.telemetry import Monitor
+from components.handler.request import FORM_CONTENT_TYPE, ParsedRequest, RequestError, request_images
+from components.handler.settings import (LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV,
                                          THREADS_ENV)
 
 
