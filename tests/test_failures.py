@@ -4,11 +4,13 @@ of killed processes does not pile up."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from PIL import Image
 
 from components.core.errors import StepError
 from components.core.io import atomic_dir, scratch_beside
+from components.core.lifetime import die_with_parent
 from components.data.decoding import decode_error
 from components.prepare import prepare
 from components.train import train
@@ -88,6 +91,13 @@ def _wait_for(condition, timeout_s: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_pool_worker_forked_by_the_step_lives_as_long_as_the_step():
+    """A forked worker inherits the step's launchers; its own parent is the step (prepare's decoding, batch scoring)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=die_with_parent) as pool:
+        assert pool.submit(os.getppid).result() == os.getpid()
 
 
 @pytest.mark.slow

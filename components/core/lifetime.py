@@ -33,7 +33,9 @@ def _launchers() -> tuple[int, int | None]:
 
 
 # Read when the step's first module loads, not when it has imported torch: a parent killed meanwhile
-# would otherwise go unnoticed (the orphan's parent is already the reaper).
+# would otherwise go unnoticed (the orphan's parent is already the reaper). A pool worker forked
+# later inherits these values: its parent is the step's process (STEP_PID), never a shell.
+STEP_PID = os.getpid()
 PARENT, SHELL_OWNER = _launchers()
 
 
@@ -43,12 +45,13 @@ def die_with_parent() -> None:
     there outlives a killed parent)."""
     if not sys.platform.startswith("linux"):
         return
+    parent, shell_owner = (PARENT, SHELL_OWNER) if os.getpid() == STEP_PID else (STEP_PID, None)
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    if os.getppid() != PARENT:  # the parent ended before the request took effect
+    if os.getppid() != parent:  # the parent ended before the request took effect
         sys.exit(128 + signal.SIGTERM)
-    if SHELL_OWNER is not None:
-        threading.Thread(target=_end_when_orphaned, args=(psutil.Process(PARENT), SHELL_OWNER), name="lifetime", daemon=True).start()
+    if shell_owner is not None:
+        threading.Thread(target=_end_when_orphaned, args=(psutil.Process(parent), shell_owner), name="lifetime", daemon=True).start()
 
 
 def _end_when_orphaned(shell: psutil.Process, owner: int, poll_s: float = 0.5) -> None:
