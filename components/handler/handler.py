@@ -39,7 +39,6 @@ class OnnxImageClassifier:
         model_dir = Path(context.system_properties["model_dir"])
         self.signature = json.loads((model_dir / "signature.json").read_text())
         self.classes = self.signature["output"]["classes"]
-        self.top_k = min(self.signature["output"]["top_k"], len(self.classes))
         self.model_name, self.version = context.model_name, context.manifest["model"]["modelVersion"]
         if MAX_PIXELS_ENV not in os.environ:  # fail closed: no limit would let one client stall the worker
             raise RuntimeError(f"{MAX_PIXELS_ENV} is not set: serve/server.py sets it from serve.max_image_pixels; "
@@ -95,7 +94,7 @@ class OnnxImageClassifier:
         return [json.dumps(answer) for answer in answers]
 
     def _answer(self, request: ParsedRequest, probs: np.ndarray) -> object:
-        ranked = top_k(probs, self.classes, self.top_k)
+        ranked = top_k(probs, self.signature)
         if request.protocol == "image":
             return ranked[0]
         if request.protocol == "instances":

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -15,17 +14,11 @@ from omegaconf import DictConfig
 
 from components.core.config import ROOT
 from components.core.errors import StepError
+from components.core.git import GitError, git
 
 
 class RegistryError(StepError):
     pass
-
-
-def git(repo: Path, *args: str) -> str:
-    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RegistryError(f"git {' '.join(args)}: {result.stderr.strip()}")
-    return result.stdout.strip()
 
 
 def model_artifact(repo: Path = ROOT) -> tuple[str, str]:
@@ -76,8 +69,11 @@ def stage_holder(stage: str, repo: Path = ROOT) -> dict:
 
 
 def committed_json(repo: Path, commit: str, path: str) -> dict | None:
-    result = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=repo, capture_output=True, text=True)
-    return json.loads(result.stdout) if result.returncode == 0 else None
+    """The JSON file `path` as committed at `commit` (None when it was not)."""
+    try:
+        return json.loads(git(repo, "show", f"{commit}:{path}"))
+    except GitError:
+        return None
 
 
 def fetch_package(commit: str, dest: Path, repo: Path = ROOT) -> Path:
