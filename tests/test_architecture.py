@@ -29,6 +29,14 @@ def test_import_contracts_hold():
     assert "Contracts: 2 kept, 0 broken." in result.stdout
 
 
+def test_no_module_imports_by_name_where_the_contracts_cannot_see_it():
+    """An importlib.import_module climb (core/lineage.py importing the steps) is an import import-linter misses."""
+    calls = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in ROOT.glob("components/**/*.py")
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+             and getattr(node.func, "attr", getattr(node.func, "id", None)) in {"import_module", "__import__"}]
+    assert calls == []
+
+
 def test_top_of_components_holds_the_steps_and_nothing_else():
     modules = {p.stem for p in (ROOT / "components").glob("*.py")} - {"__init__"}
     assert modules == STEPS

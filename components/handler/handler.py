@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from components.handler.inference import create_session, probabilities, top_k
 from components.drift.prediction_log import PredictionLog
-from components.handler.telemetry import Monitor
+from components.handler.inference import create_session, probabilities, top_k
 from components.handler.request import FORM_CONTENT_TYPE, ParsedRequest, RequestError, request_images
-from components.handler.settings import (LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV,
-                                         THREADS_ENV)
+from components.handler.settings import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
+from components.handler.telemetry import Monitor
 
 
 class OnnxImageClassifier:
@@ -41,7 +40,7 @@ class OnnxImageClassifier:
         self.classes = self.signature["output"]["classes"]
         self.model_name, self.version = context.model_name, context.manifest["model"]["modelVersion"]
         if MAX_PIXELS_ENV not in os.environ:  # fail closed: no limit would let one client stall the worker
-            raise RuntimeError(f"{MAX_PIXELS_ENV} is not set: serve/server.py sets it from serve.max_image_pixels; "
+            raise RuntimeError(f"{MAX_PIXELS_ENV} is not set: components/torchserve/server.py sets it from serve.max_image_pixels; "
                                "a TorchServe started otherwise needs it in its environment")
         self.max_pixels = int(os.environ[MAX_PIXELS_ENV])
         self.session = create_session(model_dir / "model.onnx", int(os.environ.get(THREADS_ENV, "0")))
