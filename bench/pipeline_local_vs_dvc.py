@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.support import copy_project, free_ports, run  # noqa: E402
 from components.core.config.schema import PORT_KEYS  # noqa: E402
 from components.core.paths import ROOT  # noqa: E402
+from tests.helpers.project import copy_project, run  # noqa: E402
+from tests.helpers.servers import free_ports  # noqa: E402
 
 OPEN_GATE = "gate.on_fail=warn"  # so package and deploy run whatever the verdicts (gate.on_inconclusive warns by default)
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.support import VENV_BIN, copy_project, free_ports, run  # noqa: E402
 from components.core.config.schema import PORT_KEYS  # noqa: E402
+from tests.helpers.project import VENV_BIN, copy_project, run  # noqa: E402
+from tests.helpers.servers import free_ports  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path) -> float:

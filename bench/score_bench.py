@@ -22,8 +22,8 @@ import numpy as np
 import onnxruntime as ort
 
 from components.core.config.compose import compose
-from components.runtime.inference import normalize
-from components.runtime.request import decode_image
+from components.handler.inference import normalize
+from components.handler.request import decode_image
 from components.score import predict_files
 from components.scoring.inputs import list_files, read_chunks
 

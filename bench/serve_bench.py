@@ -30,15 +30,15 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.support import free_ports  # noqa: E402
 from components.core.config.compose import compose  # noqa: E402
 from components.core.config.schema import PORT_KEYS  # noqa: E402
 from components.deploy import read_package  # noqa: E402
+from components.handler.inference import normalize, softmax  # noqa: E402
+from components.handler.request import decode_image  # noqa: E402
 from components.package import ARCHIVER  # noqa: E402
-from components.runtime.inference import normalize, softmax  # noqa: E402
-from components.runtime.request import decode_image  # noqa: E402
-from components.serving import server  # noqa: E402
-from components.serving.torchserve import copy_checked, register  # noqa: E402
+from components.torchserve import server  # noqa: E402
+from components.torchserve.management import copy_checked, register  # noqa: E402
+from tests.helpers.servers import free_ports  # noqa: E402
 
 NOOP_HANDLER = '''
 def handle(data, context):

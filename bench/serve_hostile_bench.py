@@ -31,12 +31,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.serve_bench import load  # noqa: E402
-from bench.support import free_ports  # noqa: E402
 from components.core.config.compose import compose  # noqa: E402
 from components.core.config.schema import PORT_KEYS  # noqa: E402
 from components.deploy import read_package  # noqa: E402
-from components.serving import server  # noqa: E402
-from components.serving.torchserve import copy_checked, register  # noqa: E402
+from components.torchserve import server  # noqa: E402
+from components.torchserve.management import copy_checked, register  # noqa: E402
+from tests.helpers.servers import free_ports  # noqa: E402
 
 ATTACKERS = 8
 UNLIMITED = 16_000_000

@@ -11,7 +11,6 @@ appends a record (when, what, from which commit or tag) to the server's deploy l
 from __future__ import annotations
 
 import json
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,11 +19,12 @@ from omegaconf import DictConfig
 
 from components.core.errors import ConfigError, StepError
 from components.core.events import emit
+from components.core.git import GitError, git
 from components.core.io import sha256_file
 from components.core.paths import ROOT
-from components.serving import server
-from components.serving.server import Endpoint, bearer
-from components.serving.torchserve import TIMEOUT_S, copy_checked, default_version, list_versions, register, set_default, unregister
+from components.torchserve import server
+from components.torchserve.management import TIMEOUT_S, copy_checked, default_version, list_versions, register, set_default, unregister
+from components.torchserve.server import Endpoint, bearer
 
 
 class DeployError(StepError):
@@ -57,12 +57,10 @@ def smoke_test(endpoint: Endpoint, model_name: str, package_dir: Path, samples: 
 
 def source_commit(repo: Path = ROOT) -> dict:
     """The commit the working tree is at, and whether it has uncommitted changes (for the deploy record)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-
     try:
-        return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"commit": git(repo, "rev-parse", "HEAD"),
+                "uncommitted_changes": bool(git(repo, "status", "--porcelain", "--untracked-files=no"))}
+    except GitError:  # not a git checkout (e.g. a component image): the record says so
         return {"commit": "unknown", "uncommitted_changes": None}
 
 

@@ -35,11 +35,14 @@ from components.model.networks import load_trained
 from components.packaging.archive import make_reproducible
 from components.packaging.onnx import check_parity, embed_metadata, export_onnx, model_signature, onnx_logits
 
-HANDLER = ROOT / "serve" / "handler.py"
-RUNTIME = ROOT / "components" / "runtime"  # the package the handler imports, shipped in the archive
 SECTIONS = ("package", "numerics")  # the config this step reads: its DVC params and its config hash
-# Files the .mar carries besides the imported code: part of this step's code hash and DVC deps.
-CODE_FILES = ("serve/handler.py", *sorted(f"components/runtime/{p.name}" for p in RUNTIME.glob("*.py")))
+# What the .mar carries beside the model: the handler TorchServe loads, the modules it imports (tests/test_package.py
+# checks this is their whole import closure), the features and prediction log its telemetry uses. Part of this step's
+# code hash and DVC deps; a literal, which components/core/lineage.py reads from this file.
+CODE_FILES = ("components/drift/__init__.py", "components/drift/features.py", "components/drift/prediction_log.py",
+              "components/handler/__init__.py", "components/handler/handler.py", "components/handler/inference.py",
+              "components/handler/request.py", "components/handler/settings.py", "components/handler/telemetry.py")
+HANDLER = "components/handler/handler.py"  # TorchServe's entry, at the archive's root
 ARCHIVER = shutil.which("torch-model-archiver", path=Path(sys.executable).parent) or "torch-model-archiver"
 
 
@@ -47,13 +50,22 @@ class ArchiveError(StepError):
     pass
 
 
-def build_mar(model_name: str, version: str, package_dir: Path, handler: Path = HANDLER) -> Path:
-    """torch-model-archiver: handler + model.onnx + signature + reference statistics + components/runtime/."""
+def _carry_code(extras: Path) -> None:
+    """CODE_FILES but the handler below `extras`, importable; components/__init__.py is empty in the archive
+    (the project's own checks this machine's environment, not the server's)."""
+    (extras / "components").mkdir(parents=True)
+    (extras / "components" / "__init__.py").touch()
+    for name in CODE_FILES:
+        if name != HANDLER:
+            (extras / name).parent.mkdir(exist_ok=True)
+            shutil.copyfile(ROOT / name, extras / name)
+
+
+def build_mar(model_name: str, version: str, package_dir: Path, handler: Path = ROOT / HANDLER) -> Path:
+    """torch-model-archiver: handler + model.onnx + signature + reference statistics + the code the handler imports."""
     with tempfile.TemporaryDirectory() as scratch:
         extras = Path(scratch) / "extras"
-        (extras / "components").mkdir(parents=True)
-        (extras / "components" / "__init__.py").touch()
-        shutil.copytree(RUNTIME, extras / "components" / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+        _carry_code(extras)
         for name in ("signature.json", "reference_stats.json"):
             shutil.copy(package_dir / name, extras)
         command = [ARCHIVER, "--model-name", model_name, "--version", version,
@@ -100,7 +112,7 @@ def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, ou
         write_json(tmp / "signature.json", signature)
         shutil.copyfile(Path(prepared_dir) / "reference_stats.json", tmp / "reference_stats.json")
         # The version names what the server runs: model, signature, reference and the handler's code.
-        served = [onnx_path, tmp / "signature.json", tmp / "reference_stats.json", HANDLER, *sorted(RUNTIME.glob("*.py"))]
+        served = [onnx_path, tmp / "signature.json", tmp / "reference_stats.json", *(ROOT / name for name in CODE_FILES)]
         version = hashlib.sha256(b"".join(path.read_bytes() for path in served)).hexdigest()[:12]
 
         chosen = np.linspace(0, len(pixels) - 1, min(p.smoke_samples, len(pixels))).astype(int)

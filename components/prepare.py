@@ -22,7 +22,7 @@ from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
 from components.data.dataset import format_problems, list_dataset, row_problems
 from components.data.decoding import RowStats, decode_all
-from components.runtime.features import reference_histograms
+from components.drift.features import reference_histograms
 
 
 def stratified_split(strata: pd.Series, val: float, test: float, seed: int) -> np.ndarray:

@@ -10,7 +10,7 @@ TorchServe would give. Outputs (`out_dir`, complete or not at all):
 - predictions.jsonl: one line per image, the prediction log's shape (model_version, prediction,
   confidence, features) plus file and top_k, so the online drift check reads it unchanged;
 - rejected.jsonl: files that could not be read or decoded, with the reason (never fatal);
-- drift.json / drift.html: components/monitoring/drift.py's check of these predictions against the package's
+- drift.json / drift.html: components/drift/report.py's check of these predictions against the package's
   reference statistics (serve.drift thresholds), when there are serve.drift.min_samples of them;
 - score.json: counts, drift verdict and lineage (package, input content hash, config, code).
 """
@@ -26,7 +26,6 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from omegaconf import DictConfig
 
 from components.core.cli import run_step
@@ -37,12 +36,13 @@ from components.core.io import atomic_dir, write_json
 from components.core.lifetime import die_with_parent
 from components.core.lineage import code_hash, environment
 from components.core.paths import ROOT
-from components.monitoring.drift import DriftError, check_drift
+from components.core.remote import download_folder
+from components.drift.features import image_features
+from components.drift.report import DriftError, check_drift
+from components.handler.inference import create_session, probabilities, top_k
+from components.handler.request import RequestError, decode_image
 from components.registry.tags import fetch_package, read_tag
-from components.runtime.features import image_features
-from components.runtime.inference import normalize, softmax
-from components.runtime.request import RequestError, decode_image
-from components.scoring.inputs import download, list_files, read_chunks
+from components.scoring.inputs import list_files, read_chunks
 
 SECTIONS = ("serve.drift", "serve.max_image_pixels", "score")  # the config this step reads: its DVC params and its config hash
 _model: dict = {}  # per worker process: the ONNX session and the signature
@@ -50,11 +50,8 @@ _model: dict = {}  # per worker process: the ONNX session and the signature
 
 def _load_model(model_path: str, signature: dict, max_pixels: int) -> None:
     die_with_parent()  # a killed scorer takes its workers with it
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # one core per worker process; the pool uses them all
-    options.inter_op_num_threads = 1
-    _model.update(session=ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"]), signature=signature,
-                  max_pixels=max_pixels)
+    # One thread per worker process: the pool uses every core.
+    _model.update(session=create_session(Path(model_path), threads=1), signature=signature, max_pixels=max_pixels)
 
 
 def _decoded(paths: list[str], blobs: list, signature: dict) -> tuple[list[int], list[np.ndarray], list[dict]]:
@@ -77,16 +74,12 @@ def score_chunk(paths: list[str], blobs: list, version: str) -> tuple[list[dict]
     if not images:
         return [], rejected
     pixels = np.stack(images)
-    probs = softmax(session.run(None, {signature["input"]["name"]: normalize(pixels, signature)})[0])
+    ranked = top_k(probabilities(session, pixels, signature), signature)  # what the handler answers
     features = image_features(pixels)
-    classes, top_k = signature["output"]["classes"], signature["output"]["top_k"]
-    records = []
-    for row, i in enumerate(good):
-        ranked = np.argsort(-probs[row], kind="stable")[:top_k]
-        records.append({"file": paths[i], "model_version": version, "prediction": classes[ranked[0]],
-                        "confidence": round(float(probs[row, ranked[0]]), 6),
-                        "top_k": [{"label": classes[c], "probability": round(float(probs[row, c]), 6)} for c in ranked],
-                        "features": {name: round(float(values[row]), 6) for name, values in features.items()}})
+    records = [{"file": paths[i], "model_version": version, "prediction": ranked[row][0]["label"],
+                "confidence": ranked[row][0]["probability"], "top_k": ranked[row],
+                "features": {name: round(float(values[row]), 6) for name, values in features.items()}}
+               for row, i in enumerate(good)]
     return records, rejected
 
 
@@ -118,7 +111,7 @@ def resolve_package(package_dir: str | Path, tag: str | None, scratch: Path) -> 
     """The package folder to score with and where it came from: a folder, an s3:// prefix, or a GTO tag
     (the package committed at the tag's commit, fetched from the DVC remote)."""
     if str(package_dir).startswith("s3://"):
-        return download(str(package_dir), scratch / "package"), {"package": str(package_dir)}
+        return download_folder(str(package_dir), scratch / "package", "--package"), {"package": str(package_dir)}
     if not tag:
         if not (Path(package_dir) / "package.json").exists():
             raise DataError(f"{package_dir}: no package.json; run the package step, or score a registered version with --tag")

@@ -265,9 +265,9 @@ def launch(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_
     with tempfile.TemporaryDirectory() as tmp:
         params = Path(tmp) / "params.yaml"
         OmegaConf.save(cfg, params)
-        torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.train.processes}",
-                                   "-m", __spec__.name, "--params", str(params), "--prepared", str(prepared_dir), "--out", str(out_dir),
-                                   "--live", str(live_dir), "--checkpoints", str(checkpoint_dir)])
+        args = ["--params", str(params), "--prepared", str(prepared_dir), "--out", str(out_dir), "--live", str(live_dir),
+                "--checkpoints", str(checkpoint_dir)]
+        torchrun = subprocess.run(distributed.torchrun_command(__spec__.name, args, cfg.train.processes))
     if torchrun.returncode != 0:
         raise TrainingError(f"train: torchrun with train.processes={cfg.train.processes} exited with {torchrun.returncode} (its log is above)")
     return json.loads((Path(out_dir) / "model.json").read_text())["metrics"]

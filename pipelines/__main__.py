@@ -18,6 +18,7 @@ from kfp import compiler
 from components.core.config.compose import compose
 from components.core.paths import ROOT
 from components.core.errors import ConfigError, run_cli
+from components.core.git import git
 from pipelines import preflight
 from pipelines.graph import sweep_pipeline, training_pipeline
 from pipelines.in_pod import IMAGE_COMMIT_ENV
@@ -70,7 +71,7 @@ def run_local_command(args) -> None:
 
 
 def upload_command(args) -> None:
-    if preflight.git("status", "--porcelain", "--untracked-files=no"):
+    if git(ROOT, "status", "--porcelain", "--untracked-files=no"):
         raise ConfigError("uncommitted changes: a pipeline version is named by its commit, so commit them first")
     c = connect(args)  # before compiling: an unreachable or refusing API is the first thing to know
     out = compile_for_cluster(args)

@@ -12,10 +12,8 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import requests
 from omegaconf import DictConfig, OmegaConf
 
 from components.core.config.compose import compose
@@ -92,29 +90,13 @@ def _private_file(path: Path, text: str) -> Path:
     return path
 
 
-def server_keys(key_file: str, management_url: str) -> dict[str, str]:
-    """TorchServe's current keys from the key file it rewrites at every start (on the volume the
-    deploy step shares with it). An expiring key is renewed with the API key (which does not
-    expire): TorchServe writes the new key into the same file."""
-    from components.serving.server import bearer, read_keys
+def server_keys(key_file: str, management_url: str, lifetime_min: float) -> dict[str, str]:
+    """TorchServe's current keys from the key file it rewrites at every start, on the volume the deploy step
+    shares with it; expiring keys renewed first, as for the local server."""
+    from components.torchserve.server import fresh_keys
 
     path = Path(key_file)
     if not path.is_file():
         raise ConfigError(f"{key_file}: TorchServe key file not found; mount the server's volume "
                           "(pipeline.deploy.model_store_pvc, pipeline.deploy.key_file)")
-    data = json.loads(path.read_text())
-    for kind in ("management", "inference"):
-        if _expired(data[kind].get("expiration time", "")):
-            response = requests.get(f"{management_url}/token", params={"type": kind}, headers=bearer(data["API"]["key"]), timeout=30)
-            if not response.ok:
-                raise ConfigError(f"{management_url}/token?type={kind}: HTTP {response.status_code}; cannot renew the expired key")
-    return read_keys(path)
-
-
-def _expired(stamp: str) -> bool:
-    """True when the key expires within 5 minutes (TorchServe stamps nanoseconds, UTC)."""
-    try:
-        expires = datetime.fromisoformat(stamp.rstrip("Z")[:26]).replace(tzinfo=timezone.utc)
-    except ValueError:
-        return False
-    return expires <= datetime.now(timezone.utc) + timedelta(minutes=5)
+    return fresh_keys(path, management_url, lifetime_min)

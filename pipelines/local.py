@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from components.core.paths import ROOT
 from components.core.errors import StepError
-from components.serving import server
+from components.torchserve import server
 
 # kfp.local warns for every task whose image is not a python image, and for settings
 # (resources, GPU) that only a cluster applies; both are expected here.

@@ -18,21 +18,24 @@ from omegaconf import DictConfig
 
 from components.core.paths import ROOT
 from components.core.errors import ConfigError
+from components.core.git import GitError, git
 
 CLONABLE = re.compile(r"^(https?://|ssh://|[\w.-]+@[\w.-]+:)")  # scp-like ssh: git@host:path
 SSH = re.compile(r"^(ssh://|[\w.-]+@[\w.-]+:)")
 
 
-def git(*args: str, repo: Path = ROOT) -> str:
-    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else ""
-
-
 def head_commit(repo: Path = ROOT) -> str:
-    commit = git("rev-parse", "HEAD", repo=repo)
-    if not commit:
-        raise ConfigError(f"{repo}: not a git repository with a commit; the images and the pipeline are named by commit")
-    return commit
+    try:
+        return git(repo, "rev-parse", "HEAD")
+    except GitError:
+        raise ConfigError(f"{repo}: not a git repository with a commit; the images and the pipeline are named by commit") from None
+
+
+def _origin_url(repo: Path) -> str:
+    try:
+        return git(repo, "remote", "get-url", "origin")
+    except GitError:
+        return ""
 
 
 def cluster_data_source(cfg: DictConfig, repo_dir: Path = ROOT) -> dict[str, str]:
@@ -45,7 +48,7 @@ def cluster_data_source(cfg: DictConfig, repo_dir: Path = ROOT) -> dict[str, str
             raise ConfigError(f"pipeline.data.uri={data.uri!r}: a cluster pod reaches only s3:// URIs "
                               "(a local folder exists only on this machine)")
         return {"data_repo": "", "data_rev": "", "data_uri": data.uri}
-    url = data.repo or git("remote", "get-url", "origin", repo=repo_dir)
+    url = data.repo or _origin_url(repo_dir)
     if not url:
         raise ConfigError("pipeline.data: this checkout has no git remote 'origin'; set pipeline.data.repo "
                           "(git URL of the project) or pipeline.data.uri (s3://bucket/prefix)")
@@ -75,10 +78,11 @@ def check_clonable(url: str, git_secret: str) -> None:
 
 
 def pushed_commit(rev: str, repo_dir: Path = ROOT) -> str:
-    commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", repo=repo_dir)
-    if not commit:
-        raise ConfigError(f"pipeline.data.rev={rev!r}: no such commit in {repo_dir}")
-    if not git("branch", "-r", "--contains", commit, repo=repo_dir):
+    try:
+        commit = git(repo_dir, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except GitError:
+        raise ConfigError(f"pipeline.data.rev={rev!r}: no such commit in {repo_dir}") from None
+    if not git(repo_dir, "branch", "-r", "--contains", commit):
         raise ConfigError(f"pipeline.data.rev: commit {commit[:10]} is on no remote branch of {repo_dir}: a pod cannot fetch "
                           "it; `git push` it first")
     return commit
@@ -89,9 +93,10 @@ def check_dvc_data_pushed(commit: str, repo_dir: Path = ROOT) -> None:
     remote itself (`dvc status -c` trusts a cached remote index and can say "in sync" when it is not)."""
     from dvc.repo import Repo
 
-    text = git("show", f"{commit}:data.dvc", repo=repo_dir)
-    if not text:
-        raise ConfigError(f"data.dvc: not committed at {commit[:10]}; `dvc add` the data and commit data.dvc")
+    try:
+        text = git(repo_dir, "show", f"{commit}:data.dvc")
+    except GitError:
+        raise ConfigError(f"data.dvc: not committed at {commit[:10]}; `dvc add` the data and commit data.dvc") from None
     with Repo(str(repo_dir)) as repo:
         remote = repo.cloud.get_remote_odb(None, "push")
         wanted = set()

@@ -14,14 +14,14 @@ import argparse
 import os
 from pathlib import Path
 
-from kfp import compiler, dsl, kubernetes
+from kfp import compiler, dsl
 from omegaconf import DictConfig
 
 from components.core.config.compose import compose
 from components.core.paths import ROOT
 from components.core.errors import run_cli
 from pipelines import preflight
-from pipelines.graph import Build, _with_cluster_settings, sections_json
+from pipelines.graph import Build, _with_cluster_settings, _with_secret_env, sections_json
 from pipelines.in_pod import IMAGE_COMMIT_ENV
 from pipelines.local import LocalRunFailed, describe, run_pipeline, shown
 from pipelines.wrappers import score_op
@@ -39,9 +39,7 @@ def score_pipeline(cfg: DictConfig, commit: str):
     @dsl.pipeline(name=f"{p.name}-score", description="batch scoring of a folder or s3:// prefix with a packaged version")
     def pipeline(config: str = sections_json(cfg, SECTIONS), input_uri: str = cfg.score.input, package_uri: str = ""):
         task = score_op(config=config, expected_commit=commit, input_uri=input_uri, package_uri=package_uri)
-        _with_cluster_settings(task, build, p.resources, cache=False).set_display_name("score")
-        if p.s3_secret.name:
-            kubernetes.use_secret_as_env(task, p.s3_secret.name, dict(p.s3_secret.env))
+        _with_secret_env(_with_cluster_settings(task, build, p.resources, cache=False).set_display_name("score"), p.s3_secret)
 
     return pipeline
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
+from components.core.paths import ROOT
 from components.core.errors import ConfigError, StepError
-from pipelines.preflight import git
+from components.core.git import GitError, git
 
 # The exit handler (dsl.PipelineTaskFinalStatus) and the sweep's dsl.Collected need this KFP backend (docs/kubeflow.md).
 MIN_KFP_BACKEND = (2, 14)
@@ -32,19 +33,25 @@ class SubmitError(StepError):
 
 def data_hash_at(rev: str) -> str:
     """md5 of the data recorded in data.dvc at `rev` of this checkout ("unknown" when not found)."""
-    text = git("show", f"{rev}:data.dvc")
-    return ",".join(out["md5"] for out in yaml.safe_load(text)["outs"]) if text else "unknown"
+    try:
+        text = git(ROOT, "show", f"{rev}:data.dvc")
+    except GitError:
+        return "unknown"
+    return ",".join(out["md5"] for out in yaml.safe_load(text)["outs"])
 
 
 def version_name() -> str:
     """A pipeline version is named by the commit it was compiled at."""
-    dirty = "-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
-    return f"commit-{git('rev-parse', '--short=12', 'HEAD')}{dirty}"
+    dirty = "-dirty" if git(ROOT, "status", "--porcelain", "--untracked-files=no") else ""
+    return f"commit-{git(ROOT, 'rev-parse', '--short=12', 'HEAD')}{dirty}"
 
 
 def run_name(cfg: DictConfig) -> str:
-    commit = git("rev-parse", "--short=8", "HEAD") or "unknown"
-    dirty = "-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+    try:
+        commit = git(ROOT, "rev-parse", "--short=8", "HEAD")
+        dirty = "-dirty" if git(ROOT, "status", "--porcelain", "--untracked-files=no") else ""
+    except GitError:  # the run is named by what is known
+        commit, dirty = "unknown", ""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     return f"{cfg.pipeline.name} commit {commit}{dirty} data {data_hash_at(cfg.pipeline.data.rev or 'HEAD')[:8]} {stamp}"
 

@@ -32,6 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from components.core.errors import ConfigError, StepError
 from components.core.lineage import DATA_HASH_ENV, data_hash
+from components.core.remote import download_folder, fsspec_url
+from components.training.distributed import torchrun_command
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 NODE_JOB = "node"  # the replicated job of the torch runtimes: one pod per node
@@ -163,24 +165,10 @@ def _terminate_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def _fsspec_url(uri: str) -> str:
-    """KFP names MinIO artifacts minio://bucket/key; fsspec reaches them as s3:// (AWS_ENDPOINT_URL set)."""
-    return "s3://" + uri.removeprefix("minio://") if uri.startswith("minio://") else uri
-
-
-def download(url: str, local: str) -> None:
-    """Copy the folder at `url` (s3://, minio://, a local path, ...) into the local folder `local`."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(_fsspec_url(url))
-    Path(local).mkdir(parents=True, exist_ok=True)
-    fs.get(path.rstrip("/") + "/", local, recursive=True)
-
-
 def upload(local: str, url: str) -> None:
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(_fsspec_url(url))
+    fs, path = fsspec.core.url_to_fs(fsspec_url(url))
     fs.put(local.rstrip("/") + "/", path, recursive=True)
 
 
@@ -201,8 +189,8 @@ def run_trainjob(template: dict, cfg: DictConfig, expected_commit: str, prepared
     # instead of dropping the field.
     api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job, field_validation="Strict")
     await_trainjob(api, namespace, name, job["spec"]["activeDeadlineSeconds"], poll_s)
-    download(f"{staging}/model", model_dir)
-    download(f"{staging}/live", log_dir)
+    download_folder(f"{staging}/model", model_dir, "the TrainJob's model")
+    download_folder(f"{staging}/live", log_dir, "the TrainJob's training log")
     return json.loads((Path(model_dir) / "model.json").read_text())["metrics"]
 
 
@@ -234,9 +222,9 @@ def launch_command(env: dict, train_args: list[str]) -> list[str]:
     missing = [var for var in RENDEZVOUS_ENV if not env.get(var)]
     if missing:
         raise ConfigError(f"launch runs inside a Kubeflow Trainer pod: {', '.join(missing)} not set in the environment")
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={env['PET_NNODES']}", f"--node-rank={env['PET_NODE_RANK']}",
-            f"--nproc-per-node={env['PET_NPROC_PER_NODE']}", f"--master-addr={env['PET_MASTER_ADDR']}",
-            f"--master-port={env['PET_MASTER_PORT']}", "-m", "components.train", *train_args]
+    nodes = {"nnodes": env["PET_NNODES"], "node-rank": env["PET_NODE_RANK"], "master-addr": env["PET_MASTER_ADDR"],
+             "master-port": env["PET_MASTER_PORT"]}
+    return torchrun_command("components.train", train_args, env["PET_NPROC_PER_NODE"], nodes)
 
 
 def launch(config: str, expected_commit: str, prepared_uri: str, out_uri: str, env: dict) -> None:
@@ -246,7 +234,7 @@ def launch(config: str, expected_commit: str, prepared_uri: str, out_uri: str, e
     check_image(expected_commit)
     with tempfile.TemporaryDirectory() as work:
         local = Path(work)
-        download(prepared_uri, str(local / "prepared"))
+        download_folder(prepared_uri, local / "prepared", "--prepared")
         (local / "params.json").write_text(config)  # JSON is YAML: the train step reads it with --params
         train_args = ["--params", str(local / "params.json"), "--prepared", str(local / "prepared"), "--out", str(local / "model"),
                       "--live", str(local / "live"), "--checkpoints", str(local / "checkpoints")]

@@ -124,7 +124,7 @@ def deploy_op(config: str, expected_commit: str, package: Input[Model], version:
     from pipelines.in_pod import server_keys, step_config
 
     cfg = step_config(config, expected_commit)
-    keys = server_keys(key_file, management_url) if management_url else {}
+    keys = server_keys(key_file, management_url, cfg.serve.token_expiration_min) if management_url else {}
     result = deploy(cfg, f"{package.path}/{mar_file}", version, management_url or None, keys.get("management"),
                     inference_url=inference_url or None, inference_token=keys.get("inference"), model_store=model_store or None)
     return result["endpoint"]

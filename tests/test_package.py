@@ -17,14 +17,20 @@ from components.core.config.compose import compose
 from components.core.config.sections import config_hash, select
 from components.core.errors import ConfigError
 from components.core.io import sha256_file
-from components.core.lineage import code_hash
+from components.core.lineage import code_hash, source_files
 from components.core.paths import ROOT
 from components.data.dataset import decode, load_prepared
+from components.drift.features import image_features, intensity
+from components.handler.request import decode_image
 from components.model.networks import load_trained
-from components.package import CODE_FILES, SECTIONS, package
+from components.package import CODE_FILES, HANDLER, SECTIONS, package
 from components.packaging.onnx import ParityError, check_parity, onnx_logits
-from components.runtime.features import image_features, intensity
-from components.runtime.request import decode_image
+
+
+def test_the_mar_carries_exactly_the_handlers_import_closure():
+    """Beyond what importing the `components` package itself runs (an empty file in the archive)."""
+    handler_module = HANDLER.removesuffix(".py").replace("/", ".")
+    assert set(source_files(handler_module)) - set(source_files("components")) == set(CODE_FILES)
 
 
 @pytest.mark.slow
@@ -81,20 +87,22 @@ def test_mar_holds_handler_model_signature_and_features(packaged):
     assert manifest["mar"] == {"file": "digits.mar", "sha256": sha256_file(mar)}
     with zipfile.ZipFile(mar) as z:
         assert set(z.namelist()) == {"MAR-INF/MANIFEST.json", "handler.py", "model.onnx", "signature.json",
-                                     "reference_stats.json", "components/__init__.py",
-                                     *(f"components/runtime/{name}.py"
-                                       for name in ("__init__", "features", "inference", "monitoring", "request", "settings"))}
+                                     "reference_stats.json", "components/__init__.py", "components/drift/__init__.py",
+                                     "components/drift/features.py", "components/drift/prediction_log.py",
+                                     *(f"components/handler/{name}.py"
+                                       for name in ("__init__", "inference", "request", "settings", "telemetry"))}
+        assert z.read("components/__init__.py") == b""  # the project's checks this machine's interpreter, not the server's
         mar_manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         assert z.read("model.onnx") == (out / "model.onnx").read_bytes()
-        assert z.read("handler.py") == (ROOT / "serve" / "handler.py").read_bytes()
+        assert z.read("handler.py") == (ROOT / "components" / "handler" / "handler.py").read_bytes()
         assert z.read("reference_stats.json") == (packaged["prepared"] / "reference_stats.json").read_bytes()
     assert mar_manifest["model"] == {"modelName": "digits", "modelVersion": manifest["version"],
                                      "serializedFile": "model.onnx", "handler": "handler.py"}
 
 
 @pytest.mark.slow
-def test_the_archived_handler_imports_only_its_runtime_numpy_pil_and_onnxruntime(packaged, tmp_path):
-    """Unpacked as TorchServe does, the handler loads the archive's own components/runtime and no other package."""
+def test_the_archived_handler_imports_only_what_it_carries_numpy_pil_and_onnxruntime(packaged, tmp_path):
+    """Unpacked as TorchServe does, the handler loads the archive's own components/ and no other package."""
     with zipfile.ZipFile(packaged["out"] / "digits.mar") as z:
         z.extractall(tmp_path)
     code = ("import sys; sys.path.insert(0, '.'); import handler, components; print(components.__file__); "
@@ -188,5 +196,5 @@ def test_a_small_model_is_exported_checked_and_archived_in_process(tiny_package)
     signature = json.loads((out / "signature.json").read_text())
     assert signature["input"]["shape"] == [None, 1, 16, 16] and signature["output"]["classes"] == ["a", "b", "c"]
     with zipfile.ZipFile(out / manifest["mar"]["file"]) as z:
-        assert {"handler.py", "model.onnx", "signature.json", "reference_stats.json", "components/runtime/request.py"} <= set(z.namelist())
+        assert {"handler.py", "model.onnx", "signature.json", "reference_stats.json", "components/handler/request.py"} <= set(z.namelist())
     assert manifest["mar"]["sha256"] == sha256_file(out / manifest["mar"]["file"])

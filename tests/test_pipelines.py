@@ -28,7 +28,7 @@ from pipelines import preflight
 from pipelines.graph import step_configs
 from pipelines.local import collect_results
 from pipelines.wrappers import prepare_op
-from components.serving import server
+from components.torchserve import server
 from tests.helpers.datasets import make_image_dataset
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.servers import free_ports, seaweed_s3

@@ -16,8 +16,8 @@ from components.core.errors import DataError
 from components.core.paths import ROOT
 from components.data import decoding
 from components.data.dataset import load_prepared
+from components.drift.features import FEATURES
 from components.prepare import prepare, stratified_split
-from components.runtime.features import FEATURES
 from tests.helpers.datasets import make_image_dataset, small_config
 
 

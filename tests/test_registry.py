@@ -17,7 +17,7 @@ from components.core.config.params_file import load_config
 from components.deploy import default_version
 from components.promote import promote, rollback
 from components.registry.tags import RegistryError, versions
-from components.serving import server
+from components.torchserve import server
 from serve.__main__ import deploy_stage
 from tests.helpers.project import copy_of, git_commit, run
 from tests.helpers.servers import S3Server, free_ports, seaweed_s3

@@ -19,7 +19,6 @@ import components.evaluate
 import components.package
 import components.prepare
 import components.train
-from bench.support import VENV_BIN
 from components.core import lineage as lineage_module
 from components.core.config import schema
 from components.core.config.compose import compose
@@ -27,7 +26,7 @@ from components.core.config.sections import select
 from components.core.lineage import code_hash, environment, lineage, source_files
 from components.core.numerics import reference_host
 from components.core.paths import ROOT
-from tests.helpers.project import copy_project, run
+from tests.helpers.project import VENV_BIN, copy_project, run
 
 STEPS = {"prepare": components.prepare, "train": components.train, "evaluate": components.evaluate, "package": components.package}
 STAGE_INPUTS = {"prepare": ["${data.root}"], "train": ["artifacts/prepared"],

@@ -1,4 +1,4 @@
-"""What the handler's runtime (components/runtime, carried by the .mar) makes of a request, in-process:
+"""What the handler's runtime (components/handler, carried by the .mar) makes of a request, in-process:
 images and JSON become pixels, every malformed request one RequestError with its status, and the
 answers are the model's top-k. tests/test_serve.py sends the same kinds through a real TorchServe."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.runtime.inference import create_session, probabilities, top_k
-from components.runtime.request import RequestError, request_images
+from components.handler.inference import create_session, probabilities, top_k
+from components.handler.request import RequestError, request_images
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -39,7 +39,7 @@ def test_images_instances_and_v2_tensors_become_the_same_pixels(tiny_package, si
     session = create_session(tiny_package["out"] / "model.onnx", 1)
     probs = probabilities(session, image.pixels, signature)
     assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1, abs=1e-5)
-    assert top_k(probs, signature["output"]["classes"], 2)[0][0]["label"] == sample["expected"]
+    assert top_k(probs, signature)[0][0]["label"] == sample["expected"]
 
 
 @pytest.mark.parametrize("row,status,message", [

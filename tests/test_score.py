@@ -11,12 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from kfp import compiler
 from PIL import Image
 
 from components.core.config.compose import compose
 from components.core.errors import DataError
 from components.core.paths import ROOT
-from components.runtime.features import FEATURES
+from components.drift.features import FEATURES
+from components.handler.handler import OnnxImageClassifier
+from components.handler.settings import MAX_PIXELS_ENV
 from components.score import score
 from pipelines.in_pod import IMAGE_COMMIT_ENV
 from pipelines.local import run_pipeline
@@ -24,7 +28,7 @@ from pipelines.score import score_pipeline
 from tests.helpers.project import run
 from tests.helpers.servers import seaweed_s3
 
-PREDICTION_LOG_KEYS = {"model_version", "prediction", "confidence", "features"}  # serve/handler.py's log lines
+PREDICTION_LOG_KEYS = {"model_version", "prediction", "confidence", "features"}  # components/handler/handler.py's log lines
 
 
 @pytest.fixture
@@ -100,6 +104,47 @@ def test_a_folder_is_scored_in_process_with_a_small_package(tiny_package, tmp_pa
     assert [r["file"] for r in read_jsonl(tmp_path / "out" / "rejected.jsonl")] == ["broken.png"]
 
 
+class FakeTorchServeContext:
+    """What the handler reads and sets of TorchServe's Context, for the handler's code path in-process."""
+
+    class Metrics:
+        def add_metric_to_cache(self, name: str, unit: str, dimensions: list[str]):
+            return self
+
+        def add_or_update(self, value: float, dimension_values: list[str]) -> None:
+            pass
+
+    def __init__(self, package_dir: Path, manifest: dict):
+        self.system_properties = {"model_dir": str(package_dir)}
+        self.model_name, self.manifest = manifest["model_name"], {"model": {"modelVersion": manifest["version"]}}
+        self.metrics, self.statuses = self.Metrics(), {}
+
+    def get_all_request_header(self, idx: int) -> dict:
+        return {"Content-Type": "image/png"}
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        pass
+
+    def set_response_status(self, status: int, message: str, idx: int) -> None:
+        self.statuses[idx] = status
+
+
+def test_batch_and_online_answers_are_identical_for_the_same_images_with_a_fake_torchserve_context(tiny_package, tmp_path,
+                                                                                                     monkeypatch):
+    """Batch scoring and the handler (its initialize/handle, in-process) answer every image alike, to the last digit."""
+    images = sorted(tiny_package["raw"].glob("*.png"))  # 20x24: both resize to the model's 16x16
+    summary = score(cfg_for(tmp_path, "score.workers=1"), str(tiny_package["raw"]), tiny_package["out"], out=tmp_path / "out")
+    batch = {p["file"]: p["top_k"] for p in read_jsonl(tmp_path / "out" / "predictions.jsonl")}
+
+    monkeypatch.setenv(MAX_PIXELS_ENV, str(compose([]).serve.max_image_pixels))
+    handler, context = OnnxImageClassifier(), FakeTorchServeContext(tiny_package["out"], tiny_package["manifest"])
+    handler.initialize(context)
+    online = [json.loads(answer) for answer in handler.handle([{"body": image.read_bytes()} for image in images], context)]
+    assert summary["scored"] == len(images) > 30 and context.statuses == {}
+    assert online == [batch[image.name] for image in images]
+    assert len({answer[0]["label"] for answer in online}) > 1
+
+
 def inverted_copies(count: int, folder: Path) -> Path:
     """`count` images of the sample data with black and white swapped: a shifted population."""
     folder.mkdir(parents=True)
@@ -161,6 +206,17 @@ def test_bad_inputs_fail_with_one_clear_error_and_leave_nothing(tiny_package, tm
 
 
 @pytest.mark.slow
+def test_the_score_task_gets_the_s3_secret_with_its_optional_endpoint_like_every_step(tmp_path):
+    out = tmp_path / "score.yaml"
+    compiler.Compiler().compile(score_pipeline(compose([]), "c0ffee"), str(out))
+    _, platform = yaml.safe_load_all(out.read_text())
+    required, optional = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-score-op"]["secretAsEnv"]
+    assert (required["secretName"], required["optional"], optional["secretName"], optional["optional"]) == (
+        "kfp-dvc-template-s3", False, "kfp-dvc-template-s3", True)
+    assert [m["envVar"] for m in required["keyToEnv"]] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+    assert optional["keyToEnv"] == [{"envVar": "AWS_ENDPOINT_URL", "secretKey": "endpoint_url"}]  # SeaweedFS, MinIO: not AWS
+
+
 def test_the_score_pipeline_runs_with_kfp_local(package_dir, samples_with_bad_files, tmp_path, monkeypatch):
     folder, expected = samples_with_bad_files
     cfg = cfg_for(tmp_path)

@@ -33,12 +33,14 @@ from components.core.io import sha256_file, write_json
 from components.core.paths import ROOT
 from components.data.dataset import load_prepared
 from components.deploy import DeployError, deploy
-from components.monitoring.drift import drift_report, load_window
+from components.drift.prediction_log import rotate_log, rotated_logs
+from components.drift.report import drift_report, load_window
+from components.handler.telemetry import MONITOR_INTERVAL_S
 from components.package import build_mar
 from components.packaging.onnx import onnx_logits
-from components.runtime.monitoring import MONITOR_INTERVAL_S, rotate_log, rotated_logs
-from components.serving import server
-from components.serving.torchserve import default_version, list_versions, register, set_default, unregister
+from components.score import score
+from components.torchserve import server
+from components.torchserve.management import default_version, list_versions, register, set_default, unregister
 from tests.helpers.servers import free_ports, prometheus_server
 
 PROMETHEUS_DIR = ROOT / "serve" / "prometheus"
@@ -107,6 +109,21 @@ def test_predictions_match_the_onnx_model_in_process(live):
     untyped_json = requests.post(predict_url(live), data=json.dumps({"instances": pixels[:1].tolist()}), headers=auth(live), timeout=30)
     assert untyped_json.headers["Content-Type"] == "application/json"
     assert untyped_json.json()["predictions"][0][0]["label"] == str(probs[0].argmax())
+
+
+@pytest.mark.slow
+def test_batch_scoring_answers_as_torchserve_does_for_the_same_images(live, tmp_path):
+    """The same PNG files through TorchServe (the .mar's handler) and through batch scoring: identical top-k answers."""
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for i, image in enumerate(load_prepared(live["prepared"]).split("test")[0][:40]):
+        (folder / f"{i:02d}.png").write_bytes(png(image))
+    score(compose([f"events.log_file={tmp_path / 'events.jsonl'}", "score.workers=1"]), str(folder), live["package"], out=tmp_path / "out")
+    records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    batch = {record["file"]: record["top_k"] for record in records}
+    online = {path.name: requests.post(predict_url(live), data=path.read_bytes(), headers=auth(live), timeout=30).json()
+              for path in sorted(folder.iterdir())}
+    assert len(online) == 40 and online == batch
 
 
 BAD_REQUESTS = {

@@ -22,6 +22,7 @@ from components.core.config.compose import compose
 from components.core.paths import ROOT
 from components.core.errors import ConfigError
 from components.prepare import prepare
+from components.training.distributed import torchrun_command
 from pipelines.graph import Build, training_pipeline
 from pipelines.in_pod import IMAGE_COMMIT_ENV
 from pipelines.trainjob import (TrainJobError, await_trainjob, launch_command, run_trainjob, trainjob_for_run, trainjob_template,
@@ -114,6 +115,14 @@ def test_launcher_takes_rank_world_and_rendezvous_from_the_trainer_environment()
     assert command[-4:] == ["-m", "components.train", "--params", "/tmp/w/params.json"]  # the train step itself
     with pytest.raises(ConfigError, match="PET_NODE_RANK, PET_MASTER_PORT not set"):
         launch_command({k: v for k, v in env.items() if k not in ("PET_NODE_RANK", "PET_MASTER_PORT")}, [])
+
+
+def test_one_torchrun_command_for_the_train_step_on_one_node_and_across_the_trainjob_nodes():
+    env = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_NPROC_PER_NODE": "4", "PET_MASTER_ADDR": "node-0", "PET_MASTER_PORT": "29400"}
+    nodes = {"nnodes": "2", "node-rank": "1", "master-addr": "node-0", "master-port": "29400"}
+    assert launch_command(env, ["--out", "m"]) == torchrun_command("components.train", ["--out", "m"], "4", nodes)
+    assert torchrun_command("components.train", ["--out", "m"], 2) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "components.train", "--out", "m"]
 
 
 class FakeKubernetesTrainer:

@@ -36,7 +36,7 @@ def data_hash(dvc_file: Path = ROOT / "data.dvc") -> str:
     return ",".join(out["md5"] for out in outs)
 
 
-def _module_file(module: str) -> Path | None:
+def module_file(module: str) -> Path | None:
     parts = module.split(".")
     for candidate in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py")):
         if candidate.exists():
@@ -65,7 +65,7 @@ def source_files(module: str, code_files: tuple[str, ...] = ()) -> list[str]:
     while todo:
         name = todo.pop()
         for prefix in (".".join(name.split(".")[: i + 1]) for i in range(name.count(".") + 1)):
-            path = _module_file(prefix)
+            path = module_file(prefix)
             if path and path not in seen:
                 seen.add(path)
                 todo.extend(_project_imports(path))
@@ -75,7 +75,7 @@ def source_files(module: str, code_files: tuple[str, ...] = ()) -> list[str]:
 def code_hash(module: str, code_files: tuple[str, ...] = ()) -> str:
     """Hash of the step's source files. Pass the module's `__spec__.name`: under `python -m`,
     `__name__` is "__main__", which names no file."""
-    if _module_file(module) is None:
+    if module_file(module) is None:
         raise ValueError(f"{module!r} is not a module of this project")
     digest = hashlib.sha256()
     for name in source_files(module, code_files):

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from components.core.lifetime import die_with_parent
 from components.core.progress import progress
-from components.runtime.features import FEATURES, image_features
+from components.drift.features import FEATURES, image_features
 
 CHUNK_ROWS = 2048  # large enough to amortise a task's overhead, small enough to balance the cores
 BLOCK_ELEMENTS = 1 << 22  # pixels per block of row_stats: its float32 copies stay at ~16 MB
@@ -57,7 +57,7 @@ def available_cores() -> int:
 class RowStats:
     """Per-image statistics taken while a decoded chunk is still in cache, so nothing reads the
     array again: per-channel pixel sums and sums of squares (exact integers, for the
-    normalisation) and the drift features of components.runtime.features."""
+    normalisation) and the drift features of components.drift.features."""
 
     sums: np.ndarray  # (N, C) uint64
     squares: np.ndarray  # (N, C) uint64
@@ -65,7 +65,7 @@ class RowStats:
 
     @classmethod
     def concat(cls, parts: list[RowStats]) -> RowStats:
-        """The parts' rows one after the other (each feature keeps the dtype components.runtime.features gives it)."""
+        """The parts' rows one after the other (each feature keeps the dtype components.drift.features gives it)."""
         return cls(np.concatenate([p.sums for p in parts]), np.concatenate([p.squares for p in parts]),
                    {name: np.concatenate([p.features[name] for p in parts]) for name in FEATURES})
 

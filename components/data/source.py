@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.core.errors import ConfigError, DataError
+from components.core.remote import download_folder
 
 
 def fetch_data(dest: str | Path, data_path: str, repo: str = "", rev: str = "", uri: str = "") -> Path:
@@ -24,7 +25,7 @@ def fetch_data(dest: str | Path, data_path: str, repo: str = "", rev: str = "", 
     if repo:
         return _from_dvc(repo, rev, data_path, Path(dest) / "data")
     if uri.startswith("s3://"):
-        return _from_s3(uri, Path(dest) / "data")
+        return download_folder(uri, Path(dest) / "data", "pipeline.data.uri")
     folder = Path(uri.removeprefix("file://"))
     if not folder.is_dir():
         raise DataError(f"{uri}: data folder not found (pipeline.data.uri)")
@@ -40,18 +41,4 @@ def _from_dvc(repo: str, rev: str, data_path: str, out: Path) -> Path:
         Repo.get(url=repo, path=data_path, out=str(out), rev=rev or None)
     except (DvcException, DataIndexError) as exc:  # DataIndexError: an object is missing on the remote
         raise DataError(f"{repo}@{rev or 'HEAD'}: cannot fetch {data_path!r} with DVC: {exc}") from None
-    return out
-
-
-def _from_s3(uri: str, out: Path) -> Path:
-    import s3fs
-
-    fs = s3fs.S3FileSystem()
-    prefix = uri.removeprefix("s3://").rstrip("/")
-    try:
-        if not fs.isdir(prefix):
-            raise DataError(f"{uri}: no such S3 prefix (pipeline.data.uri)")
-        fs.get(prefix + "/", str(out) + "/", recursive=True)
-    except PermissionError as exc:
-        raise DataError(f"{uri}: access denied ({exc}); check the S3 credentials") from None
     return out

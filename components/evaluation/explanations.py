@@ -10,8 +10,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from components.drift.features import image_features
 from components.evaluation.report import figure_png, new_figure
-from components.runtime.features import image_features
 
 MIN_PER_OUTCOME = 2  # fewer errors (or correct predictions) than this leave nothing to learn from
 

@@ -3,7 +3,7 @@ signature, onnx.checker, parity with torch, and metadata (signature + lineage) i
 
 The ONNX model takes normalised float32 (N, C, H, W); the preprocessing that produces it
 (decode, colour mode, resize, normalisation) is written in the signature and run by
-serve/handler.py, whose functions the parity check uses too.
+components/handler/handler.py, whose functions the parity check uses too.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from components.core.errors import StepError
+from components.handler.inference import normalize
 from components.model.networks import Normalize, predict_logits
-from components.runtime.inference import normalize
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 

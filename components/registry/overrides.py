@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.registry.tags import git
+from components.core.git import git
 
 TRAILER = "Gate-Override: "
 SUBJECT_KEYS = ("artifact", "version", "stage", "commit")  # what a record must name exactly to cover a promotion

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -15,19 +13,12 @@ import yaml
 from omegaconf import DictConfig
 
 from components.core.errors import StepError
+from components.core.git import GitError, git
 from components.core.paths import ROOT
-from components.serving import server
 
 
 class RegistryError(StepError):
     pass
-
-
-def git(repo: Path, *args: str) -> str:
-    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RegistryError(f"git {' '.join(args)}: {result.stderr.strip()}")
-    return result.stdout.strip()
 
 
 def model_artifact(repo: Path = ROOT) -> tuple[str, str]:
@@ -78,8 +69,11 @@ def stage_holder(stage: str, repo: Path = ROOT) -> dict:
 
 
 def committed_json(repo: Path, commit: str, path: str) -> dict | None:
-    result = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=repo, capture_output=True, text=True)
-    return json.loads(result.stdout) if result.returncode == 0 else None
+    """The JSON file `path` as committed at `commit` (None when it was not)."""
+    try:
+        return json.loads(git(repo, "show", f"{commit}:{path}"))
+    except GitError:
+        return None
 
 
 def fetch_package(commit: str, dest: Path, repo: Path = ROOT) -> Path:
@@ -101,13 +95,6 @@ def fetch_package(commit: str, dest: Path, repo: Path = ROOT) -> Path:
                 "run `dvc push` (`dvc commit` first if `dvc push` reports missing cache files; "
                 "and check the remote's endpoint/credentials)") from None
     return dest
-
-
-def fetch_release(cfg: DictConfig, version: str, commit: str, repo: Path = ROOT) -> Path:
-    """Fetch the package of a registered version from the DVC remote into the serve state folder."""
-    release = server.state_dir(cfg).root / "releases" / version
-    shutil.rmtree(release, ignore_errors=True)
-    return fetch_package(commit, release, repo)
 
 
 def check_gto_stages(cfg: DictConfig, repo: Path = ROOT) -> None:

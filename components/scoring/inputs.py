@@ -5,7 +5,6 @@ prefix, read in chunks. S3 credentials and endpoint come from the environment
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -35,15 +34,3 @@ def read_chunks(fs: AbstractFileSystem, files: list[str], size: int) -> Iterator
         paths = files[start : start + size]
         contents = fs.cat(paths, on_error="return")
         yield paths, [contents.get(path, FileNotFoundError(path)) for path in paths]
-
-
-def download(uri: str, dest: Path) -> Path:
-    """A folder at `uri` (an s3:// prefix) copied to `dest`."""
-    fs, root = fsspec.core.url_to_fs(uri)
-    try:
-        if not fs.isdir(root):
-            raise DataError(f"{uri}: no such S3 prefix (--package)")
-        fs.get(root.rstrip("/") + "/", str(dest) + "/", recursive=True)
-    except PermissionError as exc:
-        raise DataError(f"{uri}: access denied ({exc}); check the S3 credentials") from None
-    return dest

@@ -8,12 +8,20 @@ the gradients. Only rank 0 writes logs, checkpoints and outputs.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+
+def torchrun_command(module: str, args: list[str], processes: int | str, nodes: dict[str, str] | None = None) -> list[str]:
+    """`python -m module args` under torchrun, `processes` per node: on this node alone, or as one of several
+    nodes (`nodes`: torchrun's nnodes, node-rank, master-addr and master-port)."""
+    placement = [f"--{option}={value}" for option, value in nodes.items()] if nodes else ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *placement, f"--nproc-per-node={processes}", "-m", module, *args]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from components.core.config.compose import compose
 from components.core.errors import ConfigError, run_cli
-from components.serving.server import StateDir, config_properties, handler_env
+from components.torchserve.server import StateDir, config_properties, handler_env
 
 HERE = Path(__file__).parent
 CONFIG_FILE = HERE / "config.properties"

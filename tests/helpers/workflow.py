@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.support import run
+from tests.helpers.project import run
 
 EXPRESSION = re.compile(r"\$\{\{\s*([\w.-]+)\s*\}\}")
 

@@ -7,6 +7,7 @@ rewrites the artifact declaration, which follows conf/; the code deps follow the
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import yaml
@@ -14,7 +15,7 @@ import yaml
 from components.core.config.params_file import load_config
 from components.core.errors import ConfigError
 from components.core.io import write_bytes_atomic
-from components.core.lineage import source_files
+from components.core.lineage import module_file, source_files
 from components.core.paths import ROOT
 
 STEP_STAGES = {"config": "components.core.config.__main__", "prepare": "components.prepare", "train": "components.train",
@@ -24,12 +25,18 @@ ARTIFACTS_HEADER = ("# GTO's index of this repository's artifacts, generated fro
                     "# `python -m components.core.config` with `artifacts:` in dvc.yaml; never hand-edited.\n")
 
 
+def declared_code_files(module: str) -> tuple[str, ...]:
+    """The `CODE_FILES` a step declares (a literal tuple), read from its source as its imports are: nothing here
+    imports a step; at run time the step passes them to lineage itself."""
+    for node in ast.parse(module_file(module).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(isinstance(target, ast.Name) and target.id == "CODE_FILES" for target in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
 def stage_code_deps(stage: str) -> list[str]:
     """The code deps dvc.yaml must list for `stage`: the import closure of its module, plus what it ships."""
-    import importlib  # the steps' CODE_FILES are computed (package ships the runtime folder): only the module knows them
-
-    module = importlib.import_module(STEP_STAGES[stage])
-    return source_files(STEP_STAGES[stage], getattr(module, "CODE_FILES", ()))
+    return source_files(STEP_STAGES[stage], declared_code_files(STEP_STAGES[stage]))
 
 
 def write_code_deps(dvc_yaml: Path = ROOT / "dvc.yaml") -> None:

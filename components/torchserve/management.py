@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from components.core.errors import StepError
 from components.core.io import sha256_file
-from components.serving.server import Endpoint, bearer
+from components.torchserve.server import Endpoint, bearer
 
 TIMEOUT_S = 30
 

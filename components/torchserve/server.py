@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from components.core.errors import StepError
 from components.core.paths import ROOT
-from components.runtime.settings import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
+from components.handler.settings import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
 
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 LOG_CONFIG = ROOT / "serve" / "log4j2.xml"
@@ -62,10 +62,11 @@ class StateDir:
     pid_file = property(lambda self: self.root / "tmp" / ".model_server.pid")
     console = property(lambda self: self.root / "logs" / "console.log")
     deploy_log = property(lambda self: self.root / "deployments.jsonl")  # one JSON record per deployment
+    releases = property(lambda self: self.root / "releases")  # packages of registered versions, fetched to be deployed
 
 
 def handler_env(cfg: DictConfig, log_file: Path) -> dict[str, str]:
-    """The handler's settings from conf/serve (components/runtime/settings.py), for the local server and the cluster's."""
+    """The handler's settings from conf/serve (components/handler/settings.py), for the local server and the cluster's."""
     s = cfg.serve
     return {PREDICTION_LOG_ENV: str(log_file), SAMPLE_RATE_ENV: str(s.prediction_log.sample_rate), THREADS_ENV: str(s.onnx_threads),
             LOG_MAX_BYTES_ENV: str(int(s.prediction_log.max_mb * 1e6)), LOG_BACKUPS_ENV: str(s.prediction_log.backups),
@@ -118,15 +119,13 @@ def config_properties(cfg: DictConfig, state: StateDir) -> str:
 
 
 def local_endpoint(cfg: DictConfig, renew: bool = True) -> Endpoint:
-    """The local server's URLs and the keys from its key file. While the server runs, keys that
-    have expired or are about to (KEY_RENEWAL_MARGIN_S, or half their lifetime if shorter) are
-    renewed first: TorchServe answers an expired key with a bare 400."""
+    """The local server's URLs and the keys from its key file, renewed first when expiring (fresh_keys) while it runs."""
     s, state = cfg.serve, state_dir(cfg)
     host = _url_host(s.host)
     management_url = f"http://{host}:{s.management_port}"
     keys = {}
     if state.key_file.exists() and renew and running_pid(cfg):
-        keys = renew_expiring_keys(state.key_file, management_url, min(KEY_RENEWAL_MARGIN_S, s.token_expiration_min * 60 / 2))
+        keys = fresh_keys(state.key_file, management_url, s.token_expiration_min)
     elif state.key_file.exists():
         keys = read_keys(state.key_file)
     return Endpoint(f"http://{host}:{s.inference_port}", management_url,
@@ -146,9 +145,11 @@ def expiring_keys(key_file: Path, margin_s: float) -> list[str]:
             if kind in data and datetime.fromisoformat(data[kind]["expiration time"]) <= horizon]
 
 
-def renew_expiring_keys(key_file: Path, management_url: str, margin_s: float) -> dict[str, str]:
-    """Renew the keys expiring within margin_s with the (never expiring) API key; TorchServe rewrites the key file."""
-    for kind in expiring_keys(key_file, margin_s):
+def fresh_keys(key_file: Path, management_url: str, lifetime_min: float) -> dict[str, str]:
+    """The keys of a TorchServe's key file (the local server's, or one on a volume shared with a remote server), those
+    expiring within KEY_RENEWAL_MARGIN_S (or half their `lifetime_min`, if shorter) renewed first with the never-expiring
+    API key: TorchServe answers an expired key with a bare 400, and writes the new key into the same file."""
+    for kind in expiring_keys(key_file, min(KEY_RENEWAL_MARGIN_S, lifetime_min * 60 / 2)):
         try:
             response = requests.post(f"{management_url}/token", params={"type": kind}, headers=bearer(read_keys(key_file)["API"]),
                                      timeout=10)
@@ -156,7 +157,7 @@ def renew_expiring_keys(key_file: Path, management_url: str, margin_s: float) ->
             raise ServeError(f"the {kind} key in {key_file} has expired and TorchServe is unreachable to renew it ({exc})") from None
         if not response.ok:
             raise ServeError(f"the {kind} key in {key_file} has expired and TorchServe refused to renew it (HTTP {response.status_code}); "
-                             "restart the server: python -m serve down && python -m serve up")
+                             "restart TorchServe (the local one: python -m serve down && python -m serve up)")
     return read_keys(key_file)
 
 

@@ -36,7 +36,9 @@ def probabilities(session: ort.InferenceSession, pixels: np.ndarray, signature: 
     return softmax(session.run(None, {signature["input"]["name"]: normalize(pixels, signature)})[0])
 
 
-def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list[dict]]:
-    """Per row, the k most probable labels with their probabilities, most probable first."""
+def top_k(probs: np.ndarray, signature: dict) -> list[list[dict]]:
+    """Per row, the signature's top-k labels with their probabilities, most probable first."""
+    classes = signature["output"]["classes"]
+    k = min(signature["output"]["top_k"], len(classes))
     return [[{"label": classes[c], "probability": round(row[c], 6)} for c in sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]]
             for row in probs.tolist()]

@@ -1,9 +1,9 @@
 """TorchServe handler: the packaged ONNX model run with onnxruntime.
 
 A request is a PNG/JPEG image, JSON {"instances": [...]} or an Open Inference Protocol (KServe
-v2) tensor (components/runtime/request.py); the answer is the top-k labels with probabilities,
+v2) tensor (components/handler/request.py); the answer is the top-k labels with probabilities,
 or the v2 outputs. A malformed request gets a 4xx and one message, alone: the rest of its batch
-and the worker carry on. The work lives in components/runtime/, which the archive carries.
+and the worker carry on. Its parts live beside it in components/handler/, which the archive carries.
 
 To adapt it, replace one step (override its method); each keeps this contract, so the others
 stay as they are:
@@ -14,7 +14,7 @@ stay as they are:
 - postprocess(parsed, probs, context): one JSON answer per request, statuses set on the context.
 
 handle() only chains them. TorchServe loads the one class a handler file defines. Settings come
-from environment variables set by components/serving/server.py.
+from environment variables set by components/torchserve/server.py.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from components.runtime.inference import create_session, probabilities, top_k
-from components.runtime.monitoring import Monitor, PredictionLog
-from components.runtime.request import FORM_CONTENT_TYPE, ParsedRequest, RequestError, request_images
-from components.runtime.settings import (LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV,
-                                         THREADS_ENV)
+from components.drift.prediction_log import PredictionLog
+from components.handler.inference import create_session, probabilities, top_k
+from components.handler.request import FORM_CONTENT_TYPE, ParsedRequest, RequestError, request_images
+from components.handler.settings import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
+from components.handler.telemetry import Monitor
 
 
 class OnnxImageClassifier:
@@ -38,10 +38,9 @@ class OnnxImageClassifier:
         model_dir = Path(context.system_properties["model_dir"])
         self.signature = json.loads((model_dir / "signature.json").read_text())
         self.classes = self.signature["output"]["classes"]
-        self.top_k = min(self.signature["output"]["top_k"], len(self.classes))
         self.model_name, self.version = context.model_name, context.manifest["model"]["modelVersion"]
         if MAX_PIXELS_ENV not in os.environ:  # fail closed: no limit would let one client stall the worker
-            raise RuntimeError(f"{MAX_PIXELS_ENV} is not set: serve/server.py sets it from serve.max_image_pixels; "
+            raise RuntimeError(f"{MAX_PIXELS_ENV} is not set: components/torchserve/server.py sets it from serve.max_image_pixels; "
                                "a TorchServe started otherwise needs it in its environment")
         self.max_pixels = int(os.environ[MAX_PIXELS_ENV])
         self.session = create_session(model_dir / "model.onnx", int(os.environ.get(THREADS_ENV, "0")))
@@ -94,7 +93,7 @@ class OnnxImageClassifier:
         return [json.dumps(answer) for answer in answers]
 
     def _answer(self, request: ParsedRequest, probs: np.ndarray) -> object:
-        ranked = top_k(probs, self.classes, self.top_k)
+        ranked = top_k(probs, self.signature)
         if request.protocol == "image":
             return ranked[0]
         if request.protocol == "instances":

@@ -1,4 +1,4 @@
-"""The handler's settings: the server that starts TorchServe (components/serving/server.py, or the
+"""The handler's settings: the server that starts TorchServe (components/torchserve/server.py, or the
 Kubernetes manifests) passes them as these environment variables, from conf/serve."""
 
 PREDICTION_LOG_ENV = "SERVE_PREDICTION_LOG"

@@ -21,8 +21,8 @@ from scipy import stats
 
 from components.core.errors import StepError
 from components.core.io import write_bytes_atomic, write_json
-from components.runtime.features import FEATURES
-from components.runtime.monitoring import rotated_logs
+from components.drift.features import FEATURES
+from components.drift.prediction_log import rotated_logs
 
 EPSILON = 1e-4  # stands in for an empty bin, so PSI stays finite
 

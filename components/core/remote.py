@@ -1,0 +1,29 @@
+"""Folders at a URL: an s3:// prefix (credentials and endpoint from the environment: AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), KFP's minio:// artifact URIs, or a local path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.core.errors import DataError
+
+
+def fsspec_url(uri: str) -> str:
+    """KFP names MinIO artifacts minio://bucket/key; fsspec reaches them as s3:// (AWS_ENDPOINT_URL set)."""
+    return "s3://" + uri.removeprefix("minio://") if uri.startswith("minio://") else uri
+
+
+def download_folder(uri: str, dest: str | Path, setting: str) -> Path:
+    """The folder at `uri` copied into `dest`; DataError naming `uri` and the `setting` it came from when
+    there is no such folder or access is denied."""
+    import fsspec  # s3fs and botocore load only for a download
+
+    fs, root = fsspec.core.url_to_fs(fsspec_url(uri))
+    try:
+        if not fs.isdir(root):
+            raise DataError(f"{uri}: no such folder or S3 prefix ({setting})")
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        fs.get(root.rstrip("/") + "/", str(dest) + "/", recursive=True)
+    except PermissionError as exc:
+        raise DataError(f"{uri}: access denied ({exc}); check the S3 credentials") from None
+    return Path(dest)

@@ -1,1 +1,0 @@
-"""monitoring helpers (see docs/architecture.md): drift of live or batch predictions against the training reference."""

@@ -1,1 +1,0 @@
-"""serving helpers (see docs/architecture.md)."""
