@@ -17,7 +17,7 @@ from components.core.paths import ROOT
 
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 # Pages whose blocks are being marked by the owners of ongoing work (issue 21); drop a page from here once marked.
-UNMARKED = {"README.md", "docs/kubeflow.md", "docs/multinode.md", "docs/reproducibility.md"}
+UNMARKED: set[str] = set()
 BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 SOURCE = re.compile(r"<!-- (?:output checked by (tests/test_\w+\.py)(?:::(test_\w+))?|illustrative: \S.*?) -->\s*\Z")
 PATH = re.compile(r"(?<![\w./$-])((?:components|pipelines|serve|bench|tests|conf|docs|\.github|\.ci)/[\w./-]*)(?![{*<\w])")
