@@ -619,8 +619,9 @@ def _wait_for_logged_predictions(live, expected: int) -> None:
     assert _logged_predictions(live) == expected
 
 
-def _drift_cli(live, count: int, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve", "drift", "--package", str(live["package"]), "--out", str(out),
+def _drift_cli(live, count: int, out: Path | None) -> subprocess.CompletedProcess:
+    """`serve drift`; without `out`, its default folder (serve.state_dir/drift)."""
+    return subprocess.run([sys.executable, "-m", "serve", "drift", "--package", str(live["package"]), *(["--out", str(out)] if out else []),
                            *live["overrides"], f"serve.drift.window={count}", f"serve.drift.min_samples={count}"],
                           cwd=ROOT, capture_output=True, text=True)
 
@@ -650,9 +651,13 @@ def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp
     unshifted = drift_report(load_window(log_file, len(pixels)), reference, drift_cfg)
     assert not unshifted["drift"], unshifted
     assert all(f["psi"] < drift_cfg.psi_threshold for f in unshifted["features"].values())
-    result = _drift_cli(live, len(pixels), tmp_path / "unshifted")
+    tracked_before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    result = _drift_cli(live, len(pixels), None)
     assert result.returncode == 0, result.stderr
     assert "no drift" in result.stdout
+    default_out = Path(live["cfg"].serve.state_dir) / "drift"  # runtime output: outside every tracked folder
+    assert json.loads((default_out / "drift.json").read_text())["samples"] == len(pixels)
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout == tracked_before
 
     _send_instances(live, np.clip(pixels * 0.5 + 110, 0, 255))  # washed out: brighter, half the contrast
     shifted = drift_report(load_window(log_file, len(pixels)), reference, drift_cfg)
