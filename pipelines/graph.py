@@ -52,15 +52,35 @@ def sections_json(cfg: DictConfig, sections: tuple[str, ...]) -> str:
     return json.dumps(OmegaConf.to_container(select(cfg, sections), resolve=True), sort_keys=True)
 
 
+DATA_PARAMETERS = {
+    "data_repo": "git URL of the project: prepare fetches the data its data.dvc names at data_rev (pipeline.data.repo)",
+    "data_rev": "git revision of data_repo whose data.dvc names the data (pipeline.data.rev)",
+    "data_uri": "instead of data_repo: s3://bucket/prefix holding the raw data (pipeline.data.uri)",
+}
+
+
 def run_parameters(cfg: DictConfig, data: dict) -> inspect.Signature:
     """The training pipeline's typed run parameters, defaults from `cfg`: the data (`data`), the train step's
-    (RUN_PARAMETERS), every key of the gate policy (from its schema) and whether to deploy."""
-    typed = {name: (str, data[name]) for name in ("data_repo", "data_rev", "data_uri")}
+    (RUN_PARAMETERS), every key of the gate policy (from its schema) and, when a deploy target was compiled
+    in (pipeline.deploy.enabled), whether to deploy."""
+    typed = {name: (str, data[name]) for name in DATA_PARAMETERS}
     typed |= {name: (type(OmegaConf.select(cfg, key)), OmegaConf.select(cfg, key)) for name, key in RUN_PARAMETERS.items()}
     typed |= {name: (kind, kind(OmegaConf.select(cfg, key))) for name, (key, kind) in gate_parameters().items()}
-    typed["deploy"] = (bool, cfg.pipeline.deploy.enabled)
+    if cfg.pipeline.deploy.enabled:
+        typed["deploy"] = (bool, True)
     return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
                               for name, (kind, default) in typed.items()])
+
+
+def run_parameter_docs(cfg: DictConfig, summary: str) -> str:
+    """The pipeline's docstring: `summary` and an `Args:` section, which KFP turns into each run parameter's
+    description in the UI."""
+    described = dict(DATA_PARAMETERS)
+    described |= {name: f"{key} of conf/ (the train step)" for name, key in RUN_PARAMETERS.items()}
+    described |= {name: f"{key} of the gate policy (conf/gate)" for name, (key, _) in gate_parameters().items()}
+    if cfg.pipeline.deploy.enabled:
+        described["deploy"] = f"deploy the package to the TorchServe at {cfg.pipeline.deploy.management_url} once the gate opens"
+    return f"{summary}\n\nArgs:\n" + "".join(f"    {name}: {text}\n" for name, text in described.items())
 
 
 def _with_cluster_settings(task: PipelineTask, b: Build, resources: DictConfig, gpu: bool = False, retries: bool = True,
@@ -147,10 +167,13 @@ def _trainjob(b: Build, config: str, prepare: PipelineTask, run: dict) -> Pipeli
 
 
 def _package_and_deploy(b: Build, gate: PipelineTask, prepare: PipelineTask, train: PipelineTask, deploy_enabled) -> None:
+    """package after the gate; deploy when the `deploy` run parameter says so (no deploy task without a compiled target)."""
     p, d = b.cfg.pipeline, b.cfg.pipeline.deploy
     package = package_op(config=sections_json(b.cfg, package_step.SECTIONS), expected_commit=b.commit,
                          prepared=prepare.outputs["prepared"], model=train.outputs["model"]).after(gate)
     _with_cluster_settings(package, b, p.resources).set_display_name("package")
+    if deploy_enabled is None:
+        return
     on_volume = bool(d.model_store_pvc)
     with dsl.If(deploy_enabled == True, name="deploy-enabled"):  # noqa: E712 (a KFP condition)
         deploy = deploy_op(config=sections_json(b.cfg, DEPLOY_SECTIONS), expected_commit=b.commit,
@@ -193,10 +216,11 @@ def training_pipeline(cfg: DictConfig, commit: str, data: dict, retries: bool = 
             prepare, train, evaluate = _steps_to_evaluate(b, configs, data_args, {key: parameters[key] for key in RUN_PARAMETERS})
             closed = gate_op(expected_commit=commit, reports=evaluate.outputs["reports"], **{k: parameters[k] for k in gate_parameters()})
             _with_cluster_settings(closed, b, p.resources, retries=False).set_display_name("gate")
-            _package_and_deploy(b, closed, prepare, train, parameters["deploy"])
+            _package_and_deploy(b, closed, prepare, train, parameters.get("deploy"))
 
-    pipeline.__signature__ = signature
-    return dsl.pipeline(name=p.name, description="prepare -> train -> evaluate -> gate (conf/gate) -> package -> deploy")(pipeline)
+    summary = "prepare -> train -> evaluate -> gate (conf/gate) -> package" + (" -> deploy" if p.deploy.enabled else "")
+    pipeline.__signature__, pipeline.__doc__ = signature, run_parameter_docs(cfg, summary)
+    return dsl.pipeline(name=p.name, description=summary)(pipeline)
 
 
 def sweep_pipeline(cfg: DictConfig, trials: list[tuple[str, DictConfig]], commit: str, data: dict, retries: bool = True):

@@ -108,6 +108,14 @@ def test_compiled_spec_names_images_by_commit_and_carries_cluster_settings(tmp_p
     assert spec["root"]["dag"]["tasks"]["record-outcome-op"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
 
 
+def test_without_a_deploy_target_there_is_no_deploy_toggle_and_no_deploy_task(tmp_path):
+    spec, _ = compiled(tmp_path, "pipeline.deploy.enabled=false")
+    assert "deploy" not in spec["root"]["inputDefinitions"]["parameters"]
+    tasks = tasks_of(spec)
+    assert "package-op" in tasks and not {name for name in tasks if name.startswith(("deploy", "condition"))}
+    assert spec["pipelineInfo"]["description"].endswith("-> package")
+
+
 def test_without_gpus_train_gets_no_gpu_scheduling_and_the_cpu_image(tmp_path):
     spec, k8s = compiled(tmp_path, "pipeline.train.accelerator_count=0")
     train = spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]
@@ -125,6 +133,10 @@ def test_run_parameters_are_typed_and_each_step_gets_only_its_config_sections(tm
         "min_accuracy": "NUMBER_DOUBLE", "max_equalized_odds_difference": "NUMBER_DOUBLE", "min_group_size": "NUMBER_INTEGER",
         "on_inconclusive": "STRING", "deploy": "BOOLEAN"}
     assert "config" not in parameters and parameters["min_accuracy"]["defaultValue"] == compose([]).gate.quality.min_accuracy
+    assert all(p.get("description") for p in parameters.values()), "every run parameter is described in the UI"
+    assert parameters["lr"]["description"] == "train.lr of conf/ (the train step)"
+    assert parameters["min_accuracy"]["description"] == "gate.quality.min_accuracy of the gate policy (conf/gate)"
+    assert "http://torchserve.serving:8081" in parameters["deploy"]["description"]
     tasks = tasks_of(spec)
     assert tasks["gate-op"]["inputs"]["parameters"]["min_accuracy"] == {"componentInputParameter": "pipelinechannel--min_accuracy"}
     assert tasks["train-op"]["inputs"]["parameters"]["epochs"] == {"componentInputParameter": "pipelinechannel--epochs"}
