@@ -213,6 +213,12 @@ HOSTILE_REQUESTS = {  # kind: (requests.post arguments, status, message)
                                       400, "inputs[0].shape must be [N, 1, 32, 32]"),
     "invalid UTF-8 as application/json": ({"data": b"{\xff\xfe}", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
     "16 megapixel PNG": ("16 megapixels", 413, "image is 4000x3999 = 15996000 pixels, more than the server's limit of 1000000"),
+    "200 instances in 600 kB": ({"data": json.dumps({"instances": np.random.default_rng(0).integers(0, 10, (200, 1, 32, 32)).tolist()}),
+                                 "headers": {"Content-Type": "application/json"}}, 413,
+                                "JSON body holds 204800 values, more than the server's limit of 32 images of 1x32x32 values "
+                                "(serve.max_instances)"),
+    "v2 tensor of 1000 images": ({"json": {"inputs": [{"name": "image", "shape": [1000, 1, 32, 32], "datatype": "UINT8", "data": []}]}},
+                                 413, "request carries 1000 images, more than the server's limit of 32 (serve.max_instances)"),
 }
 
 
@@ -602,9 +608,10 @@ def _logged_predictions(live, settle: bool = False) -> int:
     return sum(_line_count(path) for path in [log_file, *rotated_logs(log_file)])
 
 
-def _send_instances(live, pixels: np.ndarray, chunk: int = 40) -> None:
+def _send_instances(live, pixels: np.ndarray) -> None:
     """Sends the images and waits until the worker's monitoring thread has logged them all."""
     expected = _logged_predictions(live, settle=True) + len(pixels)
+    chunk = live["cfg"].serve.max_instances
     for i in range(0, len(pixels), chunk):
         response = requests.post(predict_url(live), json={"instances": pixels[i : i + chunk].tolist()}, headers=auth(live), timeout=60)
         assert response.status_code == 200
