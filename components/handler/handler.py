@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.drift.prediction_log import PredictionLog
+from components.drift.prediction_log import LogWriter, PredictionLog
 from components.handler.inference import create_session, probabilities, top_k
 from components.handler.request import FORM_CONTENT_TYPE, ParsedRequest, RequestError, RequestLimits, request_images
 from components.handler.settings import (
@@ -51,8 +51,8 @@ class OnnxImageClassifier:
         self.session = create_session(model_dir / "model.onnx", int(os.environ.get(THREADS_ENV, "0")))
         reference = json.loads((model_dir / "reference_stats.json").read_text())["features"]
         log_file = os.environ.get(PREDICTION_LOG_ENV)
-        log = PredictionLog(Path(log_file), float(os.environ[SAMPLE_RATE_ENV]), int(os.environ[LOG_MAX_BYTES_ENV]),
-                            int(os.environ[LOG_BACKUPS_ENV])) if log_file else None
+        log = LogWriter(PredictionLog(Path(log_file), float(os.environ[SAMPLE_RATE_ENV]), int(os.environ[LOG_MAX_BYTES_ENV]),
+                                      int(os.environ[LOG_BACKUPS_ENV]))) if log_file else None
         self.monitor = Monitor(context.metrics, self.model_name, self.version, self.classes,
                                {name: (h["edges"][0], h["edges"][-1]) for name, h in reference.items()}, log)
         self.monitor.start()
