@@ -12,8 +12,8 @@ a server with the configured limit and once with the limit raised to 16,000,000 
 the limit, the server decoded such images).
 
 --attack json: 4 clients sending the valid sample (the baseline here: equal valid load), JSON
-bodies of 200 instances (~600 kB; refused before parsing) and JSON bodies of serve.max_instances
-instances (the most a request may carry); the ratio is p50 beside them / p50 beside the valid
+bodies of 200 instances (~600 kB; refused before parsing) and JSON bodies of the configured
+serve.max_instances instances (the most a request may carry); the ratio is p50 beside them / p50 beside the valid
 sample. Run once with the configured serve.max_instances and once with it raised to 1,000
 (before the limit, the server parsed and answered 200 instances).
 
@@ -128,7 +128,7 @@ def run(package_dir: Path, overrides: list[str], attack: str, raised: bool, roun
             if attack == "images":
                 bodies, attackers = attacks(sample, cfg.serve.max_image_pixels), ATTACKERS
             else:
-                bodies, attackers = json_attacks(sample, cfg.serve.max_instances, image_shape), JSON_ATTACKERS
+                bodies, attackers = json_attacks(sample, compose(overrides).serve.max_instances, image_shape), JSON_ATTACKERS
             p50s, alone, statuses = {name: [] for name in bodies}, [], {name: {} for name in bodies}
             for _ in range(rounds):
                 alone.append(p50_ms(url, sample, headers, count))
