@@ -171,6 +171,8 @@ def drift(cfg, args) -> None:
         print(f"  {name:<10} PSI {f['psi']:.4f}  KS {f['ks_statistic']:.4f}  {'DRIFT' if f['drifted'] else 'ok'}")
     classes = report["predicted_classes"]
     print(f"  {'classes':<10} PSI {classes['psi']:.4f}              {'DRIFT' if classes['drifted'] else 'ok'}")
+    if report["skipped_lines"]:
+        print(f"serve: skipped {report['skipped_lines']} malformed lines of {log_file} (half-written: a full disk or a killed worker)")
     print(f"serve: {'drift detected' if report['drift'] else 'no drift'} in the last {report['samples']} logged predictions "
           f"-> {out}/drift.json, {out}/drift.html")
     if report["drift"]:

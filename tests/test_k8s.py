@@ -74,6 +74,7 @@ def test_manifests_wire_config_volume_probes_and_policy_together():
     config = docs["torchserve-config"]["data"]["config.properties"]
     assert container["envFrom"] == [{"configMapRef": {"name": "torchserve-handler"}}]
     assert docs["torchserve-handler"]["data"]["SERVE_MAX_IMAGE_PIXELS"] == str(compose([]).serve.max_image_pixels)
+    assert docs["torchserve-handler"]["data"]["SERVE_MAX_INSTANCES"] == str(compose([]).serve.max_instances)
     assert "disable_token_authorization=false" in config and "enable_model_api=true" in config
     assert "model_store=/mnt/torchserve/model-store" in config and container["workingDir"] == "/mnt/torchserve/state"
     cfg = compose([])

@@ -115,6 +115,7 @@ def test_manifests_and_storage_config_agree_with_conf_serve():
     assert config["disable_token_authorization"] == "false"
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["SERVE_MAX_IMAGE_PIXELS"] == str(s.max_image_pixels) and env["SERVE_PREDICTION_LOG"].startswith(container["workingDir"])
+    assert env["SERVE_MAX_INSTANCES"] == str(s.max_instances)
 
 
 def test_the_kserve_files_are_generated_from_conf_serve():

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components.handler import request
 from components.handler.inference import create_session, probabilities, top_k
-from components.handler.request import RequestError, request_images
+from components.handler.request import RequestError, RequestLimits, request_images
+
+LIMITS = RequestLimits(max_image_pixels=1_000_000, max_instances=32)
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -28,11 +31,11 @@ def signature(tiny_package) -> dict:
 
 def test_images_instances_and_v2_tensors_become_the_same_pixels(tiny_package, signature):
     sample = tiny_package["manifest"]["samples"][0]
-    image = request_images({"body": (tiny_package["out"] / sample["file"]).read_bytes()}, signature, 1_000_000)
+    image = request_images({"body": (tiny_package["out"] / sample["file"]).read_bytes()}, signature, LIMITS)
     assert image.protocol == "image" and image.pixels.shape == (1, 1, 16, 16) and image.pixels.dtype == np.float32
-    instances = request_images({"body": json.dumps({"instances": image.pixels.tolist()}).encode()}, signature, 1_000_000)
+    instances = request_images({"body": json.dumps({"instances": image.pixels.tolist()}).encode()}, signature, LIMITS)
     v2 = request_images({"body": {"id": "7", "inputs": [{"name": "image", "shape": [1, 1, 16, 16], "datatype": "UINT8",
-                                                         "data": image.pixels.astype(int).ravel().tolist()}]}}, signature, 1_000_000)
+                                                         "data": image.pixels.astype(int).ravel().tolist()}]}}, signature, LIMITS)
     assert (instances.protocol, v2.protocol, v2.request_id) == ("instances", "v2", "7")
     assert np.array_equal(instances.pixels, image.pixels) and np.array_equal(v2.pixels, image.pixels)
 
@@ -57,9 +60,46 @@ def test_images_instances_and_v2_tensors_become_the_same_pixels(tiny_package, si
     ({"body": {"inputs": [{"name": "image", "shape": [1, 1, 16, 16], "datatype": "UINT8", "data": [0.5] * 256}]}}, 400,
      "UINT8 values must be whole numbers"),
     ({"body": png(np.zeros((1001, 1000), np.uint8))}, 413, "image is 1000x1001 = 1001000 pixels, more than the server's limit of 1000000"),
+    ({"body": json.dumps({"instances": [[]] * 33}).encode()}, 413, "request carries 33 images, more than the server's limit of 32 "
+     "(serve.max_instances)"),
+    ({"body": {"inputs": [{"name": "image", "shape": [10**9, 1, 16, 16], "datatype": "UINT8", "data": []}]}}, 413,
+     "request carries 1000000000 images, more than the server's limit of 32 (serve.max_instances)"),
 ], ids=["empty", "two fields", "not an image", "nested brackets", "invalid UTF-8", "numbers as strings", "wrong size",
-        "v2 datatype", "v2 fractional shape", "v2 fractional UINT8", "too many pixels"])
+        "v2 datatype", "v2 fractional shape", "v2 fractional UINT8", "too many pixels", "too many instances", "v2 too many images"])
 def test_a_malformed_request_is_one_error_with_its_status(signature, row, status, message):
     with pytest.raises(RequestError) as err:
-        request_images(row, signature, 1_000_000)
+        request_images(row, signature, LIMITS)
     assert err.value.status == status and message in str(err.value)
+
+
+def test_a_json_body_with_more_values_than_its_images_can_hold_is_refused_before_it_is_parsed(signature, monkeypatch):
+    monkeypatch.setattr(request, "parse_json", lambda body: pytest.fail("the body was parsed"))
+    instances = {"instances": np.zeros((200, 1, 16, 16), int).tolist()}
+    v2 = {"inputs": [{"name": "image", "shape": [200, 1, 16, 16], "datatype": "UINT8", "data": [0] * 200 * 256}]}
+    for body in (json.dumps(instances).encode(), json.dumps(v2)):
+        with pytest.raises(RequestError) as err:
+            request_images({"body": body}, signature, LIMITS)
+        assert err.value.status == 413
+        assert str(err.value).startswith("JSON body holds 51")
+        assert str(err.value).endswith("values, more than the server's limit of 32 images of 1x16x16 values (serve.max_instances)")
+
+
+def test_the_pixels_of_all_instances_count_against_the_pixel_limit(signature):
+    three_images = RequestLimits(max_image_pixels=3 * 256, max_instances=32)
+    with pytest.raises(RequestError) as err:
+        request_images({"body": json.dumps({"instances": np.zeros((4, 1, 16, 16), int).tolist()}).encode()}, signature, three_images)
+    assert err.value.status == 413 and str(err.value) == ("JSON body holds 1024 values, more than the server's limit of 3 images of "
+                                                          "1x16x16 values (serve.max_image_pixels)")
+    with pytest.raises(RequestError) as err:
+        request_images({"body": {"instances": [[]] * 4}}, signature, three_images)
+    assert err.value.status == 413 and str(err.value) == ("request carries 4 images of 16x16, 1024 pixels in all, more than the "
+                                                          "server's limit of 768 (serve.max_image_pixels)")
+
+
+def test_requests_at_the_limits_are_answered(signature):
+    pixels = np.random.default_rng(0).integers(0, 255, (32, 1, 16, 16))
+    v2 = {"id": "a, b, c", "parameters": {"note": "x"}, "inputs": [{"name": "image", "shape": [32, 1, 16, 16], "datatype": "FP32",
+                                                                    "data": (pixels + 0.25).tolist()}]}
+    for body, protocol in (({"instances": pixels.tolist()}, "instances"), (v2, "v2")):
+        parsed = request_images({"body": json.dumps(body, indent=1).encode()}, signature, LIMITS)
+        assert parsed.protocol == protocol and parsed.pixels.shape == (32, 1, 16, 16)

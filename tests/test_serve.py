@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -33,7 +34,7 @@ from components.core.io import sha256_file, write_json
 from components.core.paths import ROOT
 from components.data.dataset import load_prepared
 from components.deploy import DeployError, deploy
-from components.drift.prediction_log import rotate_log, rotated_logs
+from components.drift.prediction_log import MAX_QUEUED_LINES, rotate_log, rotated_logs
 from components.drift.report import drift_report, load_window
 from components.handler.telemetry import MONITOR_INTERVAL_S
 from components.package import build_mar
@@ -213,6 +214,12 @@ HOSTILE_REQUESTS = {  # kind: (requests.post arguments, status, message)
                                       400, "inputs[0].shape must be [N, 1, 32, 32]"),
     "invalid UTF-8 as application/json": ({"data": b"{\xff\xfe}", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
     "16 megapixel PNG": ("16 megapixels", 413, "image is 4000x3999 = 15996000 pixels, more than the server's limit of 1000000"),
+    "200 instances in 600 kB": ({"data": json.dumps({"instances": np.random.default_rng(0).integers(0, 10, (200, 1, 32, 32)).tolist()}),
+                                 "headers": {"Content-Type": "application/json"}}, 413,
+                                "JSON body holds 204800 values, more than the server's limit of 32 images of 1x32x32 values "
+                                "(serve.max_instances)"),
+    "v2 tensor of 1000 images": ({"json": {"inputs": [{"name": "image", "shape": [1000, 1, 32, 32], "datatype": "UINT8", "data": []}]}},
+                                 413, "request carries 1000 images, more than the server's limit of 32 (serve.max_instances)"),
 }
 
 
@@ -602,9 +609,10 @@ def _logged_predictions(live, settle: bool = False) -> int:
     return sum(_line_count(path) for path in [log_file, *rotated_logs(log_file)])
 
 
-def _send_instances(live, pixels: np.ndarray, chunk: int = 40) -> None:
+def _send_instances(live, pixels: np.ndarray) -> None:
     """Sends the images and waits until the worker's monitoring thread has logged them all."""
     expected = _logged_predictions(live, settle=True) + len(pixels)
+    chunk = live["cfg"].serve.max_instances
     for i in range(0, len(pixels), chunk):
         response = requests.post(predict_url(live), json={"instances": pixels[i : i + chunk].tolist()}, headers=auth(live), timeout=60)
         assert response.status_code == 200
@@ -634,11 +642,11 @@ def test_prediction_log_rotation_keeps_the_newest_files_and_drift_reads_across_t
         if log_file.stat().st_size > 50:
             rotate_log(log_file, 50, backups=2)
     assert [path.name for path in rotated_logs(log_file)] == ["predictions.jsonl.1", "predictions.jsonl.2"]
-    kept = [record["i"] for record in load_window(log_file, 1000)]
+    kept = [record["i"] for record in load_window(log_file, 1000)[0]]
     assert 10 < len(kept) < 100 and kept == list(range(100 - len(kept), 100))  # the newest, in order, none missing
-    assert [record["i"] for record in load_window(log_file, 15)] == list(range(85, 100))
+    assert load_window(log_file, 15) == ([{"i": i} for i in range(85, 100)], 0)
     rotate_log(log_file, 0, backups=3)  # just rotated: no current file until the next write
-    assert not log_file.exists() and [record["i"] for record in load_window(log_file, 15)] == list(range(85, 100))
+    assert not log_file.exists() and load_window(log_file, 15) == ([{"i": i} for i in range(85, 100)], 0)
 
 
 @pytest.mark.slow
@@ -648,7 +656,7 @@ def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp
     log_file, drift_cfg = server.prediction_log(live["cfg"]), live["cfg"].serve.drift
 
     _send_instances(live, pixels)
-    unshifted = drift_report(load_window(log_file, len(pixels)), reference, drift_cfg)
+    unshifted = drift_report(load_window(log_file, len(pixels))[0], reference, drift_cfg)
     assert not unshifted["drift"], unshifted
     assert all(f["psi"] < drift_cfg.psi_threshold for f in unshifted["features"].values())
     tracked_before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
@@ -660,7 +668,7 @@ def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp
     assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout == tracked_before
 
     _send_instances(live, np.clip(pixels * 0.5 + 110, 0, 255))  # washed out: brighter, half the contrast
-    shifted = drift_report(load_window(log_file, len(pixels)), reference, drift_cfg)
+    shifted = drift_report(load_window(log_file, len(pixels))[0], reference, drift_cfg)
     assert shifted["drift"] and shifted["features"]["brightness"]["drifted"] and shifted["features"]["contrast"]["drifted"]
     assert shifted["features"]["brightness"]["ks_statistic"] > 0.5
     result = _drift_cli(live, len(pixels), tmp_path / "shifted")
@@ -669,6 +677,59 @@ def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp
     assert saved["drift"] and saved["samples"] == len(pixels)
     page = (tmp_path / "shifted" / "drift.html").read_text()
     assert "Drift detected" in page and "data:image/png;base64," in page and "http" not in page.replace("http-equiv", "")
+
+
+@contextlib.contextmanager
+def rotation_lock_held(log_file: Path) -> Iterator[None]:
+    """What another worker rotating the log holds (components/drift/prediction_log.py rotate_log)."""
+    with open(log_file.with_name(log_file.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.mark.slow
+def test_with_the_prediction_log_locked_metrics_keep_counting_and_the_worker_drops_lines_instead_of_growing(live):
+    """With the log's rotation lock held, the worker's writer waits once the log outgrows live's serve.prediction_log.max_mb;
+    before, monitoring waited with it: metrics froze and every request's pixels piled up in the worker."""
+    images = np.array(load_prepared(live["prepared"]).split("test")[0][: live["cfg"].serve.max_instances]).tolist()
+    log_file, max_bytes = server.prediction_log(live["cfg"]), live["cfg"].serve.prediction_log.max_mb * 1e6
+    worker = psutil.Process(worker_pids(live)[0])
+    time.sleep(2 * MONITOR_INTERVAL_S)  # earlier requests are counted and logged by now
+    predicted, dropped = _metric_total(live, "PredictionsTotal"), _metric_total(live, "PredictionLogDroppedTotal")
+    memory, sent = worker.memory_info().rss, 0
+    with rotation_lock_held(log_file), requests.Session() as session:
+
+        def send(count: int) -> int:
+            for _ in range(count):
+                assert session.post(predict_url(live), json={"instances": images}, headers=auth(live), timeout=30).status_code == 200
+            return count * len(images)
+
+        while not log_file.exists() or log_file.stat().st_size <= max_bytes:
+            sent += send(1)
+            time.sleep(0.05)
+        time.sleep(2 * MONITOR_INTERVAL_S)  # the writer now waits for the lock, to rotate the log
+        logged = _logged_predictions(live)
+        burst = send((MAX_QUEUED_LINES + 5000) // len(images))
+        time.sleep(2 * MONITOR_INTERVAL_S)
+        assert _metric_total(live, "PredictionsTotal") - predicted == sent + burst
+        assert _metric_total(live, "PredictionLogDroppedTotal") - dropped >= burst - MAX_QUEUED_LINES
+        assert _logged_predictions(live) == logged
+        assert worker.memory_info().rss - memory < 40e6  # the pixels of 15,000 images alone are 60 MB
+    _send_instances(live, np.array(images))  # the lock released, logging goes on
+
+
+@pytest.mark.slow
+def test_serve_drift_skips_a_half_written_line_and_says_so(live, tmp_path):
+    """What a write cut short by a full disk leaves (tests/test_monitoring.py makes a real one)."""
+    with open(server.prediction_log(live["cfg"]), "a") as log:
+        log.write('{"time": "2026-12-03T14:20:01.\n')
+    _send_instances(live, np.array(load_prepared(live["prepared"]).split("test")[0][:100]))
+    result = subprocess.run([sys.executable, "-m", "serve", "drift", "--package", str(live["package"]), "--out", str(tmp_path / "drift"),
+                             *live["overrides"], "serve.drift.window=101", "serve.drift.min_samples=100"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode in (0, 1), result.stderr  # no drift, or drift: judged either way
+    assert "serve: skipped 1 malformed lines of" in result.stdout
+    assert json.loads((tmp_path / "drift" / "drift.json").read_text())["skipped_lines"] == 1
 
 
 @pytest.mark.slow

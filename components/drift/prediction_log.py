@@ -1,13 +1,23 @@
 """The prediction log: JSON lines the serving handler appends (a sampled fraction of what it saw)
 and the drift report and batch scoring read, rotated by size into <file>.1, <file>.2, ...
+The handler hands its lines to a LogWriter, whose own thread writes them: a log that cannot keep up
+costs dropped lines (counted), never memory nor the request path's time.
 Standard library only: the TorchServe archive carries this file."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+MAX_QUEUED_LINES = 10_000  # ~2.5 MB: several seconds of a busy worker's predictions, all of them logged
+ERROR_REPORT_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -45,12 +55,77 @@ def rotate_log(log_file: Path, max_bytes: int, backups: int) -> None:
 
 
 def append_lines(log: PredictionLog, lines: str) -> None:
-    """One O_APPEND write: lines from several workers never interleave."""
+    """One O_APPEND write: lines from several workers never interleave. OSError when not all of it was written."""
+    data = lines.encode()
     fd = os.open(log.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, lines.encode())
+        written = os.write(fd, data)
         size = os.fstat(fd).st_size
     finally:
         os.close(fd)
+    if written < len(data):  # a full disk (or file size limit) takes what fits
+        raise OSError(f"wrote {written} of {len(data)} bytes")
     if size > log.max_bytes:
         rotate_log(log.file, log.max_bytes, log.backups)
+
+
+class LogWriter:
+    """Appends lines to the prediction log on its own thread, so whatever holds the log up (another worker holding
+    the rotation lock, a slow or full disk) holds up only that thread. At most `capacity` lines wait; lines beyond
+    that, and the lines of a failed write, are dropped and counted (take_dropped), never accumulated. A failing
+    write is logged once per `error_interval_s`, in one line."""
+
+    def __init__(self, log: PredictionLog, capacity: int = MAX_QUEUED_LINES, error_interval_s: float = ERROR_REPORT_INTERVAL_S):
+        self.log, self.capacity, self.error_interval_s = log, capacity, error_interval_s
+        self.waiting: queue.Queue[str] = queue.Queue(capacity)
+        self.dropped, self.dropped_lock = 0, threading.Lock()
+        self.failures, self.last_report = 0, -error_interval_s
+        self.broken_line = False  # a failed write may have left half a line: the next write starts a new one
+
+    def start(self) -> None:
+        threading.Thread(target=self._run_forever, name="prediction-log", daemon=True).start()
+
+    def offer(self, lines: list[str]) -> None:
+        """Queue `lines` (each ending in a newline) without waiting; those that do not fit are dropped."""
+        for i, line in enumerate(lines):
+            try:
+                self.waiting.put_nowait(line)
+            except queue.Full:
+                self._count_dropped(len(lines) - i)
+                return
+
+    def take_dropped(self) -> int:
+        """Lines dropped since the last call."""
+        with self.dropped_lock:
+            dropped, self.dropped = self.dropped, 0
+        return dropped
+
+    def _count_dropped(self, count: int) -> None:
+        with self.dropped_lock:
+            self.dropped += count
+
+    def _run_forever(self) -> None:
+        while True:
+            self.write_waiting(self.waiting.get())
+
+    def write_waiting(self, first: str) -> None:
+        """`first` and every line waiting behind it, in one write."""
+        lines = [first]
+        with contextlib.suppress(queue.Empty):
+            while len(lines) < self.capacity:
+                lines.append(self.waiting.get_nowait())
+        try:
+            append_lines(self.log, ("\n" if self.broken_line else "") + "".join(lines))
+            self.broken_line = False
+        except OSError as exc:
+            self.broken_line = True
+            self._count_dropped(len(lines))
+            self._report(exc)
+
+    def _report(self, exc: OSError) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        if now - self.last_report >= self.error_interval_s:
+            logging.warning("prediction log %s: %d failed writes in the last %.0f s, their lines dropped "
+                            "(PredictionLogDroppedTotal); last: %s", self.log.file, self.failures, self.error_interval_s, exc)
+            self.failures, self.last_report = 0, now

@@ -31,22 +31,30 @@ class DriftError(StepError):
     pass
 
 
-def load_window(log_file: Path, window: int) -> list[dict]:
-    """The last `window` records of the prediction log, reading its rotated files as needed."""
+def load_window(log_file: Path, window: int) -> tuple[list[dict], int]:
+    """The records among the last `window` lines of the prediction log, reading its rotated files as needed, and how
+    many of those lines were skipped: not a JSON object (half-written by a worker that hit a full disk or was killed)."""
     files = [path for path in [log_file, *rotated_logs(log_file)] if path.exists()]  # none current just after a rotation
     if not files:
         raise DriftError(f"{log_file}: no prediction log (is serve.prediction_log.sample_rate above 0 and the model serving?)")
     records: list[dict] = []
+    read = 0
     for path in files:
-        with open(path) as f:
-            lines = [line for line in deque(f, maxlen=window - len(records)) if line.strip()]
-        try:
-            records = [json.loads(line) for line in lines] + records
-        except json.JSONDecodeError as exc:
-            raise DriftError(f"{path}: a line in the last {window} records is not JSON ({exc})") from None
-        if len(records) >= window:
+        with open(path, errors="replace") as f:
+            lines = [line for line in deque(f, maxlen=window - read) if line.strip()]
+        read += len(lines)
+        records = [record for record in map(_record, lines) if record is not None] + records
+        if read >= window:
             break
-    return records
+    return records, read - len(records)
+
+
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -97,8 +105,8 @@ def check_drift(cfg: DictConfig, log_file: Path, reference_file: Path, out_dir: 
     if not reference_file.exists():
         raise DriftError(f"{reference_file}: no reference statistics; run the package step first")
     reference = json.loads(reference_file.read_text())
-    records = load_window(log_file, cfg.serve.drift.window)
-    report = drift_report(records, reference, cfg.serve.drift)
+    records, skipped = load_window(log_file, cfg.serve.drift.window)
+    report = {**drift_report(records, reference, cfg.serve.drift), "skipped_lines": skipped}
     write_json(out_dir / "drift.json", report)
     write_bytes_atomic(out_dir / "drift.html", render_html(report, reference, records).encode())
     return report
@@ -142,7 +150,8 @@ def render_html(report: dict, reference: dict, records: list[dict]) -> str:
 .bad{{background:#fdd}} .ok{{background:#efe}}</style></head><body>
 <h1>{verdict}</h1>
 <p>{report['samples']} logged predictions from {html.escape(str(report['first']))} to {html.escape(str(report['last']))},
-model version(s) {html.escape(', '.join(report['model_versions']))}. Thresholds: {html.escape(json.dumps(report['thresholds']))}.</p>
+model version(s) {html.escape(', '.join(report['model_versions']))}. Thresholds: {html.escape(json.dumps(report['thresholds']))}.
+{report.get('skipped_lines', 0)} malformed lines of the log skipped.</p>
 <table><tr><th>input feature</th><th>PSI</th><th>KS statistic</th><th>KS p-value</th><th>live mean</th><th></th></tr>{rows}</table>
 <p class={'bad' if classes['drifted'] else 'ok'}>Predicted-class distribution: PSI {classes['psi']:.4f}
 ({'DRIFT' if classes['drifted'] else 'ok'}).</p>

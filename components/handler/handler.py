@@ -25,10 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-from components.drift.prediction_log import PredictionLog
+from components.drift.prediction_log import LogWriter, PredictionLog
 from components.handler.inference import create_session, probabilities, top_k
-from components.handler.request import FORM_CONTENT_TYPE, ParsedRequest, RequestError, request_images
-from components.handler.settings import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
+from components.handler.request import FORM_CONTENT_TYPE, ParsedRequest, RequestError, RequestLimits, request_images
+from components.handler.settings import (
+    LOG_BACKUPS_ENV,
+    LOG_MAX_BYTES_ENV,
+    MAX_INSTANCES_ENV,
+    MAX_PIXELS_ENV,
+    PREDICTION_LOG_ENV,
+    SAMPLE_RATE_ENV,
+    THREADS_ENV,
+)
 from components.handler.telemetry import Monitor
 
 
@@ -39,15 +47,12 @@ class OnnxImageClassifier:
         self.signature = json.loads((model_dir / "signature.json").read_text())
         self.classes = self.signature["output"]["classes"]
         self.model_name, self.version = context.model_name, context.manifest["model"]["modelVersion"]
-        if MAX_PIXELS_ENV not in os.environ:  # fail closed: no limit would let one client stall the worker
-            raise RuntimeError(f"{MAX_PIXELS_ENV} is not set: components/torchserve/server.py sets it from serve.max_image_pixels; "
-                               "a TorchServe started otherwise needs it in its environment")
-        self.max_pixels = int(os.environ[MAX_PIXELS_ENV])
+        self.limits = RequestLimits(_limit(MAX_PIXELS_ENV, "serve.max_image_pixels"), _limit(MAX_INSTANCES_ENV, "serve.max_instances"))
         self.session = create_session(model_dir / "model.onnx", int(os.environ.get(THREADS_ENV, "0")))
         reference = json.loads((model_dir / "reference_stats.json").read_text())["features"]
         log_file = os.environ.get(PREDICTION_LOG_ENV)
-        log = PredictionLog(Path(log_file), float(os.environ[SAMPLE_RATE_ENV]), int(os.environ[LOG_MAX_BYTES_ENV]),
-                            int(os.environ[LOG_BACKUPS_ENV])) if log_file else None
+        log = LogWriter(PredictionLog(Path(log_file), float(os.environ[SAMPLE_RATE_ENV]), int(os.environ[LOG_MAX_BYTES_ENV]),
+                                      int(os.environ[LOG_BACKUPS_ENV]))) if log_file else None
         self.monitor = Monitor(context.metrics, self.model_name, self.version, self.classes,
                                {name: (h["edges"][0], h["edges"][-1]) for name, h in reference.items()}, log)
         self.monitor.start()
@@ -66,7 +71,7 @@ class OnnxImageClassifier:
                 if _header(context, i, "content-type").startswith(FORM_CONTENT_TYPE):
                     raise RequestError("the body was sent as a form (Content-Type: application/x-www-form-urlencoded, "
                                        "curl's default for --data-binary); send it with -H 'Content-Type: image/png'", 415)
-                parsed.append(request_images(row, self.signature, self.max_pixels))
+                parsed.append(request_images(row, self.signature, self.limits))
             except RequestError as exc:
                 parsed.append(exc)
             except Exception as exc:  # a parser bug: this request fails, the batch goes on
@@ -102,6 +107,14 @@ class OnnxImageClassifier:
             {"name": "probabilities", "shape": list(probs.shape), "datatype": "FP32", "data": probs.ravel().tolist()},
             {"name": "label", "shape": [len(probs)], "datatype": "BYTES", "data": [top[0]["label"] for top in ranked]}]}
         return {**answer, "id": request.request_id} if request.request_id else answer
+
+
+def _limit(env: str, key: str) -> int:
+    """A request limit from the environment; fail closed: no limit would let one client stall the worker."""
+    if env not in os.environ:
+        raise RuntimeError(f"{env} is not set: components/torchserve/server.py sets it from {key}; "
+                           "a TorchServe started otherwise needs it in its environment")
+    return int(os.environ[env])
 
 
 def _header(context, idx: int, name: str) -> str:

@@ -4,7 +4,8 @@ A request is PNG/JPEG bytes (raw body or one multipart field), JSON {"instances"
 with pixels shaped [channels, height, width] in 0-255, or an Open Inference Protocol (KServe v2)
 body {"inputs": [{"name", "shape": [N, C, H, W], "datatype": "UINT8" | "FP32", "data"}]}.
 Whatever a client sends, a malformed request raises RequestError with the HTTP status and one
-message naming the problem; nothing else escapes, so one request never fails another.
+message naming the problem; nothing else escapes, so one request never fails another. What one
+request may cost is bounded (RequestLimits) and checked before its pixels are decoded or allocated.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_FORMATS = ["PNG", "JPEG"]
+# Values a JSON body may hold beyond its images' pixels: keys, the v2 shape and id.
+JSON_OVERHEAD_VALUES = 64
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 V2_DATATYPES = {"UINT8": np.uint8, "FP32": np.float32}
 USAGE = 'send a PNG/JPEG image (Content-Type: image/png or image/jpeg) or JSON {"instances": [...]}'
@@ -29,6 +32,36 @@ class RequestError(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may cost: `max_image_pixels` pixels (an image's width x height, or the sum over a JSON request's
+    images) and `max_instances` images (JSON instances, the N of an Open Inference Protocol tensor)."""
+
+    max_image_pixels: int
+    max_instances: int
+
+    def check_image_count(self, count: int, image_shape: tuple[int, ...]) -> None:
+        """RequestError 413 when `count` images shaped (C, H, W) exceed either limit."""
+        if count > self.max_instances:
+            raise RequestError(f"request carries {count} images, more than the server's limit of {self.max_instances} "
+                               "(serve.max_instances)", 413)
+        pixels = count * image_shape[1] * image_shape[2]
+        if pixels > self.max_image_pixels:
+            raise RequestError(f"request carries {count} images of {image_shape[2]}x{image_shape[1]}, {pixels} pixels in all, more "
+                               f"than the server's limit of {self.max_image_pixels} (serve.max_image_pixels)", 413)
+
+    def check_json_size(self, body: bytes | str, image_shape: tuple[int, ...]) -> None:
+        """RequestError 413 when a JSON body holds more values than its allowed images can, before it is parsed:
+        parsing 200 instances costs the worker 100 times what one image does. Each comma separates two values, so
+        a JSON text holds (commas + 1) values, counting empty lists and objects; a comma in a string counts too."""
+        values = body.count(b"," if isinstance(body, (bytes, bytearray)) else ",") + 1
+        images = min(self.max_instances, self.max_image_pixels // (image_shape[1] * image_shape[2]))
+        if values > images * math.prod(image_shape) + JSON_OVERHEAD_VALUES:
+            binding = "serve.max_instances" if images == self.max_instances else "serve.max_image_pixels"
+            raise RequestError(f"JSON body holds {values} values, more than the server's limit of {images} images of "
+                               f"{'x'.join(map(str, image_shape))} values ({binding})", 413)
 
 
 @dataclass(frozen=True)
@@ -85,16 +118,17 @@ def pixel_array(values: object, shape: tuple[int, ...], what: str, axes: str = "
     return array
 
 
-def parse_instances(body: dict, signature: dict) -> ParsedRequest:
+def parse_instances(body: dict, signature: dict, limits: RequestLimits) -> ParsedRequest:
     instances = body.get("instances")
     if not isinstance(instances, list) or not instances:
         raise RequestError('JSON body must be an object with a non-empty list "instances" (or "inputs": Open Inference Protocol)')
     shape = tuple(signature["input"]["shape"][1:])
+    limits.check_image_count(len(instances), shape)
     pixels = [pixel_array(instance, shape, f"instance {i}", "(channels, height, width)") for i, instance in enumerate(instances)]
     return ParsedRequest(np.stack(pixels), "instances")
 
 
-def parse_v2(body: dict, signature: dict) -> ParsedRequest:
+def parse_v2(body: dict, signature: dict, limits: RequestLimits) -> ParsedRequest:
     """An Open Inference Protocol request: one input tensor [N, C, H, W], data flat or nested."""
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -108,6 +142,7 @@ def parse_v2(body: dict, signature: dict) -> ParsedRequest:
     if not (isinstance(shape, list) and len(shape) == 4 and all(type(n) is int for n in shape)
             and tuple(shape[1:]) == image_shape and shape[0] > 0):
         raise RequestError(f"inputs[0].shape must be [N, {', '.join(map(str, image_shape))}] (N images, channels, height, width)")
+    limits.check_image_count(shape[0], image_shape)
     data = tensor.get("data")
     flat = np.ravel(pixel_array(data, (math.prod(shape),), "inputs[0].data")) if _is_flat(data) else None
     pixels = flat.reshape(shape) if flat is not None else pixel_array(data, tuple(shape), "inputs[0].data", "(N, channels, height, width)")
@@ -130,8 +165,8 @@ def parse_json(body: bytes | str) -> object:
         raise RequestError("body is not valid JSON") from None
 
 
-def request_images(row: dict, signature: dict, max_pixels: int) -> ParsedRequest:
-    """The images of one request (TorchServe's dict of body or form fields); RequestError if malformed."""
+def request_images(row: dict, signature: dict, limits: RequestLimits) -> ParsedRequest:
+    """The images of one request (TorchServe's dict of body or form fields); RequestError if malformed or over `limits`."""
     fields = [value for value in row.values() if value not in (None, b"", bytearray(), "")]
     if not fields:
         raise RequestError(f"empty request: {USAGE}")
@@ -139,11 +174,12 @@ def request_images(row: dict, signature: dict, max_pixels: int) -> ParsedRequest
         raise RequestError("send one image per request (or several as JSON instances)")
     body = fields[0]
     if isinstance(body, str) or (isinstance(body, (bytes, bytearray)) and body.lstrip()[:1] in (b"{", b"[")):
+        limits.check_json_size(body, tuple(signature["input"]["shape"][1:]))
         body = parse_json(body)
     if isinstance(body, dict) and "inputs" in body:
-        return parse_v2(body, signature)
+        return parse_v2(body, signature, limits)
     if isinstance(body, dict):
-        return parse_instances(body, signature)
+        return parse_instances(body, signature, limits)
     if isinstance(body, (bytes, bytearray)):
-        return ParsedRequest(decode_image(bytes(body), signature, max_pixels)[None].astype(np.float32), "image")
+        return ParsedRequest(decode_image(bytes(body), signature, limits.max_image_pixels)[None].astype(np.float32), "image")
     raise RequestError(USAGE)

@@ -5,6 +5,8 @@ turns it into metrics, log lines and one summary line of rejected requests once 
 MONITOR_INTERVAL_S. TorchServe turns every emitted metric value into a log line parsed by its
 frontend, and per-request numpy calls cost more than the model itself; once per interval, the
 work is bounded by the worker's own speed, and the server log by time, not by the request count.
+That thread only hands log lines to the prediction log's LogWriter, never waits on the log: the
+lines it cannot take are counted in PredictionLogDroppedTotal.
 """
 
 from __future__ import annotations
@@ -19,21 +21,21 @@ from datetime import datetime, timezone
 import numpy as np
 
 from components.drift.features import image_features, intensity
-from components.drift.prediction_log import PredictionLog, append_lines
+from components.drift.prediction_log import LogWriter
 
 MONITOR_INTERVAL_S = 1.0
 METRIC_DIMENSIONS = {"PredictionsTotal": ["Class"], "ConfidenceTotal": [], "InputFeatureTotal": ["Feature"],
-                     "InputOutOfReferenceTotal": ["Feature"], "RejectedInputsTotal": ["Status"]}
+                     "InputOutOfReferenceTotal": ["Feature"], "RejectedInputsTotal": ["Status"], "PredictionLogDroppedTotal": []}
 
 
 class Monitor:
-    """Metrics (TorchServe's metric cache) and the prediction log (None: off) of one model version."""
+    """Metrics (TorchServe's metric cache) and the prediction log (its writer; None: off) of one model version."""
 
     def __init__(self, metrics, model_name: str, version: str, classes: list[str],
-                 reference_range: dict[str, tuple[float, float]], log: PredictionLog | None):
+                 reference_range: dict[str, tuple[float, float]], writer: LogWriter | None):
         self.metrics = {name: metrics.add_metric_to_cache(name, "count", ["ModelName", *dims]) for name, dims in METRIC_DIMENSIONS.items()}
         self.model_name, self.version, self.classes = model_name, version, classes
-        self.reference_range, self.log = reference_range, log
+        self.reference_range, self.writer = reference_range, writer
         self.seen: list[tuple[float, np.ndarray, np.ndarray]] = []  # (time, pixels, probabilities) per batch
         self.rejected: Counter[int] = Counter()
         self.last_rejection = ""
@@ -41,6 +43,8 @@ class Monitor:
         self.rng = np.random.default_rng()
 
     def start(self) -> None:
+        if self.writer:
+            self.writer.start()
         threading.Thread(target=self._run_forever, name="monitoring", daemon=True).start()
 
     def record(self, pixels: np.ndarray, probs: np.ndarray) -> None:
@@ -68,12 +72,15 @@ class Monitor:
         if rejected:
             statuses = ", ".join(f"{count} x {status}" for status, count in sorted(rejected.items()))
             logging.warning("rejected %d malformed requests (%s) in the last %.0f s; last: %s",
-                            rejected.total(), statuses, MONITOR_INTERVAL_S, last[:200])
+                            sum(rejected.values()), statuses, MONITOR_INTERVAL_S, last[:200])
             for status, count in rejected.items():
                 self._emit("RejectedInputsTotal", count, str(status))
         if seen:
             self._observe(np.concatenate([batch[1] for batch in seen]), np.concatenate([batch[2] for batch in seen]),
                           np.repeat([batch[0] for batch in seen], [len(batch[1]) for batch in seen]))
+        dropped = self.writer.take_dropped() if self.writer else 0
+        if dropped:
+            self._emit("PredictionLogDroppedTotal", dropped)
 
     def _observe(self, pixels: np.ndarray, probs: np.ndarray, times: np.ndarray) -> None:
         best = probs.argmax(axis=1)
@@ -85,10 +92,10 @@ class Monitor:
             low, high = self.reference_range[name]
             self._emit("InputFeatureTotal", float(values.sum()), name)
             self._emit("InputOutOfReferenceTotal", int(((values < low) | (values > high)).sum()), name)
-        if self.log and (sampled := np.flatnonzero(self.rng.random(len(best)) < self.log.sample_rate)).size:
+        if self.writer and (sampled := np.flatnonzero(self.rng.random(len(best)) < self.writer.log.sample_rate)).size:
             features = image_features(pixels[sampled])
-            append_lines(self.log, "".join(self._log_line(times[j], best[j], confidence[j], {name: v[i] for name, v in features.items()})
-                                           for i, j in enumerate(sampled)))
+            self.writer.offer([self._log_line(times[j], best[j], confidence[j], {name: v[i] for name, v in features.items()})
+                            for i, j in enumerate(sampled)])
 
     def _log_line(self, when: float, best: int, confidence: float, features: dict[str, float]) -> str:
         return json.dumps({"time": datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds"),

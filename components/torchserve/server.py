@@ -26,7 +26,15 @@ from omegaconf import DictConfig
 
 from components.core.errors import StepError
 from components.core.paths import ROOT
-from components.handler.settings import LOG_BACKUPS_ENV, LOG_MAX_BYTES_ENV, MAX_PIXELS_ENV, PREDICTION_LOG_ENV, SAMPLE_RATE_ENV, THREADS_ENV
+from components.handler.settings import (
+    LOG_BACKUPS_ENV,
+    LOG_MAX_BYTES_ENV,
+    MAX_INSTANCES_ENV,
+    MAX_PIXELS_ENV,
+    PREDICTION_LOG_ENV,
+    SAMPLE_RATE_ENV,
+    THREADS_ENV,
+)
 
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 LOG_CONFIG = ROOT / "serve" / "log4j2.xml"
@@ -70,7 +78,7 @@ def handler_env(cfg: DictConfig, log_file: Path) -> dict[str, str]:
     s = cfg.serve
     return {PREDICTION_LOG_ENV: str(log_file), SAMPLE_RATE_ENV: str(s.prediction_log.sample_rate), THREADS_ENV: str(s.onnx_threads),
             LOG_MAX_BYTES_ENV: str(int(s.prediction_log.max_mb * 1e6)), LOG_BACKUPS_ENV: str(s.prediction_log.backups),
-            MAX_PIXELS_ENV: str(s.max_image_pixels)}
+            MAX_PIXELS_ENV: str(s.max_image_pixels), MAX_INSTANCES_ENV: str(s.max_instances)}
 
 
 def state_dir(cfg: DictConfig) -> StateDir:

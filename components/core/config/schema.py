@@ -215,6 +215,7 @@ class ServeConfig:
     response_timeout_s: int = at_least(1)
     max_request_bytes: int = at_least(1)
     max_image_pixels: int = at_least(1)
+    max_instances: int = at_least(1)
     token_expiration_min: float = above(0)
     startup_timeout_s: int = at_least(1)
     prediction_log: PredictionLogConfig = field(default_factory=PredictionLogConfig)
