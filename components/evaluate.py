@@ -1,13 +1,13 @@
 """evaluate: quality metrics, fairness across sensitive groups, interpretability, and the
 reports a reviewer reads before a model may be promoted.
 
-Outputs (in `reports_dir`): metrics.json (the headline DVC metrics), quality.json (per-class detail,
-confusion matrix), fairness.json (a verdict per check),
+Outputs (in `reports_dir`): metrics.json (the headline DVC metrics, with each quality check's verdict),
+quality.json (per-class detail, confusion matrix, a verdict per quality check), fairness.json (a verdict per check),
 plots/confusion.json and plots/reliability.json (DVC plots), evaluation.html (self-contained)
 and model_card.md. They are built in a scratch folder and moved into place only when all of
 them are complete; other files in `reports_dir` are left alone.
 
-The gate policy of conf/gate (quality thresholds, fairness verdicts from intervals) decides
+The gate policy of conf/gate (quality and fairness verdicts from intervals) decides
 whether the model may go on: when it closes, GateClosed is raised *after* the reports are
 written (they are the evidence a reviewer needs), so `dvc repro` stops before package. The
 pipeline's gate step decides the same way from these reports (`enforce_gate=False` here).
@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from components.core.cli import run_step
 from components.core.config.sections import select
@@ -30,7 +29,8 @@ from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError, StepError
 from components.evaluation.explanations import attribution_grids, error_analysis, error_features
 from components.evaluation.fairness import fairness_report, require_groups
-from components.evaluation.gates import decide, summary as gate_summary
+from components.evaluation.gates import decide, summary as gate_summary, verdict_counts
+from components.evaluation.quality import measured_checks, quality_metrics
 from components.core.io import scratch_beside, write_json
 from components.core.lineage import lineage
 from components.core.numerics import activate
@@ -63,41 +63,12 @@ def check_model_matches_data(spec: dict, meta: dict, model_dir: Path, prepared_d
         raise DataError(f"{model_dir} does not fit {prepared_dir} ({'; '.join(mismatches)}); retrain on this data")
 
 
-def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> tuple[float, list[dict]]:
-    """Expected calibration error of the top-label confidence over equal-width bins, and the
-    non-empty bins (for the reliability curve). scikit-learn's calibration tools are binary only."""
-    which = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    ece, bins = 0.0, []
-    for b in np.unique(which):
-        members = which == b
-        conf, acc = float(confidence[members].mean()), float(correct[members].mean())
-        ece += members.mean() * abs(acc - conf)
-        bins.append({"bin": f"{b / n_bins:.2f}-{(b + 1) / n_bins:.2f}", "confidence": conf, "accuracy": acc, "count": int(members.sum())})
-    return float(ece), bins
-
-
-def quality_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], n_bins: int) -> tuple[dict, list[dict]]:
-    y_pred, labels = probs.argmax(axis=1), list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    macro = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
-    ece, bins = calibration(probs.max(axis=1), y_pred == y_true, n_bins)
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "precision_macro": float(macro[0]), "recall_macro": float(macro[1]), "f1_macro": float(macro[2]),
-        "ece": ece,
-        "n_test": len(y_true),
-        "per_class": {c: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]), "support": int(support[k])}
-                      for k, c in enumerate(classes)},
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-    }, bins
-
-
 def headline(quality: dict, fairness: dict, gate_open: bool) -> dict:
     """The numbers `dvc metrics show/diff` and `dvc exp show` lead with; the detail stays in the reports."""
     gaps = [report["difference"]["accuracy"] for report in fairness["groupings"].values()]
     return {
         **{key: quality[key] for key in ("accuracy", "balanced_accuracy", "f1_macro", "ece", "n_test")},
+        "quality": {check["check"]: check["verdict"] for check in quality["checks"]},
         "fairness": {**fairness["verdicts"], "worst_accuracy_gap": max(gaps, default=0.0)},
         "gate": "open" if gate_open else "closed",
     }
@@ -146,8 +117,10 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
     classes, y_true, y_pred = spec["classes"], index["label_index"].to_numpy(), probs.argmax(axis=1)
 
     quality, reliability = quality_metrics(y_true, probs, classes, e.calibration_bins)
+    checks = measured_checks(quality, y_true, probs, e, cfg.seed)
     fairness = fairness_report(y_true, y_pred, index[attributes], classes, e, cfg.gate.fairness, cfg.seed)
-    decision = decide(quality, fairness["checks"], cfg.gate)
+    decision = decide(checks, fairness["checks"], cfg.gate)
+    quality |= {"checks": decision["quality"], "verdicts": verdict_counts(decision["quality"])}
     fairness["gate"] = {k: decision[k] for k in ("open", "blocking", "warnings")}
     phases.step(done=f"quality and fairness ({e.bootstrap_samples} bootstrap samples)")
     errors = error_analysis(error_features(images, index, attributes, probs), y_pred != y_true, e, cfg.seed, cfg.numerics.profile)
@@ -173,9 +146,10 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
 
 
 def summary(metrics: dict, reports_dir) -> str:
-    fairness = metrics["fairness"]
-    return (f"evaluate: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}, "
-            f"ECE {metrics['ece']:.4f}, fairness checks {fairness['pass']} pass / {fairness['fail']} fail / "
+    fairness, verdict = metrics["fairness"], metrics["quality"]
+    return (f"evaluate: accuracy {metrics['accuracy']:.4f} ({verdict['accuracy']}), balanced accuracy "
+            f"{metrics['balanced_accuracy']:.4f} ({verdict['balanced_accuracy']}), ECE {metrics['ece']:.4f} ({verdict['ece']}), "
+            f"fairness checks {fairness['pass']} pass / {fairness['fail']} fail / "
             f"{fairness['inconclusive']} inconclusive, gate {metrics['gate']} -> {reports_dir}")
 
 

@@ -5,7 +5,7 @@ Promotion checks, before any tag is written:
 - the version's package can be fetched from the DVC remote (an empty cache proves it), and
   a commit registered from the working tree has no uncommitted pipeline changes;
 - for a gated stage, the reports committed at that commit are the ones its dvc.lock records, and
-  their metrics and fairness verdicts pass the gate policy of conf/gate (`--force --reason`
+  their quality and fairness checks pass the gate policy of conf/gate (`--force --reason`
   overrides, recorded in a commit on the current branch: components/registry/overrides.py).
 
 A stage tag can also appear without this CLI (a plain `gto assign`, a `git push` of a hand-made
@@ -49,23 +49,26 @@ from components.registry.tags import (
     versions,
 )
 
-METRICS_FILE = "reports/metrics.json"
+QUALITY_FILE = "reports/quality.json"
 FAIRNESS_FILE = "reports/fairness.json"
+REPORTS = (QUALITY_FILE, FAIRNESS_FILE)  # the checks the gate judges
+LOCKED_REPORTS = ("reports/metrics.json", *REPORTS)  # what dvc.lock must vouch for: the checks, and the headline shown beside them
 PIPELINE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", "conf", "reports", "dvclive")
 FORCED = "FORCED past failed gates"  # the verdict of a promotion that overrides the gates (its record: registry/overrides.py)
 
 
 def committed_decision(cfg: DictConfig, commit: str, repo: Path = ROOT) -> dict:
     """The gate's decision (conf/gate) on the reports committed at `commit`: what blocks, what warns."""
-    metrics, fairness = committed_json(repo, commit, METRICS_FILE), committed_json(repo, commit, FAIRNESS_FILE)
-    if metrics is None or fairness is None:
-        return {"blocking": [f"no {METRICS_FILE} / {FAIRNESS_FILE} committed at {commit[:10]}: "
+    quality, fairness = (committed_json(repo, commit, path) for path in REPORTS)
+    if quality is None or fairness is None:
+        return {"blocking": [f"no {QUALITY_FILE} / {FAIRNESS_FILE} committed at {commit[:10]}: "
                              "run the evaluate step and commit its reports"],
                 "warnings": []}
-    if any("low" not in check for check in fairness["checks"]):
-        return {"blocking": [f"{FAIRNESS_FILE} at {commit[:10]} has no check intervals (written before conf/gate's verdicts): "
-                             "run the evaluate step and commit its reports"], "warnings": []}
-    return decide(metrics, fairness["checks"], cfg.gate)
+    for path, report in zip(REPORTS, (quality, fairness)):
+        if "checks" not in report or any("low" not in check for check in report["checks"]):
+            return {"blocking": [f"{path} at {commit[:10]} has no check intervals (written before conf/gate's verdicts from "
+                                 "intervals): run the evaluate step and commit its reports"], "warnings": []}
+    return decide(quality["checks"], fairness["checks"], cfg.gate)
 
 
 def gate_failures(cfg: DictConfig, commit: str, repo: Path = ROOT) -> list[str]:
@@ -85,7 +88,7 @@ def judged_failures(cfg: DictConfig, stage: str, commit: str, repo: Path) -> lis
     """gate_failures for a gated stage, once the committed reports are shown to be the ones dvc.lock records."""
     if stage not in cfg.registry.gated_stages:
         return []
-    require_locked(repo, commit, (METRICS_FILE, FAIRNESS_FILE))
+    require_locked(repo, commit, LOCKED_REPORTS)
     return gate_failures(cfg, commit, repo)
 
 

@@ -80,7 +80,7 @@ def evaluate_op(config: str, expected_commit: str, prepared: Input[Dataset], mod
 
 @component
 def gate_op(expected_commit: str, reports: Input[Artifact], min_accuracy: float, min_balanced_accuracy: float, max_ece: float,
-            max_accuracy_difference: float, min_accuracy_ratio: float, max_recall_macro_difference: float,
+            min_test_size: int, max_accuracy_difference: float, min_accuracy_ratio: float, max_recall_macro_difference: float,
             max_demographic_parity_difference: float, max_equalized_odds_difference: float, min_group_size: int,
             on_fail: str, on_inconclusive: str) -> str:
     """The gate policy of conf/gate on evaluate's reports, with this run's thresholds: exits non-zero when it closes.
@@ -94,8 +94,8 @@ def gate_op(expected_commit: str, reports: Input[Artifact], min_accuracy: float,
     from pipelines.in_pod import gate_config
 
     gate = gate_config(expected_commit, thresholds)
-    metrics = json.loads(open(f"{reports.path}/metrics.json").read())
-    decision = decide(metrics, json.loads(open(f"{reports.path}/fairness.json").read())["checks"], gate)
+    quality, fairness = (json.loads(open(f"{reports.path}/{name}.json").read())["checks"] for name in ("quality", "fairness"))
+    decision = decide(quality, fairness, gate)
     print(summary(decision))
     if not decision["open"]:
         sys.exit(f"gate closed: {'; '.join(decision['blocking'])}. The model is neither packaged nor deployed; "

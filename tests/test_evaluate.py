@@ -17,11 +17,13 @@ import torch
 from components.core.config.compose import compose
 from components.core.errors import ConfigError, DataError
 from components.core.paths import ROOT
-from components.evaluate import REPORT_FILES, GateClosed, calibration, evaluate
+from components.evaluate import REPORT_FILES, GateClosed, evaluate
 from components.evaluation.explanations import attribute, attribution_grid, error_analysis
+from components.evaluation.quality import calibration
 from components.model.networks import load_trained, predict_logits
 from components.prepare import prepare
-from tests.helpers.datasets import make_image_dataset
+from components.train import train
+from tests.helpers.datasets import make_image_dataset, small_overrides
 
 DIGITS = tuple("0123456789")
 FAST = ("evaluate.attribution_samples=4", "evaluate.bootstrap_samples=200")
@@ -142,6 +144,70 @@ def test_reports_leave_other_files_alone(digits_run, tmp_path):
     assert (out / "package.json").read_text() == "{}"
     assert "occlusion" in (out / "evaluation.html").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "scratch folder left behind"
+
+
+def with_label_noise(data: Path, every: int) -> Path:
+    """Every `every`-th image of make_image_dataset's metadata labelled as the next class: errors no model can avoid."""
+    header, *rows = (data / "metadata.csv").read_text().splitlines()
+    classes = sorted({row.split(",")[1] for row in rows})
+    for i in range(every - 1, len(rows), every):
+        file, label, group = rows[i].split(",")
+        rows[i] = f"{file},{classes[(classes.index(label) + 1) % len(classes)]},{group}"
+    (data / "metadata.csv").write_text("\n".join([header, *rows]) + "\n")
+    return data
+
+
+@pytest.fixture(scope="module")
+def small_test_set(tmp_path_factory) -> dict:
+    """A generated dataset of 180 images, one in nine mislabelled, with 54 test images (3 classes x 2 sites x 9),
+    prepared; a model trained on it for 2 epochs, and one that barely learns (1 epoch at a learning rate of 1e-6)."""
+    root = tmp_path_factory.mktemp("small_test_set")
+    data = with_label_noise(make_image_dataset(root / "raw", per_class=60), every=9)
+    cfg = compose(cfg_overrides(data))
+    prepare(cfg, data, root / "prepared")
+    train(cfg, root / "prepared", root / "model", root / "live", root / "ckpt")
+    untrained = compose([*cfg_overrides(data), "train.epochs=1", "train.lr=0.000001"])
+    train(untrained, root / "prepared", root / "untrained", root / "live_untrained", root / "ckpt_untrained")
+    return {"cfg": cfg, "prepared": root / "prepared", "model": root / "model", "untrained": root / "untrained"}
+
+
+def cfg_overrides(data: Path) -> list[str]:
+    return small_overrides(data, "data.split.test=0.3", *FAST)
+
+
+def quality_checks(reports: Path) -> dict[str, dict]:
+    return {c["check"]: c for c in json.loads((reports / "quality.json").read_text())["checks"]}
+
+
+@pytest.mark.slow
+def test_a_quality_miss_inside_the_noise_is_inconclusive_and_warns(small_test_set, tmp_path):
+    """Accuracy 0.87 on 54 test images against the default 0.9: the old point-estimate gate closed; the interval straddles it."""
+    s, reports = small_test_set, tmp_path / "reports"
+    metrics = evaluate(s["cfg"], s["prepared"], s["model"], reports)  # enforced: a closed gate would raise
+    accuracy = quality_checks(reports)["accuracy"]
+    assert accuracy["min_count"] == 54 and accuracy["value"] < 0.9 < accuracy["high"]
+    assert (accuracy["verdict"], accuracy["why"]) == ("inconclusive", "the interval straddles the tolerance")
+    assert metrics["quality"]["accuracy"] == "inconclusive" and metrics["gate"] == "open"
+    warnings = json.loads((reports / "fairness.json").read_text())["gate"]["warnings"]
+    assert (f"quality: accuracy {accuracy['value']:.4f} (interval {accuracy['low']:.4f} to {accuracy['high']:.4f}; must be >= 0.9, "
+            "gate.quality.min_accuracy): inconclusive, the interval straddles the tolerance") in warnings
+    card = (reports / "model_card.md").read_text()
+    assert f"| accuracy | {accuracy['value']:.4f} | {accuracy['low']:.4f} to {accuracy['high']:.4f} | 54 | >= 0.9 | INCONCLUSIVE |" in card
+    assert f"{accuracy['low']:.4f} to {accuracy['high']:.4f}" in (reports / "evaluation.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_clear_quality_miss_fails_and_blocks(small_test_set, tmp_path):
+    s, reports = small_test_set, tmp_path / "reports"
+    with pytest.raises(GateClosed, match=r"(?s)gate closed\n.*blocks: quality: accuracy 0\.\d{4} \(interval .*; must be >= 0\.9, "
+                                         r"gate\.quality\.min_accuracy\): fail, the whole interval is beyond the tolerance"):
+        evaluate(s["cfg"], s["prepared"], s["untrained"], reports)
+    accuracy = quality_checks(reports)["accuracy"]
+    assert accuracy["verdict"] == "fail" and accuracy["high"] < 0.9
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert (metrics["quality"]["accuracy"], metrics["gate"]) == ("fail", "closed")
+    card = (reports / "model_card.md").read_text()
+    assert f"| accuracy | {accuracy['value']:.4f} | {accuracy['low']:.4f} to {accuracy['high']:.4f} | 54 | >= 0.9 | FAIL |" in card
 
 
 def _prepared(tmp_path: Path, classes=DIGITS, channels: int = 1, rare_group: bool = False):

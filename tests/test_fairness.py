@@ -111,6 +111,11 @@ def check(value: float, low: float, high: float, name: str = "accuracy_differenc
             "min_count_of": "group b"}
 
 
+# Quality checks whose whole intervals lie within the default thresholds.
+PASSING_QUALITY = [{"check": name, "value": value, "low": value - 0.005, "high": value + 0.005, "min_count": 271,
+                    "min_count_of": "the test split"} for name, value in (("accuracy", 0.99), ("balanced_accuracy", 0.99), ("ece", 0.01))]
+
+
 @pytest.mark.parametrize("interval,min_count,verdict", [
     ((0.01, 0.04), 100, "pass"),           # the whole interval within the tolerance (0.05)
     ((0.06, 0.20), 100, "fail"),           # the whole interval beyond it
@@ -119,10 +124,10 @@ def check(value: float, low: float, high: float, name: str = "accuracy_differenc
     ((0.05, 0.05), 100, "pass"),           # on the tolerance is within it
 ])
 def test_a_verdict_comes_from_the_interval_and_the_group_size(interval, min_count, verdict):
-    judged = judge(check(sum(interval) / 2, *interval, min_count=min_count), compose([]).gate.fairness)
+    judged = judge(check(sum(interval) / 2, *interval, min_count=min_count), "fairness", compose([]).gate.fairness)
     assert judged["verdict"] == verdict
     assert (judged["threshold"], judged["rule"], judged["key"]) == (0.05, "<=", "gate.fairness.max_accuracy_difference")
-    ratio = judge(check(0.9, 0.85, 0.93, name="accuracy_ratio"), compose([]).gate.fairness)
+    ratio = judge(check(0.9, 0.85, 0.93, name="accuracy_ratio"), "fairness", compose([]).gate.fairness)
     assert ratio["verdict"] == "fail" and ratio["rule"] == ">="  # a ratio must stay at or above 0.95
 
 
@@ -131,18 +136,10 @@ def test_a_verdict_comes_from_the_interval_and_the_group_size(interval, min_coun
 ])
 def test_the_policy_blocks_or_warns_on_fail_and_inconclusive(on_fail, on_inconclusive, open_, blocking, warnings):
     gate = compose([f"gate.on_fail={on_fail}", f"gate.on_inconclusive={on_inconclusive}"]).gate
-    metrics = {"accuracy": 0.99, "balanced_accuracy": 0.99, "ece": 0.01}
-    decision = decide(metrics, [check(0.1, 0.06, 0.2), check(0.05, 0.02, 0.09), check(0.01, 0.0, 0.03)], gate)
+    decision = decide(PASSING_QUALITY, [check(0.1, 0.06, 0.2), check(0.05, 0.02, 0.09), check(0.01, 0.0, 0.03)], gate)
     assert (decision["open"], len(decision["blocking"]), len(decision["warnings"])) == (open_, blocking, warnings)
-    assert [c["verdict"] for c in decision["checks"]] == ["fail", "inconclusive", "pass"]
-
-
-def test_quality_thresholds_follow_the_fail_policy():
-    metrics = {"accuracy": 0.85, "balanced_accuracy": 0.95, "ece": 0.2}
-    decision = decide(metrics, [], compose([]).gate)
-    assert decision["blocking"] == ["quality: accuracy 0.8500 not >= 0.9 (gate.quality.min_accuracy)",
-                                    "quality: ece 0.2000 not <= 0.05 (gate.quality.max_ece)"]
-    assert decide(metrics, [], compose(["gate.on_fail=warn"]).gate)["open"] is True
+    assert [c["verdict"] for c in decision["fairness"]] == ["fail", "inconclusive", "pass"]
+    assert [c["verdict"] for c in decision["quality"]] == ["pass"] * 3
 
 
 def test_a_real_gap_on_large_groups_fails_and_the_same_gap_on_small_groups_is_inconclusive():
@@ -221,17 +218,21 @@ def test_the_registry_judges_committed_reports_with_the_same_policy(tmp_path):
 
     run(["git", "init", "-q", "-b", "main"], tmp_path)
     (tmp_path / "reports").mkdir()
-    metrics = {"accuracy": 0.99, "balanced_accuracy": 0.99, "ece": 0.01}
-    (tmp_path / "reports" / "metrics.json").write_text(json.dumps(metrics))
-    old = {"checks": [{"grouping": "site", "check": "accuracy_difference", "value": 0.2, "passed": False}]}
-    (tmp_path / "reports" / "fairness.json").write_text(json.dumps(old))
-    git_commit(tmp_path, "reports before intervals")
-    first = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
-    (tmp_path / "reports" / "fairness.json").write_text(json.dumps({"checks": [check(0.2, 0.1, 0.3)]}))
-    git_commit(tmp_path, "reports with intervals")
-    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    commits = []
+    for quality, fairness in (({"accuracy": 0.99, "balanced_accuracy": 0.99, "ece": 0.01},  # before any intervals
+                               {"checks": [{"grouping": "site", "check": "accuracy_difference", "value": 0.2, "passed": False}]}),
+                              ({"checks": PASSING_QUALITY}, {"checks": [{"grouping": "site", "check": "accuracy_difference",
+                                                                         "value": 0.2, "passed": False}]}),
+                              ({"checks": PASSING_QUALITY}, {"checks": [check(0.2, 0.1, 0.3)]})):
+        (tmp_path / "reports" / "quality.json").write_text(json.dumps(quality))
+        (tmp_path / "reports" / "fairness.json").write_text(json.dumps(fairness))
+        git_commit(tmp_path, "reports")
+        commits.append(run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip())
     cfg = compose([])
-    assert gate_failures(cfg, first, tmp_path) == [f"reports/fairness.json at {first[:10]} has no check intervals (written before "
-                                                   "conf/gate's verdicts): run the evaluate step and commit its reports"]
-    assert gate_failures(cfg, head, tmp_path) == [decide(metrics, [check(0.2, 0.1, 0.3)], cfg.gate)["blocking"][0]]
+    for commit, report in zip(commits, ("quality", "fairness")):
+        assert gate_failures(cfg, commit, tmp_path) == [
+            f"reports/{report}.json at {commit[:10]} has no check intervals (written before conf/gate's verdicts from intervals): "
+            "run the evaluate step and commit its reports"]
+    head = commits[-1]
+    assert gate_failures(cfg, head, tmp_path) == [decide(PASSING_QUALITY, [check(0.2, 0.1, 0.3)], cfg.gate)["blocking"][0]]
     assert gate_failures(compose(["gate.on_fail=warn"]), head, tmp_path) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -20,16 +21,19 @@ from tests.helpers.workflow import run_job
 
 pytestmark = pytest.mark.slow  # git repositories, DVC and the CLIs in subprocesses
 
-STRICT, RELAXED = 0.99, 0.5  # the sample model's committed accuracy (about 0.978) fails the first and passes the second
+REPORTS = ("metrics.json", "quality.json", "fairness.json")
+RELAXED = 0.5  # the sample model's committed accuracy (about 0.978) passes it, and fails strict() just above its whole interval
 PIPELINE = """stages:
   evaluate:
-    cmd: mkdir -p artifacts/package reports && cp evidence/metrics.json evidence/fairness.json reports/
+    cmd: mkdir -p artifacts/package reports && cp evidence/metrics.json evidence/quality.json evidence/fairness.json reports/
       && cp evidence/package.json artifacts/package/
     deps:
       - evidence
     outs:
       - artifacts/package
       - reports/metrics.json:
+          cache: false
+      - reports/quality.json:
           cache: false
       - reports/fairness.json:
           cache: false
@@ -38,6 +42,15 @@ artifacts:
     path: artifacts/package
     type: model
 """
+
+
+@cache
+def strict() -> float:
+    """A min_accuracy just above the whole interval of the committed accuracy."""
+    checks = json.loads(run(["git", "show", "HEAD:reports/quality.json"], ROOT).stdout)["checks"]
+    return round(next(c for c in checks if c["check"] == "accuracy")["high"] + 0.001, 4)
+
+
 STAND_IN_PACKAGE = {"model_name": "digits", "version": "stand-in", "mar": {"file": "digits.mar", "sha256": "0" * 64}}  # no .mar
 
 
@@ -50,20 +63,20 @@ def set_policy(repo: Path, min_accuracy: float) -> None:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    """main: the real committed reports and a stand-in package pushed to a local DVC remote, under a 0.99 policy."""
+    """main: the real committed reports and a stand-in package pushed to a local DVC remote, under a strict policy."""
     root = tmp_path_factory.mktemp("gate")
     repo = copy_project(root / "template", with_data=False)
     (repo / "evidence").mkdir()
-    for name in ("metrics.json", "fairness.json"):
+    for name in REPORTS:
         (repo / "evidence" / name).write_text(run(["git", "show", f"HEAD:reports/{name}"], ROOT).stdout)
     (repo / "evidence" / "package.json").write_text(json.dumps(STAND_IN_PACKAGE))
     (repo / "dvc.yaml").write_text(PIPELINE)
     (repo / "dvc.lock").unlink()
-    set_policy(repo, STRICT)
+    set_policy(repo, strict())
     run(["dvc", "remote", "add", "-f", "-d", "storage", str(root / "remote")], repo)
     run(["dvc", "repro", "evaluate"], repo)
     run(["dvc", "push", "evaluate"], repo)
-    git_commit(repo, f"model v1 under a {STRICT} policy")
+    git_commit(repo, f"model v1 under a {strict()} policy")
     return repo
 
 
@@ -97,8 +110,10 @@ def head(repo: Path) -> str:
 
 def accuracy_failure(repo: Path) -> str:
     """The gate failure the committed reports show under the strict policy."""
-    accuracy = json.loads((repo / "reports/metrics.json").read_text())["accuracy"]
-    return f"quality: accuracy {accuracy:.4f} not >= {STRICT} (gate.quality.min_accuracy)"
+    accuracy = next(c for c in json.loads((repo / "reports/quality.json").read_text())["checks"] if c["check"] == "accuracy")
+    assert accuracy["high"] < strict() <= 1
+    return (f"quality: accuracy {accuracy['value']:.4f} (interval {accuracy['low']:.4f} to {accuracy['high']:.4f}; must be >= {strict()}, "
+            "gate.quality.min_accuracy): fail, the whole interval is beyond the tolerance")
 
 
 def test_a_tag_message_claiming_an_override_is_no_override(repo):
@@ -133,17 +148,25 @@ def test_a_tag_message_claiming_an_override_is_no_override(repo):
     assert f"gates overridden by the record {head(repo)[:10]} in main" in passed.stdout and "demo: 0.978 is enough for now" in passed.stdout
 
 
-def test_a_hand_edited_report_is_refused(repo):
-    metrics_file = repo / "reports/metrics.json"
-    metrics = json.loads(metrics_file.read_text())
-    metrics_file.write_text(json.dumps({**metrics, "accuracy": 0.999}, indent=2))
+def raise_accuracy(report: dict) -> dict:
+    """An edit that would pass any policy: the headline accuracy, or the accuracy check's value and interval, at 0.999."""
+    if "checks" not in report:
+        return {**report, "accuracy": 0.999}
+    return {**report, "checks": [{**c, "value": 0.999, "low": 0.999, "high": 0.999} if c["check"] == "accuracy" else c
+                                 for c in report["checks"]]}
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "quality.json"])
+def test_a_hand_edited_report_is_refused(repo, name):
+    report_file = repo / "reports" / name
+    report_file.write_text(json.dumps(raise_accuracy(json.loads(report_file.read_text())), indent=2))
     git_commit(repo, "reports: accuracy 0.999")
     [changed] = json.loads(run(["dvc", "status", "--json", "evaluate"], repo).stdout)["evaluate"]
-    assert changed["changed outs"]["reports/metrics.json"] == "modified"  # DVC sees it too
+    assert changed["changed outs"][f"reports/{name}"] == "modified"  # DVC sees it too
     tag = assign(repo, "v1.1.0")
     refused = check(repo, tag, "--policy-ref", "main")
     assert refused.returncode == 2, refused.stdout
-    assert f"reports/metrics.json at {head(repo)[:10]} does not match dvc.lock" in refused.stderr
+    assert f"reports/{name} at {head(repo)[:10]} does not match dvc.lock" in refused.stderr
     forced = run(["python", "-m", "components.promote", "promote", "--version", "v1.1.0", "--stage", "prod", "--force",
                   "--reason", "numbers look fine"], repo, check=False)
     assert forced.returncode == 2 and "does not match dvc.lock" in forced.stderr  # not something an override can accept
@@ -176,7 +199,8 @@ def test_serve_up_stage_runs_the_same_check_first(repo):
 
     set_policy(repo, RELAXED)  # the operator's own (working tree) policy: the check passes, then the deploy starts
     passed = run(["python", "-m", "serve", "up", "--stage", "prod"], repo, check=False)
-    inconclusive = json.loads((repo / "evidence" / "metrics.json").read_text())["fairness"]["inconclusive"]
+    metrics = json.loads((repo / "evidence" / "metrics.json").read_text())
+    inconclusive = metrics["fairness"]["inconclusive"] + list(metrics["quality"].values()).count("inconclusive")
     open_gate = f"serve: stage prod -> v1.0.0 (commit {head(repo)[:10]}, {tag}): gates open with {inconclusive} warning(s): site: "
     assert inconclusive and open_gate in passed.stdout, passed.stdout  # not "gates passed": each warning's verdict is named
     assert passed.returncode == 2 and "digits.mar: archive not found" in passed.stderr  # the stand-in package has no archive

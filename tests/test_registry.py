@@ -35,9 +35,9 @@ class Project:
     def cfg(self, *overrides: str):
         return compose([*self.serve_overrides, *overrides])
 
-    def reports(self) -> tuple[dict, dict]:
-        return (json.loads((self.repo / "reports/metrics.json").read_text()),
-                json.loads((self.repo / "reports/fairness.json").read_text()))
+    def quality(self) -> dict[str, dict]:
+        """The quality checks of the committed reports, by name (value, interval, verdict)."""
+        return {c["check"]: c for c in json.loads((self.repo / "reports/quality.json").read_text())["checks"]}
 
     def package_version(self) -> str:
         return json.loads((self.repo / "artifacts/package/package.json").read_text())["version"]
@@ -63,12 +63,12 @@ def project(quick_project, tmp_path_factory):
             server.stop(project.cfg())
 
 
-def gates_around(metrics: dict, fairness: dict, passing: bool) -> list[str]:
-    """Gate overrides placed just below (passing) or just above (failing) the measured accuracy."""
-    delta = -0.001 if passing else 0.001
-    return [f"gate.quality.min_accuracy={metrics['accuracy'] + delta}",
-            f"gate.quality.min_balanced_accuracy={metrics['balanced_accuracy'] - 0.001}",
-            f"gate.quality.max_ece={metrics['ece'] + 0.001}", "gate.on_fail=block", "gate.on_inconclusive=warn",
+def gates_around(quality: dict[str, dict], passing: bool) -> list[str]:
+    """Gate overrides placed just below (passing) or just above (failing) the measured accuracy's whole interval."""
+    accuracy = quality["accuracy"]["low"] - 0.001 if passing else quality["accuracy"]["high"] + 0.001
+    return [f"gate.quality.min_accuracy={accuracy}", f"gate.quality.min_balanced_accuracy={quality['balanced_accuracy']['low'] - 0.001}",
+            f"gate.quality.max_ece={quality['ece']['high'] + 0.001}",
+            "gate.on_fail=block", "gate.on_inconclusive=warn",
             *(f"gate.fairness.max_{check}=1" for check in ("accuracy_difference", "recall_macro_difference",
                                                             "demographic_parity_difference", "equalized_odds_difference")),
             "gate.fairness.min_accuracy_ratio=0", "gate.fairness.min_group_size=1"]  # quality decides here
@@ -106,12 +106,12 @@ def test_gto_and_the_registry_accept_the_same_stages():
 @pytest.mark.slow
 def test_promotion_lifecycle(project: Project):
     repo = project.repo
-    metrics_v1, fairness_v1 = project.reports()
+    quality_v1 = project.quality()
     package_v1 = project.package_version()
 
     # v1: register the current commit and promote it through staging into prod (gates pass).
     assert promote(project.cfg(), "v1.0.0", "staging", repo=repo)["verdict"] == "stage not gated"
-    done = promote(project.cfg(*gates_around(metrics_v1, fairness_v1, passing=True)), "v1.0.0", "prod", repo=repo)
+    done = promote(project.cfg(*gates_around(quality_v1, passing=True)), "v1.0.0", "prod", repo=repo)
     assert done["verdict"] == "gates passed"
     assert "gates passed" in latest_stage_tag_message(repo, "prod")
 
@@ -126,16 +126,19 @@ def test_promotion_lifecycle(project: Project):
     promote(project.cfg(), "v1.1.0", "staging", repo=repo)
 
     # prod is gated: refused on the measured values, then forced with a reason recorded in the tag.
-    metrics_v2, fairness_v2 = project.reports()
+    quality_v2 = project.quality()
     package_v2 = project.package_version()
     assert package_v2 != package_v1
-    strict = project.cfg(*gates_around(metrics_v2, fairness_v2, passing=False))
+    strict = project.cfg(*gates_around(quality_v2, passing=False))
     with pytest.raises(RegistryError) as refused:
         promote(strict, "v1.1.0", "prod", repo=repo)
-    assert f"quality: accuracy {metrics_v2['accuracy']:.4f} not >= " in str(refused.value)
-    forced = promote(strict, "v1.1.0", "prod", force_reason="demo: accept a 0.1% accuracy shortfall", repo=repo)
+    accuracy = quality_v2["accuracy"]
+    assert (f"quality: accuracy {accuracy['value']:.4f} (interval {accuracy['low']:.4f} to {accuracy['high']:.4f}; must be >= "
+            f"{accuracy['high'] + 0.001}, gate.quality.min_accuracy): fail, the whole interval is beyond the tolerance"
+            ) in str(refused.value)
+    forced = promote(strict, "v1.1.0", "prod", force_reason="demo: accept an accuracy below the gate", repo=repo)
     assert forced["verdict"].startswith("FORCED past failed gates")
-    assert "demo: accept a 0.1% accuracy shortfall" in latest_stage_tag_message(repo, "prod")
+    assert "demo: accept an accuracy below the gate" in latest_stage_tag_message(repo, "prod")
 
     # The project's view and the real gto CLI agree.
     ours = {v["version"]: (v["commit"], v["stages"]) for v in versions(repo)}
@@ -161,7 +164,7 @@ def test_promotion_lifecycle(project: Project):
     assert (back["replaced"], back["version"]) == ("v1.1.0", "v1.0.0")
     assert json.loads(run(["gto", "show", "--json"], repo).stdout)["digits"]["stage"]["prod"] == "v1.0.0"
     redeployed = run(["python", "-m", "serve", "up", "--stage", "prod", *project.serve_overrides,
-                      *gates_around(metrics_v1, fairness_v1, passing=True)], repo).stdout
+                      *gates_around(quality_v1, passing=True)], repo).stdout
     assert "serve: stage prod -> v1.0.0" in redeployed and f"version {package_v1} is the default" in redeployed
     assert live_default(project) == package_v1
 
@@ -265,7 +268,9 @@ def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project)
     assert job.names == ["Which stage did this tag assign?", "Which branch's policy decides?", "Re-check gates and remote retrievability"]
     refused = job.steps[-1][1]
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert "digits v2.0.0 may not enter 'prod'" in refused.stderr and "accuracy" in refused.stderr and "not >= 0.9999" in refused.stderr
+    assert project.quality()["accuracy"]["high"] < 0.9999  # the whole interval lies beyond the new policy
+    assert "digits v2.0.0 may not enter 'prod'" in refused.stderr
+    assert "must be >= 0.9999, gate.quality.min_accuracy): fail, the whole interval is beyond the tolerance" in refused.stderr
     assert deploy_records(project) == records_before  # the deploy step never ran
     closed = events_of(repo, "gate_closed")[-1]
     assert (closed["version"], closed["stage"]) == ("v2.0.0", "prod")

@@ -4,6 +4,7 @@ attributes) as categories."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -53,12 +54,14 @@ def test_a_restyled_template_changes_the_reports_without_python(evaluated, tmp_p
 def test_the_shipped_templates_render_every_section(evaluated):
     _, root = evaluated
     html, card = (root / "reports/evaluation.html").read_text(), (root / "reports/model_card.md").read_text()
-    for heading in ("Quality (test split)", "Fairness: ", "Interpretability", "Attributions"):
+    for heading in ("<h2>Checks: gate ", "Quality (test split)", "<h2>Fairness</h2>", "Interpretability", "Attributions"):
         assert heading in html
-    for heading in ("# Model card: cnn", "## Model details", "## Data", "## Metrics (test split", "## Fairness: ",
+    for heading in ("# Model card: cnn", "## Model details", "## Data", "## Metrics (test split", "## Checks: gate ", "## Fairness\n",
                     "## Interpretability findings", "## Limitations", "## Lineage"):
         assert heading in card
     assert "| accuracy |" in card and "<script" not in html
+    for check in ("accuracy", "balanced_accuracy", "ece"):  # each quality check's row: value, interval, test images, threshold, verdict
+        assert re.search(rf"\| {check} \| [\d.]+ \| [\d.]+ to [\d.]+ \| \d+ \| [<>]= [\d.]+ \| (pass|FAIL|INCONCLUSIVE) \|", card), check
 
 
 def test_true_label_is_a_category_in_the_error_analysis():

@@ -161,9 +161,10 @@ def test_metrics_lead_with_a_dozen_headline_numbers(reproduced):
     columns = {f"{path}:{key}" for files in shown.values() for path, data in files["data"].items()
                for key in _flatten(data["data"])}
     names = {c.split(":")[1] for c in columns}
-    assert len(columns) <= 15, sorted(columns)  # about a dozen; the detail stays in the reports
+    assert len(columns) <= 18, sorted(columns)  # about a dozen numbers and a verdict per quality check; the detail stays in the reports
     assert {"accuracy", "balanced_accuracy", "f1_macro", "ece", "gate", "fairness.fail", "fairness.inconclusive",
-            "fairness.worst_accuracy_gap", "val.loss", "val.accuracy"} <= names
+            "fairness.worst_accuracy_gap", "val.loss", "val.accuracy",
+            "quality.accuracy", "quality.balanced_accuracy", "quality.ece"} <= names
     assert not any(n.replace(".", "_") in names and "." in n for n in names), "one name per quantity"
 
 

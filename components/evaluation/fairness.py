@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from sklearn.metrics import accuracy_score, precision_score, recall_score
 
 from components.core.errors import DataError
-from components.evaluation.gates import FAIRNESS_RULES, judge
+from components.evaluation.gates import FAIRNESS_RULES, judge, verdict_counts
 
 GAP_METRICS = ("accuracy", "recall_macro", "precision_macro")
 
@@ -203,6 +203,6 @@ def fairness_report(y_true: np.ndarray, y_pred: np.ndarray, sensitive: pd.DataFr
     groupings, checks = {}, []
     for name, groups in audited_groupings(sensitive).items():
         groupings[name] = grouping_report(y_true, y_pred, groups, classes, e, seed)
-        checks += [judge(c, fairness_gate) for c in measured_checks(name, groupings[name], y_true, y_pred, groups, classes, e, seed)]
-    counts = {v: sum(c["verdict"] == v for c in checks) for v in ("pass", "fail", "inconclusive")}
-    return {"groupings": groupings, "checks": checks, "verdicts": counts}
+        measured = measured_checks(name, groupings[name], y_true, y_pred, groups, classes, e, seed)
+        checks += [judge(c, "fairness", fairness_gate) for c in measured]
+    return {"groupings": groupings, "checks": checks, "verdicts": verdict_counts(checks)}

@@ -1,12 +1,13 @@
-"""The one gate policy (conf/gate): quality thresholds on the test metrics, and a verdict per
-fairness check from its interval. Evaluate, the pipeline's gate step and the registry all
-decide with `decide`, from the numbers evaluate wrote, so a threshold changes in one place.
+"""The one gate policy (conf/gate): a verdict per quality check and per fairness check, each from its
+bootstrap interval. Evaluate, the pipeline's gate step and the registry all decide with `decide`,
+from the checks evaluate wrote, so a threshold changes in one place.
 
-A quality metric below (above) its threshold fails. A fairness check is
-- fail: its whole interval lies beyond the tolerance;
-- inconclusive: it rests on a group (or a group's class) smaller than `min_group_size`, or
-  its interval straddles the tolerance: the data cannot tell;
-- pass: its whole interval lies within the tolerance.
+A check is
+- fail: its whole interval lies beyond the threshold (or tolerance);
+- inconclusive: it rests on fewer test images than its section's minimum (`quality.min_test_size`
+  for the test split; `fairness.min_group_size` for a group, or a group's class), or its interval
+  straddles the threshold: the data cannot tell;
+- pass: its whole interval lies within the threshold.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from omegaconf import DictConfig
 
 from components.core.config.schema import FairnessGate, QualityGate, threshold_rules
 
-# check or metric name -> (its gate key, rule), from the schema's thresholds: "<=" a value must stay at or below it.
+# check name -> (its gate key, rule), from the schema's thresholds: "<=" a value must stay at or below it.
 FAIRNESS_RULES = threshold_rules(FairnessGate)
 QUALITY_RULES = threshold_rules(QualityGate)
+# gate section -> its rules and the key of the fewest test images a check of it may rest on.
+SECTIONS = {"quality": (QUALITY_RULES, "min_test_size"), "fairness": (FAIRNESS_RULES, "min_group_size")}
 
 
 def _within(value: float, rule: str, tolerance: float) -> bool:
@@ -25,43 +28,46 @@ def _within(value: float, rule: str, tolerance: float) -> bool:
     return value <= tolerance if rule == "<=" else value >= tolerance
 
 
-def judge(check: dict, fairness: DictConfig) -> dict:
-    """`check` (grouping, check, value, low, high, min_count, min_count_of) with its tolerance, rule and verdict."""
-    key, rule = FAIRNESS_RULES[check["check"]]
-    tolerance = fairness[key]
+def judge(check: dict, section: str, thresholds: DictConfig) -> dict:
+    """`check` (check, value, low, high, min_count, min_count_of; a fairness check also its grouping) of gate
+    section `section` ("quality" or "fairness", whose config is `thresholds`) with its threshold, rule and verdict."""
+    rules, minimum = SECTIONS[section]
+    key, rule = rules[check["check"]]
+    tolerance = thresholds[key]
     low_side, high_side = _within(check["low"], rule, tolerance), _within(check["high"], rule, tolerance)
-    if check["min_count"] < fairness.min_group_size:
+    if check["min_count"] < thresholds[minimum]:
         verdict, why = "inconclusive", (f"rests on {check['min_count']} test images ({check['min_count_of']}), "
-                                        f"fewer than gate.fairness.min_group_size={fairness.min_group_size}")
+                                        f"fewer than gate.{section}.{minimum}={thresholds[minimum]}")
     elif low_side and high_side:
         verdict, why = "pass", "the whole interval is within the tolerance"
     elif not low_side and not high_side:
         verdict, why = "fail", "the whole interval is beyond the tolerance"
     else:
         verdict, why = "inconclusive", "the interval straddles the tolerance"
-    return {**check, "rule": rule, "threshold": tolerance, "key": f"gate.fairness.{key}", "verdict": verdict, "why": why}
+    return {**check, "section": section, "rule": rule, "threshold": tolerance, "key": f"gate.{section}.{key}",
+            "verdict": verdict, "why": why}
 
 
 def describe(check: dict) -> str:
-    return (f"{check['grouping']}: {check['check']} {check['value']:.4f} (interval {check['low']:.4f} to {check['high']:.4f}; "
-            f"must be {check['rule']} {check['threshold']}, {check['key']}): {check['verdict']}, {check['why']}")
+    """One line on a judged check, led by what it is about: its grouping (fairness) or its section (quality)."""
+    return (f"{check.get('grouping', check['section'])}: {check['check']} {check['value']:.4f} (interval {check['low']:.4f} to "
+            f"{check['high']:.4f}; must be {check['rule']} {check['threshold']}, {check['key']}): {check['verdict']}, {check['why']}")
 
 
-def quality_failures(metrics: dict, quality: DictConfig) -> list[str]:
-    return [f"{metric} {metrics[metric]:.4f} not {rule} {quality[key]} (gate.quality.{key})"
-            for metric, (key, rule) in QUALITY_RULES.items() if not _within(metrics[metric], rule, quality[key])]
-
-
-def decide(metrics: dict, checks: list[dict], gate: DictConfig) -> dict:
-    """The gate's decision on measured metrics and fairness checks: open or not, and why."""
-    judged = [judge(check, gate.fairness) for check in checks]
-    quality = [f"quality: {f}" for f in quality_failures(metrics, gate.quality)]
-    blocking, warnings = (quality, []) if gate.on_fail == "block" else ([], quality)
-    for check in judged:
+def decide(quality: list[dict], fairness: list[dict], gate: DictConfig) -> dict:
+    """The gate's decision on measured quality and fairness checks: open or not, why, and each check judged."""
+    judged = {"quality": [judge(check, "quality", gate.quality) for check in quality],
+              "fairness": [judge(check, "fairness", gate.fairness) for check in fairness]}
+    blocking, warnings = [], []
+    for check in judged["quality"] + judged["fairness"]:
         if check["verdict"] != "pass":
             policy = gate.on_fail if check["verdict"] == "fail" else gate.on_inconclusive
             (blocking if policy == "block" else warnings).append(describe(check))
-    return {"open": not blocking, "blocking": blocking, "warnings": warnings, "checks": judged}
+    return {"open": not blocking, "blocking": blocking, "warnings": warnings, **judged}
+
+
+def verdict_counts(checks: list[dict]) -> dict[str, int]:
+    return {v: sum(c["verdict"] == v for c in checks) for v in ("pass", "fail", "inconclusive")}
 
 
 def summary(decision: dict) -> str:

@@ -109,28 +109,34 @@ def _environment() -> jinja2.Environment:
     env.filters.update(fmt=fmt, b64=lambda png: base64.b64encode(png).decode(),
                        metric_row=lambda key, values: [key, values[key]], prefix=lambda text, head: head + text,
                        gap_row=lambda metric, report: [metric, report["difference"][metric], report["ratio"][metric]])
-    env.globals.update(gap_sentence=gap_sentence, gate_line=_gate_line, CHECK_HEADERS=CHECK_HEADERS)
+    env.globals.update(gap_sentence=gap_sentence, gate_line=_gate_line, CHECK_HEADERS=CHECK_HEADERS, QUALITY_HEADERS=QUALITY_HEADERS)
     return env
 
 
-def _gate_line(fairness: dict) -> str:
-    gate = fairness["gate"]
-    verdicts = ", ".join(f"{n} {v}" for v, n in fairness["verdicts"].items())
-    return f"gate {'open' if gate['open'] else 'CLOSED'} (checks: {verdicts}; policy: conf/gate)"
+def _gate_line(ev: Evaluation) -> str:
+    gate = ev.fairness["gate"]  # the decision on every check, quality and fairness
+    counts = {name: ", ".join(f"{n} {v}" for v, n in report["verdicts"].items())
+              for name, report in (("quality", ev.quality), ("fairness", ev.fairness))}
+    return (f"gate {'open' if gate['open'] else 'CLOSED'} (quality checks: {counts['quality']}; "
+            f"fairness checks: {counts['fairness']}; policy: conf/gate)")
 
 
-def check_rows(fairness: dict) -> list[list]:
-    """One row per check: its value, interval, the count it rests on, tolerance and verdict."""
-    return [[c["grouping"], c["check"], c["value"], f"{c['low']:.4f} to {c['high']:.4f}", c["min_count"],
-             f"{c['rule']} {c['threshold']}", c["verdict"] if c["verdict"] == "pass" else c["verdict"].upper()]
-            for c in fairness["checks"]]
+def check_row(check: dict) -> list:
+    """A judged check's value, interval, the count it rests on, threshold and verdict (upper case unless it passed)."""
+    return [check["check"], check["value"], f"{check['low']:.4f} to {check['high']:.4f}", check["min_count"],
+            f"{check['rule']} {check['threshold']}", check["verdict"] if check["verdict"] == "pass" else check["verdict"].upper()]
 
 
+QUALITY_HEADERS = ["check", "value", "interval", "test images", "threshold", "verdict"]
 CHECK_HEADERS = ["grouping", "check", "value", "interval", "fewest images", "tolerance", "verdict"]
 
 
+def _quality_checks(ev: Evaluation) -> list[list]:
+    return [check_row(c) for c in ev.quality["checks"]]
+
+
 def _checks(ev: Evaluation) -> list[list]:
-    return check_rows(ev.fairness)
+    return [[c["grouping"], *check_row(c)] for c in ev.fairness["checks"]]
 
 
 def _lineage(ev: Evaluation) -> list[list]:
@@ -151,12 +157,15 @@ def render_html(ev: Evaluation) -> str:
     per_class = [[c, *(q["per_class"][c][k] for k in ("precision", "recall", "f1", "support"))] for c in classes]
     return _environment().get_template("evaluation.html.j2").render(
         ev=ev, figures=figures, lineage=_lineage(ev), summary_keys=SUMMARY_KEYS, per_class=per_class, checks=_checks(ev),
+        quality_checks=_quality_checks(ev),
         group_rows={name: _group_rows(report) for name, report in ev.fairness["groupings"].items()})
 
 
 def limitations(ev: Evaluation) -> list[str]:
     """The configured limitations plus those measured in this evaluation."""
     found = list(ev.config["data"]["limitations"])
+    found += [f"Quality check {c['verdict']}: {c['check']} {c['value']:.4f} (interval {c['low']:.4f} to "
+              f"{c['high']:.4f}; {c['why']})." for c in ev.quality["checks"] if c["verdict"] != "pass"]
     found += [f"Fairness check {c['verdict']}: {c['grouping']} {c['check']} {c['value']:.4f} (interval {c['low']:.4f} to "
               f"{c['high']:.4f}; {c['why']})." for c in ev.fairness["checks"] if c["verdict"] != "pass"]
     for name, report in ev.fairness["groupings"].items():
@@ -180,5 +189,6 @@ def render_model_card(ev: Evaluation) -> str:
     ranking = ", ".join(f"{r['term']} ({r['importance']:.3f})" for r in ev.error_analysis["ranking"][:5]) or "none"
     return _environment().get_template("model_card.md.j2").render(
         ev=ev, data_rows=data_rows, train_rows=[[k, str(v)] for k, v in cfg["train"].items()] + [["seed", cfg["seed"]]],
-        metric_keys=SUMMARY_KEYS[:-1], checks=_checks(ev), group_intervals=intervals, ranking=ranking, limitations=limitations(ev),
+        metric_keys=SUMMARY_KEYS[:-1], checks=_checks(ev), quality_checks=_quality_checks(ev), group_intervals=intervals, ranking=ranking,
+        limitations=limitations(ev),
         lineage=_lineage(ev))

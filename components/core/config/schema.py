@@ -153,6 +153,7 @@ class QualityGate:
     min_accuracy: float = threshold(0, 1)
     min_balanced_accuracy: float = threshold(0, 1)
     max_ece: float = threshold(0, 1)
+    min_test_size: int = at_least(1)
 
 
 @dataclass
