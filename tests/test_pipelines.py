@@ -233,7 +233,8 @@ def test_run_local_passes_typed_artifacts_and_deploys_to_a_torchserve_it_stops(l
                                                            "record-outcome-op"]
     evaluate = tasks["evaluate-op"]
     assert Path(evaluate.artifacts["evaluation_report"]).read_text().lstrip().lower().startswith("<!doctype html")
-    assert "## Fairness: gate" in Path(evaluate.artifacts["model_card"]).read_text()
+    card = Path(evaluate.artifacts["model_card"]).read_text()
+    assert "## Checks: gate " in card and "## Fairness\n" in card
     matrix = evaluate.metrics["confusion_matrix"]["confusionMatrix"]
     assert [c["displayName"] for c in matrix["annotationSpecs"]] == [str(d) for d in range(10)]
     assert sum(map(sum, (row["row"] for row in matrix["rows"]))) == evaluate.metrics["metrics"]["n_test"]
