@@ -4,6 +4,7 @@ answers are the model's top-k. tests/test_serve.py sends the same kinds through 
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 
@@ -45,6 +46,36 @@ def test_images_instances_and_v2_tensors_become_the_same_pixels(tiny_package, si
     assert top_k(probs, signature)[0][0]["label"] == sample["expected"]
 
 
+def test_a_v2_bytes_tensor_of_encoded_images_is_read_as_the_images_themselves(tiny_package, signature):
+    """KServe's TorchServe examples send {"datatype": "BYTES", "data": [base64 image, ...]}; shape [N] or [-1]."""
+    files = [(tiny_package["out"] / sample["file"]).read_bytes() for sample in tiny_package["manifest"]["samples"][:2]]
+    raw = np.concatenate([request_images({"body": f}, signature, LIMITS).pixels for f in files])
+    for shape in ([2], [-1]):
+        body = {"id": "b", "inputs": [{"name": "input-0", "shape": shape, "datatype": "BYTES",
+                                       "data": [base64.b64encode(f).decode() for f in files]}]}
+        encoded = request_images({"body": json.dumps(body).encode()}, signature, LIMITS)
+        assert (encoded.protocol, encoded.request_id) == ("v2", "b") and np.array_equal(encoded.pixels, raw)
+
+
+def _bytes_tensor(data: list, shape: list | None = None) -> dict:
+    return {"body": {"inputs": [{"name": "input-0", "shape": shape or [len(data)], "datatype": "BYTES", "data": data}]}}
+
+
+@pytest.mark.parametrize("row,status,message", [
+    (_bytes_tensor(["not base64!"]), 400, "inputs[0].data[0]: not base64"),
+    (_bytes_tensor([base64.b64encode(b"plain text").decode()]), 400, "inputs[0].data[0]: not a PNG or JPEG image"),
+    (_bytes_tensor([base64.b64encode(png(np.zeros((1001, 1000), np.uint8))).decode()]), 413,
+     "inputs[0].data[0]: image is 1000x1001 = 1001000 pixels, more than the server's limit of 1000000"),
+    (_bytes_tensor(["AA=="] * 33), 413, "request carries 33 images, more than the server's limit of 32 (serve.max_instances)"),
+    (_bytes_tensor(["AA=="], shape=[2]), 400, "inputs[0].shape must be [1] (or [-1]) for 1 encoded images"),
+    (_bytes_tensor([7]), 400, "a BYTES tensor holds a non-empty list of base64-encoded PNG/JPEG images"),
+], ids=["not base64", "not an image", "too many pixels", "too many images", "shape", "not strings"])
+def test_a_malformed_bytes_tensor_is_one_error_naming_the_item(signature, row, status, message):
+    with pytest.raises(RequestError) as err:
+        request_images(row, signature, LIMITS)
+    assert err.value.status == status and message in str(err.value)
+
+
 @pytest.mark.parametrize("row,status,message", [
     ({"body": b""}, 400, "empty request"),
     ({"body": b"a", "data": b"b"}, 400, "send one image per request"),
@@ -54,7 +85,7 @@ def test_images_instances_and_v2_tensors_become_the_same_pixels(tiny_package, si
     ({"body": b'{"instances": [[["1"]]]}'}, 400, "instance 0: values must be numbers"),
     ({"body": json.dumps({"instances": np.zeros((1, 28, 28)).tolist()}).encode()}, 400, "instance 0: expected shape [1, 16, 16]"),
     ({"body": {"inputs": [{"name": "image", "shape": [1, 1, 16, 16], "datatype": "INT64", "data": [0] * 256}]}}, 400,
-     "inputs[0].datatype must be one of ['FP32', 'UINT8'], got INT64"),
+     "inputs[0].datatype must be one of ['BYTES', 'FP32', 'UINT8'], got INT64"),
     ({"body": {"inputs": [{"name": "image", "shape": [1.0, 1, 16, 16], "datatype": "UINT8", "data": [0] * 256}]}}, 400,
      "inputs[0].shape must be [N, 1, 16, 16]"),
     ({"body": {"inputs": [{"name": "image", "shape": [1, 1, 16, 16], "datatype": "UINT8", "data": [0.5] * 256}]}}, 400,

@@ -3,6 +3,7 @@ bad inputs, token, load, a killed worker, version rollback, Prometheus, drift.""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import contextlib
 import fcntl
@@ -208,7 +209,7 @@ HOSTILE_REQUESTS = {  # kind: (requests.post arguments, status, message)
     "numbers as strings": ({"json": {"instances": [[["1"] * 32] * 32]}}, 400, "instance 0: values must be numbers"),
     "v2 with a list as datatype": ({"json": {"inputs": [{"name": "image", "shape": [1, 1, 32, 32], "datatype": [[["UINT8"]]],
                                                          "data": []}]}},
-                                   400, "inputs[0].datatype must be one of ['FP32', 'UINT8'], got list"),
+                                   400, "inputs[0].datatype must be one of ['BYTES', 'FP32', 'UINT8'], got list"),
     "v2 with fractional dimensions": ({"json": {"inputs": [{"name": "image", "shape": [1.0, 1, 32, 32], "datatype": "UINT8",
                                                             "data": [0] * 1024}]}},
                                       400, "inputs[0].shape must be [N, 1, 32, 32]"),
@@ -310,7 +311,9 @@ def test_open_inference_protocol_requests_get_v2_answers(live):
     url = f"{live['endpoint'].inference_url}/v2/models/digits/infer"
     flat_uint8 = {"id": "r-1", "inputs": [{"name": "image", "shape": [3, 1, 32, 32], "datatype": "UINT8", "data": pixels.ravel().tolist()}]}
     nested_fp32 = {"inputs": [{"name": "image", "shape": [3, 1, 32, 32], "datatype": "FP32", "data": pixels.astype(float).tolist()}]}
-    for body in (flat_uint8, nested_fp32):
+    encoded_png = {"id": "r-2", "inputs": [{"name": "input-0", "shape": [-1], "datatype": "BYTES",  # KServe's TorchServe examples
+                                            "data": [base64.b64encode(png(image)).decode() for image in pixels]}]}
+    for body in (flat_uint8, nested_fp32, encoded_png):
         response = requests.post(url, json=body, headers=auth(live), timeout=30)
         assert response.status_code == 200, response.text
         answer = response.json()
@@ -320,7 +323,7 @@ def test_open_inference_protocol_requests_get_v2_answers(live):
         assert (probabilities["name"], probabilities["shape"], probabilities["datatype"]) == ("probabilities", [3, 10], "FP32")
         assert np.allclose(np.reshape(probabilities["data"], (3, 10)), probs, atol=1e-5)
         assert labels == {"name": "label", "shape": [3], "datatype": "BYTES", "data": [str(c) for c in probs.argmax(1)]}
-    bad = {"datatype": ({"datatype": "INT64"}, "inputs[0].datatype must be one of ['FP32', 'UINT8'], got INT64"),
+    bad = {"datatype": ({"datatype": "INT64"}, "inputs[0].datatype must be one of ['BYTES', 'FP32', 'UINT8'], got INT64"),
            "shape": ({"shape": [3, 1, 28, 28]}, "inputs[0].shape must be [N, 1, 32, 32]"),
            "data length": ({"data": pixels.ravel().tolist()[:-1]}, "inputs[0].data: expected shape [3072], got [3071]"),
            "fractional UINT8": ({"data": [0.5] * 3072}, "UINT8 values must be whole numbers")}

@@ -2,7 +2,9 @@
 
 A request is PNG/JPEG bytes (raw body or one multipart field), JSON {"instances": [pixels, ...]}
 with pixels shaped [channels, height, width] in 0-255, or an Open Inference Protocol (KServe v2)
-body {"inputs": [{"name", "shape": [N, C, H, W], "datatype": "UINT8" | "FP32", "data"}]}.
+body {"inputs": [{"name", "shape": [N, C, H, W], "datatype": "UINT8" | "FP32", "data"}]}, or one whose
+tensor holds encoded images: {"name", "shape": [N] (or [-1]), "datatype": "BYTES", "data": [base64 PNG/JPEG, ...]},
+the form KServe's TorchServe examples send.
 Whatever a client sends, a malformed request raises RequestError with the HTTP status and one
 message naming the problem; nothing else escapes, so one request never fails another. What one
 request may cost is bounded (RequestLimits) and checked before its pixels are decoded or allocated.
@@ -10,6 +12,8 @@ request may cost is bounded (RequestLimits) and checked before its pixels are de
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import math
@@ -135,9 +139,11 @@ def parse_v2(body: dict, signature: dict, limits: RequestLimits) -> ParsedReques
         raise RequestError('"inputs" must hold exactly one tensor {"name", "shape", "datatype", "data"}')
     tensor = inputs[0]
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
+    if datatype == "BYTES":
+        return ParsedRequest(_encoded_images(tensor, signature, limits), "v2", _request_id(body))
     if not isinstance(datatype, str) or datatype not in V2_DATATYPES:
         shown = datatype[:20] if isinstance(datatype, str) else type(datatype).__name__
-        raise RequestError(f"inputs[0].datatype must be one of {sorted(V2_DATATYPES)}, got {shown}")
+        raise RequestError(f"inputs[0].datatype must be one of {sorted([*V2_DATATYPES, 'BYTES'])}, got {shown}")
     image_shape = tuple(signature["input"]["shape"][1:])
     if not (isinstance(shape, list) and len(shape) == 4 and all(type(n) is int for n in shape)
             and tuple(shape[1:]) == image_shape and shape[0] > 0):
@@ -148,8 +154,33 @@ def parse_v2(body: dict, signature: dict, limits: RequestLimits) -> ParsedReques
     pixels = flat.reshape(shape) if flat is not None else pixel_array(data, tuple(shape), "inputs[0].data", "(N, channels, height, width)")
     if datatype == "UINT8" and not np.array_equal(pixels, np.round(pixels)):
         raise RequestError("inputs[0].data: UINT8 values must be whole numbers")
+    return ParsedRequest(pixels, "v2", _request_id(body))
+
+
+def _encoded_images(tensor: dict, signature: dict, limits: RequestLimits) -> np.ndarray:
+    """A BYTES tensor's images: base64 PNG/JPEG strings, each decoded as a raw image body is (its own pixel limit)."""
+    data, shape = tensor.get("data"), tensor.get("shape")
+    if not isinstance(data, list) or not data or not all(isinstance(item, str) for item in data):
+        raise RequestError("inputs[0].data: a BYTES tensor holds a non-empty list of base64-encoded PNG/JPEG images")
+    if not (isinstance(shape, list) and len(shape) == 1 and shape[0] in (len(data), -1)):
+        raise RequestError(f"inputs[0].shape must be [{len(data)}] (or [-1]) for {len(data)} encoded images")
+    limits.check_image_count(len(data), tuple(signature["input"]["shape"][1:]))
+    images = []
+    for i, item in enumerate(data):
+        try:
+            encoded = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"inputs[0].data[{i}]: not base64") from None
+        try:
+            images.append(decode_image(encoded, signature, limits.max_image_pixels))
+        except RequestError as exc:
+            raise RequestError(f"inputs[0].data[{i}]: {exc}", exc.status) from None
+    return np.stack(images).astype(np.float32)
+
+
+def _request_id(body: dict) -> str | None:
     request_id = body.get("id")
-    return ParsedRequest(pixels, "v2", request_id if isinstance(request_id, str) else None)
+    return request_id if isinstance(request_id, str) else None
 
 
 def _is_flat(data: object) -> bool:
