@@ -12,8 +12,10 @@ import yaml
 
 from components.core.config.command import with_local_settings
 from components.core.config.params_file import load_config
+from components.core.config.schema import PORT_KEYS
 from components.core.errors import ConfigError
 from tests.helpers.project import copy_project, run
+from tests.helpers.servers import free_ports
 
 
 def test_local_settings_override_only_this_machines_sections(tmp_path):
@@ -37,7 +39,9 @@ def test_moving_the_ports_dirties_nothing_and_a_clash_is_one_line_before_the_pip
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        (repo / "local.yaml").write_text(f"serve:\n  metrics_port: {port}\n")
+        free = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))  # not the defaults: a server may run on this machine
+        ports = {**free, "metrics_port": port}
+        (repo / "local.yaml").write_text("serve:\n" + "".join(f"  {key}: {value}\n" for key, value in ports.items()))
         clash = run(["python", "-m", "serve", "check"], repo, check=False)
     assert clash.returncode == 2
     assert clash.stderr.strip() == (f"error: port {port} (serve.metrics_port) on 127.0.0.1 is in use by another program: choose free "
