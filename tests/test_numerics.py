@@ -22,7 +22,8 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_E
              "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR", "OPENBLAS_CORETYPE": "Haswell"}
 HOSTILE_SHELL = {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "2",
                  "MKL_CBWR": "AUTO", "MKL_DYNAMIC": "TRUE", "OMP_DYNAMIC": "TRUE", "OPENBLAS_CORETYPE": "Prescott",
-                 "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+                 "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                 "ONEDNN_DEFAULT_FPMATH_MODE": "BF16"}
 HOSTS = {"all cores": ([], {}), "one core": (["taskset", "-c", "0"], {}), "AVX2-only CPU": ([], AVX2_ONLY),
          "hostile shell": ([], HOSTILE_SHELL)}
 STEPS = (("prepare", ["--out", "prepared"]), ("train", ["--prepared", "prepared", "--out", "model", "--live", "live", "--checkpoints", "ckpt"]),

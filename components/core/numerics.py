@@ -4,8 +4,9 @@
 core count or higher ISA, and whatever the shell exports:
 - ATen's AVX2 kernels (`ATEN_CPU_CAPABILITY`, read once, at torch's first operation: so this module
   pins the environment from `components/__init__.py`, before any step uses torch);
-- no oneDNN and no NNPACK: their kernels and blocking follow the CPU's ISA and cache sizes, with
-  no cross-CPU guarantee; convolutions then run as im2col + MKL GEMM;
+- oneDNN's convolutions on its AVX2 kernels (`ONEDNN_MAX_CPU_ISA`) in strict fp32: with the ISA and
+  the thread count fixed they gave the same bytes on an emulated Intel Haswell (other vendor, other
+  cache sizes) as on an AMD EPYC (tests/test_numerics.py); no NNPACK (its kernels follow the CPU);
 - MKL's conditional numerical reproducibility on its one branch every vendor's CPU honours
   (`MKL_CBWR=COMPATIBLE`: on AMD, MKL ignores `AVX2`); the train step's AdamW is the fused one,
   whose kernel is torch's own (MKL's vectorised `sqrt` differs by CPU vendor);
@@ -54,7 +55,7 @@ def activate(profile: str, threads: int) -> dict:
     import torch
 
     reference = profile == "reference"
-    torch.backends.mkldnn.enabled = not reference
+    torch.backends.mkldnn.enabled = True
     torch.backends.nnpack.set_flags(not reference)
     if reference:
         torch.set_num_threads(threads)
