@@ -135,11 +135,12 @@ def _object_ids(repo, md5: str) -> set[str]:
 PLACEHOLDER_REGISTRY = "ghcr.io/example/"
 
 
-def check_images(cfg: DictConfig) -> None:
-    """The images the spec names are yours: a placeholder would wait out the pull until the step's timeout."""
+def check_images(cfg: DictConfig, gpu: bool | None = None) -> None:
+    """The images the spec names are yours: a placeholder would wait out the pull until the step's timeout. `gpu`: whether
+    the spec names the GPU image (default: as the training pipeline does, with pipeline.train.accelerator_count > 0)."""
     i = cfg.pipeline.image
     used = {"cpu_repository": i.cpu_repository}
-    if cfg.pipeline.train.accelerator_count > 0:
+    if cfg.pipeline.train.accelerator_count > 0 if gpu is None else gpu:
         used["gpu_repository"] = i.gpu_repository
     for key, repository in used.items():
         if repository.startswith(PLACEHOLDER_REGISTRY):
