@@ -63,7 +63,8 @@ def test_no_step_is_retried_by_default_so_a_deterministic_failure_fails_at_once(
     tasks, _ = compiled(tmp_path)
     assert [name for name, task in tasks.items() if "retryPolicy" in task] == []
     tasks, _ = compiled(tmp_path, "pipeline.retry.num_retries=2")  # for preemptible nodes: every step but gate and deploy
-    assert sorted(name for name, task in tasks.items() if "retryPolicy" in task) == ["evaluate-op", "package-op", "prepare-op", "train-op"]
+    assert sorted(name for name, task in tasks.items() if "retryPolicy" in task) == ["data-hash-op", "evaluate-op", "package-op", "prepare-op",
+                                                                                    "train-op"]
 
 
 def test_pull_secrets_and_the_deploy_step_node_and_uid_reach_the_spec(tmp_path):
