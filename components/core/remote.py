@@ -39,6 +39,8 @@ def listing_hash(uri: str, setting: str) -> str:
     root = root.rstrip("/")
     try:
         found = fs.find(root, detail=True)
+    except FileNotFoundError:  # no such bucket
+        found = {}
     except PermissionError as exc:
         raise DataError(f"{uri}: access denied ({exc}); check the S3 credentials") from None
     if not found:
