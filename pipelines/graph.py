@@ -1,6 +1,6 @@
-"""The pipeline graphs, built from a composed config: the training pipeline (prepare ->
-train -> evaluate -> gate -> package -> deploy, inside an exit handler) and the sweep
-(prepare -> train -> evaluate per trial in a ParallelFor, then the best trial).
+"""The pipeline graphs, built from a composed config: the training pipeline (data hash -> prepare
+-> train -> evaluate -> gate -> package -> deploy, inside an exit handler) and the sweep
+(data hash -> prepare -> train -> evaluate per trial in a ParallelFor, then the best trial).
 
 Everything the cluster needs (images by commit, resources, GPU, node selector, tolerations,
 /dev/shm, timeouts, retries, caching, secrets) comes from `cfg.pipeline` and is written
@@ -25,11 +25,10 @@ from components import train as train_step
 from components.core.config.schema import gate_parameters
 from components.core.config.sections import select
 from components.core.errors import ConfigError
-from components.core.lineage import DATA_HASH_ENV, data_hash
 from pipelines.in_pod import GIT_CREDENTIALS_ENV, GIT_SSH_KEY_ENV, RUN_PARAMETERS
 from pipelines.trainjob import trainjob_op, trainjob_template
-from pipelines.wrappers import (deploy_op, evaluate_op, gate_op, package_op, prepare_op, record_outcome_op, select_best_op,
-                                train_op)
+from pipelines.wrappers import (data_hash_op, deploy_op, evaluate_op, gate_op, package_op, prepare_op, record_outcome_op,
+                                select_best_op, train_op)
 
 COMMIT_LABEL, DEPLOY_ROLE_LABEL = "git-commit", "kfp-dvc-template/role"
 DEPLOY_SECTIONS = ("serve",)  # what components.deploy reads
@@ -87,7 +86,6 @@ def _with_cluster_settings(task: PipelineTask, b: Build, resources: DictConfig, 
                            cache: bool = True) -> PipelineTask:
     p = b.cfg.pipeline
     task.set_container_image(b.image(gpu))
-    task.set_env_variable(DATA_HASH_ENV, data_hash())  # the image holds no data.dvc of the run's revision
     kubernetes.set_image_pull_policy(task, p.image.pull_policy)
     if p.image.pull_secrets:
         kubernetes.set_image_pull_secrets(task, list(p.image.pull_secrets))
@@ -138,38 +136,45 @@ def _with_data_secrets(task: PipelineTask, p: DictConfig) -> PipelineTask:
 
 
 def _steps_to_evaluate(b: Build, configs: dict, data: dict, run: dict):
-    """prepare -> train -> evaluate; `configs` maps each step to its sections (JSON), `run` the typed run parameters."""
+    """data hash -> prepare -> train -> evaluate; `configs` maps each step to its sections (JSON), `run` the typed run
+    parameters. The data hash is read at run time from the data itself, never cached: prepare's cache key (an input) and
+    every step's lineage change with the data, not only with the parameters that name it. Returns its output and the tasks."""
     p = b.cfg.pipeline
     gpus = p.train.accelerator_count
-    prepare = prepare_op(config=configs["prepare"], expected_commit=b.commit, **data)
+    hashed = data_hash_op(config=configs["prepare"], expected_commit=b.commit, **data)
+    _with_data_secrets(_with_cluster_settings(hashed, b, p.resources, cache=False).set_display_name("data-hash"), p)
+    data_hash = hashed.output
+    prepare = prepare_op(config=configs["prepare"], expected_commit=b.commit, data_hash=data_hash, **data)
     _with_data_secrets(_with_cluster_settings(prepare, b, p.resources).set_display_name("prepare"), p)
     if p.train.nodes > 1:
-        train = _trainjob(b, configs["train"], prepare, run)
+        train = _trainjob(b, configs["train"], data_hash, prepare, run)
     else:
-        train = train_op(config=configs["train"], expected_commit=b.commit, gpus=gpus, prepared=prepare.outputs["prepared"], **run)
+        train = train_op(config=configs["train"], expected_commit=b.commit, data_hash=data_hash, gpus=gpus,
+                         prepared=prepare.outputs["prepared"], **run)
         _on_gpu_nodes(_with_cluster_settings(train, b, p.train, gpu=gpus > 0).set_display_name("train"), p.train)
-    evaluate = evaluate_op(config=configs["evaluate"], expected_commit=b.commit, prepared=prepare.outputs["prepared"],
-                           model=train.outputs["model"])
+    evaluate = evaluate_op(config=configs["evaluate"], expected_commit=b.commit, data_hash=data_hash,
+                           prepared=prepare.outputs["prepared"], model=train.outputs["model"])
     _with_cluster_settings(evaluate, b, p.resources).set_display_name("evaluate")
-    return prepare, train, evaluate
+    return data_hash, prepare, train, evaluate
 
 
-def _trainjob(b: Build, config: str, prepare: PipelineTask, run: dict) -> PipelineTask:
+def _trainjob(b: Build, config: str, data_hash, prepare: PipelineTask, run: dict) -> PipelineTask:
     """Above one node, a small CPU task runs the train step as a Kubeflow Trainer TrainJob and awaits it."""
     t = b.cfg.pipeline.train
     job = trainjob_template(b.cfg, b.image(gpu=t.accelerator_count > 0), b.commit)
-    train = trainjob_op(config=config, expected_commit=b.commit, gpus=t.accelerator_count, job=json.dumps(job),
-                        poll_s=t.trainer_poll_s, prepared=prepare.outputs["prepared"], **run)
+    train = trainjob_op(config=config, expected_commit=b.commit, data_hash=data_hash, gpus=t.accelerator_count,
+                        job=json.dumps(job), poll_s=t.trainer_poll_s, prepared=prepare.outputs["prepared"], **run)
     waiting = OmegaConf.merge(b.cfg.pipeline.resources, {"timeout_s": t.trainer_timeout_s + 600})  # outlives the job's deadline
     # It reads the job's outputs from the artifact store; no retries: a retry would start a second job.
     return _with_secret_env(_with_cluster_settings(train, b, waiting, retries=False).set_display_name("train"),
                             artifact_secret(b.cfg.pipeline))
 
 
-def _package_and_deploy(b: Build, gate: PipelineTask, prepare: PipelineTask, train: PipelineTask, deploy_enabled) -> None:
+def _package_and_deploy(b: Build, gate: PipelineTask, data_hash, prepare: PipelineTask, train: PipelineTask,
+                        deploy_enabled) -> None:
     """package after the gate; deploy when the `deploy` run parameter says so (no deploy task without a compiled target)."""
     p, d = b.cfg.pipeline, b.cfg.pipeline.deploy
-    package = package_op(config=sections_json(b.cfg, package_step.SECTIONS), expected_commit=b.commit,
+    package = package_op(config=sections_json(b.cfg, package_step.SECTIONS), expected_commit=b.commit, data_hash=data_hash,
                          prepared=prepare.outputs["prepared"], model=train.outputs["model"]).after(gate)
     _with_cluster_settings(package, b, p.resources).set_display_name("package")
     if deploy_enabled is None:
@@ -213,10 +218,11 @@ def training_pipeline(cfg: DictConfig, commit: str, data: dict, retries: bool = 
         outcome = _with_cluster_settings(record_outcome_op(), b, p.resources, retries=False, cache=False)
         with dsl.ExitHandler(outcome.set_display_name("record-outcome"), name="run"):
             data_args = {key: parameters[key] for key in ("data_repo", "data_rev", "data_uri")}
-            prepare, train, evaluate = _steps_to_evaluate(b, configs, data_args, {key: parameters[key] for key in RUN_PARAMETERS})
+            data_hash, prepare, train, evaluate = _steps_to_evaluate(b, configs, data_args,
+                                                                     {key: parameters[key] for key in RUN_PARAMETERS})
             closed = gate_op(expected_commit=commit, reports=evaluate.outputs["reports"], **{k: parameters[k] for k in gate_parameters()})
             _with_cluster_settings(closed, b, p.resources, retries=False).set_display_name("gate")
-            _package_and_deploy(b, closed, prepare, train, parameters.get("deploy"))
+            _package_and_deploy(b, closed, data_hash, prepare, train, parameters.get("deploy"))
 
     summary = "prepare -> train -> evaluate -> gate (conf/gate) -> package" + (" -> deploy" if p.deploy.enabled else "")
     pipeline.__signature__, pipeline.__doc__ = signature, run_parameter_docs(cfg, summary)
@@ -237,7 +243,7 @@ def sweep_pipeline(cfg: DictConfig, trials: list[tuple[str, DictConfig]], commit
         with dsl.ParallelFor(trials, name="trial") as trial:
             configs = {"prepare": trial.prepare, "train": trial.train, "evaluate": trial.evaluate}
             data_args = {"data_repo": data_repo, "data_rev": data_rev, "data_uri": data_uri}
-            _, _, evaluate = _steps_to_evaluate(b, configs, data_args, {k: getattr(trial, k) for k in RUN_PARAMETERS})
+            *_, evaluate = _steps_to_evaluate(b, configs, data_args, {k: getattr(trial, k) for k in RUN_PARAMETERS})
         best = select_best_op(trials=trials, reports=dsl.Collected(evaluate.outputs["reports"]), metric=sweep.metric, goal=str(sweep.goal))
         _with_cluster_settings(best, b, p.resources, retries=False).set_display_name("select-best")
 

@@ -20,6 +20,7 @@ from components.core.config.compose import compose
 from components.core.config.schema import gate_parameters
 from components.core.config.validation import validate
 from components.core.errors import ConfigError
+from components.core.lineage import DATA_HASH_ENV
 
 # Baked into the component images by pipelines/Dockerfile* from `make image`'s GIT_COMMIT build arg.
 IMAGE_COMMIT_ENV = "IMAGE_GIT_COMMIT"
@@ -33,9 +34,12 @@ def check_image(expected_commit: str) -> None:
                           "(`make image` at it), or compile the pipeline at the images' commit")
 
 
-def step_config(sections: str, expected_commit: str, run_parameters: dict | None = None) -> DictConfig:
-    """The step's config: the image's conf/ defaults, then `sections` (JSON), then the run parameters (dotted keys)."""
+def step_config(sections: str, expected_commit: str, run_parameters: dict | None = None, data_hash: str = "") -> DictConfig:
+    """The step's config: the image's conf/ defaults, then `sections` (JSON), then the run parameters (dotted keys).
+    `data_hash`, the run's (the data-hash task's), is what the step's lineage records."""
     check_image(expected_commit)
+    if data_hash:
+        os.environ[DATA_HASH_ENV] = data_hash
     cfg = OmegaConf.merge(OmegaConf.to_container(compose([])), json.loads(sections))
     for key, value in (run_parameters or {}).items():
         OmegaConf.update(cfg, key, value)
@@ -51,13 +55,13 @@ def gate_config(expected_commit: str, parameters: dict) -> DictConfig:
 RUN_PARAMETERS = {"epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "model_name": "model.name"}
 
 
-def train_step_config(sections: str, expected_commit: str, gpus: int, **run: object) -> DictConfig:
+def train_step_config(sections: str, expected_commit: str, gpus: int, data_hash: str, **run: object) -> DictConfig:
     """The train step's config in a pod (one node's, for a TrainJob): the typed run parameters set;
     with GPUs the device is cuda, never a silent CPU fallback, and one process per GPU."""
     overrides = {RUN_PARAMETERS[name]: value for name, value in run.items()}
     if gpus:
         overrides |= {"train.device": "cuda", "train.processes": gpus}
-    return step_config(sections, expected_commit, overrides)
+    return step_config(sections, expected_commit, overrides, data_hash)
 
 
 # pipeline.data.git_secret's keys arrive in these (kubernetes.io/ssh-auth names its key ssh-privatekey).

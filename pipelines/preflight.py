@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from components.core.paths import ROOT
 from components.core.errors import ConfigError
+from components.core.config.validation import check_shared_volume
 from components.core.git import GitError, git
 
 CLONABLE = re.compile(r"^(https?://|ssh://|[\w.-]+@[\w.-]+:)")  # scp-like ssh: git@host:path
@@ -135,11 +136,12 @@ def _object_ids(repo, md5: str) -> set[str]:
 PLACEHOLDER_REGISTRY = "ghcr.io/example/"
 
 
-def check_images(cfg: DictConfig) -> None:
-    """The images the spec names are yours: a placeholder would wait out the pull until the step's timeout."""
+def check_images(cfg: DictConfig, gpu: bool | None = None) -> None:
+    """The images the spec names are yours: a placeholder would wait out the pull until the step's timeout. `gpu`: whether
+    the spec names the GPU image (default: as the training pipeline does, with pipeline.train.accelerator_count > 0)."""
     i = cfg.pipeline.image
     used = {"cpu_repository": i.cpu_repository}
-    if cfg.pipeline.train.accelerator_count > 0:
+    if cfg.pipeline.train.accelerator_count > 0 if gpu is None else gpu:
         used["gpu_repository"] = i.gpu_repository
     for key, repository in used.items():
         if repository.startswith(PLACEHOLDER_REGISTRY):
@@ -160,16 +162,4 @@ def check_deploy_target(cfg: DictConfig) -> None:
         url = urlparse(d[key])
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError(f"pipeline.deploy.{key}={d[key]!r}: not an http(s) URL")
-    check_volume(d)
-
-
-ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce")
-
-
-def check_volume(d: DictConfig) -> None:
-    """Two pods share the volume: on one node unless it is ReadWriteMany."""
-    if d.access_mode not in ACCESS_MODES:
-        raise ConfigError(f"pipeline.deploy.access_mode must be one of {', '.join(ACCESS_MODES)}, got {d.access_mode!r}")
-    if d.access_mode == "ReadWriteOnce" and not d.node_selector:
-        raise ConfigError("pipeline.deploy.access_mode=ReadWriteOnce: TorchServe and the deploy step must share one node; set "
-                          "pipeline.deploy.node_selector (e.g. {kubernetes.io/hostname: <node>}) and regenerate with `python -m serve.k8s`")
+    check_shared_volume(d)

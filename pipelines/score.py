@@ -45,7 +45,9 @@ def score_pipeline(cfg: DictConfig, commit: str):
 
 
 def compile_command(args) -> None:
-    pipeline = score_pipeline(compose(args.overrides), preflight.head_commit())
+    cfg = compose(args.overrides)
+    preflight.check_images(cfg, gpu=False)  # its one task runs on the CPU image
+    pipeline = score_pipeline(cfg, preflight.head_commit())
     out = Path(args.out or OUT_DIR / f"{pipeline.name}.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, str(out))

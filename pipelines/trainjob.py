@@ -52,12 +52,11 @@ def _resources(t: DictConfig) -> dict:
 
 
 def _env(p: DictConfig) -> list[dict]:
-    """The artifact store's credentials (optional keys may be absent) and the run's data hash."""
+    """The artifact store's credentials (optional keys may be absent); trainjob_for_run adds the run's data hash."""
     s = p.artifact_secret if p.artifact_secret.name else p.s3_secret
-    secret = [] if not s.name else [
+    return [] if not s.name else [
         {"name": var, "valueFrom": {"secretKeyRef": {"name": s.name, "key": key, **({"optional": True} if optional else {})}}}
         for mapping, optional in ((s.env, False), (s.optional_env, True)) for key, var in mapping.items()]
-    return [*secret, {"name": DATA_HASH_ENV, "value": data_hash()}]  # the image holds no data.dvc of the run's revision
 
 
 def _pod_patch(p: DictConfig) -> dict:
@@ -114,10 +113,12 @@ def trainjob_template(cfg: DictConfig, image: str, commit: str) -> dict:
     })
 
 
-def trainjob_for_run(template: dict, name: str, namespace: str, launch_args: list[str]) -> dict:
+def trainjob_for_run(template: dict, name: str, namespace: str, launch_args: list[str], data_hash: str) -> dict:
+    """The run's TrainJob: its name, command and data hash (the data-hash task's; the image holds no data.dvc of the run's data)."""
     job = copy.deepcopy(template)
     job["metadata"].update(name=name, namespace=namespace)
     job["spec"]["trainer"]["command"] = ["python", "-m", "pipelines.trainjob", "launch", *launch_args]
+    job["spec"]["trainer"]["env"] = [*job["spec"]["trainer"].get("env", []), {"name": DATA_HASH_ENV, "value": data_hash}]
     return validated(job)
 
 
@@ -184,7 +185,7 @@ def run_trainjob(template: dict, cfg: DictConfig, expected_commit: str, prepared
     name, namespace, staging = f"train-{uuid.uuid4().hex[:12]}", _namespace(template), f"{model_uri.rstrip('/')}.trainjob"
     config = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
     job = trainjob_for_run(template, name, namespace, ["--config", config, "--expected-commit", expected_commit,
-                                                       "--prepared", prepared_uri, "--out", staging])
+                                                       "--prepared", prepared_uri, "--out", staging], data_hash())
     # Strict: a Trainer that does not know a field (runtimePatches, activeDeadlineSeconds before 2.2) refuses the job,
     # instead of dropping the field.
     api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job, field_validation="Strict")
@@ -195,8 +196,8 @@ def run_trainjob(template: dict, cfg: DictConfig, expected_commit: str, prepared
 
 
 @dsl.component(base_image="python:3.11", install_kfp_package=False)  # the graph sets the image by commit
-def trainjob_op(config: str, expected_commit: str, gpus: int, epochs: int, lr: float, batch_size: int, model_name: str,
-                job: str, poll_s: int, prepared: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+def trainjob_op(config: str, expected_commit: str, data_hash: str, gpus: int, epochs: int, lr: float, batch_size: int,
+                model_name: str, job: str, poll_s: int, prepared: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
                 training_log: Output[Artifact]):
     """The train task when pipeline.train.nodes > 1: a Kubeflow Trainer TrainJob does the training."""
     import json
@@ -208,7 +209,8 @@ def trainjob_op(config: str, expected_commit: str, gpus: int, epochs: int, lr: f
 
     from pipelines.trainjob import _terminate_on_sigterm
 
-    cfg = train_step_config(config, expected_commit, gpus, epochs=epochs, lr=lr, batch_size=batch_size, model_name=model_name)
+    cfg = train_step_config(config, expected_commit, gpus, data_hash, epochs=epochs, lr=lr, batch_size=batch_size,
+                            model_name=model_name)
     _terminate_on_sigterm()
     kube_config.load_incluster_config()
     results = run_trainjob(json.loads(job), cfg, expected_commit, prepared.uri, model.uri, model.path, training_log.path,

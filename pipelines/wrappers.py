@@ -1,12 +1,13 @@
-"""The KFP components: one thin wrapper per step, plus the gate, the exit handler and the
-sweep's ranking.
+"""The KFP components: one thin wrapper per step, plus the run's data hash, the gate, the exit
+handler and the sweep's ranking.
 
 Each wrapper only maps KFP artifact paths and parameters onto the step function in
 components/. They are lightweight components whose source KFP ships in the pipeline spec:
 imports happen inside the function, from the project installed in the image (`make image`),
 or from this venv under `kfp.local.SubprocessRunner(use_venv=False)`. `config` holds only the
 config sections the step reads (its SECTIONS), so its cache key changes only with them;
-`expected_commit` is the commit the images were built from (pipelines/in_pod.py checks it).
+`expected_commit` is the commit the images were built from (pipelines/in_pod.py checks it);
+`data_hash` is the data-hash task's, which each step's lineage records.
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
@@ -20,21 +21,38 @@ component = dsl.component(base_image="python:3.11", install_kfp_package=False)
 
 
 @component
-def prepare_op(config: str, expected_commit: str, data_repo: str, data_rev: str, data_uri: str, prepared: Output[Dataset]):
+def data_hash_op(config: str, expected_commit: str, data_repo: str, data_rev: str, data_uri: str) -> str:
+    """What identifies the data prepare fetches, read at run time (never cached): prepare's cache key and every
+    step's lineage change with the data, not only with the run parameters that name it."""
+    import tempfile
+
+    from components.data.source import data_hash_of
+    from pipelines.in_pod import git_credentials, step_config
+
+    cfg = step_config(config, expected_commit)
+    with tempfile.TemporaryDirectory() as scratch, git_credentials(scratch):
+        data_hash = data_hash_of(cfg.data.root, repo=data_repo, rev=data_rev, uri=data_uri)
+    print(f"data hash: {data_hash}")
+    return data_hash
+
+
+@component
+def prepare_op(config: str, expected_commit: str, data_repo: str, data_rev: str, data_uri: str, data_hash: str,
+               prepared: Output[Dataset]):
     import tempfile
 
     from components.data.source import fetch_data
     from components.prepare import prepare
     from pipelines.in_pod import git_credentials, step_config
 
-    cfg = step_config(config, expected_commit)
+    cfg = step_config(config, expected_commit, data_hash=data_hash)
     with tempfile.TemporaryDirectory() as download, git_credentials(download):
         data_dir = fetch_data(download, cfg.data.root, repo=data_repo, rev=data_rev, uri=data_uri)
         prepare(cfg, data_dir, prepared.path)
 
 
 @component
-def train_op(config: str, expected_commit: str, gpus: int, epochs: int, lr: float, batch_size: int, model_name: str,
+def train_op(config: str, expected_commit: str, data_hash: str, gpus: int, epochs: int, lr: float, batch_size: int, model_name: str,
              prepared: Input[Dataset], model: Output[Model], metrics: Output[Metrics], training_log: Output[Artifact]):
     """With GPUs the device is cuda, never a silent CPU fallback, and one process per GPU (the train step's torchrun)."""
     import tempfile
@@ -42,7 +60,8 @@ def train_op(config: str, expected_commit: str, gpus: int, epochs: int, lr: floa
     from components.train import launch
     from pipelines.in_pod import train_step_config
 
-    cfg = train_step_config(config, expected_commit, gpus, epochs=epochs, lr=lr, batch_size=batch_size, model_name=model_name)
+    cfg = train_step_config(config, expected_commit, gpus, data_hash, epochs=epochs, lr=lr, batch_size=batch_size,
+                            model_name=model_name)
     with tempfile.TemporaryDirectory() as checkpoints:
         results = launch(cfg, prepared.path, model.path, training_log.path, checkpoints)
     for name, value in results.items():
@@ -50,7 +69,7 @@ def train_op(config: str, expected_commit: str, gpus: int, epochs: int, lr: floa
 
 
 @component
-def evaluate_op(config: str, expected_commit: str, prepared: Input[Dataset], model: Input[Model], reports: Output[Artifact],
+def evaluate_op(config: str, expected_commit: str, data_hash: str, prepared: Input[Dataset], model: Input[Model], reports: Output[Artifact],
                 metrics: Output[Metrics], confusion_matrix: Output[ClassificationMetrics],
                 evaluation_report: Output[HTML], model_card: Output[Markdown]) -> float:
     """Returns the test accuracy; the gate step decides on the reports (evaluate does not enforce the gate here)."""
@@ -60,7 +79,7 @@ def evaluate_op(config: str, expected_commit: str, prepared: Input[Dataset], mod
     from components.evaluate import evaluate
     from pipelines.in_pod import step_config
 
-    cfg = step_config(config, expected_commit)
+    cfg = step_config(config, expected_commit, data_hash=data_hash)
     results = evaluate(cfg, prepared.path, model.path, reports.path, enforce_gate=False)
     quality = json.loads(open(f"{reports.path}/quality.json").read())
     shutil.copy(f"{reports.path}/evaluation.html", evaluation_report.path)
@@ -104,14 +123,14 @@ def gate_op(expected_commit: str, reports: Input[Artifact], min_accuracy: float,
 
 
 @component
-def package_op(config: str, expected_commit: str, prepared: Input[Dataset], model: Input[Model], package: Output[Model],
-               ) -> NamedTuple("Package", [("version", str), ("mar_file", str)]):
+def package_op(config: str, expected_commit: str, data_hash: str, prepared: Input[Dataset], model: Input[Model],
+               package: Output[Model]) -> NamedTuple("Package", [("version", str), ("mar_file", str)]):
     from collections import namedtuple
 
     from components.package import package as package_step
     from pipelines.in_pod import step_config
 
-    manifest = package_step(step_config(config, expected_commit), prepared.path, model.path, package.path)
+    manifest = package_step(step_config(config, expected_commit, data_hash=data_hash), prepared.path, model.path, package.path)
     return namedtuple("Package", ["version", "mar_file"])(manifest["version"], manifest["mar"]["file"])
 
 

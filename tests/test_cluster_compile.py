@@ -17,8 +17,10 @@ from components.core.paths import ROOT
 from components.core.errors import ConfigError
 from pipelines import preflight
 from pipelines.graph import training_pipeline
+from tests.helpers.project import run
 
 COMMIT = "c0ffee"
+HEAD = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 IMAGES = ["pipeline.image.cpu_repository=registry.example/cpu", "pipeline.image.gpu_repository=registry.example/gpu"]
 TARGET = ["pipeline.deploy.management_url=http://torchserve:8081", "pipeline.deploy.inference_url=http://torchserve:8080",
           "pipeline.deploy.model_store_pvc=torchserve-store"]
@@ -44,11 +46,25 @@ def test_the_placeholder_images_are_refused_at_compile_time():
     preflight.check_images(compose(["pipeline.image.cpu_repository=registry.example/cpu", "pipeline.train.accelerator_count=0"]))
 
 
+def test_the_score_pipeline_refuses_the_placeholder_images_too(tmp_path):
+    out = tmp_path / "score.yaml"
+    refused = run(["python", "-m", "pipelines.score", "compile", "--out", str(out)], ROOT, check=False)
+    assert refused.returncode == 2 and not out.exists()
+    assert refused.stderr.strip() == ("error: pipeline.image.cpu_repository='ghcr.io/example/kfp-dvc-template' is the template's "
+                                      "placeholder: set it to your registry, where `make image` pushes the images (pods would wait "
+                                      "for an image that does not exist)")
+    run(["python", "-m", "pipelines.score", "compile", "--out", str(out), "pipeline.image.cpu_repository=registry.example/cpu"], ROOT)
+    spec, _ = yaml.safe_load_all(out.read_text())
+    assert spec["deploymentSpec"]["executors"]["exec-score-op"]["container"]["image"] == (
+        f"registry.example/cpu:{HEAD}")
+
+
 def test_no_step_is_retried_by_default_so_a_deterministic_failure_fails_at_once(tmp_path):
     tasks, _ = compiled(tmp_path)
     assert [name for name, task in tasks.items() if "retryPolicy" in task] == []
     tasks, _ = compiled(tmp_path, "pipeline.retry.num_retries=2")  # for preemptible nodes: every step but gate and deploy
-    assert sorted(name for name, task in tasks.items() if "retryPolicy" in task) == ["evaluate-op", "package-op", "prepare-op", "train-op"]
+    assert sorted(name for name, task in tasks.items() if "retryPolicy" in task) == ["data-hash-op", "evaluate-op", "package-op", "prepare-op",
+                                                                                    "train-op"]
 
 
 def test_pull_secrets_and_the_deploy_step_node_and_uid_reach_the_spec(tmp_path):

@@ -24,13 +24,16 @@ import psutil
 import pytest
 import requests
 import yaml
+from kfp import compiler
 
 from components.core.config.compose import compose
 from components.core.config.schema import PORT_KEYS
+from components.core.errors import ConfigError
 from components.core.paths import ROOT
 from components.deploy import deploy
 from components.package import package
 from components.torchserve.server import read_keys
+from pipelines.graph import training_pipeline
 from pipelines.in_pod import server_keys
 from serve.k8s.__main__ import (CONFIG_FILE, HANDLER_ENV_FILE, HOME, MODELS, PVC_FILE, cluster_config_properties, cluster_handler_env,
                                 generated, kserve_config_properties, kserve_manifests, volume_claim)
@@ -112,11 +115,36 @@ def test_kubectl_kustomize_builds_both_kustomizations():
 
 
 @pytest.mark.slow
+def test_a_read_write_once_volume_pins_torchserve_to_the_node_of_the_deploy_step(tmp_path):
+    """Both pods mount the volume: with ReadWriteOnce, the Deployment `kubectl apply -k` applies runs on the node(s) the
+    compiled deploy step is pinned to, both from pipeline.deploy.node_selector."""
+    cfg = compose(["pipeline.deploy.access_mode=ReadWriteOnce", "+pipeline.deploy.node_selector={kubernetes.io/hostname: node-a}",
+                   "pipeline.deploy.management_url=http://torchserve:8081", "pipeline.deploy.inference_url=http://torchserve:8080",
+                   "pipeline.deploy.model_store_pvc=torchserve-store"])
+    folder = shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("*.py", "__pycache__", "kserve"))
+    for path, text in generated(cfg).items():
+        if path.parent == K8S:
+            (folder / path.name).write_text(text)
+    docs = {doc["kind"]: doc for doc in yaml.safe_load_all(run(["kubectl", "kustomize", str(folder)], ROOT).stdout)}
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert docs["Deployment"]["spec"]["template"]["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "node-a"}
+    spec = tmp_path / "pipeline.yaml"
+    compiler.Compiler().compile(training_pipeline(cfg, "c0ffee", {"data_repo": "", "data_rev": "", "data_uri": "s3://bucket/raw"}), str(spec))
+    deploy = list(yaml.safe_load_all(spec.read_text()))[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-deploy-op"]
+    assert deploy["nodeSelector"] == {"labels": {"kubernetes.io/hostname": "node-a"}}
+    assert deploy["pvcMount"][0]["constant"] == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    with pytest.raises(ConfigError, match="pipeline.deploy.access_mode=ReadWriteOnce: TorchServe and the deploy step must share one node"):
+        generated(compose(["pipeline.deploy.access_mode=ReadWriteOnce"]))
+
+
+@pytest.mark.slow
 def test_config_properties_is_generated_from_conf_serve():
     assert CONFIG_FILE.read_text() == cluster_config_properties(compose([]))
     assert HANDLER_ENV_FILE.read_text() == cluster_handler_env(compose([]))
     assert run([sys.executable, "-m", "serve.k8s", "--check"], ROOT).stdout.strip() == (
-        "config.properties, handler.env, kserve/config.properties, kserve/inferenceservice.yaml, pvc.yaml match conf/serve")
+        "config.properties, handler.env, kserve/config.properties, kserve/inferenceservice.yaml, pvc.yaml, placement.yaml match conf/serve")
     stale = run([sys.executable, "-m", "serve.k8s", "--check", "serve.workers=3"], ROOT, check=False)
     assert stale.returncode == 2 and "config.properties: stale; regenerate it with `python -m serve.k8s`" in stale.stderr
 

@@ -24,10 +24,11 @@ from components.core.config.schema import PORT_KEYS
 from components.core.paths import ROOT
 from components.core.errors import ConfigError
 from components.core.lineage import data_hash
+from components.data.source import dvc_dir_hash
 from pipelines import preflight
 from pipelines.graph import step_configs
 from pipelines.local import collect_results
-from pipelines.wrappers import prepare_op
+from pipelines.wrappers import data_hash_op, prepare_op
 from components.torchserve import server
 from tests.helpers.datasets import make_image_dataset
 from tests.helpers.project import copy_project, git_commit, run
@@ -85,16 +86,16 @@ def test_compiled_spec_names_images_by_commit_and_carries_cluster_settings(tmp_p
     assert {executors[e]["container"]["image"] for e in executors if e != "exec-train-op"} == {f"registry.example/cpu:{HEAD}"}
     assert all([s["secretName"] for s in k8s[e]["imagePullSecret"]] == ["regcred"] for e in executors)
     tasks = tasks_of(spec)
-    for name in ("prepare-op", "train-op", "evaluate-op", "gate-op", "package-op", "deploy-op"):
+    for name in ("data-hash-op", "prepare-op", "train-op", "evaluate-op", "gate-op", "package-op", "deploy-op"):
         assert tasks[name]["inputs"]["parameters"]["expected_commit"] == {"runtimeValue": {"constant": HEAD}}
         role = {"kfp-dvc-template/role": "deploy"} if name == "deploy-op" else {}  # serve/k8s/networkpolicy.yaml admits it
         assert k8s[f"exec-{name}"]["podMetadata"]["labels"] == {"git-commit": HEAD, **role}
-    assert {e["name"]: e["value"] for e in train["env"]}["LINEAGE_DATA_HASH"] == data_hash()
     assert train["resources"]["accelerator"] == {"count": "2", "resourceCount": "2", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
     assert k8s["exec-train-op"]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
     assert k8s["exec-train-op"]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
     assert k8s["exec-train-op"]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi", "volumeName": "dshm"}]
     assert k8s["exec-train-op"]["activeDeadlineSeconds"] == "86400" and k8s["exec-evaluate-op"]["activeDeadlineSeconds"] == "3600"
+    assert k8s["exec-data-hash-op"]["secretAsEnv"] == k8s["exec-prepare-op"]["secretAsEnv"]  # it reads the data where prepare does
     required, optional = k8s["exec-prepare-op"]["secretAsEnv"]
     assert (required["secretName"], required["optional"], optional["optional"]) == ("kfp-dvc-template-s3", False, True)
     assert [m["secretKey"] for m in required["keyToEnv"]] == ["access_key_id", "secret_access_key"]
@@ -103,7 +104,7 @@ def test_compiled_spec_names_images_by_commit_and_carries_cluster_settings(tmp_p
     assert tasks["deploy-op"]["inputs"]["parameters"]["key_file"] == {"runtimeValue": {"constant": "/mnt/torchserve/state/key_file.json"}}
     assert tasks["train-op"]["retryPolicy"] == {"backoffDuration": "60s", "backoffFactor": 2.0, "backoffMaxDuration": "3600s", "maxRetryCount": 2}
     assert tasks["deploy-op"]["cachingOptions"] == {} and "retryPolicy" not in tasks["deploy-op"]
-    assert tasks["package-op"]["dependentTasks"] == ["gate-op", "prepare-op", "train-op"]  # after the gate
+    assert tasks["package-op"]["dependentTasks"] == ["data-hash-op", "gate-op", "prepare-op", "train-op"]  # after the gate
     assert tasks["condition-2"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--deploy'] == true"
     assert spec["root"]["dag"]["tasks"]["record-outcome-op"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
 
@@ -122,6 +123,23 @@ def test_without_gpus_train_gets_no_gpu_scheduling_and_the_cpu_image(tmp_path):
     assert train["image"] == f"registry.example/cpu:{HEAD}" and "accelerator" not in train["resources"]
     assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(k8s["exec-train-op"])
     assert tasks_of(spec)["train-op"]["inputs"]["parameters"]["gpus"] == {"runtimeValue": {"constant": 0.0}}
+
+
+def test_the_data_hash_is_read_at_run_time_and_keys_prepare_s_cache_and_every_lineage(tmp_path):
+    """Not fixed at compile time: data_uri/data_rev may be changed in the UI, and an S3 prefix may get new objects under
+    the same URI. The data-hash task is never cached; prepare's cache key has its output as an input."""
+    spec, _ = compiled(tmp_path)
+    tasks = tasks_of(spec)
+    hashed = tasks["data-hash-op"]
+    assert hashed["cachingOptions"] == {}  # never cached
+    assert {name: value["componentInputParameter"] for name, value in hashed["inputs"]["parameters"].items()
+            if name.startswith("data_")} == {name: f"pipelinechannel--{name}" for name in ("data_repo", "data_rev", "data_uri")}
+    for name in ("prepare-op", "train-op", "evaluate-op", "package-op"):
+        assert tasks[name]["inputs"]["parameters"]["data_hash"] == {
+            "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "data-hash-op"}}, name
+    assert tasks["prepare-op"]["cachingOptions"] == {"enableCache": True} and tasks["prepare-op"]["dependentTasks"] == ["data-hash-op"]
+    executors = spec["deploymentSpec"]["executors"]
+    assert not [e for e in executors if "LINEAGE_DATA_HASH" in str(executors[e]["container"].get("env"))]  # no compile-time hash
 
 
 def test_run_parameters_are_typed_and_each_step_gets_only_its_config_sections(tmp_path):
@@ -229,7 +247,7 @@ def test_run_local_gives_the_numbers_of_dvc_repro(dvc_quick, local_quick):
 
 def test_run_local_passes_typed_artifacts_and_deploys_to_a_torchserve_it_stops(local_quick):
     tasks, stdout = local_quick["tasks"], local_quick["stdout"]
-    assert [name.rsplit("/", 1)[-1] for name in tasks] == ["prepare-op", "train-op", "evaluate-op", "gate-op", "package-op", "deploy-op",
+    assert [name.rsplit("/", 1)[-1] for name in tasks] == ["data-hash-op", "prepare-op", "train-op", "evaluate-op", "gate-op", "package-op", "deploy-op",
                                                            "record-outcome-op"]
     evaluate = tasks["evaluate-op"]
     assert Path(evaluate.artifacts["evaluation_report"]).read_text().lstrip().lower().startswith("<!doctype html")
@@ -268,7 +286,7 @@ def closed_run(result, run_dir) -> dict:
                                                               "Inner task failed: 'gate-op'")
     assert "The gate (conf/gate) closed: package and deploy did not run" in result.stderr
     tasks = collect_results(run_dir)
-    assert list(tasks) == ["prepare-op", "train-op", "evaluate-op", "record-outcome-op"]
+    assert list(tasks) == ["data-hash-op", "prepare-op", "train-op", "evaluate-op", "record-outcome-op"]
     assert json.loads(Path(tasks["record-outcome-op"].artifacts["outcome"]).read_text())["state"] == "FAILED"
     return tasks
 
@@ -288,13 +306,16 @@ def test_a_quality_miss_closes_the_gate(tmp_path, tiny_data):
                                 "gate.quality.min_test_size=10", check=False)
     tasks = closed_run(result, run_dir)
     assert tasks["evaluate-op"].parameters["Output"] < 0.9
+    # The lineage is the data's this run read (DVC's md5 of the folder), not the checkout's data.dvc fixed at compile time.
+    lineage = json.loads((Path(tasks["evaluate-op"].artifacts["reports"]) / "quality.json").read_text())["lineage"]
+    assert lineage["data_hash"] == tasks["data-hash-op"].parameters["Output"] == dvc_dir_hash(tiny_data) != data_hash()
     assert "gate closed: quality: accuracy" in result.stdout
     assert "gate.quality.min_accuracy): fail, the whole interval is beyond the tolerance" in result.stdout
 
 
 def test_an_image_of_another_commit_fails_at_once_with_a_clear_error(tmp_path, tiny_data):
     result, run_dir = run_local(tmp_path, *tiny_overrides(tiny_data), check=False, env={"IMAGE_GIT_COMMIT": "0" * 40})
-    assert result.returncode == 2 and "Inner task failed: 'prepare-op'" in result.stderr
+    assert result.returncode == 2 and "Inner task failed: 'data-hash-op'" in result.stderr
     assert (f"this image was built from commit {'0' * 40}, but the pipeline spec expects commit {HEAD}: "
             "build and push the images of that commit") in result.stdout + result.stderr
     assert list(collect_results(run_dir)) == ["record-outcome-op"]
@@ -322,7 +343,7 @@ def prepared_counts(task) -> dict:
 
 
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")  # image name without "python"
-def test_prepare_component_fetches_dvc_data_at_a_revision_and_an_s3_prefix(tmp_path, monkeypatch):
+def test_prepare_component_fetches_dvc_data_at_a_revision_and_an_s3_prefix_under_the_run_s_data_hash(tmp_path, monkeypatch):
     repo = copy_project(tmp_path / "repo")
     monkeypatch.setenv("IMAGE_GIT_COMMIT", HEAD)  # this venv plays the image of this commit
     with seaweed_s3(tmp_path / "s3") as s3:
@@ -353,12 +374,27 @@ def test_prepare_component_fetches_dvc_data_at_a_revision_and_an_s3_prefix(tmp_p
 
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
         config = step_configs(compose([]))["prepare"]
-        at_first = prepare_op(config=config, expected_commit=HEAD, data_repo=f"file://{origin}", data_rev=first, data_uri="")
-        at_head = prepare_op(config=config, expected_commit=HEAD, data_repo=f"file://{origin}", data_rev="", data_uri="")
-        from_s3 = prepare_op(config=config, expected_commit=HEAD, data_repo="", data_rev="", data_uri=f"s3://{s3.bucket}/raw/digits")
-    assert sum(prepared_counts(at_first).values()) == 1797
-    assert sum(prepared_counts(at_head).values()) == 1700
-    assert prepared_counts(from_s3) == prepared_counts(at_first)
+        sources = {"first": {"data_repo": f"file://{origin}", "data_rev": first, "data_uri": ""},
+                   "head": {"data_repo": f"file://{origin}", "data_rev": "", "data_uri": ""},
+                   "s3": {"data_repo": "", "data_rev": "", "data_uri": f"s3://{s3.bucket}/raw/digits"}}
+        hashes = {name: data_hash_op(config=config, expected_commit=HEAD, **source).output for name, source in sources.items()}
+        prepared = {name: prepare_op(config=config, expected_commit=HEAD, data_hash=hashes[name], **source)
+                    for name, source in sources.items()}
+        # The same key rewritten with other bytes of the same size: the same URI, other data.
+        image = f"{s3.bucket}/raw/digits/images/{sorted((ROOT / 'data' / 'images').iterdir())[0].name}"
+        fs = s3fs.S3FileSystem()
+        unchanged = data_hash_op(config=config, expected_commit=HEAD, **sources["s3"]).output
+        original = fs.cat(image)
+        fs.pipe(image, original[:-1] + bytes([original[-1] ^ 1]))
+        rewritten = data_hash_op(config=config, expected_commit=HEAD, **sources["s3"]).output
+    at_rev = {rev: yaml.safe_load(run(["git", "show", f"{rev}:data.dvc"], repo).stdout)["outs"][0]["md5"] for rev in (first, "HEAD")}
+    assert (hashes["first"], hashes["head"]) == (at_rev[first], at_rev["HEAD"])  # DVC's own md5, read at the revision
+    assert hashes["s3"].startswith("sha256:") and unchanged == hashes["s3"] and rewritten != hashes["s3"]
+    for name, task in prepared.items():  # the lineage records the run's data hash, not one fixed at compile time
+        assert json.loads((Path(task.outputs["prepared"].path) / "prepared.json").read_text())["lineage"]["data_hash"] == hashes[name]
+    assert sum(prepared_counts(prepared["first"]).values()) == 1797
+    assert sum(prepared_counts(prepared["head"]).values()) == 1700
+    assert prepared_counts(prepared["s3"]) == prepared_counts(prepared["first"])
 
 
 # --- submit --------------------------------------------------------------------------------

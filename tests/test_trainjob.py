@@ -40,7 +40,7 @@ def template(cfg) -> dict:
 
 def test_trainjob_is_a_valid_trainer_api_object_with_the_train_task_settings():
     cfg = compose(list(MULTINODE))
-    manifest = trainjob_for_run(template(cfg), "train-0123", "team-a", ["--config", "{}"])
+    manifest = trainjob_for_run(template(cfg), "train-0123", "team-a", ["--config", "{}"], "feedbeef.dir")
     assert TrainerV1alpha1TrainJob.from_dict(manifest).to_dict() == manifest
     trainer = manifest["spec"]["trainer"]
     assert manifest["metadata"]["name"] == "train-0123" and manifest["metadata"]["labels"]["git-commit"] == COMMIT
@@ -51,6 +51,7 @@ def test_trainjob_is_a_valid_trainer_api_object_with_the_train_task_settings():
     assert trainer["command"] == ["python", "-m", "pipelines.trainjob", "launch", "--config", "{}"]
     secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"].get("optional", False) for e in trainer["env"] if "valueFrom" in e}
     assert secret_env == {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "AWS_ENDPOINT_URL": True}
+    assert {e["name"]: e["value"] for e in trainer["env"] if "value" in e} == {"LINEAGE_DATA_HASH": "feedbeef.dir"}  # the run's
     pod = manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -71,11 +72,11 @@ def test_a_field_the_trainer_api_lacks_is_refused_at_compile_time():
     manifest = template(compose(list(MULTINODE)))
     manifest["spec"]["trainer"]["numNodes"] = "two"
     with pytest.raises(ConfigError, match="TrainJob: the Trainer API models refuse it"):
-        trainjob_for_run(manifest, "train-1", "ns", [])
+        trainjob_for_run(manifest, "train-1", "ns", [], "feedbeef.dir")
     manifest["spec"]["trainer"]["numNodes"] = 2
     manifest["spec"]["trainer"]["gpusPerNode"] = 4
     with pytest.raises(ConfigError, match="TrainJob: the Trainer API models do not accept"):
-        trainjob_for_run(manifest, "train-1", "ns", [])
+        trainjob_for_run(manifest, "train-1", "ns", [], "feedbeef.dir")
 
 
 def test_nodes_below_one_is_a_config_error_naming_the_key():

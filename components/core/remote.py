@@ -3,6 +3,7 @@ AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), KFP's minio:// artifact URIs, or a loc
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from components.core.errors import DataError
@@ -27,3 +28,25 @@ def download_folder(uri: str, dest: str | Path, setting: str) -> Path:
     except PermissionError as exc:
         raise DataError(f"{uri}: access denied ({exc}); check the S3 credentials") from None
     return Path(dest)
+
+
+def listing_hash(uri: str, setting: str) -> str:
+    """sha256 of the listing of the S3 prefix at `uri`: every key below it with its ETag and size, so an object rewritten
+    under the same key changes it. Nothing is downloaded. DataError as for download_folder."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(fsspec_url(uri))
+    root = root.rstrip("/")
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:  # no such bucket
+        found = {}
+    except PermissionError as exc:
+        raise DataError(f"{uri}: access denied ({exc}); check the S3 credentials") from None
+    if not found:
+        raise DataError(f"{uri}: no such folder or S3 prefix ({setting})")
+    digest = hashlib.sha256()
+    for key in sorted(found):
+        info = found[key]
+        digest.update(f"{key.removeprefix(root + '/')}\0{info.get('ETag', '')}\0{info['size']}\n".encode())
+    return f"sha256:{digest.hexdigest()}"

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from components.core.errors import DataError, run_cli
 from components.core.io import atomic_dir
 from components.core.lineage import data_hash
 from components.core.paths import ROOT
+from components.data.source import dvc_dir_hash
 
 # These constants define the shipped example (and so the hash in data.dvc); they are not
 # experiment parameters.
@@ -69,18 +69,6 @@ def _dvc(*args: str) -> subprocess.CompletedProcess:
 def remote_configured() -> bool:
     """True when the user gave S3 credentials/endpoint; without them we never touch the network."""
     return (ROOT / ".dvc" / "config.local").exists() or "AWS_ACCESS_KEY_ID" in os.environ
-
-
-def dvc_dir_hash(folder: Path) -> str:
-    """The md5 DVC would record for `folder` (computed with DVC's own hashing library)."""
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db.local import LocalHashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
-
-    fs = LocalFileSystem()
-    with tempfile.TemporaryDirectory() as scratch:
-        _, _, obj = build(LocalHashFileDB(fs, scratch), str(folder), fs, "md5")
-    return obj.hash_info.value
 
 
 def ensure_data(data_dir: Path = ROOT / "data") -> str:
