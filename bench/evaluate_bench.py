@@ -1,8 +1,14 @@
-"""Cost of the evaluate step on the sample, and how its two configurable costs grow: attributions
-with the number of explained images (and integrated-gradients steps), the bootstrap with the
-number of draws and of test images. Each is timed beside a baseline and printed as a ratio.
+"""Cost of the evaluate step on the sample, how each of its parts grows with the test set, and
+how its two configurable costs grow: attributions with the number of explained images (and
+integrated-gradients steps), the bootstrap with the number of draws and of test images. Each is
+timed beside a baseline and printed as a ratio.
 
-    python -m bench.evaluate_bench [--repeats 3] [--parts imports step attributions bootstrap] [numerics.threads=1]
+    python -m bench.evaluate_bench [--repeats 3] [--parts imports step scale attributions bootstrap] [numerics.threads=1]
+
+`scale` times each part of the step (predict, quality bootstrap, fairness, error analysis,
+attributions, writing the reports) at 100, 1,000 and 10,000 test images, min/median/max over
+--repeats; the test sets are the sample's test images drawn with replacement, each with its own
+seeded pixel noise, so the model makes errors as on real data.
 
 Needs artifacts/prepared and artifacts/model (`make run` or `dvc repro train` first).
 Target: the whole step (`python -m components.evaluate`, imports included) <= 30 s on 2 cores.
@@ -12,26 +18,33 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from captum.attr import Saliency
 from fairlearn.metrics import MetricFrame
+from omegaconf import OmegaConf
 from sklearn.metrics import accuracy_score
 from torch import nn
 
 import components  # noqa: F401  (first: it pins the reference numerics before torch loads)
 from components.core.config.compose import compose
+from components.core.numerics import activate
 from components.core.paths import ROOT
 from components.data.dataset import load_prepared
-from components.evaluate import evaluate
-from components.evaluation.explanations import attribute
-from components.evaluation.fairness import accuracy_gap_interval
+from components.evaluate import evaluate, headline, write_reports
+from components.evaluation.explanations import analyse_errors, attribute, attribution_grids
+from components.evaluation.fairness import accuracy_gap_interval, fairness_report
+from components.evaluation.gates import decide, verdict_counts
+from components.evaluation.quality import measured_checks, quality_metrics
+from components.evaluation.report import Evaluation
 from components.model.networks import load_trained, predict_logits
 
 PREPARED, MODEL = ROOT / "artifacts/prepared", ROOT / "artifacts/model"
@@ -39,8 +52,8 @@ CPU = torch.device("cpu")
 BASELINE_REV = "9250a73"  # the code before the steps imported heavy libraries only where used
 
 
-def side_by_side(repeats: int, *fns) -> list[float]:
-    """Fastest of `repeats` runs of each function in seconds, the functions taking turns so that a
+def timings(repeats: int, *fns) -> list[list[float]]:
+    """Seconds of each of `repeats` runs of each function, the functions taking turns so that a
     burst of load from other processes on the machine hits them alike."""
     times = [[] for _ in fns]
     for _ in range(repeats):
@@ -48,7 +61,12 @@ def side_by_side(repeats: int, *fns) -> list[float]:
             start = time.perf_counter()
             fn()
             spent.append(time.perf_counter() - start)
-    return [min(spent) for spent in times]
+    return times
+
+
+def side_by_side(repeats: int, *fns) -> list[float]:
+    """Fastest of `repeats` runs of each function, in turns."""
+    return [min(spent) for spent in timings(repeats, *fns)]
 
 
 def best_of(repeats: int, fn) -> float:
@@ -83,6 +101,71 @@ def step_imports(repeats: int, overrides: list[str], baseline_rev: str = BASELIN
                                env={**os.environ, "PYTHONPATH": tree})
             now, before = side_by_side(repeats, lambda: importing(str(ROOT)), lambda: importing(baseline))
             print(f"  components.{step:<9} {now:6.2f} s   before {before:6.2f} s   ratio {now / before:5.2f}")
+
+
+SIZES = (100, 1_000, 10_000)
+
+
+def synthetic_test_set(test: np.ndarray, index: pd.DataFrame, n: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """n of the sample's test images drawn with replacement, each with its own pixel noise (+-16), with their rows."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(test), n)
+    noisy = test[picks].astype(np.int16) + rng.integers(-16, 17, size=(n, *test.shape[1:]), dtype=np.int16)
+    return np.clip(noisy, 0, 255).astype(np.uint8), index.iloc[picks].reset_index(drop=True)
+
+
+def scale(repeats: int, overrides: list[str]) -> None:
+    """Each part of the step, as components/evaluate.py runs it, on synthetic test sets of SIZES images."""
+    cfg = compose(overrides)
+    e, seed, profile, policy = cfg.evaluate, cfg.seed, cfg.numerics.profile, cfg.gate.fairness
+    whole = compose([*overrides, f"evaluate.error_analysis_max_images={max(SIZES)}"]).evaluate  # the baseline: no budget
+    bounded, baseline = f"error analysis (<= {e.error_analysis_max_images} images)", "  baseline: on the whole test set"
+    activate(cfg.numerics.profile, cfg.numerics.threads)
+    model, norm, spec = load_trained(MODEL)
+    prepared = load_prepared(PREPARED)
+    attributes, classes = list(prepared.meta["sensitive_attributes"]), spec["classes"]
+    rows: dict[str, list[list[float]]] = {}
+    fitted: list[str] = []
+    for n in SIZES:
+        images, index = synthetic_test_set(*prepared.split("test"), n, seed)
+        probs = torch.softmax(predict_logits(model, norm, torch.from_numpy(images), CPU), dim=1).numpy()
+        y_true, y_pred = index["label_index"].to_numpy(), probs.argmax(axis=1)
+        quality, reliability = quality_metrics(y_true, probs, classes, e.calibration_bins)
+        fairness = fairness_report(y_true, y_pred, index[attributes], classes, e, policy, seed)
+        decision = decide(measured_checks(quality, y_true, probs, e, seed), fairness["checks"], cfg.gate)
+        quality |= {"checks": decision["quality"], "verdicts": verdict_counts(decision["quality"])}
+        fairness["gate"] = decision
+        errors = analyse_errors(images, index, attributes, probs, e, seed, profile)
+        grids = attribution_grids(model, norm, images, index, probs, attributes, classes, e, CPU, seed)
+        ev = Evaluation(spec, prepared.meta, OmegaConf.to_container(cfg, resolve=True), quality, reliability,
+                        fairness, errors, grids, {"data_hash": f"synthetic, {n} test images"})
+        with tempfile.TemporaryDirectory() as out:
+            parts = {
+                "predict": lambda: predict_logits(model, norm, torch.from_numpy(images), CPU),
+                f"quality bootstrap ({e.bootstrap_samples} draws)": lambda: measured_checks(quality, y_true, probs, e, seed),
+                "fairness (checks, bootstrap)": lambda: fairness_report(y_true, y_pred, index[attributes], classes, e, policy, seed),
+                bounded: lambda: analyse_errors(images, index, attributes, probs, e, seed, profile),
+                baseline: lambda: analyse_errors(images, index, attributes, probs, whole, seed, profile),
+                f"attributions ({e.attribution_samples} images)":
+                    lambda: attribution_grids(model, norm, images, index, probs, attributes, classes, e, CPU, seed),
+                "reports (JSON, HTML, card)":
+                    lambda: write_reports(ev, headline(quality, fairness, decision["open"]), classes, y_true, y_pred, Path(out)),
+            }
+            for name, spent in zip(parts, timings(repeats, *parts.values())):
+                rows.setdefault(name, []).append(spent)
+        fitted.append(f"{errors['n_images']} of {n}, {errors['n_errors']} err")
+    print(f"\n== each part of evaluate vs test-set size (s, min/median/max of {repeats}; synthetic test sets) ==")
+    print(f"{'part':<34}" + "".join(f"{f'{n:,} images':>22}" for n in SIZES) + f"{'x 1k->10k':>11}")
+    for name, cells in rows.items():
+        growth = statistics.median(cells[-1]) / statistics.median(cells[-2])
+        print(f"{name:<34}" + "".join(f"{spread(cell):>22}" for cell in cells) + f"{growth:>10.1f}x")
+    print(f"{'error analysis: images, errors':<34}" + "".join(f"{cell:>22}" for cell in fitted))
+    ratio = statistics.median(rows[bounded][-1]) / statistics.median(rows[baseline][-1])
+    print(f"error analysis at {max(SIZES):,} images: bounded / whole test set (medians) {ratio:.2f}")
+
+
+def spread(times: list[float]) -> str:
+    return "/".join(f"{t:.2f}" for t in (min(times), statistics.median(times), max(times)))
 
 
 def attributions(repeats: int, overrides: list[str]) -> None:
@@ -162,7 +245,7 @@ def main() -> None:
         PARTS[part](args.repeats, args.overrides)
 
 
-PARTS = {"imports": step_imports, "step": whole_step, "attributions": attributions, "bootstrap": bootstrap}
+PARTS = {"imports": step_imports, "step": whole_step, "scale": scale, "attributions": attributions, "bootstrap": bootstrap}
 
 
 if __name__ == "__main__":

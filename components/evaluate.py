@@ -2,7 +2,8 @@
 reports a reviewer reads before a model may be promoted.
 
 Outputs (in `reports_dir`): metrics.json (the headline DVC metrics, with each quality check's verdict),
-quality.json (per-class detail, confusion matrix, a verdict per quality check), fairness.json (a verdict per check),
+quality.json (per-class detail, confusion matrix, a verdict per quality check, and when the error
+analysis sampled the test split, how many of how many images), fairness.json (a verdict per check),
 plots/confusion.json and plots/reliability.json (DVC plots), evaluation.html (self-contained)
 and model_card.md. They are built in a scratch folder and moved into place only when all of
 them are complete; other files in `reports_dir` are left alone.
@@ -27,7 +28,7 @@ from components.core.config.sections import select
 from components.core.events import emit
 from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError, StepError
-from components.evaluation.explanations import attribution_grids, error_analysis, error_features
+from components.evaluation.explanations import analyse_errors, attribution_grids
 from components.evaluation.fairness import fairness_report, require_groups
 from components.evaluation.gates import decide, summary as gate_summary, verdict_counts
 from components.evaluation.quality import measured_checks, quality_metrics
@@ -123,8 +124,11 @@ def evaluate(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, r
     quality |= {"checks": decision["quality"], "verdicts": verdict_counts(decision["quality"])}
     fairness["gate"] = {k: decision[k] for k in ("open", "blocking", "warnings")}
     phases.step(done=f"quality and fairness ({e.bootstrap_samples} bootstrap samples)")
-    errors = error_analysis(error_features(images, index, attributes, probs), y_pred != y_true, e, cfg.seed, cfg.numerics.profile)
-    phases.step(done="error analysis")
+    errors = analyse_errors(images, index, attributes, probs, e, cfg.seed, cfg.numerics.profile)
+    if errors["n_images"] < errors["n_test"]:  # said only when sampled: a test set within the budget is analysed whole
+        quality["sampled"] = {"error_analysis": {"images": errors["n_images"], "of": errors["n_test"],
+                                                 "budget": "evaluate.error_analysis_max_images", "stratified_by": "true class, error"}}
+    phases.step(done=f"error analysis ({errors['n_images']} of {errors['n_test']} test images)")
     grids = attribution_grids(model, norm, images, index, probs, attributes, classes, e, device, cfg.seed)
     phases.step(done="attributions")
     phases.close()

@@ -18,7 +18,7 @@ from components.core.config.compose import compose
 from components.core.errors import ConfigError, DataError
 from components.core.paths import ROOT
 from components.evaluate import REPORT_FILES, GateClosed, evaluate
-from components.evaluation.explanations import attribute, attribution_grid, error_analysis
+from components.evaluation.explanations import attribute, attribution_grid, error_analysis, stratified_sample
 from components.evaluation.quality import calibration
 from components.model.networks import load_trained, predict_logits
 from components.prepare import prepare
@@ -283,6 +283,44 @@ def test_error_analysis_finds_the_feature_that_drives_errors():
     assert len(result["term_plots"]) == 2 and all(p.startswith(b"\x89PNG") for p in result["term_plots"])
     too_few = error_analysis(features, np.arange(n) == 0, compose([]).evaluate, seed=0)
     assert too_few["ranking"] == [] and "too few" in too_few["findings"][0]
+
+
+def test_a_stratified_sample_takes_exactly_the_budget_in_proportion_and_the_same_rows_each_time():
+    strata = np.repeat([0, 1, 2, 3], [700, 200, 90, 10])
+    rows = stratified_sample(strata, 100, seed=7)
+    assert len(rows) == len(np.unique(rows)) == 100 and list(rows) == sorted(rows)
+    assert [int((strata[rows] == k).sum()) for k in range(4)] == [70, 20, 9, 1]  # each stratum in proportion
+    assert np.array_equal(rows, stratified_sample(strata, 100, seed=7))
+    assert not np.array_equal(rows, stratified_sample(strata, 100, seed=8))
+    assert np.array_equal(stratified_sample(strata, 1000, seed=7), np.arange(1000))  # within the budget: every row
+
+
+def sampling_said(reports: Path) -> tuple[dict | None, str, str]:
+    """What quality.json, evaluation.html and model_card.md say about sampling the error analysis."""
+    sampled = json.loads((reports / "quality.json").read_text()).get("sampled")
+    html, card = (reports / "evaluation.html").read_text(), (reports / "model_card.md").read_text()
+    return sampled, re.sub(r"\s+", " ", html), card
+
+
+@pytest.mark.slow
+def test_error_analysis_within_its_budget_analyses_the_whole_test_set_and_says_nothing_of_sampling(reports):
+    sampled, html, card = sampling_said(reports)  # the default budget (1000) is above the sample's 271 test images
+    assert sampled is None and "sampled" not in html + card
+    assert re.search(r"<p>\d+ errors in 271 test images\. Categorical", html)
+
+
+@pytest.mark.slow
+def test_error_analysis_above_its_budget_analyses_a_seeded_sample_of_exactly_the_budget(digits_run, tmp_path):
+    cfg = compose(["train.epochs=3", *FAST, "evaluate.error_analysis_max_images=100"])
+    for run in ("first", "second"):
+        evaluate(cfg, digits_run["prepared"], digits_run["model"], tmp_path / run, enforce_gate=False)
+    sampled, html, card = sampling_said(tmp_path / "first")
+    assert sampled == {"error_analysis": {"images": 100, "of": 271, "budget": "evaluate.error_analysis_max_images",
+                                          "stratified_by": "true class, error"}}
+    assert re.search(r"<p>\d+ errors in 100 test images \(sampled 100 of 271 test images", html)
+    assert "Error analysis (sampled 100 of 271 test images) ranks what drives errors: " in card
+    for name in REPORT_FILES:  # the same sample, so the same reports
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
 
 
 @pytest.mark.slow

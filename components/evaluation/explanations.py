@@ -1,6 +1,8 @@
 """Interpretability: a glass-box EBM (interpret) that learns where the model errs from
-interpretable per-image features ("error analysis"), and captum attributions for a sample of
-test images, drawn as grids (input | attribution overlay | predicted vs true label)."""
+interpretable per-image features ("error analysis", on at most `evaluate.error_analysis_max_images`
+test images), and captum attributions for a sample of test images (`evaluate.attribution_samples`),
+drawn as grids (input | attribution overlay | predicted vs true label). Neither grows without bound
+with the test set."""
 
 from __future__ import annotations
 
@@ -24,6 +26,29 @@ def error_features(images: np.ndarray, index: pd.DataFrame, attributes: list[str
     table["true_label"] = index["label"].to_numpy()
     table["confidence"] = probs.max(axis=1)
     return table
+
+
+def stratified_sample(strata: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    """`budget` row numbers (sorted), or every row when there are no more: each stratum in
+    proportion to its size (within one row), which of its rows by a shuffle seeded by `seed`.
+    Systematic sampling over the rows ordered by stratum, then by a seeded random key."""
+    n = len(strata)
+    if n <= budget:
+        return np.arange(n)
+    order = np.lexsort((np.random.default_rng(seed).random(n), strata))
+    return np.sort(order[np.arange(budget) * n // budget])
+
+
+def analyse_errors(images: np.ndarray, index: pd.DataFrame, attributes: list[str], probs: np.ndarray, e: DictConfig,
+                   seed: int, numerics: str = "reference") -> dict:
+    """The error analysis on the test split, or above `e.error_analysis_max_images` test images on a
+    seeded sample of that many, stratified by true class and outcome (error or not). Its "n_images"
+    are the images analysed, its "n_test" the test split's."""
+    y_true = index["label_index"].to_numpy()
+    wrong = probs.argmax(axis=1) != y_true
+    rows = stratified_sample(2 * y_true + wrong, e.error_analysis_max_images, seed)
+    features = error_features(images[rows], index.iloc[rows], attributes, probs[rows])
+    return {**error_analysis(features, wrong[rows], e, seed, numerics), "n_test": len(y_true)}
 
 
 def error_analysis(features: pd.DataFrame, errors: np.ndarray, e: DictConfig, seed: int, numerics: str = "reference") -> dict:

@@ -142,6 +142,7 @@ class EvaluateConfig:
     bootstrap_confidence: float = between(0.5, 0.999)
     error_analysis_interactions: int = at_least(0)
     error_analysis_term_plots: int = at_least(0)
+    error_analysis_max_images: int = at_least(1)
     attribution_method: AttributionMethod = MISSING
     attribution_samples: int = at_least(0)
     attribution_steps: int = at_least(1)
