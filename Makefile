@@ -70,10 +70,10 @@ emulator:
 test: data prometheus emulator
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Before every commit (under 2 minutes): the tests without the `slow` marker, every module's logic
-# in-process, plus ruff, the import contracts and the docs check; `make test` also runs the slow tier.
+# Before every commit (under 2 minutes): the unit tier, every module's logic in-process, plus ruff,
+# the import contracts and the docs check; `make test` also runs the integration and e2e tiers.
 check: data
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
 # Kubeflow Pipelines component images (CPU, GPU) with the locked dependencies, built from the
 # committed tree (git archive HEAD: uncommitted changes never reach a cluster), tagged

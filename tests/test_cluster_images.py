@@ -170,7 +170,7 @@ def reachable(url: str) -> bool:
     return True
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(IMAGES))
 def test_each_dockerfile_pip_install_resolves_for_its_base_python_and_platform(name, tmp_path):
     """Each install from the registry pip is configured with; one from another index (the CPU image's torch from
@@ -230,7 +230,7 @@ def test_the_cpu_image_installs_torch_s_cpu_build_and_none_of_its_cuda_libraries
     assert PipInstall([str(ROOT / "requirements.lock")], None) in gpu  # the GPU image keeps the CUDA build
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_old_serving_pin_does_not_resolve_for_python_3_9(tmp_path):
     """What the check catches: onnxruntime 1.32.0 (requirements.lock's, Python 3.11) has no Python 3.9 wheel."""
     result = resolve(["onnxruntime==1.32.0"], "3.9", BASE_IMAGES["pytorch/torchserve:0.12.0-cpu"].glibc, tmp_path)

@@ -141,7 +141,7 @@ def test_an_answer_without_an_id_created_nothing_with_fake_kfp_api_server(tmp_pa
             upload(c, tmp_path / "spec.yaml", "p", "commit-1", "kubeflow")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_submit_behind_a_login_redirect_exits_2_before_compiling_with_fake_auth_proxy():
     with fake_server(fake_auth_proxy_redirect) as (host, _):
         result = run(["python", "-m", "pipelines", "submit", "--host", host], ROOT, check=False)

@@ -107,7 +107,7 @@ def test_unknown_key_in_params_file_names_file_and_key(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_config_check_refuses_a_stale_artifacts_yaml_and_the_writer_repairs_it(tmp_path):
     repo = copy_project(tmp_path / "repo", with_data=False)
     name = load_config().package.model_name
@@ -126,7 +126,7 @@ def test_config_check_refuses_a_stale_artifacts_yaml_and_the_writer_repairs_it(t
     assert run([sys.executable, "-m", "components.core.config", "--check"], repo).returncode == 0
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_reports_config_error_in_one_line_and_exit_2():
     result = subprocess.run([sys.executable, "-m", "components.train", "train.lr=abc"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2

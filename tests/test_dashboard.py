@@ -71,7 +71,7 @@ def query_until_present(url: str, query: str, timeout_s: float = 60) -> list:
         time.sleep(1)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_every_panel_query_runs_on_real_prometheus_and_traffic_shows(scraped):
     for title, legend, query in panel_queries():
         result = query_until_present(scraped, query, timeout_s=5 if legend in QUIET_WHEN_HEALTHY else 60)

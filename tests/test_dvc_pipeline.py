@@ -10,8 +10,6 @@ import pytest
 from tests.helpers.project import copy_of, run
 from tests.helpers.servers import seaweed_s3
 
-pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
-
 
 @pytest.fixture(scope="module")
 def reproduced(quick_project, tmp_path_factory):
@@ -20,6 +18,7 @@ def reproduced(quick_project, tmp_path_factory):
     return repo, (quick_project / "first_repro.txt").read_text()
 
 
+@pytest.mark.e2e
 def test_repro_runs_every_stage_then_is_up_to_date(reproduced):
     repo, first = reproduced
     assert "Running stage 'prepare'" in first and "Running stage 'train'" in first
@@ -30,6 +29,7 @@ def test_repro_runs_every_stage_then_is_up_to_date(reproduced):
     assert shown[""]["data"]["dvclive/metrics.json"]["data"]["val"]["accuracy"] == metrics["val"]["accuracy"]
 
 
+@pytest.mark.e2e
 def test_changing_a_train_param_reruns_train_but_not_prepare(reproduced, tmp_path):
     repo, _ = reproduced
     run(["python", "-m", "components.core.config", "experiment=quick", "train.lr=0.001"], repo)
@@ -41,6 +41,7 @@ def test_changing_a_train_param_reruns_train_but_not_prepare(reproduced, tmp_pat
     assert "Data and pipelines are up to date." in run(["dvc", "repro"], repo).stdout
 
 
+@pytest.mark.e2e
 def test_push_clone_pull_reproduces_nothing(reproduced, tmp_path):
     repo, _ = reproduced
     with seaweed_s3(tmp_path / "s3") as s3:
@@ -58,6 +59,7 @@ def test_push_clone_pull_reproduces_nothing(reproduced, tmp_path):
         assert (clone / "artifacts/model/model.safetensors").read_bytes() == (repo / "artifacts/model/model.safetensors").read_bytes()
 
 
+@pytest.mark.e2e
 def test_wrong_credentials_fail_clearly(reproduced, tmp_path):
     repo, _ = reproduced
     with seaweed_s3(tmp_path / "s3") as s3:

@@ -37,7 +37,7 @@ def reports(digits_run, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_reports_exist_and_carry_lineage(reports):
     assert sorted(str(p.relative_to(reports)) for p in reports.rglob("*") if p.is_file()) == sorted(REPORT_FILES)
     quality = json.loads((reports / "quality.json").read_text())
@@ -52,7 +52,7 @@ def test_reports_exist_and_carry_lineage(reports):
     assert quality["lineage"]["data_hash"] == (ROOT / "data.dvc").read_text().split("md5: ")[1].split()[0]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_quality_metrics_agree_with_the_confusion_matrix_and_plots(reports):
     metrics = json.loads((reports / "quality.json").read_text())
     headline = json.loads((reports / "metrics.json").read_text())
@@ -72,7 +72,7 @@ def test_quality_metrics_agree_with_the_confusion_matrix_and_plots(reports):
     assert metrics["ece"] == pytest.approx(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / 271)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_low_contrast_site_gap_is_measured_and_shown(reports, digits_run):
     fairness = json.loads((reports / "fairness.json").read_text())
     site = fairness["groupings"]["site"]
@@ -99,7 +99,7 @@ def test_the_low_contrast_site_gap_is_measured_and_shown(reports, digits_run):
         assert f"{c['low']:.4f} to {c['high']:.4f}" in html
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_site_b_per_class_counts_are_too_small_to_judge_equalized_odds(reports):
     """About 8 site_b test images per class: equalized odds is inconclusive, never a fail on a point estimate."""
     fairness = json.loads((reports / "fairness.json").read_text())
@@ -108,7 +108,7 @@ def test_site_b_per_class_counts_are_too_small_to_judge_equalized_odds(reports):
     assert eod["verdict"] == "inconclusive" and eod["why"].startswith(f"rests on {eod['min_count']} test images")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_html_is_self_contained(reports):
     html = (reports / "evaluation.html").read_text()
     sources = re.findall(r'src="([^"]*)"', html)
@@ -118,7 +118,7 @@ def test_html_is_self_contained(reports):
     assert "Most confident mistakes" in html and "EBM term" in html
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_closed_gate_raises_after_writing_the_reports(digits_run, tmp_path):
     strict = (*FAST, "gate.on_inconclusive=block")  # equalized odds on site_b is inconclusive (too few images)
     out = tmp_path / "reports"
@@ -134,7 +134,7 @@ def test_a_closed_gate_raises_after_writing_the_reports(digits_run, tmp_path):
     assert metrics["gate"] == "closed"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_reports_leave_other_files_alone(digits_run, tmp_path):
     out = tmp_path / "reports"
     out.mkdir()
@@ -179,7 +179,7 @@ def quality_checks(reports: Path) -> dict[str, dict]:
     return {c["check"]: c for c in json.loads((reports / "quality.json").read_text())["checks"]}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_quality_miss_inside_the_noise_is_inconclusive_and_warns(small_test_set, tmp_path):
     """Accuracy 0.87 on 54 test images against the default 0.9: the old point-estimate gate closed; the interval straddles it."""
     s, reports = small_test_set, tmp_path / "reports"
@@ -196,7 +196,7 @@ def test_a_quality_miss_inside_the_noise_is_inconclusive_and_warns(small_test_se
     assert f"{accuracy['low']:.4f} to {accuracy['high']:.4f}" in (reports / "evaluation.html").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_clear_quality_miss_fails_and_blocks(small_test_set, tmp_path):
     s, reports = small_test_set, tmp_path / "reports"
     with pytest.raises(GateClosed, match=r"(?s)gate closed\n.*blocks: quality: accuracy 0\.\d{4} \(interval .*; must be >= 0\.9, "
@@ -231,27 +231,27 @@ def _assert_writes_nothing(error, match, cfg, prepared, model, tmp_path):
     assert [p.name for p in out.iterdir()] == ["metrics.json"] and (out / "metrics.json").read_text() == "old"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_unknown_sensitive_attribute_writes_nothing(digits_run, tmp_path):
     cfg = compose(["train.epochs=3", "evaluate.sensitive_attributes=[site,age]"])
     _assert_writes_nothing(ConfigError, r"evaluate.sensitive_attributes: \['age'\] not in the data", cfg,
                            digits_run["prepared"], digits_run["model"], tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_empty_group_writes_nothing(digits_run, tmp_path):
     cfg, prepared = _prepared(tmp_path, rare_group=True)
     _assert_writes_nothing(DataError, r"\['site=g_rare'\] have no images in the test split", cfg, prepared, digits_run["model"], tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("classes,channels,mismatch", [(("a", "b", "c"), 1, "classes: model"), (DIGITS, 3, "channels: model 1 vs data 3")])
 def test_model_data_mismatch_writes_nothing(digits_run, tmp_path, classes, channels, mismatch):
     cfg, prepared = _prepared(tmp_path, classes=classes, channels=channels)
     _assert_writes_nothing(DataError, mismatch, cfg, prepared, digits_run["model"], tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_reports_bad_input_in_one_line(digits_run, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "components.evaluate", "--prepared", str(digits_run["prepared"]), "--model", str(digits_run["model"]),
@@ -302,14 +302,14 @@ def sampling_said(reports: Path) -> tuple[dict | None, str, str]:
     return sampled, re.sub(r"\s+", " ", html), card
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_error_analysis_within_its_budget_analyses_the_whole_test_set_and_says_nothing_of_sampling(reports):
     sampled, html, card = sampling_said(reports)  # the default budget (1000) is above the sample's 271 test images
     assert sampled is None and "sampled" not in html + card
     assert re.search(r"<p>\d+ errors in 271 test images\. Categorical", html)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_error_analysis_above_its_budget_analyses_a_seeded_sample_of_exactly_the_budget(digits_run, tmp_path):
     cfg = compose(["train.epochs=3", *FAST, "evaluate.error_analysis_max_images=100"])
     for run in ("first", "second"):
@@ -323,7 +323,7 @@ def test_error_analysis_above_its_budget_analyses_a_seeded_sample_of_exactly_the
         assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_integrated_gradients_are_complete_and_occlusion_runs(digits_run):
     """Integrated gradients add up to f(image) - f(black image) for the explained class."""
     model, norm, _ = load_trained(digits_run["model"])

@@ -33,7 +33,7 @@ def applied(tmp_path_factory):
     return repo
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_applied_and_committed_experiment_is_accepted_and_kept(applied):
     assert 'train.lr=0.005' in recorded_overrides(applied / PARAMS_FILE.name)
     assert "match conf/" in run(["python", "-m", "components.core.config", "--check"], applied).stdout
@@ -42,7 +42,7 @@ def test_an_applied_and_committed_experiment_is_accepted_and_kept(applied):
     assert run(["git", "status", "--porcelain"], applied).stdout == ""
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_later_experiment_keeps_the_baselines_overrides(applied):
     result = run(["dvc", "exp", "run", "-n", "ep3", "-S", "train.epochs=3"], applied, check=False)
     kept = next(line for line in result.stdout.splitlines() if line.startswith("params.yaml: this experiment's overrides recorded"))
@@ -51,7 +51,7 @@ def test_a_later_experiment_keeps_the_baselines_overrides(applied):
     run(["git", "checkout", "--", "."], applied)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_experiment_run_in_dvcs_temporary_copy_logs_its_event_in_the_project(applied):
     log = applied / ".events" / "events.jsonl"
     before = log.read_text().count("\n") if log.exists() else 0
@@ -61,7 +61,7 @@ def test_an_experiment_run_in_dvcs_temporary_copy_logs_its_event_in_the_project(
     assert not list((applied / ".dvc" / "tmp" / "exps").glob("tmp*"))  # the copy is gone, the event is not
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_bad_override_names_the_key_and_leaves_the_last_good_params(applied):
     committed = (applied / "params.yaml").read_bytes()
     bad = run(["dvc", "exp", "run", "-S", "train.epochs=abc"], applied, check=False)
@@ -71,7 +71,7 @@ def test_a_bad_override_names_the_key_and_leaves_the_last_good_params(applied):
     assert "match conf/" in run(["python", "-m", "components.core.config", "--check"], applied).stdout
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_make_params_recovers_from_any_params_file_by_content(applied):
     params = applied / "params.yaml"
     committed = params.read_bytes()

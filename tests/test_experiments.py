@@ -13,7 +13,6 @@ import pytest
 from components.core.paths import ROOT
 from tests.helpers.project import copy_project, run
 
-pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
@@ -37,6 +36,7 @@ def experiments(repo) -> list[dict]:
     return [exp for baseline in shown for exp in (baseline.get("experiments") or [])]
 
 
+@pytest.mark.e2e
 def test_a_queued_sweep_runs_one_experiment_per_value(swept):
     repo, queued, status = swept
     assert queued.count("Queued experiment") == 2
@@ -49,6 +49,7 @@ def test_a_queued_sweep_runs_one_experiment_per_value(swept):
     assert len(set(accuracies)) == 2 and all(0 < a <= 1 for a in accuracies)
 
 
+@pytest.mark.e2e
 def test_make_exps_is_a_table_of_the_headline_metrics_and_what_varied(swept):
     repo, _, _ = swept
     table = run(["make", "-s", "exps", f"VENV={sys.prefix}"], repo).stdout  # this environment: no install in the copy

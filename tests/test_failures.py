@@ -30,7 +30,7 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_diverging_run_is_one_clear_error_and_keeps_the_last_good_outputs(tiny_dataset, tmp_path):
     cfg = small_config(tiny_dataset)
     prepare(cfg, tiny_dataset, tmp_path / "prepared")
@@ -100,7 +100,7 @@ def test_a_pool_worker_forked_by_the_step_lives_as_long_as_the_step():
         assert pool.submit(os.getppid).result() == os.getpid()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 @pytest.mark.parametrize("shell", ["/bin/bash", None], ids=["bash-execs-the-step", "no-SHELL-so-dash-stays-between"])
 def test_killing_dvc_repro_stops_the_step_it_was_running(tmp_path, shell):
@@ -124,7 +124,7 @@ def test_killing_dvc_repro_stops_the_step_it_was_running(tmp_path, shell):
     assert _wait_for(lambda: not _processes("components.train", repo), 20), "the trainer outlived dvc"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_hand_run_with_overrides_says_which_pipeline_outputs_it_replaced(tmp_path):
     from tests.helpers.project import run
 

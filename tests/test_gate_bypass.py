@@ -19,8 +19,6 @@ from components.registry.overrides import override_message
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.workflow import run_job
 
-pytestmark = pytest.mark.slow  # git repositories, DVC and the CLIs in subprocesses
-
 REPORTS = ("metrics.json", "quality.json", "fairness.json")
 RELAXED = 0.5  # the sample model's committed accuracy (about 0.978) passes it, and fails strict() just above its whole interval
 PIPELINE = """stages:
@@ -116,6 +114,7 @@ def accuracy_failure(repo: Path) -> str:
             "gate.quality.min_accuracy): fail, the whole interval is beyond the tolerance")
 
 
+@pytest.mark.e2e
 def test_a_tag_message_claiming_an_override_is_no_override(repo):
     claimed = assign(repo, "v1.0.0", message="Promote digits v1.0.0 to prod: FORCED past failed gates (accuracy): approved")
     run(["git", "tag", "-a", "digits#prod#9", "-m", "FORCED past failed gates: trust me", head(repo)], repo)
@@ -156,6 +155,7 @@ def raise_accuracy(report: dict) -> dict:
                                  for c in report["checks"]]}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["metrics.json", "quality.json"])
 def test_a_hand_edited_report_is_refused(repo, name):
     report_file = repo / "reports" / name
@@ -172,6 +172,7 @@ def test_a_hand_edited_report_is_refused(repo, name):
     assert forced.returncode == 2 and "does not match dvc.lock" in forced.stderr  # not something an override can accept
 
 
+@pytest.mark.e2e
 def test_a_policy_relaxed_in_the_candidate_commit_does_not_decide(repo):
     run(["git", "checkout", "-q", "-b", "candidate"], repo)
     set_policy(repo, RELAXED)
@@ -190,6 +191,7 @@ def test_a_policy_relaxed_in_the_candidate_commit_does_not_decide(repo):
     assert ignored.returncode == 2 and "would be ignored" in ignored.stderr
 
 
+@pytest.mark.e2e
 def test_serve_up_stage_runs_the_same_check_first(repo):
     tag = assign(repo, "v1.0.0")
     refused = run(["python", "-m", "serve", "up", "--stage", "prod"], repo, check=False)

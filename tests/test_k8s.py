@@ -101,7 +101,7 @@ def test_the_shared_volume_is_generated_from_conf_pipeline_with_its_storage_clas
     kubernetes_validate.validate(claim, KUBERNETES_VERSION, strict=True)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_kubectl_kustomize_builds_both_kustomizations():
     """`kubectl kustomize` (offline) builds what `kubectl apply -k` would apply; every object validates."""
     for folder in (K8S, K8S / "kserve"):
@@ -114,7 +114,7 @@ def test_kubectl_kustomize_builds_both_kustomizations():
     assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim", "Service"}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_read_write_once_volume_pins_torchserve_to_the_node_of_the_deploy_step(tmp_path):
     """Both pods mount the volume: with ReadWriteOnce, the Deployment `kubectl apply -k` applies runs on the node(s) the
     compiled deploy step is pinned to, both from pipeline.deploy.node_selector."""
@@ -139,7 +139,7 @@ def test_a_read_write_once_volume_pins_torchserve_to_the_node_of_the_deploy_step
         generated(compose(["pipeline.deploy.access_mode=ReadWriteOnce"]))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_config_properties_is_generated_from_conf_serve():
     assert CONFIG_FILE.read_text() == cluster_config_properties(compose([]))
     assert HANDLER_ENV_FILE.read_text() == cluster_handler_env(compose([]))
@@ -204,7 +204,7 @@ def packaged(digits_run, tmp_path_factory) -> dict:
     return {"mar": out / manifest["mar"]["file"], "version": manifest["version"]}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_deploy_step_against_a_torchserve_configured_like_the_manifests(packaged, tmp_path):
     cfg = compose([f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS)))])
     s, volume = cfg.serve, tmp_path / "volume"
@@ -230,7 +230,7 @@ def test_the_deploy_step_against_a_torchserve_configured_like_the_manifests(pack
     assert seen[0] != seen[1]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_torchserve_run_like_the_kserve_runtime_serves_the_storage_uri_layout_over_v2(packaged, tmp_path):
     cfg = compose([f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS)))])
     s, name = cfg.serve, cfg.package.model_name

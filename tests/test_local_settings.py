@@ -32,7 +32,7 @@ def test_local_settings_override_only_this_machines_sections(tmp_path):
         with_local_settings(load_config(), local)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_moving_the_ports_dirties_nothing_and_a_clash_is_one_line_before_the_pipeline(tmp_path):
     repo = copy_project(tmp_path / "repo")
     with socket.socket() as other:  # another program already holds a port

@@ -41,7 +41,7 @@ def _pipeline(out: Path, prefix: list[str], env: dict, *overrides: str) -> dict[
     return {str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.rglob("*")) if f.is_file()}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @not_a_reference_host
 def test_every_output_is_byte_identical_on_every_simulated_host(tmp_path):
     outputs = {host: _pipeline(tmp_path / str(i), prefix, env) for i, (host, (prefix, env)) in enumerate(HOSTS.items())}
@@ -53,7 +53,7 @@ def test_every_output_is_byte_identical_on_every_simulated_host(tmp_path):
         assert differing == [], f"{host}: these outputs differ from the all-cores run"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @not_a_reference_host
 def test_native_numerics_use_this_machines_kernels_and_say_so(tmp_path, digits_run):
     """numerics.profile=native restarts the step outside the reference pins; lineage records what ran."""
@@ -77,7 +77,7 @@ def test_the_environment_pins_override_whatever_the_shell_exports():
     assert {name: pinned[name] for name in REFERENCE_ENV} == REFERENCE_ENV
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_torch_used_before_the_pins_is_refused_not_silently_native():
     code = "import torch; torch.ones(2).sum(); import components; from components.core.numerics import activate; activate('reference', 2)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -128,7 +128,7 @@ def test_a_delta_beyond_the_tolerance_is_refused(tmp_path):
     assert not same and "accuracy -0.0500 (BEYOND numerics.metric_tolerance 0.02)" in line
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @not_a_reference_host
 def test_training_gives_the_same_bytes_on_an_emulated_intel_cpu_without_avx512(tmp_path, digits_run):
     """Another vendor, another ISA, other caches: the train step under qemu's Intel Haswell (AVX2, no

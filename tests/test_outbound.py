@@ -85,7 +85,7 @@ def replying(status_line: str, *headers: str) -> Callable[[socket.socket, thread
     return lambda conn, stop: conn.sendall(reply)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_trickling_receiver_is_cut_off_at_timeout_s_in_total(tmp_path, capsys):
     sent: list[int] = []
 

@@ -17,8 +17,6 @@ from tests.helpers.datasets import make_image_dataset
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.workflow import run_job
 
-pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
-
 SAMPLE_WORDS = re.compile(r"\b(digits?|handwritten|site(_[ab])?|scikit-learn)\b", re.IGNORECASE)
 
 SHAPES_YAML = """
@@ -43,6 +41,7 @@ limitations:
 """
 
 
+@pytest.mark.integration
 def test_a_second_dataset_is_one_config_file_and_no_output_mentions_the_sample(tmp_path):
     repo = copy_project(tmp_path / "repo", with_data=False)
     data = make_image_dataset(tmp_path / "shapes", classes=("circle", "square", "star"), per_class=20, channels=3,
@@ -73,6 +72,7 @@ def test_a_second_dataset_is_one_config_file_and_no_output_mentions_the_sample(t
     assert leaks == {}
 
 
+@pytest.mark.integration
 def test_the_registry_artifact_follows_data_name(tmp_path):
     """`gto register`, the project's registry and the deploy workflow go by the artifact conf/ derives from data.name."""
     sample = load_config().package.model_name
@@ -119,6 +119,7 @@ def test_the_registry_artifact_follows_data_name(tmp_path):
         "(dvc.yaml `artifacts:`, named by data.name); nothing to deploy")
 
 
+@pytest.mark.e2e
 def test_an_experiment_cannot_rename_the_artifact(tmp_path):
     """The artifact is declared in the committed dvc.yaml: `dvc exp run -S data.name=...` stops at the `config` stage."""
     repo = copy_project(tmp_path / "repo")

@@ -33,7 +33,7 @@ def test_the_mar_carries_exactly_the_handlers_import_closure():
     assert set(source_files(handler_module)) - set(source_files("components")) == set(CODE_FILES)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_onnx_model_passes_the_checker_and_matches_torch(packaged):
     out, manifest = packaged["out"], packaged["manifest"]
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
@@ -43,7 +43,7 @@ def test_onnx_model_passes_the_checker_and_matches_torch(packaged):
     # difference is onnxruntime's on this CPU (its kernels follow the ISA), so no committed byte holds it
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_batch_axis_is_dynamic(packaged):
     model = onnx.load(str(packaged["out"] / "model.onnx"))
     assert model.graph.input[0].name == "image"
@@ -53,7 +53,7 @@ def test_batch_axis_is_dynamic(packaged):
         assert session.run(None, {"image": np.zeros((batch, 1, 32, 32), np.float32)})[0].shape == (batch, 10)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_signature_describes_input_preprocessing_and_classes(packaged):
     signature = json.loads((packaged["out"] / "signature.json").read_text())
     prepared = json.loads((packaged["prepared"] / "prepared.json").read_text())
@@ -67,7 +67,7 @@ def test_signature_describes_input_preprocessing_and_classes(packaged):
     assert signature["output"]["top_k"] == 3
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_onnx_metadata_carries_signature_and_lineage(packaged):
     props = {p.key: p.value for p in onnx.load(str(packaged["out"] / "model.onnx")).metadata_props}
     assert json.loads(props["signature"]) == json.loads((packaged["out"] / "signature.json").read_text())
@@ -80,7 +80,7 @@ def test_onnx_metadata_carries_signature_and_lineage(packaged):
     assert packaged["manifest"]["lineage"]["config_hash"] == props["config_hash"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_mar_holds_handler_model_signature_and_features(packaged):
     out, manifest = packaged["out"], packaged["manifest"]
     mar = out / "digits.mar"
@@ -100,7 +100,7 @@ def test_mar_holds_handler_model_signature_and_features(packaged):
                                      "serializedFile": "model.onnx", "handler": "handler.py"}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_archived_handler_imports_only_what_it_carries_numpy_pil_and_onnxruntime(packaged, tmp_path):
     """Unpacked as TorchServe does, the handler loads the archive's own components/ and no other package."""
     with zipfile.ZipFile(packaged["out"] / "digits.mar") as z:
@@ -112,7 +112,7 @@ def test_the_archived_handler_imports_only_what_it_carries_numpy_pil_and_onnxrun
     assert {name for name in shown[1].split() if not name.startswith("_")} == {"handler", "components", "numpy", "PIL", "onnxruntime"}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_samples_and_handler_preprocessing_reproduce_prepare(packaged):
     """The handler decodes a raw data file exactly as prepare did, and the samples' expected
     labels are the in-process ONNX predictions."""
@@ -130,7 +130,7 @@ def test_samples_and_handler_preprocessing_reproduce_prepare(packaged):
     assert len(manifest["samples"]) == cfg.package.smoke_samples
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_parity_failure_is_detected(packaged, tmp_path):
     out = packaged["out"]
     model, norm, _ = load_trained(packaged["model"])
@@ -158,14 +158,14 @@ def test_parity_failure_is_detected(packaged, tmp_path):
     assert report["argmax_agreement"] < 0.5
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_export_is_deterministic(packaged, tmp_path):
     again = package(packaged["cfg"], packaged["prepared"], packaged["model"], tmp_path / "again")
     assert again["version"] == packaged["manifest"]["version"]
     assert (tmp_path / "again" / "model.onnx").read_bytes() == (packaged["out"] / "model.onnx").read_bytes()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_missing_model_is_one_line_exit_2_and_leaves_nothing(digits_run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "components.package", "--prepared", str(digits_run["prepared"]),
                              "--model", str(tmp_path / "none"),

@@ -34,7 +34,6 @@ from tests.helpers.datasets import make_image_dataset
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.servers import free_ports, seaweed_s3
 
-pytestmark = pytest.mark.slow  # real servers and pipeline runs: minutes
 
 HEAD = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 IMAGES = ["pipeline.image.cpu_repository=registry.example/cpu", "pipeline.image.gpu_repository=registry.example/gpu"]
@@ -77,6 +76,7 @@ def tasks_of(spec: dict) -> dict[str, dict]:
 
 # --- compile -------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_compiled_spec_names_images_by_commit_and_carries_cluster_settings(tmp_path):
     spec, k8s = compiled(tmp_path, "pipeline.train.accelerator_count=2", "pipeline.retry.num_retries=2",
                          "pipeline.image.pull_secrets=[regcred]")
@@ -109,6 +109,7 @@ def test_compiled_spec_names_images_by_commit_and_carries_cluster_settings(tmp_p
     assert spec["root"]["dag"]["tasks"]["record-outcome-op"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
 
 
+@pytest.mark.integration
 def test_without_a_deploy_target_there_is_no_deploy_toggle_and_no_deploy_task(tmp_path):
     spec, _ = compiled(tmp_path, "pipeline.deploy.enabled=false")
     assert "deploy" not in spec["root"]["inputDefinitions"]["parameters"]
@@ -117,6 +118,7 @@ def test_without_a_deploy_target_there_is_no_deploy_toggle_and_no_deploy_task(tm
     assert spec["pipelineInfo"]["description"].endswith("-> package")
 
 
+@pytest.mark.integration
 def test_without_gpus_train_gets_no_gpu_scheduling_and_the_cpu_image(tmp_path):
     spec, k8s = compiled(tmp_path, "pipeline.train.accelerator_count=0")
     train = spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]
@@ -125,6 +127,7 @@ def test_without_gpus_train_gets_no_gpu_scheduling_and_the_cpu_image(tmp_path):
     assert tasks_of(spec)["train-op"]["inputs"]["parameters"]["gpus"] == {"runtimeValue": {"constant": 0.0}}
 
 
+@pytest.mark.integration
 def test_the_data_hash_is_read_at_run_time_and_keys_prepare_s_cache_and_every_lineage(tmp_path):
     """Not fixed at compile time: data_uri/data_rev may be changed in the UI, and an S3 prefix may get new objects under
     the same URI. The data-hash task is never cached; prepare's cache key has its output as an input."""
@@ -142,6 +145,7 @@ def test_the_data_hash_is_read_at_run_time_and_keys_prepare_s_cache_and_every_li
     assert not [e for e in executors if "LINEAGE_DATA_HASH" in str(executors[e]["container"].get("env"))]  # no compile-time hash
 
 
+@pytest.mark.integration
 def test_run_parameters_are_typed_and_each_step_gets_only_its_config_sections(tmp_path):
     spec, _ = compiled(tmp_path)
     parameters = spec["root"]["inputDefinitions"]["parameters"]
@@ -165,6 +169,7 @@ def test_run_parameters_are_typed_and_each_step_gets_only_its_config_sections(tm
                         "deploy": {"serve"}}
 
 
+@pytest.mark.integration
 def test_a_gate_or_evaluate_change_leaves_the_training_cache_key_alone():
     base, stricter = step_configs(compose([])), step_configs(compose(["gate.fairness.max_accuracy_difference=0.01",
                                                                        "evaluate.bootstrap_samples=10"]))
@@ -173,6 +178,7 @@ def test_a_gate_or_evaluate_change_leaves_the_training_cache_key_alone():
     assert step_configs(compose(["train.lr=0.01"]))["prepare"] == base["prepare"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("overrides,message", [
     (["pipeline.data.uri=/data/raw"], "pipeline.data.uri='/data/raw': a cluster pod reaches only s3:// URIs"),
     (["pipeline.data.uri=", f"pipeline.data.repo={ROOT}"], "not a URL a pod can clone (https://, ssh:// or git@host:path)"),
@@ -189,6 +195,7 @@ def test_compile_refuses_what_a_cluster_could_not_run_and_writes_nothing(tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.integration
 def test_a_private_https_repo_without_credentials_is_refused():
     (port,) = free_ports(1)
     cfg = compose(["pipeline.data.uri=", f"pipeline.data.repo=http://127.0.0.1:{port}/team/project.git"])
@@ -196,6 +203,7 @@ def test_a_private_https_repo_without_credentials_is_refused():
         preflight.cluster_data_source(cfg)
 
 
+@pytest.mark.integration
 def test_compiled_sweep_fans_out_one_trial_per_override_set(tmp_path):
     out = tmp_path / "sweep.yaml"
     run(["python", "-m", "pipelines", "compile", "--sweep", "--out", str(out), "--trial", "train.lr=0.001",
@@ -227,6 +235,7 @@ def local_quick(tmp_path_factory):
     return {"out": out, "stdout": result.stdout, "run_dir": run_dir, "tasks": collect_results(run_dir)}
 
 
+@pytest.mark.e2e
 def test_run_local_gives_the_numbers_of_dvc_repro(dvc_quick, local_quick):
     tasks = local_quick["tasks"]
     reports = Path(tasks["evaluate-op"].artifacts["reports"])
@@ -245,6 +254,7 @@ def test_run_local_gives_the_numbers_of_dvc_repro(dvc_quick, local_quick):
     assert all(our_weights[k].equal(their_weights[k]) for k in our_weights)
 
 
+@pytest.mark.e2e
 def test_run_local_passes_typed_artifacts_and_deploys_to_a_torchserve_it_stops(local_quick):
     tasks, stdout = local_quick["tasks"], local_quick["stdout"]
     assert [name.rsplit("/", 1)[-1] for name in tasks] == ["data-hash-op", "prepare-op", "train-op", "evaluate-op", "gate-op", "package-op", "deploy-op",
@@ -269,6 +279,7 @@ def test_run_local_passes_typed_artifacts_and_deploys_to_a_torchserve_it_stops(l
         assert path in stdout
 
 
+@pytest.mark.e2e
 def test_run_local_on_the_defaults_goes_green_through_package_and_deploy(tmp_path):
     """The sample's small site_b groups make some fairness checks inconclusive: warned about, not blocking."""
     result, run_dir = run_local(tmp_path)
@@ -291,6 +302,7 @@ def closed_run(result, run_dir) -> dict:
     return tasks
 
 
+@pytest.mark.e2e
 def test_a_model_that_disadvantages_a_site_closes_the_gate(tmp_path):
     """experiment=site_b_unseen trains without any site_b scan: the site gap's whole interval lies beyond its tolerance."""
     result, run_dir = run_local(tmp_path, "experiment=site_b_unseen", check=False)
@@ -299,6 +311,7 @@ def test_a_model_that_disadvantages_a_site_closes_the_gate(tmp_path):
     assert "gate closed: " in result.stdout
 
 
+@pytest.mark.e2e
 def test_a_quality_miss_closes_the_gate(tmp_path, tiny_data):
     """A model that learnt nothing: accuracy's whole interval lies below 0.9, even on the tiny data's 12 test images
     (judged here, by the run parameter min_test_size: fewer than the default 50 would make every quality check inconclusive)."""
@@ -313,6 +326,7 @@ def test_a_quality_miss_closes_the_gate(tmp_path, tiny_data):
     assert "gate.quality.min_accuracy): fail, the whole interval is beyond the tolerance" in result.stdout
 
 
+@pytest.mark.e2e
 def test_an_image_of_another_commit_fails_at_once_with_a_clear_error(tmp_path, tiny_data):
     result, run_dir = run_local(tmp_path, *tiny_overrides(tiny_data), check=False, env={"IMAGE_GIT_COMMIT": "0" * 40})
     assert result.returncode == 2 and "Inner task failed: 'data-hash-op'" in result.stderr
@@ -321,6 +335,7 @@ def test_an_image_of_another_commit_fails_at_once_with_a_clear_error(tmp_path, t
     assert list(collect_results(run_dir)) == ["record-outcome-op"]
 
 
+@pytest.mark.e2e
 def test_sweep_runs_locally_and_reports_the_best_trial(tmp_path, tiny_data):
     result, run_dir = run_local(tmp_path, *tiny_overrides(tiny_data), 'pipeline.sweep.trials=[["train.lr=0.000001"],["train.lr=0.01"]]',
                                 "pipeline.sweep.metric=balanced_accuracy", sweep=True)
@@ -342,6 +357,7 @@ def prepared_counts(task) -> dict:
     return json.loads((Path(task.outputs["prepared"].path) / "prepared.json").read_text())["counts"]
 
 
+@pytest.mark.e2e
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")  # image name without "python"
 def test_prepare_component_fetches_dvc_data_at_a_revision_and_an_s3_prefix_under_the_run_s_data_hash(tmp_path, monkeypatch):
     repo = copy_project(tmp_path / "repo")
@@ -461,6 +477,7 @@ def fake_kfp_api_server():
     httpd.server_close()
 
 
+@pytest.mark.integration
 def test_submit_contract_with_fake_kfp_api_server(fake_kfp_api_server, tmp_path):
     host, requests = fake_kfp_api_server
     token_file = tmp_path / "token"
@@ -488,6 +505,7 @@ def test_submit_contract_with_fake_kfp_api_server(fake_kfp_api_server, tmp_path)
     assert "submit: run run-1" in result.stdout
 
 
+@pytest.mark.integration
 def test_upload_registers_a_version_named_by_commit_and_submit_runs_and_schedules_it_with_fake_kfp_api_server(fake_kfp_api_server, tmp_path):
     host, requests = fake_kfp_api_server
     repo = copy_project(tmp_path / "repo", with_data=False)  # a clean checkout: a version is named by a commit
@@ -517,6 +535,7 @@ def test_upload_registers_a_version_named_by_commit_and_submit_runs_and_schedule
     assert refused.returncode == 2 and "uncommitted changes: a pipeline version is named by its commit" in refused.stderr
 
 
+@pytest.mark.integration
 def test_submit_to_an_unreachable_host_fails_with_one_clear_error():
     (port,) = free_ports(1)  # nothing listens there any more
     result = run(["python", "-m", "pipelines", "submit", "--host", f"http://127.0.0.1:{port}", "experiment=quick", *CLUSTER],

@@ -12,8 +12,6 @@ import yaml
 from components.core.paths import ROOT
 from tests.helpers.project import git_commit, run
 
-pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
-
 SCRIPT = ROOT / ".ci" / "pr_report.py"
 DVC_YAML = """stages:
   train:
@@ -48,6 +46,7 @@ def two_commits(repo: Path) -> Path:
     return repo
 
 
+@pytest.mark.integration
 def test_the_comment_shows_params_metrics_and_changed_plots_of_a_change(tmp_path):
     repo = two_commits(tmp_path / "repo")
     run([sys.executable, str(SCRIPT), "--base", "HEAD~1", "--out", "report.md", "--plots-dir", "pr-plots"], repo)
@@ -60,6 +59,7 @@ def test_the_comment_shows_params_metrics_and_changed_plots_of_a_change(tmp_path
     assert report.startswith("<!-- model-report -->")
 
 
+@pytest.mark.integration
 def test_a_change_that_does_not_touch_the_model_says_so(tmp_path):
     repo = two_commits(tmp_path / "repo")
     run([sys.executable, str(SCRIPT), "--base", "HEAD", "--out", "report.md", "--plots-dir", "pr-plots"], repo)
@@ -67,6 +67,7 @@ def test_a_change_that_does_not_touch_the_model_says_so(tmp_path):
     assert "No parameter changed." in report and "No metric changed." in report and "No plot changed." in report
 
 
+@pytest.mark.integration
 def test_the_workflow_tests_runs_the_pipeline_then_comments_the_report():
     workflow = yaml.safe_load((ROOT / ".github/workflows/pull-request.yml").read_text())
     assert list(workflow[True]) == ["pull_request"]  # YAML 1.1 reads the key `on` as True

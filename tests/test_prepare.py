@@ -97,7 +97,7 @@ def test_missing_columns_are_named(tiny_dataset, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_exits_non_zero_with_the_problem_list(tiny_dataset, tmp_path):
     (tiny_dataset / "img_a_003.png").write_bytes(b"")
     result = subprocess.run(

@@ -18,8 +18,6 @@ import pytest
 from components.core.paths import ROOT
 from tests.helpers.project import run
 
-pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
-
 TINY = ["data.classes=[a,b,c]", "data.image_size=[16,16]", "train.epochs=2", "train.batch_size=8"]
 
 
@@ -30,6 +28,7 @@ def steps(data: Path, work: Path) -> list[list[str]]:
              "--live", str(work / "live"), "--checkpoints", str(work / "ckpt"), *overrides]]
 
 
+@pytest.mark.integration
 def test_piped_output_gets_one_line_per_epoch_and_periodic_lines(tiny_dataset, tmp_path):
     prepare, train = (run(cmd, ROOT) for cmd in steps(tiny_dataset, tmp_path))
     assert re.search(r"^prepare: decoding: img 36/36 \(100%\) \| .* img/s, elapsed \d+s, ETA 0s$", prepare.stderr, re.M)
@@ -39,6 +38,7 @@ def test_piped_output_gets_one_line_per_epoch_and_periodic_lines(tiny_dataset, t
     assert "\r" not in prepare.stderr + train.stderr  # no bar redraws in a log
 
 
+@pytest.mark.integration
 def test_a_terminal_gets_a_bar_instead(tiny_dataset, tmp_path):
     prepare_cmd, _ = steps(tiny_dataset, tmp_path)
     leader, follower = pty.openpty()

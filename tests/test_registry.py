@@ -103,7 +103,7 @@ def test_gto_and_the_registry_accept_the_same_stages():
     assert yaml.safe_load((ROOT / ".gto").read_text())["stages"] == list(load_config().registry.stages)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_promotion_lifecycle(project: Project):
     repo = project.repo
     quality_v1 = project.quality()
@@ -174,7 +174,7 @@ def live_default(project: Project) -> str:
     return default_version(server.local_endpoint(cfg), cfg.package.model_name)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_cli_refuses_force_without_reason_and_unknown_stage(project: Project):
     cli = ["python", "-m", "components.promote", "promote", "--version", "v9.0.0"]
     no_reason = run([*cli, "--stage", "prod", "--force"], project.repo, check=False)
@@ -185,7 +185,7 @@ def test_cli_refuses_force_without_reason_and_unknown_stage(project: Project):
     assert listed.stdout.splitlines()[0].split() == ["version", "commit", "stages"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_second_stage_at_the_same_commit_reuses_its_version_and_gto_refusals_are_one_line(project: Project):
     staged = promote(project.cfg(), None, "staging", repo=project.repo)
     again = promote(project.cfg(), None, "staging", repo=project.repo)  # no --version: the commit's own version
@@ -204,7 +204,7 @@ def test_a_second_stage_at_the_same_commit_reuses_its_version_and_gto_refusals_a
         run(["git", "reset", "-q", "--hard", "HEAD~1"], project.repo)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_rollback_without_history_is_refused(project: Project, tmp_path):
     with pytest.raises(RegistryError, match="no earlier version held 'staging'|no version of digits is in stage 'staging'"):
         rollback(project.cfg(), "staging", repo=clean_copy(project.repo, tmp_path))
@@ -241,7 +241,7 @@ def newest_tag(repo: Path, pattern: str) -> str:
     return max(run(["git", "tag", "-l", pattern], repo).stdout.split(), key=lambda tag: int(tag.rsplit("#", 1)[1]))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project):
     repo = project.repo
     # The team tightens its prod policy; the model at HEAD no longer passes it.
@@ -290,7 +290,7 @@ def test_plain_gto_assign_of_a_failing_version_is_not_deployed(project: Project)
         assert "gates overridden by the record" in passed.stdout and "demo: accepted below the new policy" in passed.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_batch_scoring_by_tag_and_as_the_on_demand_dvc_stage(project: Project):
     repo = project.repo
     if not run(["git", "tag", "-l", "digits@v*"], repo).stdout.split():  # this test alone: nothing registered yet

@@ -114,7 +114,7 @@ def test_defaults_live_only_in_conf():
     assert values == []
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_one_override_language_for_every_step_cli(tiny_dataset, tmp_path):
     """Group choices and experiment= presets work on a step's command line as in `dvc exp run -S`."""
     from tests.helpers.datasets import small_overrides
@@ -139,14 +139,14 @@ def reproduced(tmp_path_factory):
     return repo
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.skipif(reference_host() is not None, reason=f"{reference_host()}: the committed bytes are the reference numerics'")
 def test_a_fresh_copy_reproduces_every_committed_byte(reproduced):
     assert _tracked_changes(reproduced) == "", "dvc.lock or the reports do not match the committed code: run `dvc repro` and commit"
     assert "Data and pipelines are up to date" in run(["dvc", "repro"], reproduced).stdout
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_outputs_made_by_the_stage_commands_name_their_code(reproduced):
     """`python -m components.<step>` (DVC) and an import (KFP, tests) record the same code hash."""
     quality = json.loads((reproduced / "reports" / "quality.json").read_text())
@@ -155,7 +155,7 @@ def test_outputs_made_by_the_stage_commands_name_their_code(reproduced):
     assert package["lineage"]["code_hash"] == code_hash("components.package", components.package.CODE_FILES)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_metrics_lead_with_a_dozen_headline_numbers(reproduced):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], reproduced).stdout)
     columns = {f"{path}:{key}" for files in shown.values() for path, data in files["data"].items()
@@ -176,7 +176,7 @@ def _flatten(tree, prefix=""):
             yield prefix + key
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_serving_settings_rerun_no_stage_and_a_stale_params_file_stops_repro(reproduced):
     conf = reproduced / "conf" / "serve" / "default.yaml"
     conf.write_text(conf.read_text().replace("inference_port: 8080", "inference_port: 9080"))
@@ -195,7 +195,7 @@ def test_serving_settings_rerun_no_stage_and_a_stale_params_file_stops_repro(rep
     assert (reproduced / "artifacts" / "model" / "model.safetensors").read_bytes() == model_before
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_failed_run_leaves_the_previous_outputs_in_place(reproduced):
     run(["git", "checkout", "--", "conf"], reproduced)
     run(["python", "-m", "components.core.config"], reproduced)

@@ -9,9 +9,8 @@ import pytest
 
 from tests.helpers.project import copy_project, run
 
-pytestmark = pytest.mark.slow  # real servers, real pipeline steps or subprocesses: seconds each
 
-
+@pytest.mark.integration
 def test_regenerated_sample_matches_the_hash_in_data_dvc(tmp_path):
     repo = copy_project(tmp_path / "repo", with_data=False)
     result = run(["python", "-m", "components.data.sample", "ensure"], repo)
@@ -25,6 +24,7 @@ def test_regenerated_sample_matches_the_hash_in_data_dvc(tmp_path):
     assert "present" in run(["python", "-m", "components.data.sample", "ensure"], repo).stdout
 
 
+@pytest.mark.integration
 def test_mismatch_with_data_dvc_is_an_error(tmp_path):
     repo = copy_project(tmp_path / "repo", with_data=False)
     dvc_file = repo / "data.dvc"

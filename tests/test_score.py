@@ -62,7 +62,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_folder_is_scored_like_the_package_predicts_and_bad_files_are_skipped(package_dir, samples_with_bad_files, tmp_path):
     folder, expected = samples_with_bad_files
     out = tmp_path / "out"
@@ -154,7 +154,7 @@ def inverted_copies(count: int, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_shifted_batch_feeds_the_online_drift_check_and_emits_an_event(package_dir, tmp_path):
     batch = inverted_copies(120, tmp_path / "inverted")
     out = tmp_path / "out"
@@ -171,7 +171,7 @@ def test_a_shifted_batch_feeds_the_online_drift_check_and_emits_an_event(package
     assert online.returncode == 1 and "drift detected in the last 120 logged predictions" in online.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_an_s3_prefix_is_scored_with_a_package_from_s3(package_dir, samples_with_bad_files, tmp_path, monkeypatch):
     import s3fs
 
@@ -206,7 +206,7 @@ def test_bad_inputs_fail_with_one_clear_error_and_leave_nothing(tiny_package, tm
     assert not out.exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_score_task_gets_the_s3_secret_with_its_optional_endpoint_like_every_step(tmp_path):
     out = tmp_path / "score.yaml"
     compiler.Compiler().compile(score_pipeline(compose([]), "c0ffee"), str(out))

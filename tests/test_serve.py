@@ -96,7 +96,7 @@ def in_process_probabilities(live, pixels: np.ndarray) -> np.ndarray:
     return probs / probs.sum(1, keepdims=True)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_predictions_match_the_onnx_model_in_process(live):
     pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:60])
     probs = in_process_probabilities(live, pixels)
@@ -113,7 +113,7 @@ def test_predictions_match_the_onnx_model_in_process(live):
     assert untyped_json.json()["predictions"][0][0]["label"] == str(probs[0].argmax())
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_batch_scoring_answers_as_torchserve_does_for_the_same_images(live, tmp_path):
     """The same PNG files through TorchServe (the .mar's handler) and through batch scoring: identical top-k answers."""
     folder = tmp_path / "batch"
@@ -148,7 +148,7 @@ BAD_REQUESTS = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", BAD_REQUESTS)
 def test_malformed_request_gets_4xx_with_a_message_and_the_worker_keeps_serving(live, kind):
     request, status, message = BAD_REQUESTS[kind]
@@ -185,7 +185,7 @@ def batched_model(live, name: str):
         unregister(endpoint, name, version)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_batched_requests_are_answered_one_by_one_with_their_own_status(live):
     """A TorchServe batch mixing good and malformed requests: each gets its own answer."""
     samples = live["manifest"]["samples"]
@@ -232,7 +232,7 @@ def hostile_request(live, kind: str) -> dict:
     return {**request, "headers": {**auth(live), **request.get("headers", {})}}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", HOSTILE_REQUESTS)
 def test_hostile_request_gets_4xx_naming_the_problem(live, kind):
     _, status, message = HOSTILE_REQUESTS[kind]
@@ -242,7 +242,7 @@ def test_hostile_request_gets_4xx_naming_the_problem(live, kind):
     assert set(body) == {"code", "error"} and body["code"] == status and message in body["error"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_hostile_clients_beside_valid_ones_fail_no_valid_request_and_log_one_line_per_second(live):
     """4 clients cycling through the hostile requests, 4 valid clients, all in the same batches."""
     model_log = server.state_dir(live["cfg"]).logs / "model_log.log"
@@ -276,7 +276,7 @@ def test_hostile_clients_beside_valid_ones_fail_no_valid_request_and_log_one_lin
     assert len(added.splitlines()) <= len(summaries) + 10, added[-2000:]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_body_sent_as_a_form_gets_415_or_the_frontends_500_logged_in_one_line(live):
     """curl --data-binary sends Content-Type application/x-www-form-urlencoded. TorchServe's Java
     frontend decodes such a body as a form before any handler runs: when it holds a '%' not followed
@@ -304,7 +304,7 @@ def test_a_body_sent_as_a_form_gets_415_or_the_frontends_500_logged_in_one_line(
     assert with_type.status_code == 200 and with_type.json()[0]["label"] == live["manifest"]["samples"][0]["expected"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_open_inference_protocol_requests_get_v2_answers(live):
     pixels = np.array(load_prepared(live["prepared"]).split("test")[0][:3])
     probs = in_process_probabilities(live, pixels)
@@ -333,7 +333,7 @@ def test_open_inference_protocol_requests_get_v2_answers(live):
         assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_token_is_required_on_inference_and_management(live):
     endpoint, sample = live["endpoint"], (live["package"] / "samples" / "00.png").read_bytes()
     for url, method, good_token in ((predict_url(live), "POST", endpoint.inference_token),
@@ -345,7 +345,7 @@ def test_token_is_required_on_inference_and_management(live):
         assert requests.request(method, url, data=sample, headers=server.bearer(good_token), timeout=10).status_code == 200
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_only_loopback_and_only_the_model_store_can_be_registered(live):
     endpoint, cfg = live["endpoint"], live["cfg"]
     listening = {c.laddr for c in psutil.Process(server.running_pid(cfg)).net_connections() if c.status == psutil.CONN_LISTEN}
@@ -385,7 +385,7 @@ def run_load(live, count: int, clients: int, timeout_s: float = 30, progress: li
         return [r for part in pool.map(worker, shares) for r in part]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_bounded_load_2000_requests_at_8_clients_has_zero_errors(live):
     logs = server.state_dir(live["cfg"]).logs
     sizes = {name: (logs / name).stat().st_size for name in ("console.log", "ts_log.log", "model_log.log")}
@@ -403,7 +403,7 @@ def test_bounded_load_2000_requests_at_8_clients_has_zero_errors(live):
     assert len(rotated_logs(server.prediction_log(live["cfg"]))) > len(rotated)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_killed_worker_recovers_with_no_hung_requests(live):
     [victim] = worker_pids(live)
     progress: list = []
@@ -454,7 +454,7 @@ def _variant(live, tmp_path: Path, version: str, signature_change=None) -> Path:
     return mar
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_deploy_new_version_then_roll_back_a_failing_one(live, tmp_path):
     cfg, endpoint, good = live["cfg"], live["endpoint"], live["manifest"]["version"]
     second = _variant(live, tmp_path, "second")
@@ -477,7 +477,7 @@ def test_deploy_new_version_then_roll_back_a_failing_one(live, tmp_path):
     assert answer.json()[0]["label"] == sample["expected"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_deploy_refuses_a_corrupt_archive_or_a_wrong_version(live, tmp_path):
     cfg = live["cfg"]
     corrupt = _variant(live, tmp_path, "corrupt")
@@ -521,7 +521,7 @@ def _on_free_port(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
     raise RuntimeError("no free loopback port in 18600-18699")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_deploy_record_is_written_before_the_deployed_event_is_sent(live, tmp_path):
     """A receiver that stalls until the job is killed can no longer cost the deploy record."""
     log = server.state_dir(live["cfg"]).deploy_log
@@ -554,7 +554,7 @@ def query_until_present(url: str, query: str, timeout_s: float = 60) -> list[dic
     raise AssertionError(f"Prometheus has no {query} after {timeout_s}s")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_prometheus_scrapes_the_custom_metrics_and_loads_the_alerts(live, tmp_path):
     assert subprocess.run(["promtool", "test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml")]).returncode == 0
     with prometheus(tmp_path / "prometheus", live["cfg"].serve.metrics_port) as url:
@@ -583,7 +583,7 @@ def _metric_total(live, name: str, **labels: str) -> float:
                if line.startswith(name + "{") and all(label in line for label in wanted))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_custom_metrics_count_every_prediction_and_rejection(live):
     samples = live["manifest"]["samples"]
     time.sleep(2 * MONITOR_INTERVAL_S)  # counts of earlier tests' requests are emitted by now
@@ -652,7 +652,7 @@ def test_prediction_log_rotation_keeps_the_newest_files_and_drift_reads_across_t
     assert not log_file.exists() and load_window(log_file, 15) == ([{"i": i} for i in range(85, 100)], 0)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_drift_is_detected_on_shifted_inputs_and_not_on_unshifted_ones(live, tmp_path):
     pixels = np.array(load_prepared(live["prepared"]).split("test")[0], dtype=np.float64)
     reference = json.loads((live["package"] / "reference_stats.json").read_text())
@@ -690,7 +690,7 @@ def rotation_lock_held(log_file: Path) -> Iterator[None]:
         yield
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_with_the_prediction_log_locked_metrics_keep_counting_and_the_worker_drops_lines_instead_of_growing(live):
     """With the log's rotation lock held, the worker's writer waits once the log outgrows live's serve.prediction_log.max_mb;
     before, monitoring waited with it: metrics froze and every request's pixels piled up in the worker."""
@@ -721,7 +721,7 @@ def test_with_the_prediction_log_locked_metrics_keep_counting_and_the_worker_dro
     _send_instances(live, np.array(images))  # the lock released, logging goes on
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_serve_drift_skips_a_half_written_line_and_says_so(live, tmp_path):
     """What a write cut short by a full disk leaves (tests/test_monitoring.py makes a real one)."""
     with open(server.prediction_log(live["cfg"]), "a") as log:
@@ -735,7 +735,7 @@ def test_serve_drift_skips_a_half_written_line_and_says_so(live, tmp_path):
     assert json.loads((tmp_path / "drift" / "drift.json").read_text())["skipped_lines"] == 1
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_status_and_predict_use_the_key_file(live):
     params = live["overrides"]
     status = subprocess.run([sys.executable, "-m", "serve", "status", *params], cwd=ROOT, capture_output=True, text=True)
@@ -751,7 +751,7 @@ def test_cli_status_and_predict_use_the_key_file(live):
     assert again.returncode == 0 and again.stdout.strip() == f"serve: digits version {live['manifest']['version']} is already the default"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_expired_keys_are_renewed_by_every_command_and_status_exit_codes_tell_the_state(live, tmp_path):
     """A second TorchServe whose keys live 30 s (token_expiration_min is a float for TorchServe too)."""
     overrides = ["serve.token_expiration_min=0.5", f"serve.state_dir={tmp_path / 'state'}",

@@ -24,7 +24,7 @@ def _run(cfg, data, out, name):
     return train(cfg, out / "prepared", out / name, out / f"live_{name}", out / f"ckpt_{name}")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_clean_runs_give_identical_weights_and_metrics(tiny_dataset, tmp_path):
     cfg = small_config(tiny_dataset, "train.epochs=3")
     first = _run(cfg, tiny_dataset, tmp_path / "one", "model")
@@ -52,7 +52,7 @@ def _interrupted_after(epochs_done: int, monkeypatch):
     monkeypatch.setattr(components.train.distributed, "sync_buffers", sync_then_maybe_die)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_resume_continues_only_a_matching_checkpoint_and_a_finished_run_leaves_none(tiny_dataset, tmp_path, monkeypatch, capsys):
     fixed = ("train.early_stopping_patience=0", "train.epochs=4")
     _run(small_config(tiny_dataset, *fixed), tiny_dataset, tmp_path, "full")
@@ -100,7 +100,7 @@ def test_weights_load_without_pickle_and_carry_lineage(tiny_dataset, tmp_path):
     assert logits.shape == (2, 3)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_training_learns_the_tiny_task(tiny_dataset, tmp_path):
     metrics = _run(small_config(tiny_dataset, "train.epochs=15", "train.lr=0.01"), tiny_dataset, tmp_path, "model")
     assert metrics["val_accuracy"] >= 0.8
@@ -113,7 +113,7 @@ def test_balanced_sampling_weights_equalise_cells():
     assert per_cell == pytest.approx({"a|x": 1.0, "a|y": 1.0, "b|x": 1.0})
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_balanced_sampling_changes_the_model(tiny_dataset, tmp_path):
     plain = _run(small_config(tiny_dataset), tiny_dataset, tmp_path / "p", "model")
     balanced = _run(small_config(tiny_dataset, "train.balanced_sampling=true"), tiny_dataset, tmp_path / "b", "model")
@@ -132,7 +132,7 @@ def test_unknown_model_name_is_a_config_error():
         build_model({"name": "vgg_tiny"}, 1, 3, (16, 16))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_resnet18_trains_end_to_end_on_rgb(tmp_path):
     from tests.helpers.datasets import make_image_dataset
 
@@ -142,7 +142,7 @@ def test_resnet18_trains_end_to_end_on_rgb(tmp_path):
     assert metrics["epochs_run"] == 1
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_train_step_starts_its_own_data_parallel_processes(tiny_dataset, tmp_path):
     """train.processes=2: the step itself runs under torchrun (gloo on CPU, the same code path as one
     process per GPU), whether `dvc repro` or the KFP train task started it."""

@@ -84,7 +84,7 @@ def test_nodes_below_one_is_a_config_error_naming_the_key():
         compose(["pipeline.train.nodes=0"])
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_compiled_pipeline_trains_through_a_trainjob_only_above_one_node(tmp_path):
     from kfp import compiler
 
@@ -164,7 +164,7 @@ class FakeKubernetesTrainer:
         self.deleted.append(name)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_node_trainjob_with_gloo_processes_fake_kubernetes_api(tiny_dataset, tmp_path, monkeypatch):
     """The graph's train task end to end: manifest -> two nodes rendezvous and train -> node 0
     uploads -> the task copies the model and log into its own artifacts on a real S3 server."""
