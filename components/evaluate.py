@@ -16,6 +16,12 @@ pipeline's gate step decides the same way from these reports (`enforce_gate=Fals
 
 from __future__ import annotations
 
+from components.core.cli import run_step, step_command
+
+if __name__ == "__main__":  # before the imports below (torch): a bad config is refused at once
+    command = step_command("Evaluate the trained model: quality, fairness, interpretability, reports.",
+                           prepared="artifacts/prepared", model="artifacts/model", reports="reports")
+
 import os
 from pathlib import Path
 
@@ -23,7 +29,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from components.core.cli import run_step
 from components.core.config.sections import select
 from components.core.events import emit
 from components.data.dataset import Prepared, load_prepared
@@ -158,6 +163,4 @@ def summary(metrics: dict, reports_dir) -> str:
 
 
 if __name__ == "__main__":
-    run_step(evaluate, "Evaluate the trained model: quality, fairness, interpretability, reports.",
-             lambda metrics, args: summary(metrics, args.reports),
-             prepared="artifacts/prepared", model="artifacts/model", reports="reports")
+    run_step(command, evaluate, lambda metrics, args: summary(metrics, args.reports))

@@ -8,6 +8,12 @@ package.json (version, sha256 of the .mar, the parity check passed, samples, lin
 
 from __future__ import annotations
 
+from components.core.cli import run_step, step_command
+
+if __name__ == "__main__":  # before the imports below (torch, onnxruntime): a bad config is refused at once
+    command = step_command("Export the trained model to ONNX and build the TorchServe archive.",
+                           prepared="artifacts/prepared", model="artifacts/model", out="artifacts/package")
+
 import hashlib
 import io
 import json
@@ -23,7 +29,6 @@ import onnxruntime as ort
 from omegaconf import DictConfig
 from PIL import Image
 
-from components.core.cli import run_step
 from components.core.config.sections import select
 from components.core.paths import ROOT
 from components.data.dataset import load_prepared
@@ -140,5 +145,4 @@ def summary(manifest: dict, args) -> str:
 
 
 if __name__ == "__main__":
-    run_step(package, "Export the trained model to ONNX and build the TorchServe archive.", summary,
-             prepared="artifacts/prepared", model="artifacts/model", out="artifacts/package")
+    run_step(command, package, summary)

@@ -8,6 +8,12 @@ label_index, split, sensitive attributes; row i is images.npy[i]), prepared.json
 
 from __future__ import annotations
 
+from components.core.cli import run_step, step_command
+
+if __name__ == "__main__":  # before the imports below (numpy, pandas): a bad config is refused at once
+    command = step_command("Validate, split and cache the raw dataset.",
+                           data=None, out="artifacts/prepared")
+
 import sys
 from pathlib import Path
 
@@ -15,7 +21,6 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from components.core.cli import run_step
 from components.core.config.sections import select
 from components.core.errors import DataError
 from components.core.io import atomic_dir, write_json
@@ -126,6 +131,4 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
 
 
 if __name__ == "__main__":
-    run_step(prepare, "Validate, split and cache the raw dataset.",
-             lambda meta, args: f"prepare: {meta['counts']} images, groups {meta['groups']} -> {args.out}",
-             data=None, out="artifacts/prepared")
+    run_step(command, prepare, lambda meta, args: f"prepare: {meta['counts']} images, groups {meta['groups']} -> {args.out}")

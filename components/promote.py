@@ -298,11 +298,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    from gto.exceptions import GTOException
-
     args = _parser().parse_args()
+    cfg = command_config(args.params, args.overrides, refuse_stale=False)
+    from gto.exceptions import GTOException  # after the config: gto takes longer to load than a bad config to refuse
+
     try:
-        args.run(command_config(args.params, args.overrides, refuse_stale=False), args)
+        args.run(cfg, args)
     except GTOException as exc:  # GTO's own refusals (an invalid version name, a tag that exists...): one line
         raise RegistryError(f"gto: {' '.join(str(exc).split())}") from exc
 

@@ -17,6 +17,12 @@ TorchServe would give. Outputs (`out_dir`, complete or not at all):
 
 from __future__ import annotations
 
+from components.core.cli import run_step, step_command
+
+if __name__ == "__main__":  # before the imports below (onnxruntime, scipy): a bad config is refused at once
+    command = step_command("Score a folder or s3:// prefix of images with a packaged model version.",
+                           input=None, package="artifacts/package", tag=None, out="artifacts/score")
+
 import hashlib
 import json
 import os
@@ -28,7 +34,6 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from components.core.cli import run_step
 from components.core.config.sections import config_hash, select
 from components.core.errors import DataError
 from components.core.events import emit
@@ -187,5 +192,4 @@ def _summary(result: dict, args) -> str:
 
 
 if __name__ == "__main__":
-    run_step(score, "Score a folder or s3:// prefix of images with a packaged model version.", _summary,
-             input=None, package="artifacts/package", tag=None, out="artifacts/score")
+    run_step(command, score, _summary)

@@ -8,6 +8,12 @@ metrics and plots in `live_dir`, and a resumable checkpoint in `checkpoint_dir`.
 
 from __future__ import annotations
 
+from components.core.cli import run_step, step_command
+
+if __name__ == "__main__":  # before the imports below (torch): a bad config is refused at once
+    command = step_command("Train the configured model on the prepared data.",
+                           prepared="artifacts/prepared", out="artifacts/model", live="dvclive", checkpoints="artifacts/checkpoints")
+
 import copy
 import json
 import math
@@ -30,7 +36,6 @@ from torch import nn
 from tqdm import tqdm
 
 from components.training import distributed
-from components.core.cli import run_step
 from components.core.config.sections import config_hash, select
 from components.data.dataset import Prepared, load_prepared
 from components.core.errors import ConfigError, DataError, StepError
@@ -275,6 +280,4 @@ def launch(cfg: DictConfig, prepared_dir: str | Path, out_dir: str | Path, live_
 
 if __name__ == "__main__":
     # The processes torchrun starts stay quiet: whoever launched them reports.
-    run_step(launch, "Train the configured model on the prepared data.",
-             lambda metrics, args: None if "RANK" in os.environ else f"train: {metrics} -> {args.out}",
-             prepared="artifacts/prepared", out="artifacts/model", live="dvclive", checkpoints="artifacts/checkpoints")
+    run_step(command, launch, lambda metrics, args: None if "RANK" in os.environ else f"train: {metrics} -> {args.out}")

@@ -18,7 +18,7 @@ from components.deploy import default_version
 from components.promote import promote, rollback
 from components.registry.tags import RegistryError, versions
 from components.torchserve import server
-from serve.__main__ import deploy_stage
+from serve.commands import deploy_stage
 from tests.helpers.project import copy_of, git_commit, run
 from tests.helpers.servers import S3Server, free_ports, seaweed_s3
 from tests.helpers.workflow import run_job

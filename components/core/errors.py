@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class StepError(Exception):
@@ -19,9 +22,9 @@ class DataError(StepError):
     pass
 
 
-def run_cli(main: Callable[[], object]) -> None:
+def run_cli(main: Callable[[], T]) -> T:
     try:
-        main()
+        return main()
     except StepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
