@@ -85,6 +85,21 @@ def digits_run(built_once) -> dict:
 
 
 @pytest.fixture(scope="session")
+def digits_subset(built_once) -> Path:
+    """The sample data's first 400 images (every class, both sites) as a data folder: the sample's shapes
+    and model at a fraction of its cost, for tests that run the pipeline many times (other hosts, emulation)."""
+
+    def build(out: Path) -> None:
+        rows = (ROOT / "data" / "metadata.csv").read_text().splitlines()[:401]
+        (out / "images").mkdir()
+        for row in rows[1:]:
+            shutil.copy2(ROOT / "data" / row.split(",")[0], out / row.split(",")[0])
+        (out / "metadata.csv").write_text("\n".join(rows) + "\n")
+
+    return built_once("digits_subset", build)
+
+
+@pytest.fixture(scope="session")
 def packaged(digits_run, built_once) -> dict:
     """digits_run's model packaged once per session (read-only: copy it before changing anything)."""
     out = built_once("packaged", lambda folder: package(digits_run["cfg"], digits_run["prepared"], digits_run["model"], folder))
