@@ -40,7 +40,7 @@ from components.core.remote import download_folder
 from components.drift.features import image_features
 from components.drift.report import DriftError, check_drift
 from components.handler.inference import create_session, probabilities, top_k
-from components.handler.request import RequestError, decode_image
+from components.handler.request import PixelBudget, RequestError, decode_image
 from components.registry.tags import fetch_package, read_tag
 from components.scoring.inputs import list_files, read_chunks
 
@@ -60,7 +60,7 @@ def _decoded(paths: list[str], blobs: list, signature: dict) -> tuple[list[int],
         try:
             if isinstance(blob, Exception):
                 raise ValueError(f"cannot be read ({blob.__class__.__name__}: {blob})")
-            images.append(decode_image(blob, signature, _model["max_pixels"]))
+            images.append(decode_image(blob, signature, PixelBudget(_model["max_pixels"])))
             good.append(i)
         except (ValueError, RequestError) as exc:
             rejected.append({"file": path, "error": str(exc)})
