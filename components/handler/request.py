@@ -67,15 +67,11 @@ class RequestLimits:
     def pixel_budget(self) -> PixelBudget:
         return PixelBudget(self.max_image_pixels)
 
-    def check_count(self, count: int) -> None:
-        """RequestError 413 when a request carries more than `max_instances` images."""
+    def check_image_count(self, count: int, image_shape: tuple[int, ...], budget: PixelBudget) -> None:
+        """RequestError 413 when `count` images shaped (C, H, W) exceed either limit; their pixels come out of `budget`."""
         if count > self.max_instances:
             raise RequestError(f"request carries {count} images, more than the server's limit of {self.max_instances} "
                                "(serve.max_instances)", 413)
-
-    def check_image_count(self, count: int, image_shape: tuple[int, ...], budget: PixelBudget) -> None:
-        """RequestError 413 when `count` images shaped (C, H, W) exceed either limit; their pixels come out of `budget`."""
-        self.check_count(count)
         pixels = count * image_shape[1] * image_shape[2]
         budget.spend(pixels, f"request carries {count} images of {image_shape[2]}x{image_shape[1]}, {pixels} pixels in all")
 
@@ -186,7 +182,8 @@ def _encoded_images(tensor: dict, signature: dict, limits: RequestLimits, budget
         raise RequestError("inputs[0].data: a BYTES tensor holds a non-empty list of base64-encoded PNG/JPEG images")
     if not (isinstance(shape, list) and len(shape) == 1 and shape[0] in (len(data), -1)):
         raise RequestError(f"inputs[0].shape must be [{len(data)}] (or [-1]) for {len(data)} encoded images")
-    limits.check_count(len(data))
+    # What the images hold once resized, as for a JSON tensor; then what decoding them costs, from the request's budget.
+    limits.check_image_count(len(data), tuple(signature["input"]["shape"][1:]), limits.pixel_budget())
     images = []
     for i, item in enumerate(data):
         try:
