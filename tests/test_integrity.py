@@ -29,6 +29,10 @@ PIPELINE = """stages:
       - evidence
     outs:
       - artifacts/package
+artifacts:
+  digits:
+    path: artifacts/package
+    type: model
 """
 
 
@@ -81,28 +85,53 @@ def test_an_archive_replaced_with_a_package_json_to_match_is_not_deployed(repo, 
     assert not (tmp_path / "store2").exists()  # nothing copied to the model store
 
 
-def test_an_edited_model_is_not_used_for_batch_scoring(repo, tiny_package, tmp_path):
+def edit_model(model_file: Path) -> None:
+    """Shift one weight tensor: still a valid model, answering differently."""
+    model = onnx.load(model_file)
+    weights = next(w for w in model.graph.initializer if w.data_type == onnx.TensorProto.FLOAT)
+    weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) + 1, weights.name))
+    onnx.save(model, model_file)
+
+
+def scoring(tiny_package, tmp_path: Path, *package: str) -> list[str]:
     images = tmp_path / "images"
-    images.mkdir()
+    images.mkdir(exist_ok=True)
     for sample in tiny_package["manifest"]["samples"]:
         shutil.copy(tiny_package["out"] / sample["file"], images)
-    score = ["python", "-m", "components.score", "--input", str(images), "--package", "artifacts/package",
-             "--out", str(tmp_path / "scored"), "score.workers=1"]
+    return ["python", "-m", "components.score", "--input", str(images), *package, "--out", str(tmp_path / "scored"), "score.workers=1"]
+
+
+def test_an_edited_model_is_not_used_for_batch_scoring(repo, tiny_package, tmp_path):
+    score = scoring(tiny_package, tmp_path, "--package", "artifacts/package")
     run(score, repo)
     clean = json.loads((tmp_path / "scored" / "score.json").read_text())
 
     model_file = repo / "artifacts" / "package" / "model.onnx"
     recorded = md5_file(model_file)
-    model = onnx.load(model_file)
-    weights = next(w for w in model.graph.initializer if w.data_type == onnx.TensorProto.FLOAT)
-    weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) + 1, weights.name))  # still a valid model
-    onnx.save(model, model_file)
+    edit_model(model_file)
     refused = run(score, repo, check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: artifacts/package/model.onnx: md5 {md5_file(model_file)}, but dvc.lock at {head(repo)[:10]} records {recorded}: "
         "the file changed after the pipeline wrote it; refusing to load it (`dvc checkout` restores the recorded one)")
     assert clean["model"]["verified_against"] == f"dvc.lock at {head(repo)[:10]}"
+
+
+def test_a_model_edited_in_the_dvc_remote_is_not_used_for_scoring_a_tagged_version(repo, tiny_package, tmp_path):
+    """`score --tag` fetches the package from the DVC remote, which does not check what it serves against dvc.lock."""
+    run(["dvc", "remote", "add", "-f", "-d", "storage", str(tmp_path / "remote")], repo)
+    git_commit(repo, "a DVC remote")
+    run(["dvc", "push"], repo)
+    run(["gto", "register", "digits", "--version", "v1.0.0"], repo)
+    recorded = md5_file(repo / "artifacts" / "package" / "model.onnx")
+    stored = tmp_path / "remote" / "files" / "md5" / recorded[:2] / recorded[2:]
+    stored.chmod(0o644)
+    edit_model(stored)
+    refused = run(scoring(tiny_package, tmp_path, "--tag", "digits@v1.0.0"), repo, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].endswith(
+        f"/model.onnx: md5 {md5_file(stored)}, but dvc.lock at {head(repo)[:10]} records {recorded}: "
+        "the file changed after the pipeline wrote it; refusing to load it (`dvc checkout` restores the recorded one)")
 
 
 def test_a_kfp_deploy_checks_the_archive_against_the_package_artifacts_metadata(tiny_package, tmp_path):
