@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from components.core.config.compose import compose
 from components.handler.inference import normalize
-from components.handler.request import decode_image
+from components.handler.request import PixelBudget, decode_image
 from components.score import predict_files
 from components.scoring.inputs import list_files, read_chunks
 
@@ -33,7 +33,7 @@ def baseline(fs, files: list[str], package: Path, chunk: int, max_pixels: int) -
     session = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
     scored = 0
     for _, blobs in read_chunks(fs, files, chunk):
-        pixels = np.stack([decode_image(blob, signature, max_pixels) for blob in blobs])
+        pixels = np.stack([decode_image(blob, signature, PixelBudget(max_pixels)) for blob in blobs])
         scored += len(session.run(None, {signature["input"]["name"]: normalize(pixels, signature)})[0])
     return scored
 

@@ -34,7 +34,7 @@ from components.core.config.compose import compose  # noqa: E402
 from components.core.config.schema import PORT_KEYS  # noqa: E402
 from components.deploy import read_package  # noqa: E402
 from components.handler.inference import normalize, softmax  # noqa: E402
-from components.handler.request import decode_image  # noqa: E402
+from components.handler.request import PixelBudget, decode_image  # noqa: E402
 from components.package import ARCHIVER  # noqa: E402
 from components.torchserve import server  # noqa: E402
 from components.torchserve.management import copy_checked, register  # noqa: E402
@@ -66,7 +66,7 @@ def in_process(package_dir: Path, body: bytes, count: int, max_pixels: int) -> t
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        pixels = decode_image(body, signature, max_pixels)[None]
+        pixels = decode_image(body, signature, PixelBudget(max_pixels))[None]
         softmax(session.run(None, {"image": normalize(pixels, signature)})[0])
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3, count / sum(times)

@@ -6,6 +6,10 @@ One behaviour wherever it runs (`serve up`, `serve up --stage`, the KFP deploy c
 remote TorchServe is used given its management URL + token; afterwards the server keeps the
 new default and the one before it (for a rollback), and nothing older. Every deployment
 appends a record (when, what, from which commit or tag) to the server's deploy log.
+
+The archive is checked against the md5 the pipeline recorded outside its folder (components/core/recorded.py):
+dvc.lock for a package of this repository (at the commit the deploy record claims), the registry tag's commit's
+dvc.lock, or the KFP package artifact's metadata; a replaced .mar with a package.json to match is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from components.core.events import emit
 from components.core.git import GitError, git
 from components.core.io import sha256_file
 from components.core.paths import ROOT
+from components.core.recorded import Recorded, in_repository, verify
 from components.torchserve import server
 from components.torchserve.management import TIMEOUT_S, copy_checked, default_version, list_versions, register, set_default, unregister
 from components.torchserve.server import Endpoint, bearer
@@ -64,10 +69,12 @@ def source_commit(repo: Path = ROOT) -> dict:
         return {"commit": "unknown", "uncommitted_changes": None}
 
 
-def check_package(mar_path: Path, version: str) -> dict:
+def check_package(mar_path: Path, version: str, recorded: Recorded | None) -> dict:
     package = read_package(mar_path.parent)
     if not mar_path.exists():
         raise DeployError(f"{mar_path}: archive not found")
+    if recorded:
+        verify(mar_path, recorded)
     if package["version"] != version:
         raise DeployError(f"{mar_path}: the archive holds version {package['version']}, not {version}")
     if sha256_file(mar_path) != package["mar"]["sha256"]:
@@ -114,14 +121,17 @@ def switch_default(cfg: DictConfig, endpoint: Endpoint, store: Path, package: di
 
 def deploy(cfg: DictConfig, mar_path: str | Path, version: str, management_url: str | None = None, token: str | None = None,
            *, inference_url: str | None = None, inference_token: str | None = None, model_store: str | Path | None = None,
-           source: dict | None = None) -> dict:
+           source: dict | None = None, recorded: Recorded | None = None) -> dict:
     """Deploy `version` of the packaged model as the default; returns the deploy record.
 
     `source` says where the package came from (e.g. the git tag, stage and commit of a
-    registry version); by default, the commit of this working tree.
+    registry version); by default, the commit of this working tree. `recorded` is the archive's
+    md5 as the pipeline recorded it; by default (no `source`), what this repository's dvc.lock records.
     """
     mar_path = Path(mar_path)
-    package = check_package(mar_path, version)
+    if recorded is None and source is None:
+        recorded = in_repository(mar_path, ROOT)
+    package = check_package(mar_path, version, recorded)
     endpoint, store = target(cfg, management_url, token, inference_url, inference_token, model_store)
     name = package["model_name"]
     previous = switch_default(cfg, endpoint, store, package, mar_path.parent)
@@ -131,7 +141,8 @@ def deploy(cfg: DictConfig, mar_path: str | Path, version: str, management_url: 
     record = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "model_name": name, "version": version,
               "previous_version": previous, "smoke_samples": len(package["samples"]),
               "endpoint": f"{endpoint.inference_url}/predictions/{name}", "management_url": endpoint.management_url,
-              "package_lineage": package["lineage"], "source": source or source_commit()}
+              "package_lineage": package["lineage"], "source": source or source_commit(),
+              "verified_against": recorded.where if recorded else "package.json only (no record outside the package's folder)"}
     if management_url is None:  # the record first: an event receiver, however slow, cannot lose it
         log = server.state_dir(cfg).deploy_log
         with open(log, "a", encoding="utf-8") as f:

@@ -41,12 +41,13 @@ from components.core.io import atomic_dir, write_json
 from components.core.lifetime import die_with_parent
 from components.core.lineage import code_hash, environment
 from components.core.paths import ROOT
+from components.core.recorded import Recorded, in_repository, locked, verify
 from components.core.remote import download_folder
 from components.drift.features import image_features
 from components.drift.report import DriftError, check_drift
 from components.handler.inference import create_session, probabilities, top_k
-from components.handler.request import RequestError, decode_image
-from components.registry.tags import fetch_package, read_tag
+from components.handler.request import PixelBudget, RequestError, decode_image
+from components.registry.tags import fetch_package, model_artifact, read_tag
 from components.scoring.inputs import list_files, read_chunks
 
 SECTIONS = ("serve.drift", "serve.max_image_pixels", "score")  # the config this step reads: its DVC params and its config hash
@@ -65,7 +66,7 @@ def _decoded(paths: list[str], blobs: list, signature: dict) -> tuple[list[int],
         try:
             if isinstance(blob, Exception):
                 raise ValueError(f"cannot be read ({blob.__class__.__name__}: {blob})")
-            images.append(decode_image(blob, signature, _model["max_pixels"]))
+            images.append(decode_image(blob, signature, PixelBudget(_model["max_pixels"])))
             good.append(i)
         except (ValueError, RequestError) as exc:
             rejected.append({"file": path, "error": str(exc)})
@@ -126,6 +127,14 @@ def resolve_package(package_dir: str | Path, tag: str | None, scratch: Path) -> 
                                                                        "commit": read["commit"]}
 
 
+def model_record(package_dir: Path, source: dict, repo: Path = ROOT) -> Recorded | None:
+    """What the pipeline recorded for the package's model.onnx outside its folder: the tag's commit's dvc.lock, or this
+    repository's dvc.lock for a package inside it; None for a folder elsewhere or an s3:// prefix (no record to read)."""
+    if "tag" in source:
+        return locked(repo, f"{model_artifact(repo)[1]}/model.onnx", source["commit"])
+    return None if source["package"].startswith("s3://") else in_repository(package_dir / "model.onnx", repo)
+
+
 def _drift(cfg: DictConfig, out: Path, reference: Path) -> dict:
     try:
         report = check_drift(cfg, out / "predictions.jsonl", reference, out)
@@ -167,13 +176,17 @@ def score(cfg: DictConfig, input: str | None = None, package: str | Path = "arti
     fs, root, files = list_files(uri, list(cfg.score.extensions))
     with tempfile.TemporaryDirectory() as scratch, atomic_dir(out) as tmp:
         package_dir, source = resolve_package(package, tag, Path(scratch))
+        recorded = model_record(package_dir, source)
+        if recorded:
+            verify(package_dir / "model.onnx", recorded)
         manifest = json.loads((package_dir / "package.json").read_text())
         scored, rejected, input_hash = predict_files(fs, root, files, package_dir, cfg.score, cfg.serve.max_image_pixels, tmp)
         if not scored:
             raise DataError(f"{uri}: none of the {len(files)} files could be scored (not PNG/JPEG, or unreadable)")
         drift = _drift(cfg, tmp, package_dir / "reference_stats.json")
         summary = {"input": uri, "files": len(files), "scored": scored, "rejected": rejected, "drift": drift,
-                   "model": {"name": manifest["model_name"], "version": manifest["version"], **source},
+                   "model": {"name": manifest["model_name"], "version": manifest["version"], **source,
+                             "verified_against": recorded.where if recorded else "nothing (no record outside the package's folder)"},
                    "lineage": {"package": manifest["lineage"], "input_hash": input_hash, "config_hash": config_hash(cfg),
                                "code_hash": code_hash("components.score"), "environment": environment()}}
         write_json(tmp / "score.json", summary)

@@ -125,12 +125,15 @@ def gate_op(expected_commit: str, reports: Input[Artifact], min_accuracy: float,
 @component
 def package_op(config: str, expected_commit: str, data_hash: str, prepared: Input[Dataset], model: Input[Model],
                package: Output[Model]) -> NamedTuple("Package", [("version", str), ("mar_file", str)]):
+    """The md5 of what deploy and scoring load goes in the artifact's metadata, which KFP keeps outside its folder."""
     from collections import namedtuple
 
+    from components.core.recorded import md5_file
     from components.package import package as package_step
     from pipelines.in_pod import step_config
 
     manifest = package_step(step_config(config, expected_commit, data_hash=data_hash), prepared.path, model.path, package.path)
+    package.metadata["md5"] = {name: md5_file(f"{package.path}/{name}") for name in (manifest["mar"]["file"], "model.onnx")}
     return namedtuple("Package", ["version", "mar_file"])(manifest["version"], manifest["mar"]["file"])
 
 
@@ -139,13 +142,16 @@ def deploy_op(config: str, expected_commit: str, package: Input[Model], version:
               inference_url: str, model_store: str, key_file: str) -> str:
     """Empty management_url: the local TorchServe of the config's `serve` section. Otherwise the keys
     come from the key file the server rewrites at every start, on the volume deploy shares with it."""
+    from components.core.recorded import Recorded
     from components.deploy import deploy
     from pipelines.in_pod import server_keys, step_config
 
     cfg = step_config(config, expected_commit)
     keys = server_keys(key_file, management_url, cfg.serve.token_expiration_min) if management_url else {}
+    recorded = Recorded(package.metadata["md5"][mar_file], "the KFP package artifact's metadata")
     result = deploy(cfg, f"{package.path}/{mar_file}", version, management_url or None, keys.get("management"),
-                    inference_url=inference_url or None, inference_token=keys.get("inference"), model_store=model_store or None)
+                    inference_url=inference_url or None, inference_token=keys.get("inference"), model_store=model_store or None,
+                    recorded=recorded)
     return result["endpoint"]
 
 

@@ -17,9 +17,10 @@ from components.core.config.schema import PORT_KEYS
 from components.core.errors import ConfigError, StepError
 from components.core.events import emit
 from components.core.paths import ROOT
+from components.core.recorded import locked
 from components.deploy import deploy, read_package
 from components.promote import check_stage
-from components.registry.tags import fetch_package
+from components.registry.tags import fetch_package, model_artifact
 from components.torchserve import server
 from components.torchserve.management import default_version
 
@@ -36,7 +37,9 @@ def deploy_stage(cfg, stage: str, repo: Path = ROOT, policy_ref: str | None = No
     package = read_package(package_dir)
     source = {"stage": stage, "registry_version": checked["version"], "commit": checked["commit"], "tag": checked["tag"],
               "gate_verdict": checked["verdict"]}
-    return deploy(cfg, package_dir / package["mar"]["file"], package["version"], source=source, **remote), package_dir
+    mar = package_dir / package["mar"]["file"]  # checked against the tag's commit's dvc.lock; a missing one is deploy's to refuse
+    recorded = locked(repo, f"{model_artifact(repo)[1]}/{mar.name}", checked["commit"]) if mar.exists() else None
+    return deploy(cfg, mar, package["version"], source=source, recorded=recorded, **remote), package_dir
 
 
 def up(cfg, args) -> None:

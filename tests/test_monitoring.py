@@ -22,6 +22,7 @@ from components.core.config.compose import compose
 from components.core.paths import ROOT
 from components.drift.prediction_log import LogWriter, PredictionLog, rotated_logs
 from components.drift.report import check_drift, load_window
+from components.handler import telemetry
 from components.handler.telemetry import Monitor
 
 
@@ -51,7 +52,7 @@ def rotation_lock_held(log_file: Path):
 
 def test_with_the_rotation_lock_held_the_writer_keeps_at_most_its_capacity_and_counts_what_it_drops(tmp_path):
     log = PredictionLog(tmp_path / "predictions.jsonl", sample_rate=1.0, max_bytes=0, backups=100)  # every write rotates
-    writer = LogWriter(log, capacity=100)
+    writer = LogWriter(log, capacity=100, error_interval_s=60)
     writer.start()
     with rotation_lock_held(log.file):
         writer.offer([line(0)])
@@ -62,6 +63,9 @@ def test_with_the_rotation_lock_held_the_writer_keeps_at_most_its_capacity_and_c
         assert writer.waiting.qsize() == 100 and writer.take_dropped() == 900
     wait_until(lambda: len(logged(log.file)) == 101)
     assert logged(log.file) == [{"i": i} for i in range(101)] and writer.take_dropped() == 0
+
+
+REFERENCE_RANGE = {"brightness": (0.0, 1.0), "contrast": (0.0, 1.0)}
 
 
 class FakeMetricCache:
@@ -82,8 +86,8 @@ class FakeMetricCache:
 
 def test_metrics_never_wait_on_the_prediction_log_and_count_its_dropped_lines_with_a_fake_metric_cache(tmp_path):
     log = PredictionLog(tmp_path / "predictions.jsonl", sample_rate=1.0, max_bytes=0, backups=100)
-    writer, metrics = LogWriter(log, capacity=50), FakeMetricCache()
-    monitor = Monitor(metrics, "digits", "v1", ["a", "b"], {"brightness": (0.0, 1.0), "contrast": (0.0, 1.0)}, writer)
+    writer, metrics = LogWriter(log, capacity=50, error_interval_s=60), FakeMetricCache()
+    monitor = Monitor(metrics, "digits", "v1", ["a", "b"], REFERENCE_RANGE, writer, error_interval_s=60)
     writer.start()
     pixels, probs = np.full((2, 1, 8, 8), 128, np.float32), np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
     with rotation_lock_held(log.file):
@@ -104,7 +108,7 @@ def test_metrics_never_wait_on_the_prediction_log_and_count_its_dropped_lines_wi
 
 
 def test_a_failing_write_is_logged_once_per_interval_in_one_line_and_its_lines_counted(tmp_path, caplog):
-    writer = LogWriter(PredictionLog(tmp_path / "no such folder" / "predictions.jsonl", 1.0, 10**6, 2), error_interval_s=60)
+    writer = LogWriter(PredictionLog(tmp_path / "no such folder" / "predictions.jsonl", 1.0, 10**6, 2), capacity=100, error_interval_s=60)
     with caplog.at_level(logging.WARNING):
         for i in range(20):
             writer.offer([line(i), line(i)])
@@ -113,9 +117,45 @@ def test_a_failing_write_is_logged_once_per_interval_in_one_line_and_its_lines_c
         [report] = caplog.records
         assert report.exc_info is None and "1 failed writes in the last 60 s" in report.getMessage()
         assert "No such file or directory" in report.getMessage()
-        writer.last_report -= 60  # the interval has passed
+        writer.errors.last_report -= 60  # the interval has passed
         writer.write_waiting(line(20))
     assert len(caplog.records) == 2 and "20 failed writes in the last 60 s" in caplog.records[1].getMessage()
+
+
+class Stop(BaseException):
+    pass
+
+
+def ticks(count: int):
+    """A stand-in for the monitoring thread's one-second sleep: returns `count` times, then stops the thread's loop."""
+    left = iter(range(count))
+
+    def sleep(seconds: float) -> None:
+        if next(left, None) is None:
+            raise Stop
+
+    return sleep
+
+
+def broken_flush() -> None:
+    raise KeyError("brightness")  # a monitoring bug, on every flush
+
+
+def test_a_failing_monitoring_thread_is_logged_once_per_interval_in_one_line(caplog, monkeypatch):
+    """Before, each second's failed flush logged a traceback: a persistent bug wrote 3,600 of them an hour."""
+    monitor = Monitor(FakeMetricCache(), "digits", "v1", ["a", "b"], REFERENCE_RANGE, None, error_interval_s=60)
+    monitor.flush = broken_flush
+    with caplog.at_level(logging.WARNING), contextlib.suppress(Stop):
+        monkeypatch.setattr(telemetry.time, "sleep", ticks(5))
+        monitor._run_forever()  # five ticks, one second apart in a worker
+    [report] = caplog.records
+    assert report.exc_info is None and report.getMessage() == (
+        "monitoring: 1 failed flushes in the last 60 s, their metrics and log lines lost; last: KeyError: 'brightness'")
+    monitor.errors.last_report -= 60  # the interval has passed
+    with caplog.at_level(logging.WARNING), contextlib.suppress(Stop):
+        monkeypatch.setattr(telemetry.time, "sleep", ticks(1))
+        monitor._run_forever()
+    assert len(caplog.records) == 2 and caplog.records[1].getMessage().startswith("monitoring: 5 failed flushes in the last 60 s")
 
 
 FULL_DISK = """
@@ -125,7 +165,7 @@ from components.drift.prediction_log import LogWriter, PredictionLog
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails like one on a full disk
 log_file = Path(sys.argv[1])
-writer = LogWriter(PredictionLog(log_file, 1.0, 10**9, 2))
+writer = LogWriter(PredictionLog(log_file, 1.0, 10**9, 2), capacity=1000, error_interval_s=60)
 
 def write(first, count):
     writer.offer([json.dumps({"i": i}) + "\\n" for i in range(first, first + count)])

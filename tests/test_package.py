@@ -21,7 +21,7 @@ from components.core.lineage import code_hash, source_files
 from components.core.paths import ROOT
 from components.data.dataset import decode, load_prepared
 from components.drift.features import image_features, intensity
-from components.handler.request import decode_image
+from components.handler.request import PixelBudget, decode_image
 from components.model.networks import load_trained
 from components.package import CODE_FILES, HANDLER, SECTIONS, package
 from components.packaging.onnx import ParityError, check_parity, onnx_logits
@@ -118,13 +118,16 @@ def test_samples_and_handler_preprocessing_reproduce_prepare(packaged):
     labels are the in-process ONNX predictions."""
     cfg, out, manifest = packaged["cfg"], packaged["out"], packaged["manifest"]
     signature = json.loads((out / "signature.json").read_text())
+    def handler_decode(data: bytes) -> np.ndarray:
+        return decode_image(data, signature, PixelBudget(cfg.serve.max_image_pixels))
+
     for file in sorted((ROOT / "data").glob("*/*.png"))[:20]:
-        assert np.array_equal(decode_image(file.read_bytes(), signature, cfg.serve.max_image_pixels), decode(file, 1, (32, 32)))
+        assert np.array_equal(handler_decode(file.read_bytes()), decode(file, 1, (32, 32)))
     test_images = np.array(load_prepared(packaged["prepared"]).split("test")[0])
     cheap, full = intensity(test_images), image_features(test_images)  # the handler's per-request metrics
     assert all(np.array_equal(cheap[name], full[name]) for name in ("brightness", "contrast"))
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    pixels = np.stack([decode_image((out / s["file"]).read_bytes(), signature, cfg.serve.max_image_pixels) for s in manifest["samples"]])
+    pixels = np.stack([handler_decode((out / s["file"]).read_bytes()) for s in manifest["samples"]])
     predicted = onnx_logits(session, pixels, signature).argmax(1)
     assert [s["expected"] for s in manifest["samples"]] == [signature["output"]["classes"][c] for c in predicted]
     assert len(manifest["samples"]) == cfg.package.smoke_samples

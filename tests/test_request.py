@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from components.handler import request
 from components.handler.inference import create_session, probabilities, top_k
@@ -134,3 +134,17 @@ def test_requests_at_the_limits_are_answered(signature):
     for body, protocol in (({"instances": pixels.tolist()}, "instances"), (v2, "v2")):
         parsed = request_images({"body": json.dumps(body, indent=1).encode()}, signature, LIMITS)
         assert parsed.protocol == protocol and parsed.pixels.shape == (32, 1, 16, 16)
+
+
+def test_the_items_of_a_bytes_tensor_share_the_request_pixel_budget(signature, monkeypatch):
+    """Two 800x800 PNGs (640,000 pixels each) are 1,280,000 pixels: over the limit of 1,000,000 per request, like
+    one image of that size or JSON instances of as many pixels. The second is refused before its pixels are decoded."""
+    item = base64.b64encode(png(np.zeros((800, 800), np.uint8))).decode()
+    decoded, load = [], ImageFile.ImageFile.load  # an image's tiles are its encoded pixels, decoded by its first load()
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda img: (decoded.append(img.size) if img.tile else None) or load(img))
+    with pytest.raises(RequestError) as err:
+        request_images(_bytes_tensor([item, item]), signature, LIMITS)
+    assert err.value.status == 413 and str(err.value) == (
+        "inputs[0].data[1]: image is 800x800 = 640000 pixels, more than the 360000 left of the server's limit of 1000000 "
+        "per request (serve.max_image_pixels)")
+    assert decoded == [(800, 800)]

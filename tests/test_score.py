@@ -20,7 +20,7 @@ from components.core.errors import DataError
 from components.core.paths import ROOT
 from components.drift.features import FEATURES
 from components.handler.handler import OnnxImageClassifier
-from components.handler.settings import MAX_INSTANCES_ENV, MAX_PIXELS_ENV
+from components.handler.settings import ERROR_INTERVAL_ENV, MAX_INSTANCES_ENV, MAX_PIXELS_ENV
 from components.score import score
 from pipelines.in_pod import IMAGE_COMMIT_ENV
 from pipelines.local import run_pipeline
@@ -138,6 +138,7 @@ def test_batch_and_online_answers_are_identical_for_the_same_images_with_a_fake_
 
     monkeypatch.setenv(MAX_PIXELS_ENV, str(compose([]).serve.max_image_pixels))
     monkeypatch.setenv(MAX_INSTANCES_ENV, str(compose([]).serve.max_instances))
+    monkeypatch.setenv(ERROR_INTERVAL_ENV, str(compose([]).serve.error_report_interval_s))
     handler, context = OnnxImageClassifier(), FakeTorchServeContext(tiny_package["out"], tiny_package["manifest"])
     handler.initialize(context)
     online = [json.loads(answer) for answer in handler.handle([{"body": image.read_bytes()} for image in images], context)]

@@ -35,7 +35,7 @@ from components.core.io import sha256_file, write_json
 from components.core.paths import ROOT
 from components.data.dataset import load_prepared
 from components.deploy import DeployError, deploy
-from components.drift.prediction_log import MAX_QUEUED_LINES, rotate_log, rotated_logs
+from components.drift.prediction_log import rotate_log, rotated_logs
 from components.drift.report import drift_report, load_window
 from components.handler.telemetry import MONITOR_INTERVAL_S
 from components.package import build_mar
@@ -696,6 +696,7 @@ def test_with_the_prediction_log_locked_metrics_keep_counting_and_the_worker_dro
     before, monitoring waited with it: metrics froze and every request's pixels piled up in the worker."""
     images = np.array(load_prepared(live["prepared"]).split("test")[0][: live["cfg"].serve.max_instances]).tolist()
     log_file, max_bytes = server.prediction_log(live["cfg"]), live["cfg"].serve.prediction_log.max_mb * 1e6
+    queued = live["cfg"].serve.prediction_log.max_queued_lines
     worker = psutil.Process(worker_pids(live)[0])
     time.sleep(2 * MONITOR_INTERVAL_S)  # earlier requests are counted and logged by now
     predicted, dropped = _metric_total(live, "PredictionsTotal"), _metric_total(live, "PredictionLogDroppedTotal")
@@ -712,10 +713,10 @@ def test_with_the_prediction_log_locked_metrics_keep_counting_and_the_worker_dro
             time.sleep(0.05)
         time.sleep(2 * MONITOR_INTERVAL_S)  # the writer now waits for the lock, to rotate the log
         logged = _logged_predictions(live)
-        burst = send((MAX_QUEUED_LINES + 5000) // len(images))
+        burst = send((queued + 5000) // len(images))
         time.sleep(2 * MONITOR_INTERVAL_S)
         assert _metric_total(live, "PredictionsTotal") - predicted == sent + burst
-        assert _metric_total(live, "PredictionLogDroppedTotal") - dropped >= burst - MAX_QUEUED_LINES
+        assert _metric_total(live, "PredictionLogDroppedTotal") - dropped >= burst - queued
         assert _logged_predictions(live) == logged
         assert worker.memory_info().rss - memory < 40e6  # the pixels of 15,000 images alone are 60 MB
     _send_instances(live, np.array(images))  # the lock released, logging goes on

@@ -16,9 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_QUEUED_LINES = 10_000  # ~2.5 MB: several seconds of a busy worker's predictions, all of them logged
-ERROR_REPORT_INTERVAL_S = 60.0
-
 
 @dataclass(frozen=True)
 class PredictionLog:
@@ -69,17 +66,36 @@ def append_lines(log: PredictionLog, lines: str) -> None:
         rotate_log(log.file, log.max_bytes, log.backups)
 
 
+class ErrorReport:
+    """Failures of something retried without end, logged at most once per `interval_s` in one line with how many there
+    were since the last line: a persistent error costs the server log one line per interval, never a traceback per try."""
+
+    def __init__(self, subject: str, attempts: str, consequence: str, interval_s: float):
+        self.subject, self.attempts, self.consequence, self.interval_s = subject, attempts, consequence, interval_s
+        self.failures, self.last_report = 0, -interval_s
+
+    def failed(self, error: str) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        if now - self.last_report >= self.interval_s:
+            logging.warning("%s: %d %s in the last %.0f s, %s; last: %s", self.subject, self.failures, self.attempts,
+                            self.interval_s, self.consequence, error)
+            self.failures, self.last_report = 0, now
+
+
 class LogWriter:
     """Appends lines to the prediction log on its own thread, so whatever holds the log up (another worker holding
     the rotation lock, a slow or full disk) holds up only that thread. At most `capacity` lines wait; lines beyond
     that, and the lines of a failed write, are dropped and counted (take_dropped), never accumulated. A failing
-    write is logged once per `error_interval_s`, in one line."""
+    write is logged once per `error_interval_s`, in one line. Both come from conf/serve (serve.prediction_log.max_queued_lines,
+    serve.error_report_interval_s)."""
 
-    def __init__(self, log: PredictionLog, capacity: int = MAX_QUEUED_LINES, error_interval_s: float = ERROR_REPORT_INTERVAL_S):
-        self.log, self.capacity, self.error_interval_s = log, capacity, error_interval_s
+    def __init__(self, log: PredictionLog, capacity: int, error_interval_s: float):
+        self.log, self.capacity = log, capacity
         self.waiting: queue.Queue[str] = queue.Queue(capacity)
         self.dropped, self.dropped_lock = 0, threading.Lock()
-        self.failures, self.last_report = 0, -error_interval_s
+        self.errors = ErrorReport(f"prediction log {log.file}", "failed writes", "their lines dropped (PredictionLogDroppedTotal)",
+                                  error_interval_s)
         self.broken_line = False  # a failed write may have left half a line: the next write starts a new one
 
     def start(self) -> None:
@@ -120,12 +136,4 @@ class LogWriter:
         except OSError as exc:
             self.broken_line = True
             self._count_dropped(len(lines))
-            self._report(exc)
-
-    def _report(self, exc: OSError) -> None:
-        self.failures += 1
-        now = time.monotonic()
-        if now - self.last_report >= self.error_interval_s:
-            logging.warning("prediction log %s: %d failed writes in the last %.0f s, their lines dropped "
-                            "(PredictionLogDroppedTotal); last: %s", self.log.file, self.failures, self.error_interval_s, exc)
-            self.failures, self.last_report = 0, now
+            self.errors.failed(str(exc))

@@ -29,8 +29,10 @@ from components.drift.prediction_log import LogWriter, PredictionLog
 from components.handler.inference import create_session, probabilities, top_k
 from components.handler.request import FORM_CONTENT_TYPE, ParsedRequest, RequestError, RequestLimits, request_images
 from components.handler.settings import (
+    ERROR_INTERVAL_ENV,
     LOG_BACKUPS_ENV,
     LOG_MAX_BYTES_ENV,
+    LOG_QUEUE_LINES_ENV,
     MAX_INSTANCES_ENV,
     MAX_PIXELS_ENV,
     PREDICTION_LOG_ENV,
@@ -47,14 +49,14 @@ class OnnxImageClassifier:
         self.signature = json.loads((model_dir / "signature.json").read_text())
         self.classes = self.signature["output"]["classes"]
         self.model_name, self.version = context.model_name, context.manifest["model"]["modelVersion"]
-        self.limits = RequestLimits(_limit(MAX_PIXELS_ENV, "serve.max_image_pixels"), _limit(MAX_INSTANCES_ENV, "serve.max_instances"))
+        self.limits = RequestLimits(int(_required(MAX_PIXELS_ENV, "serve.max_image_pixels")),
+                                    int(_required(MAX_INSTANCES_ENV, "serve.max_instances")))
         self.session = create_session(model_dir / "model.onnx", int(os.environ.get(THREADS_ENV, "0")))
         reference = json.loads((model_dir / "reference_stats.json").read_text())["features"]
-        log_file = os.environ.get(PREDICTION_LOG_ENV)
-        log = LogWriter(PredictionLog(Path(log_file), float(os.environ[SAMPLE_RATE_ENV]), int(os.environ[LOG_MAX_BYTES_ENV]),
-                                      int(os.environ[LOG_BACKUPS_ENV]))) if log_file else None
+        error_interval_s = float(_required(ERROR_INTERVAL_ENV, "serve.error_report_interval_s"))
         self.monitor = Monitor(context.metrics, self.model_name, self.version, self.classes,
-                               {name: (h["edges"][0], h["edges"][-1]) for name, h in reference.items()}, log)
+                               {name: (h["edges"][0], h["edges"][-1]) for name, h in reference.items()},
+                               _log_writer(error_interval_s), error_interval_s)
         self.monitor.start()
 
     def handle(self, data: list[dict], context) -> list[str]:
@@ -109,12 +111,22 @@ class OnnxImageClassifier:
         return {**answer, "id": request.request_id} if request.request_id else answer
 
 
-def _limit(env: str, key: str) -> int:
-    """A request limit from the environment; fail closed: no limit would let one client stall the worker."""
+def _log_writer(error_interval_s: float) -> LogWriter | None:
+    """The prediction log's writer as the environment sets it (None: no log)."""
+    log_file = os.environ.get(PREDICTION_LOG_ENV)
+    if not log_file:
+        return None
+    log = PredictionLog(Path(log_file), float(os.environ[SAMPLE_RATE_ENV]), int(os.environ[LOG_MAX_BYTES_ENV]),
+                        int(os.environ[LOG_BACKUPS_ENV]))
+    return LogWriter(log, int(os.environ[LOG_QUEUE_LINES_ENV]), error_interval_s)
+
+
+def _required(env: str, key: str) -> str:
+    """A setting from the environment; fail closed (no request limit would let one client stall the worker)."""
     if env not in os.environ:
         raise RuntimeError(f"{env} is not set: components/torchserve/server.py sets it from {key}; "
                            "a TorchServe started otherwise needs it in its environment")
-    return int(os.environ[env])
+    return os.environ[env]
 
 
 def _header(context, idx: int, name: str) -> str:

@@ -38,23 +38,42 @@ class RequestError(Exception):
         self.status = status
 
 
+class PixelBudget:
+    """The pixels one request may still make the worker decode or hold: serve.max_image_pixels, shared by all of the
+    request's images whatever carried them (raw body, JSON, Open Inference Protocol tensor or BYTES items)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.left = limit, limit
+
+    def spend(self, pixels: int, what: str) -> None:
+        """Take `pixels` for `what` ("image is WxH = P pixels"); RequestError 413 when fewer are left."""
+        if pixels > self.left:
+            limit = f"the server's limit of {self.limit}"
+            if self.left < self.limit:
+                limit = f"the {self.left} left of {limit} per request"
+            raise RequestError(f"{what}, more than {limit} (serve.max_image_pixels)", 413)
+        self.left -= pixels
+
+
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may cost: `max_image_pixels` pixels (an image's width x height, or the sum over a JSON request's
-    images) and `max_instances` images (JSON instances, the N of an Open Inference Protocol tensor)."""
+    """What one request may cost: `max_image_pixels` pixels (the sum over all of its images: width x height as decoded,
+    or as sent in a JSON tensor; see PixelBudget) and `max_instances` images (JSON instances, the N of an Open Inference
+    Protocol tensor, the items of a BYTES tensor)."""
 
     max_image_pixels: int
     max_instances: int
 
-    def check_image_count(self, count: int, image_shape: tuple[int, ...]) -> None:
-        """RequestError 413 when `count` images shaped (C, H, W) exceed either limit."""
+    def pixel_budget(self) -> PixelBudget:
+        return PixelBudget(self.max_image_pixels)
+
+    def check_image_count(self, count: int, image_shape: tuple[int, ...], budget: PixelBudget) -> None:
+        """RequestError 413 when `count` images shaped (C, H, W) exceed either limit; their pixels come out of `budget`."""
         if count > self.max_instances:
             raise RequestError(f"request carries {count} images, more than the server's limit of {self.max_instances} "
                                "(serve.max_instances)", 413)
         pixels = count * image_shape[1] * image_shape[2]
-        if pixels > self.max_image_pixels:
-            raise RequestError(f"request carries {count} images of {image_shape[2]}x{image_shape[1]}, {pixels} pixels in all, more "
-                               f"than the server's limit of {self.max_image_pixels} (serve.max_image_pixels)", 413)
+        budget.spend(pixels, f"request carries {count} images of {image_shape[2]}x{image_shape[1]}, {pixels} pixels in all")
 
     def check_json_size(self, body: bytes | str, image_shape: tuple[int, ...]) -> None:
         """RequestError 413 when a JSON body holds more values than its allowed images can, before it is parsed:
@@ -78,18 +97,16 @@ class ParsedRequest:
     request_id: str | None = None
 
 
-def decode_image(data: bytes, signature: dict, max_pixels: int) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (C, H, W), converted and resized as the signature says. The size is
-    checked before decoding: a 50 kB PNG can hold 16 megapixels. A large JPEG decodes at 1/2, 1/4
-    or 1/8 scale (its DCT allows it); then the limit applies to what is actually decoded."""
+def decode_image(data: bytes, signature: dict, budget: PixelBudget) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (C, H, W), converted and resized as the signature says. Its pixels come out of
+    `budget` before they are decoded: a 50 kB PNG can hold 16 megapixels. A large JPEG decodes at 1/2, 1/4
+    or 1/8 scale (its DCT allows it); then the budget pays for what is actually decoded."""
     spec = signature["input"]
     size = (spec["resize"]["width"], spec["resize"]["height"])
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             img.draft(None, size)  # JPEG only; never below the model's input size
-            if img.width * img.height > max_pixels:
-                raise RequestError(f"image is {img.width}x{img.height} = {img.width * img.height} pixels, more than "
-                                   f"the server's limit of {max_pixels} (serve.max_image_pixels)", 413)
+            budget.spend(img.width * img.height, f"image is {img.width}x{img.height} = {img.width * img.height} pixels")
             img.load()
             if img.mode != spec["color_mode"]:
                 img = img.convert(spec["color_mode"])
@@ -99,7 +116,7 @@ def decode_image(data: bytes, signature: dict, max_pixels: int) -> np.ndarray:
     except UnidentifiedImageError:
         raise RequestError(f"not a PNG or JPEG image: {USAGE}") from None
     except Image.DecompressionBombError:
-        raise RequestError(f"image has more pixels than the server's limit of {max_pixels} (serve.max_image_pixels)", 413) from None
+        raise RequestError(f"image has more pixels than the server's limit of {budget.limit} (serve.max_image_pixels)", 413) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise RequestError(f"truncated or corrupt image ({exc.__class__.__name__})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
@@ -122,17 +139,17 @@ def pixel_array(values: object, shape: tuple[int, ...], what: str, axes: str = "
     return array
 
 
-def parse_instances(body: dict, signature: dict, limits: RequestLimits) -> ParsedRequest:
+def parse_instances(body: dict, signature: dict, limits: RequestLimits, budget: PixelBudget) -> ParsedRequest:
     instances = body.get("instances")
     if not isinstance(instances, list) or not instances:
         raise RequestError('JSON body must be an object with a non-empty list "instances" (or "inputs": Open Inference Protocol)')
     shape = tuple(signature["input"]["shape"][1:])
-    limits.check_image_count(len(instances), shape)
+    limits.check_image_count(len(instances), shape, budget)
     pixels = [pixel_array(instance, shape, f"instance {i}", "(channels, height, width)") for i, instance in enumerate(instances)]
     return ParsedRequest(np.stack(pixels), "instances")
 
 
-def parse_v2(body: dict, signature: dict, limits: RequestLimits) -> ParsedRequest:
+def parse_v2(body: dict, signature: dict, limits: RequestLimits, budget: PixelBudget) -> ParsedRequest:
     """An Open Inference Protocol request: one input tensor [N, C, H, W], data flat or nested."""
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -140,7 +157,7 @@ def parse_v2(body: dict, signature: dict, limits: RequestLimits) -> ParsedReques
     tensor = inputs[0]
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
     if datatype == "BYTES":
-        return ParsedRequest(_encoded_images(tensor, signature, limits), "v2", _request_id(body))
+        return ParsedRequest(_encoded_images(tensor, signature, limits, budget), "v2", _request_id(body))
     if not isinstance(datatype, str) or datatype not in V2_DATATYPES:
         shown = datatype[:20] if isinstance(datatype, str) else type(datatype).__name__
         raise RequestError(f"inputs[0].datatype must be one of {sorted([*V2_DATATYPES, 'BYTES'])}, got {shown}")
@@ -148,7 +165,7 @@ def parse_v2(body: dict, signature: dict, limits: RequestLimits) -> ParsedReques
     if not (isinstance(shape, list) and len(shape) == 4 and all(type(n) is int for n in shape)
             and tuple(shape[1:]) == image_shape and shape[0] > 0):
         raise RequestError(f"inputs[0].shape must be [N, {', '.join(map(str, image_shape))}] (N images, channels, height, width)")
-    limits.check_image_count(shape[0], image_shape)
+    limits.check_image_count(shape[0], image_shape, budget)
     data = tensor.get("data")
     flat = np.ravel(pixel_array(data, (math.prod(shape),), "inputs[0].data")) if _is_flat(data) else None
     pixels = flat.reshape(shape) if flat is not None else pixel_array(data, tuple(shape), "inputs[0].data", "(N, channels, height, width)")
@@ -157,14 +174,16 @@ def parse_v2(body: dict, signature: dict, limits: RequestLimits) -> ParsedReques
     return ParsedRequest(pixels, "v2", _request_id(body))
 
 
-def _encoded_images(tensor: dict, signature: dict, limits: RequestLimits) -> np.ndarray:
-    """A BYTES tensor's images: base64 PNG/JPEG strings, each decoded as a raw image body is (its own pixel limit)."""
+def _encoded_images(tensor: dict, signature: dict, limits: RequestLimits, budget: PixelBudget) -> np.ndarray:
+    """A BYTES tensor's images: base64 PNG/JPEG strings, each decoded as a raw image body is; together they share
+    the request's pixel budget, so N items cost at most what one image may."""
     data, shape = tensor.get("data"), tensor.get("shape")
     if not isinstance(data, list) or not data or not all(isinstance(item, str) for item in data):
         raise RequestError("inputs[0].data: a BYTES tensor holds a non-empty list of base64-encoded PNG/JPEG images")
     if not (isinstance(shape, list) and len(shape) == 1 and shape[0] in (len(data), -1)):
         raise RequestError(f"inputs[0].shape must be [{len(data)}] (or [-1]) for {len(data)} encoded images")
-    limits.check_image_count(len(data), tuple(signature["input"]["shape"][1:]))
+    # What the images hold once resized, as for a JSON tensor; then what decoding them costs, from the request's budget.
+    limits.check_image_count(len(data), tuple(signature["input"]["shape"][1:]), limits.pixel_budget())
     images = []
     for i, item in enumerate(data):
         try:
@@ -172,7 +191,7 @@ def _encoded_images(tensor: dict, signature: dict, limits: RequestLimits) -> np.
         except (binascii.Error, ValueError):
             raise RequestError(f"inputs[0].data[{i}]: not base64") from None
         try:
-            images.append(decode_image(encoded, signature, limits.max_image_pixels))
+            images.append(decode_image(encoded, signature, budget))
         except RequestError as exc:
             raise RequestError(f"inputs[0].data[{i}]: {exc}", exc.status) from None
     return np.stack(images).astype(np.float32)
@@ -203,14 +222,14 @@ def request_images(row: dict, signature: dict, limits: RequestLimits) -> ParsedR
         raise RequestError(f"empty request: {USAGE}")
     if len(fields) > 1:
         raise RequestError("send one image per request (or several as JSON instances)")
-    body = fields[0]
+    body, budget = fields[0], limits.pixel_budget()
     if isinstance(body, str) or (isinstance(body, (bytes, bytearray)) and body.lstrip()[:1] in (b"{", b"[")):
         limits.check_json_size(body, tuple(signature["input"]["shape"][1:]))
         body = parse_json(body)
     if isinstance(body, dict) and "inputs" in body:
-        return parse_v2(body, signature, limits)
+        return parse_v2(body, signature, limits, budget)
     if isinstance(body, dict):
-        return parse_instances(body, signature, limits)
+        return parse_instances(body, signature, limits, budget)
     if isinstance(body, (bytes, bytearray)):
-        return ParsedRequest(decode_image(bytes(body), signature, limits.max_image_pixels)[None].astype(np.float32), "image")
+        return ParsedRequest(decode_image(bytes(body), signature, budget)[None].astype(np.float32), "image")
     raise RequestError(USAGE)

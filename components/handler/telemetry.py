@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from components.drift.features import image_features, intensity
-from components.drift.prediction_log import LogWriter
+from components.drift.prediction_log import ErrorReport, LogWriter
 
 MONITOR_INTERVAL_S = 1.0
 METRIC_DIMENSIONS = {"PredictionsTotal": ["Class"], "ConfidenceTotal": [], "InputFeatureTotal": ["Feature"],
@@ -32,7 +32,7 @@ class Monitor:
     """Metrics (TorchServe's metric cache) and the prediction log (its writer; None: off) of one model version."""
 
     def __init__(self, metrics, model_name: str, version: str, classes: list[str],
-                 reference_range: dict[str, tuple[float, float]], writer: LogWriter | None):
+                 reference_range: dict[str, tuple[float, float]], writer: LogWriter | None, error_interval_s: float):
         self.metrics = {name: metrics.add_metric_to_cache(name, "count", ["ModelName", *dims]) for name, dims in METRIC_DIMENSIONS.items()}
         self.model_name, self.version, self.classes = model_name, version, classes
         self.reference_range, self.writer = reference_range, writer
@@ -41,6 +41,7 @@ class Monitor:
         self.last_rejection = ""
         self.lock = threading.Lock()
         self.rng = np.random.default_rng()
+        self.errors = ErrorReport("monitoring", "failed flushes", "their metrics and log lines lost", error_interval_s)
 
     def start(self) -> None:
         if self.writer:
@@ -59,10 +60,14 @@ class Monitor:
     def _run_forever(self) -> None:
         while True:
             time.sleep(MONITOR_INTERVAL_S)
-            try:
-                self.flush()
-            except Exception:  # a monitoring bug must not stop monitoring, nor serving
-                logging.exception("monitoring failed")
+            self._flush_or_report()
+
+    def _flush_or_report(self) -> None:
+        """flush(); a monitoring bug must not stop monitoring, nor serving, nor flood the log: one line per interval."""
+        try:
+            self.flush()
+        except Exception as exc:
+            self.errors.failed(f"{exc.__class__.__name__}: {exc}")
 
     def flush(self) -> None:
         """Emit and log what was queued since the last call."""

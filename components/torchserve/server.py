@@ -27,8 +27,10 @@ from omegaconf import DictConfig
 from components.core.errors import StepError
 from components.core.paths import ROOT
 from components.handler.settings import (
+    ERROR_INTERVAL_ENV,
     LOG_BACKUPS_ENV,
     LOG_MAX_BYTES_ENV,
+    LOG_QUEUE_LINES_ENV,
     MAX_INSTANCES_ENV,
     MAX_PIXELS_ENV,
     PREDICTION_LOG_ENV,
@@ -78,6 +80,7 @@ def handler_env(cfg: DictConfig, log_file: Path) -> dict[str, str]:
     s = cfg.serve
     return {PREDICTION_LOG_ENV: str(log_file), SAMPLE_RATE_ENV: str(s.prediction_log.sample_rate), THREADS_ENV: str(s.onnx_threads),
             LOG_MAX_BYTES_ENV: str(int(s.prediction_log.max_mb * 1e6)), LOG_BACKUPS_ENV: str(s.prediction_log.backups),
+            LOG_QUEUE_LINES_ENV: str(s.prediction_log.max_queued_lines), ERROR_INTERVAL_ENV: str(s.error_report_interval_s),
             MAX_PIXELS_ENV: str(s.max_image_pixels), MAX_INSTANCES_ENV: str(s.max_instances)}
 
 

@@ -190,6 +190,7 @@ class PredictionLogConfig:
     file: str = MISSING
     max_mb: float = above(0)
     backups: int = at_least(1)
+    max_queued_lines: int = at_least(1)
 
 
 @dataclass
@@ -220,6 +221,7 @@ class ServeConfig:
     max_instances: int = at_least(1)
     token_expiration_min: float = above(0)
     startup_timeout_s: int = at_least(1)
+    error_report_interval_s: float = above(0)
     prediction_log: PredictionLogConfig = field(default_factory=PredictionLogConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
 
