@@ -1,6 +1,6 @@
 """Shared fixtures: small hand-made datasets, and what several modules need built once per session
-(a hand-made dataset packaged in seconds for the fast tier; the sample data trained briefly and its
-package, a project copy with the quick experiment reproduced, for the slow tier).
+(a hand-made dataset packaged in seconds for the unit tier; the sample data trained briefly and its
+package, a project copy with the quick experiment reproduced, for the integration and e2e tiers).
 Under pytest-xdist the session fixtures are built once for all workers: the first worker to need
 one builds it under a file lock, the others wait and read it."""
 
