@@ -110,7 +110,7 @@ def volume_claim(cfg: DictConfig) -> dict:
     so ReadWriteMany, or ReadWriteOnce with both pinned to one node (pipeline.deploy.node_selector); no storage class = the
     cluster's default, which must offer that access mode."""
     d = cfg.pipeline.deploy
-    spec = {"accessModes": [d.access_mode], "resources": {"requests": {"storage": d.storage_size}}}
+    spec = {"accessModes": [str(d.access_mode)], "resources": {"requests": {"storage": d.storage_size}}}
     if d.storage_class:
         spec["storageClassName"] = d.storage_class
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",

@@ -71,6 +71,11 @@ class SweepGoal(StrEnum):
     minimize = "minimize"
 
 
+class AccessMode(StrEnum):
+    ReadWriteMany = "ReadWriteMany"
+    ReadWriteOnce = "ReadWriteOnce"
+
+
 @dataclass
 class SplitConfig:
     val: float = between(0, 0.9)
@@ -297,7 +302,7 @@ class PipelineDeploy:
     model_store: str = MISSING
     key_file: str = MISSING
     storage_class: str = MISSING
-    access_mode: str = MISSING
+    access_mode: AccessMode = MISSING
     storage_size: str = MISSING
     node_selector: dict[str, str] = MISSING
     run_as_user: int = at_least(0)

@@ -115,14 +115,9 @@ def _events_and_score_problems(e: DictConfig, s: DictConfig) -> list[str]:
     return problems
 
 
-ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce")
-
-
 def check_shared_volume(d: DictConfig) -> None:
     """pipeline.deploy's volume: TorchServe and the deploy step both mount it, so on one node unless it is ReadWriteMany.
     The pipeline's compile and `python -m serve.k8s` (which pins TorchServe there) both check it."""
-    if d.access_mode not in ACCESS_MODES:
-        raise ConfigError(f"pipeline.deploy.access_mode must be one of {', '.join(ACCESS_MODES)}, got {d.access_mode!r}")
     if d.access_mode == "ReadWriteOnce" and not d.node_selector:
         raise ConfigError("pipeline.deploy.access_mode=ReadWriteOnce: TorchServe and the deploy step must share one node; set "
                           "pipeline.deploy.node_selector (e.g. {kubernetes.io/hostname: <node>}) and regenerate with `python -m serve.k8s`")
