@@ -138,7 +138,7 @@ def noop(overrides: list[str], archive: Path, flow: str) -> dict[str, float]:
                 endpoint = server.start(cfg)
                 register(endpoint, archive.name, cfg.serve)
             else:
-                server.start(cfg, archive.name)
+                server.start(cfg, server.Preload(archive.name, "noop", "1"))
             ready = time.perf_counter()
             response = predict(cfg, "noop", b"{}")
             answered = time.perf_counter()
@@ -163,24 +163,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package", default="artifacts/package")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--flow", choices=("preload", "api"), default="preload",
-                        help="preload: what deploy does (the model loaded at start); api: register after an empty start")
+    parser.add_argument("--flow", choices=("preload", "api", "both"), default="preload",
+                        help="preload: what deploy does (the model loaded at start); api: register after an empty start; "
+                             "both: the two in turns")
     parser.add_argument("overrides", nargs="*", help="config overrides for both, e.g. serve.workers=2")
     args = parser.parse_args()
     overrides = [*args.overrides, "serve.prediction_log.sample_rate=0.01"]
-    runs: dict[str, list] = {"template (serve up)": [], "TorchServe no-op": []}
+    flows = ("preload", "api") if args.flow == "both" else (args.flow,)
+    runs: dict[str, dict[str, list]] = {flow: {"template (serve up)": [], "TorchServe no-op": []} for flow in flows}
     with tempfile.TemporaryDirectory(prefix="cold-start-mar-") as scratch:
         archive = noop_mar(Path(scratch))
-        for _ in range(args.repeats):  # in turns: load from elsewhere on the machine hits both alike
-            runs["template (serve up)"].append(template(overrides, Path(args.package), args.flow))
-            runs["TorchServe no-op"].append(noop(overrides, archive, args.flow))
-    print(f"cold start to the first correct answer, seconds, min / median / max over {args.repeats} repeats (--flow {args.flow})")
-    print(f"{'':<22}" + "".join(f"{phase:>22}" for phase in PHASES))
-    for label, measured in runs.items():
-        print(summary(label, measured))
-    ratios = [t["total"] / n["total"] for t, n in zip(runs["template (serve up)"], runs["TorchServe no-op"], strict=True)]
-    print(f"template / no-op total (same repeat): {min(ratios):.2f} / {statistics.median(ratios):.2f} / {max(ratios):.2f}")
-
+        for _ in range(args.repeats):  # in turns: load from elsewhere on the machine hits all alike
+            for flow in flows:
+                runs[flow]["template (serve up)"].append(template(overrides, Path(args.package), flow))
+                runs[flow]["TorchServe no-op"].append(noop(overrides, archive, flow))
+    for flow, by_target in runs.items():
+        print(f"cold start to the first correct answer, seconds, min / median / max over {args.repeats} repeats (--flow {flow})")
+        print(f"{'':<22}" + "".join(f"{phase:>22}" for phase in PHASES))
+        for label, measured in by_target.items():
+            print(summary(label, measured))
+        ratios = [t["total"] / n["total"] for t, n in zip(*by_target.values(), strict=True)]
+        print(f"template / no-op total (same repeat): {min(ratios):.2f} / {statistics.median(ratios):.2f} / {max(ratios):.2f}")
 
 if __name__ == "__main__":
     main()
