@@ -2,8 +2,9 @@
 it on the package's sample images, and roll back to the previous default if that fails.
 
 One behaviour wherever it runs (`serve up`, `serve up --stage`, the KFP deploy component,
-`run-local`): the local server of conf/serve is started when needed (no URL given), or any
-remote TorchServe is used given its management URL + token; afterwards the server keeps the
+`run-local`): the local server of conf/serve is started when needed (no URL given; with the
+package loaded as it starts, no separate registration), or any remote TorchServe is used given
+its management URL + token; afterwards the server keeps the
 new default and the one before it (for a rollback), and nothing older. Every deployment
 appends a record (when, what, from which commit or tag) to the server's deploy log.
 """
