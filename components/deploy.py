@@ -2,8 +2,9 @@
 it on the package's sample images, and roll back to the previous default if that fails.
 
 One behaviour wherever it runs (`serve up`, `serve up --stage`, the KFP deploy component,
-`run-local`): the local server of conf/serve is started when needed (no URL given), or any
-remote TorchServe is used given its management URL + token; afterwards the server keeps the
+`run-local`): the local server of conf/serve is started when needed (no URL given; with the
+package loaded as it starts, no separate registration), or any remote TorchServe is used given
+its management URL + token; afterwards the server keeps the
 new default and the one before it (for a rollback), and nothing older. Every deployment
 appends a record (when, what, from which commit or tag) to the server's deploy log.
 
@@ -82,27 +83,39 @@ def check_package(mar_path: Path, version: str, recorded: Recorded | None) -> di
     return package
 
 
-def target(cfg: DictConfig, management_url: str | None, token: str | None, inference_url: str | None,
-           inference_token: str | None, model_store: str | Path | None) -> tuple[Endpoint, Path]:
-    """The server to deploy to and its model store: the local one (started if needed) or a remote one."""
+def target(cfg: DictConfig, package: dict, package_dir: Path, management_url: str | None, token: str | None,
+           inference_url: str | None, inference_token: str | None, model_store: str | Path | None) -> tuple[Endpoint, Path, bool]:
+    """The server to deploy to, its model store, and whether the package is already registered on it: the local server
+    (when it is not running, started with the package loaded as it starts: no separate registration) or a remote one."""
     if management_url is None:
+        store = server.state_dir(cfg).model_store
         if server.running_pid(cfg) is None:
-            server.start(cfg)
-        return server.local_endpoint(cfg), server.state_dir(cfg).model_store
+            archive = copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], store, archive_name(package))
+            server.start(cfg, server.Preload(archive.name, package["model_name"], package["version"]))
+            return server.local_endpoint(cfg), store, True
+        return server.local_endpoint(cfg), store, False
     if inference_url is None or model_store is None:
         raise ConfigError("deploy to a remote TorchServe needs inference_url (smoke test) and model_store (shared with the server)")
-    return Endpoint(inference_url, management_url, inference_token, token), Path(model_store)
+    return Endpoint(inference_url, management_url, inference_token, token), Path(model_store), False
 
 
-def switch_default(cfg: DictConfig, endpoint: Endpoint, store: Path, package: dict, package_dir: Path) -> str | None:
-    """Register and make `package` the default; on a failed smoke test, put the previous default back."""
+def archive_name(package: dict) -> str:
+    return f"{package['model_name']}-{package['version']}.mar"
+
+
+def switch_default(cfg: DictConfig, endpoint: Endpoint, store: Path, package: dict, package_dir: Path,
+                   preloaded: bool = False) -> str | None:
+    """Register and make `package` the default (`preloaded`: the server loaded it as it started, as its only model);
+    on a failed smoke test, put the previous default back."""
     name, version = package["model_name"], package["version"]
-    archive = copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], store, f"{name}-{version}.mar")
-    previous = default_version(endpoint, name)
-    newly_registered = version not in list_versions(endpoint, name)
-    if newly_registered:
-        register(endpoint, archive.name, cfg.serve)
-    set_default(endpoint, name, version)
+    previous, newly_registered = None, True
+    if not preloaded:
+        archive = copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], store, archive_name(package))
+        previous = default_version(endpoint, name)
+        newly_registered = version not in list_versions(endpoint, name)
+        if newly_registered:
+            register(endpoint, archive.name, cfg.serve)
+        set_default(endpoint, name, version)
     try:
         smoke_test(endpoint, name, package_dir, package["samples"])
     except DeployError as failure:
@@ -132,10 +145,11 @@ def deploy(cfg: DictConfig, mar_path: str | Path, version: str, management_url: 
     if recorded is None and source is None:
         recorded = in_repository(mar_path, ROOT)
     package = check_package(mar_path, version, recorded)
-    endpoint, store = target(cfg, management_url, token, inference_url, inference_token, model_store)
+    endpoint, store, preloaded = target(cfg, package, mar_path.parent, management_url, token, inference_url, inference_token,
+                                        model_store)
     name = package["model_name"]
-    previous = switch_default(cfg, endpoint, store, package, mar_path.parent)
-    for old in list_versions(endpoint, name):  # keep the previous default for a rollback, nothing older
+    previous = switch_default(cfg, endpoint, store, package, mar_path.parent, preloaded)
+    for old in [] if preloaded else list_versions(endpoint, name):  # keep the previous default for a rollback, nothing older
         if old not in (version, previous):
             unregister(endpoint, name, old)
     record = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "model_name": name, "version": version,

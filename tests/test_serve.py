@@ -478,6 +478,43 @@ def test_deploy_new_version_then_roll_back_a_failing_one(live, tmp_path):
 
 
 @pytest.mark.integration
+def test_deploy_to_a_stopped_server_loads_the_model_as_it_starts_and_is_ready_when_it_answers(live, tmp_path, monkeypatch):
+    """No separate registration: the server starts with the package loaded under the settings register() would give it,
+    its workers READY when start() returns; a failing smoke test still leaves no version behind."""
+    cfg = compose([f"serve.state_dir={tmp_path / 'state'}", "serve.batch_size=3", "serve.max_batch_delay_ms=0",
+                   *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS)), strict=True))])
+    states_at_start, real_start = [], server.start
+
+    def start(cfg, preload=None):
+        endpoint = real_start(cfg, preload)
+        states_at_start.append(server.serving_state(endpoint, "digits")[0])
+        return endpoint
+
+    monkeypatch.setattr(server, "start", start)
+    monkeypatch.setattr("components.deploy.register", lambda *args, **kwargs: pytest.fail("registered after the start"))
+    version, sample = live["manifest"]["version"], live["manifest"]["samples"][0]
+    try:
+        record = deploy(cfg, live["package"] / "digits.mar", version)
+        assert states_at_start == ["serving"] and record["previous_version"] is None
+        endpoint = server.local_endpoint(cfg)
+        [described] = requests.get(f"{endpoint.management_url}/models/digits/all", headers=server.bearer(endpoint.management_token),
+                                   timeout=10).json()
+        assert (described["modelVersion"], described["batchSize"], described["maxBatchDelay"], described["minWorkers"],
+                described["maxWorkers"], described["responseTimeout"]) == (version, 3, 0, 1, 1, cfg.serve.response_timeout_s)
+        answer = requests.post(f"{endpoint.inference_url}/predictions/digits", data=(live["package"] / sample["file"]).read_bytes(),
+                               headers=server.bearer(endpoint.inference_token), timeout=30)
+        assert answer.json()[0]["label"] == sample["expected"]
+        server.stop(cfg)
+
+        broken = _variant(live, tmp_path, "broken", lambda s: s["output"]["classes"].reverse())
+        with pytest.raises(DeployError, match="smoke test failed on 8/8 sample.*no previous version to roll back to"):
+            deploy(cfg, broken, "broken")
+        assert states_at_start == ["serving", "serving"] and list_versions(server.local_endpoint(cfg), "digits") == []
+    finally:
+        server.stop(cfg)
+
+
+@pytest.mark.integration
 def test_deploy_refuses_a_corrupt_archive_or_a_wrong_version(live, tmp_path):
     cfg = live["cfg"]
     corrupt = _variant(live, tmp_path, "corrupt")

@@ -97,7 +97,16 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
 
 
-def config_properties(cfg: DictConfig, state: StateDir) -> str:
+@dataclass(frozen=True)
+class Preload:
+    """A model the server loads as it starts (an archive already in its model store), its workers up before it answers."""
+
+    archive: str
+    model_name: str
+    version: str
+
+
+def config_properties(cfg: DictConfig, state: StateDir, preload: Preload | None = None) -> str:
     s = cfg.serve
     host = _url_host(s.host)
     store = state.model_store.resolve()
@@ -126,6 +135,13 @@ def config_properties(cfg: DictConfig, state: StateDir) -> str:
         "install_py_dep_per_model": "false",
         "enable_envvars_config": "false",
     }
+    if preload:
+        # A model snapshot, not load_models + models: TorchServe 0.12 reads `models` values <= 0 as unset (a
+        # max_batch_delay of 0 would become 100 ms); the snapshot takes the values register() gives a model.
+        settings["model_snapshot"] = json.dumps({"name": "startup.cfg", "modelCount": 1, "models": {preload.model_name: {
+            preload.version: {"defaultVersion": True, "marName": preload.archive, "minWorkers": s.workers, "maxWorkers": s.workers,
+                              "batchSize": s.batch_size, "maxBatchDelay": s.max_batch_delay_ms,
+                              "responseTimeout": s.response_timeout_s}}}})
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
 
@@ -215,8 +231,9 @@ def running_pid(cfg: DictConfig) -> int | None:
         return None
 
 
-def start(cfg: DictConfig) -> Endpoint:
-    """Start the local TorchServe (no model yet) and wait until it answers."""
+def start(cfg: DictConfig, preload: Preload | None = None) -> Endpoint:
+    """Start the local TorchServe (with `preload` registered as it starts, its workers ready; else no model) and wait
+    until it answers."""
     if running_pid(cfg):
         raise ServeError(f"TorchServe is already running for {state_dir(cfg).root} (pid {running_pid(cfg)}); stop it first")
     state = state_dir(cfg)
@@ -224,7 +241,7 @@ def start(cfg: DictConfig) -> Endpoint:
         folder.mkdir(parents=True, exist_ok=True)
     state.root.chmod(0o700)  # the key file lands here
     state.key_file.unlink(missing_ok=True)
-    state.config.write_text(config_properties(cfg, state))
+    state.config.write_text(config_properties(cfg, state, preload))
     env = {**os.environ, "TMPDIR": str(state.tmp), "TEMP": str(state.tmp), "LOG_LOCATION": str(state.logs),
            "METRICS_LOCATION": str(state.logs), **handler_env(cfg, prediction_log(cfg))}
     command = [sys.executable, "-m", "ts.model_server", "--start", "--ts-config", str(state.config),
@@ -233,15 +250,21 @@ def start(cfg: DictConfig) -> Endpoint:
     with open(state.console, "ab") as console:
         subprocess.run(command, cwd=state.root, env=env, stdin=subprocess.DEVNULL, stdout=console, stderr=console,
                        start_new_session=True, check=False, timeout=60)
-    deadline = time.monotonic() + cfg.serve.startup_timeout_s
+    deadline, answered = time.monotonic() + cfg.serve.startup_timeout_s, False
     while time.monotonic() < deadline:
         if running_pid(cfg) is None:
             raise ServeError(f"TorchServe exited during start; see {state.console}:\n{tail(state.console)}")
         endpoint = _ready(cfg)
-        if endpoint:
+        answered = answered or endpoint is not None
+        # TorchServe answers /ping before the workers of the model it loads at start are up.
+        if endpoint and (preload is None or serving_state(endpoint, preload.model_name)[0] == "serving"):
             return endpoint
-        time.sleep(0.2)
+        time.sleep(0.05)
     stop(cfg)
+    if answered:  # only the preloaded model's workers were missing
+        log = state.logs / "model_log.log"
+        raise ServeError(f"the workers of {preload.model_name} {preload.version} were not ready within "
+                         f"serve.startup_timeout_s={cfg.serve.startup_timeout_s}s; see {log}:\n{tail(log)}")
     raise ServeError(f"TorchServe did not answer within serve.startup_timeout_s={cfg.serve.startup_timeout_s}s; "
                      f"see {state.console}:\n{tail(state.console)}")
 
