@@ -26,7 +26,7 @@ from components.core.errors import DataError
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
 from components.data.dataset import format_problems, list_dataset, row_problems
-from components.data.decoding import RowStats, decode_all
+from components.data.decoding import Decoding, RowStats, decoding_pool
 from components.drift.features import reference_histograms
 
 
@@ -99,13 +99,13 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
     if table.empty:
         raise DataError(f"{root}: the dataset lists no images")
     source = str(root / data.metadata) if data.metadata else str(root)
-    problems, flagged = row_problems(table, data, root, source)  # flagged rows are never decoded
-    table = table.drop(columns="line")
     channels, size = data.channels, (data.image_size[0], data.image_size[1])
-
-    with atomic_dir(out_dir) as tmp:
-        files = [None if skip else file for file, skip in zip(table["file"], flagged)]
-        decode_problems, stats = decode_all(tmp / "images.npy", root, files, channels, size)
+    with decoding_pool(len(table)) as pool, atomic_dir(out_dir) as tmp:  # the workers start while the rows are checked
+        problems, flagged = row_problems(table, data, root, source)  # flagged rows are never decoded
+        table = table.drop(columns="line")
+        files = table["file"].to_numpy(dtype=object, copy=True)
+        files[flagged] = None
+        decode_problems, stats = Decoding(tmp / "images.npy", root, files, channels, size, pool).result()
         problems += decode_problems
         if problems:
             raise DataError(format_problems(problems))

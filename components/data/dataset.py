@@ -73,17 +73,38 @@ def outside_root(files: pd.Series, root: Path) -> np.ndarray:
     Images outside it are not in data.dvc, so DVC would not see them change."""
     real_root = os.path.realpath(root)
     real_folder = functools.lru_cache(maxsize=None)(lambda folder: os.path.realpath(os.path.join(real_root, folder)))
+    links = functools.lru_cache(maxsize=None)(_symlinks)
 
     def leaves(file: str) -> bool:
         if os.path.isabs(file):
             return True
         folder, name = os.path.split(file)
-        path = os.path.join(real_folder(folder), name)  # each folder resolved once: a million rows share a few
-        if name in ("", ".", "..") or os.path.islink(path):
+        real = real_folder(folder)  # each folder resolved and listed once: a million rows share a few
+        path = os.path.join(real, name)
+        if name in ("", ".", "..") or name in links(real):
             path = os.path.realpath(path)
         return not path.startswith(real_root + os.sep)
 
     return np.array([leaves(f) for f in files], dtype=bool)
+
+
+def _symlinks(folder: str) -> frozenset[str] | _Lstat:
+    """The names of the symlinks in `folder`, from one directory listing (no stat per file)."""
+    try:
+        with os.scandir(folder) as entries:
+            return frozenset(entry.name for entry in entries if entry.is_symlink())
+    except (FileNotFoundError, NotADirectoryError):
+        return frozenset()  # nothing in it can be a symlink (os.path.islink would say False)
+    except OSError:  # unreadable listing: ask each file
+        return _Lstat(folder)
+
+
+@dataclass(frozen=True)
+class _Lstat:
+    folder: str
+
+    def __contains__(self, name: str) -> bool:
+        return os.path.islink(os.path.join(self.folder, name))
 
 
 def row_problems(table: pd.DataFrame, data: DictConfig, root: Path, source: str) -> tuple[list[str], np.ndarray]:
