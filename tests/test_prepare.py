@@ -16,6 +16,7 @@ from components.core.errors import DataError
 from components.core.paths import ROOT
 from components.data import decoding
 from components.data.dataset import load_prepared
+from components.drift import features
 from components.drift.features import FEATURES
 from components.prepare import prepare, stratified_split
 from tests.helpers.datasets import make_image_dataset, small_config
@@ -63,7 +64,11 @@ def test_grayscale_source_converted_to_rgb(tiny_dataset, tmp_path):
     assert images.shape[1] == 3 and np.array_equal(images[:, 0], images[:, 2])
 
 
-def test_every_bad_row_and_file_is_named_and_nothing_is_written(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("spawned", [False, True], ids=["in-process", "two-workers"])
+def test_every_bad_row_and_file_is_named_and_nothing_is_written(tiny_dataset, tmp_path, monkeypatch, spawned):
+    if spawned:  # the workers start before the rows are checked: row and file problems still come together
+        monkeypatch.setattr(decoding, "CHUNK_ROWS", 5)
+        monkeypatch.setattr(decoding, "available_cores", lambda: 2)
     meta = tiny_dataset / "metadata.csv"
     lines = meta.read_text().splitlines()
     lines[1] = lines[1].replace(",a,", ",,")             # missing label
@@ -179,3 +184,23 @@ def test_bad_files_found_by_worker_processes_are_named_in_row_order(tiny_dataset
     assert len(problems) == 2
     assert problems[0].endswith("img_a_001.png: file not found")
     assert "img_c_011.png: cannot decode image" in problems[1]
+
+
+def test_one_channel_median_is_numpys_bit_for_bit():
+    """image_features reads one-channel uint8 medians from level histograms: the same float32 bits as np.median."""
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (200, 1, 32, 32), dtype=np.uint8), rng.integers(0, 256, (50, 1, 7, 9), dtype=np.uint8),
+               (rng.integers(0, 3, (100, 1, 16, 16)) * 127).astype(np.uint8), np.zeros((2, 1, 4, 4), np.uint8),
+               np.full((2, 1, 3, 3), 255, np.uint8), rng.integers(0, 256, (20, 1, 1, 2), dtype=np.uint8)]
+    for images in batches:
+        gray = features._gray(images).reshape(len(images), -1)
+        fast, reference = features._median(gray, images), np.median(gray, axis=1, keepdims=True)
+        assert fast.dtype == reference.dtype == np.float32 and fast.tobytes() == reference.tobytes()
+
+
+def test_a_small_dataset_starts_no_worker_process(monkeypatch):
+    monkeypatch.setattr(decoding, "available_cores", lambda: 4)
+    with decoding.decoding_pool(decoding.CHUNK_ROWS) as pool:
+        assert pool is None  # one chunk: decoded in the caller's process
+    with decoding.decoding_pool(3 * decoding.CHUNK_ROWS, workers=2) as pool:
+        assert pool._max_workers == 2
