@@ -154,6 +154,21 @@ def test_a_class_too_small_to_split_is_an_error(tiny_dataset, tmp_path):
         prepare(small_config(tiny_dataset), tiny_dataset, tmp_path / "out")
 
 
+def test_the_datas_problems_come_before_a_split_error_and_no_warning_is_printed(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """The split runs while the workers decode; an unreadable file still wins over a class too small to split."""
+    monkeypatch.setattr(decoding, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(decoding, "available_cores", lambda: 2)
+    meta = tiny_dataset / "metadata.csv"
+    rows = meta.read_text().splitlines()
+    meta.write_text("\n".join(row for row in rows if not row.startswith("img_c_") or row.startswith("img_c_000")) + "\n")
+    (tiny_dataset / "img_b_003.png").write_bytes(b"not an image")
+    with pytest.raises(DataError) as err:
+        prepare(small_config(tiny_dataset, "data.warn_below=7"), tiny_dataset, tmp_path / "out")
+    assert str(err.value).startswith("1 problem(s) in the data:") and "img_b_003.png: cannot decode image" in str(err.value)
+    assert "warning" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_small_classes_and_group_cells_get_a_named_warning(tiny_dataset, tmp_path, capsys):
     prepare(small_config(tiny_dataset, "data.warn_below=7"), tiny_dataset, tmp_path / "out")
     warning = capsys.readouterr().err
