@@ -15,7 +15,7 @@ from PIL import Image
 from components.core.errors import DataError
 from components.core.paths import ROOT
 from components.data import decoding
-from components.data.dataset import load_prepared
+from components.data.dataset import load_prepared, outside_root
 from components.drift import features
 from components.drift.features import FEATURES
 from components.prepare import prepare, stratified_split
@@ -219,3 +219,21 @@ def test_a_small_dataset_starts_no_worker_process(monkeypatch):
         assert pool is None  # one chunk: decoded in the caller's process
     with decoding.decoding_pool(3 * decoding.CHUNK_ROWS, workers=2) as pool:
         assert pool._max_workers == 2
+
+
+def test_path_check_column_wise_agrees_with_each_path_resolved(tmp_path):
+    """outside_root settles plain paths per folder (one listing for its symlinks) and resolves only the rest."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (tmp_path / "out.png").write_bytes(b"x")
+    (root / "a" / "x.png").write_bytes(b"x")
+    (root / "a" / "link.png").symlink_to(tmp_path / "out.png")
+    (root / "a" / "inlink.png").symlink_to(root / "a" / "x.png")
+    (root / "a" / "dl").symlink_to(root / "a" / "b")
+    (root / "ln").symlink_to(tmp_path)
+    (root / "rootlink.png").symlink_to(tmp_path / "out.png")
+    inside = ["a/x.png", "a/inlink.png", "a/dl/q.png", "top.png", "./a/x.png", "a/b/../x.png", "missing/x.png", "a//x.png", "a/."]
+    outside = ["a/link.png", "ln/out.png", "rootlink.png", "./rootlink.png", "/etc/hostname", "../out.png", "a/../../out.png",
+               "a/../..", "..", ".", "ln"]
+    files = pd.Series(inside + outside, dtype=str)
+    assert outside_root(files, root).tolist() == [False] * len(inside) + [True] * len(outside)
