@@ -30,7 +30,7 @@ from components.core.paths import ROOT
 from components.data.decoding import available_cores
 
 CHILD = r"""
-import json, resource, sys, time
+import json, multiprocessing, resource, sys, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -50,6 +50,8 @@ else:
     for i, f in enumerate(files):
         array[i] = decode(root / f, channels, (size, size))
     array.flush()
+for child in multiprocessing.active_children():  # prepare's workers exit after it returns: a command waits for them
+    child.join()
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

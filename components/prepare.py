@@ -26,7 +26,7 @@ from components.core.errors import DataError
 from components.core.io import atomic_dir, write_json
 from components.core.lineage import lineage
 from components.data.dataset import format_problems, list_dataset, row_problems
-from components.data.decoding import RowStats, decode_all
+from components.data.decoding import Decoding, RowStats, decoding_pool
 from components.drift.features import reference_histograms
 
 
@@ -43,9 +43,10 @@ def stratified_split(strata: pd.Series, val: float, test: float, seed: int) -> n
     return split
 
 
-def check_split_sizes(table: pd.DataFrame, data: DictConfig) -> None:
-    """An error where a class would miss from a split; a warning for classes and (class, group)
-    cells smaller than data.warn_below images (their numbers will be noise)."""
+def check_split_sizes(table: pd.DataFrame, data: DictConfig) -> str | None:
+    """An error where a class would miss from a split; the warning (returned, for the caller to print
+    once the data passed) for classes and (class, group) cells smaller than data.warn_below images
+    (their numbers will be noise)."""
     needed = ["train", "test"] + (["val"] if data.split.val > 0 else [])
     counts = pd.crosstab(table["label"], table["split"]).reindex(index=list(data.classes), columns=needed, fill_value=0)
     empty = [f"class {label!r} has no {split} image ({int(counts.loc[label].sum())} image(s) in all)"
@@ -57,8 +58,9 @@ def check_split_sizes(table: pd.DataFrame, data: DictConfig) -> None:
         sizes |= {f"class {label!r} x {attr} {group!r}": n for (label, group), n in table.groupby(["label", attr]).size().items()}
     small = [f"{name}: {n}" for name, n in sorted(sizes.items()) if n < data.warn_below]
     if small:
-        print(f"warning: {len(small)} class(es) or group cell(s) with fewer than data.warn_below={data.warn_below} images "
-              f"(their metrics will be noise): {', '.join(small[:20])}", file=sys.stderr)
+        return (f"warning: {len(small)} class(es) or group cell(s) with fewer than data.warn_below={data.warn_below} images "
+                f"(their metrics will be noise): {', '.join(small[:20])}")
+    return None
 
 
 def channel_stats(stats: RowStats, rows: np.ndarray, pixels: int) -> tuple[list[float], list[float]]:
@@ -70,12 +72,13 @@ def channel_stats(stats: RowStats, rows: np.ndarray, pixels: int) -> tuple[list[
     return mean.round(6).tolist(), std.round(6).tolist()
 
 
-def _assign_splits(table: pd.DataFrame, data: DictConfig, seed: int) -> None:
-    """Add label_index and a train/val/test split stratified by label and sensitive group."""
+def _assign_splits(table: pd.DataFrame, data: DictConfig, seed: int) -> str | None:
+    """Add label_index and a train/val/test split stratified by label and sensitive group; returns
+    check_split_sizes's warning."""
     table["label_index"] = table["label"].map({c: i for i, c in enumerate(data.classes)}).astype(int)
     strata = table["label"].str.cat([table[a] for a in data.sensitive_attributes], sep="|")
     table["split"] = stratified_split(strata, data.split.val, data.split.test, seed)
-    check_split_sizes(table, data)
+    return check_split_sizes(table, data)
 
 
 def _reference_stats(table: pd.DataFrame, train_rows: np.ndarray, stats: RowStats, data: DictConfig) -> dict:
@@ -99,19 +102,33 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
     if table.empty:
         raise DataError(f"{root}: the dataset lists no images")
     source = str(root / data.metadata) if data.metadata else str(root)
-    problems, flagged = row_problems(table, data, root, source)  # flagged rows are never decoded
-    table = table.drop(columns="line")
     channels, size = data.channels, (data.image_size[0], data.image_size[1])
-
-    with atomic_dir(out_dir) as tmp:
-        files = [None if skip else file for file, skip in zip(table["file"], flagged)]
-        decode_problems, stats = decode_all(tmp / "images.npy", root, files, channels, size)
+    with decoding_pool(len(table)) as pool, atomic_dir(out_dir) as tmp:  # the workers start while the rows are checked
+        problems, flagged = row_problems(table, data, root, source)  # flagged rows are never decoded
+        table = table.drop(columns="line")
+        files = table["file"].to_numpy(dtype=object, copy=True)
+        files[flagged] = None
+        decoding = Decoding(tmp / "images.npy", root, files, channels, size, pool)
+        # While the workers decode: the split, the index and the lineage. They count only if every row and
+        # file is good: a split error is raised after the data's problems, its warning printed after too.
+        split_error, warning, provenance = None, None, None
+        if not problems:
+            try:
+                warning = _assign_splits(table, data, cfg.seed)
+            except DataError as exc:
+                split_error = exc
+            else:
+                table.to_csv(tmp / "index.csv", index=False)
+                provenance = lineage(cfg, __spec__.name)
+        decode_problems, stats = decoding.result()
         problems += decode_problems
         if problems:
             raise DataError(format_problems(problems))
+        if split_error:
+            raise split_error
+        if warning:
+            print(warning, file=sys.stderr)
 
-        _assign_splits(table, data, cfg.seed)
-        table.to_csv(tmp / "index.csv", index=False)
         train_rows = np.flatnonzero(table["split"].to_numpy() == "train")
         mean, std = channel_stats(stats, train_rows, size[0] * size[1])
         meta = {
@@ -123,7 +140,7 @@ def prepare(cfg: DictConfig, data: str | Path | None, out: str | Path) -> dict:
             "counts": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")},
             "groups": {a: table[a].value_counts().sort_index().to_dict() for a in data.sensitive_attributes},
             "data_config": OmegaConf.to_container(data),
-            "lineage": lineage(cfg, __spec__.name),
+            "lineage": provenance,
         }
         write_json(tmp / "prepared.json", meta)
         write_json(tmp / "reference_stats.json", _reference_stats(table, train_rows, stats, data) | {"lineage": meta["lineage"]})

@@ -15,7 +15,8 @@ from PIL import Image
 from components.core.errors import DataError
 from components.core.paths import ROOT
 from components.data import decoding
-from components.data.dataset import load_prepared
+from components.data.dataset import load_prepared, outside_root
+from components.drift import features
 from components.drift.features import FEATURES
 from components.prepare import prepare, stratified_split
 from tests.helpers.datasets import make_image_dataset, small_config
@@ -63,7 +64,11 @@ def test_grayscale_source_converted_to_rgb(tiny_dataset, tmp_path):
     assert images.shape[1] == 3 and np.array_equal(images[:, 0], images[:, 2])
 
 
-def test_every_bad_row_and_file_is_named_and_nothing_is_written(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("spawned", [False, True], ids=["in-process", "two-workers"])
+def test_every_bad_row_and_file_is_named_and_nothing_is_written(tiny_dataset, tmp_path, monkeypatch, spawned):
+    if spawned:  # the workers start before the rows are checked: row and file problems still come together
+        monkeypatch.setattr(decoding, "CHUNK_ROWS", 5)
+        monkeypatch.setattr(decoding, "available_cores", lambda: 2)
     meta = tiny_dataset / "metadata.csv"
     lines = meta.read_text().splitlines()
     lines[1] = lines[1].replace(",a,", ",,")             # missing label
@@ -149,6 +154,21 @@ def test_a_class_too_small_to_split_is_an_error(tiny_dataset, tmp_path):
         prepare(small_config(tiny_dataset), tiny_dataset, tmp_path / "out")
 
 
+def test_the_datas_problems_come_before_a_split_error_and_no_warning_is_printed(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """The split runs while the workers decode; an unreadable file still wins over a class too small to split."""
+    monkeypatch.setattr(decoding, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(decoding, "available_cores", lambda: 2)
+    meta = tiny_dataset / "metadata.csv"
+    rows = meta.read_text().splitlines()
+    meta.write_text("\n".join(row for row in rows if not row.startswith("img_c_") or row.startswith("img_c_000")) + "\n")
+    (tiny_dataset / "img_b_003.png").write_bytes(b"not an image")
+    with pytest.raises(DataError) as err:
+        prepare(small_config(tiny_dataset, "data.warn_below=7"), tiny_dataset, tmp_path / "out")
+    assert str(err.value).startswith("1 problem(s) in the data:") and "img_b_003.png: cannot decode image" in str(err.value)
+    assert "warning" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_small_classes_and_group_cells_get_a_named_warning(tiny_dataset, tmp_path, capsys):
     prepare(small_config(tiny_dataset, "data.warn_below=7"), tiny_dataset, tmp_path / "out")
     warning = capsys.readouterr().err
@@ -179,3 +199,41 @@ def test_bad_files_found_by_worker_processes_are_named_in_row_order(tiny_dataset
     assert len(problems) == 2
     assert problems[0].endswith("img_a_001.png: file not found")
     assert "img_c_011.png: cannot decode image" in problems[1]
+
+
+def test_one_channel_median_is_numpys_bit_for_bit():
+    """image_features reads one-channel uint8 medians from level histograms: the same float32 bits as np.median."""
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (200, 1, 32, 32), dtype=np.uint8), rng.integers(0, 256, (50, 1, 7, 9), dtype=np.uint8),
+               (rng.integers(0, 3, (100, 1, 16, 16)) * 127).astype(np.uint8), np.zeros((2, 1, 4, 4), np.uint8),
+               np.full((2, 1, 3, 3), 255, np.uint8), rng.integers(0, 256, (20, 1, 1, 2), dtype=np.uint8)]
+    for images in batches:
+        gray = features._gray(images).reshape(len(images), -1)
+        fast, reference = features._median(gray, images), np.median(gray, axis=1, keepdims=True)
+        assert fast.dtype == reference.dtype == np.float32 and fast.tobytes() == reference.tobytes()
+
+
+def test_a_small_dataset_starts_no_worker_process(monkeypatch):
+    monkeypatch.setattr(decoding, "available_cores", lambda: 4)
+    with decoding.decoding_pool(decoding.CHUNK_ROWS) as pool:
+        assert pool is None  # one chunk: decoded in the caller's process
+    with decoding.decoding_pool(3 * decoding.CHUNK_ROWS, workers=2) as pool:
+        assert pool._max_workers == 2
+
+
+def test_path_check_column_wise_agrees_with_each_path_resolved(tmp_path):
+    """outside_root settles plain paths per folder (one listing for its symlinks) and resolves only the rest."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (tmp_path / "out.png").write_bytes(b"x")
+    (root / "a" / "x.png").write_bytes(b"x")
+    (root / "a" / "link.png").symlink_to(tmp_path / "out.png")
+    (root / "a" / "inlink.png").symlink_to(root / "a" / "x.png")
+    (root / "a" / "dl").symlink_to(root / "a" / "b")
+    (root / "ln").symlink_to(tmp_path)
+    (root / "rootlink.png").symlink_to(tmp_path / "out.png")
+    inside = ["a/x.png", "a/inlink.png", "a/dl/q.png", "top.png", "./a/x.png", "a/b/../x.png", "missing/x.png", "a//x.png", "a/."]
+    outside = ["a/link.png", "ln/out.png", "rootlink.png", "./rootlink.png", "/etc/hostname", "../out.png", "a/../../out.png",
+               "a/../..", "..", ".", "ln"]
+    files = pd.Series(inside + outside, dtype=str)
+    assert outside_root(files, root).tolist() == [False] * len(inside) + [True] * len(outside)

@@ -9,8 +9,26 @@ import numpy as np
 FEATURES = ("brightness", "contrast", "ink_ratio", "sharpness")
 
 
+_GRAY_LEVELS = np.arange(256, dtype=np.uint8).astype(np.float32) / 255.0  # _gray of a one-channel uint8 pixel
+
+
 def _gray(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / 255.0).mean(axis=1)
+
+
+def _median(gray: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """np.median(gray, axis=1, keepdims=True) of the flattened gray images, bit for bit. For one-channel
+    uint8 images the gray values are 256 known levels: the middle ranks are read from each image's
+    histogram of levels (a bincount) instead of partitioning floats, several times faster."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 1 or not gray.size:
+        return np.median(gray, axis=1, keepdims=True)
+    n, size = gray.shape
+    levels = images.reshape(n, size)
+    counts = np.bincount((levels + (np.arange(n, dtype=np.intp) * 256)[:, None]).ravel(), minlength=n * 256)
+    below = counts.reshape(n, 256).cumsum(axis=1)
+    ranks = [size // 2 - 1, size // 2] if size % 2 == 0 else [size // 2]  # the ranks np.median averages
+    middle = np.stack([(below <= rank).sum(axis=1) for rank in ranks], axis=1)  # the level at each rank
+    return _GRAY_LEVELS[middle].mean(axis=1, keepdims=True)  # np.median's own mean of its middle values
 
 
 def _intensity(flat: np.ndarray) -> dict[str, np.ndarray]:
@@ -26,7 +44,7 @@ def image_features(images: np.ndarray) -> dict[str, np.ndarray]:
     """Features of a uint8 batch shaped (N, C, H, W); values are in [0, 1]-ish units."""
     gray = _gray(images)
     flat = gray.reshape(len(gray), -1)
-    background = np.median(flat, axis=1, keepdims=True)
+    background = _median(flat, images)
     grad_y = np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2))
     grad_x = np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2))
     return {
