@@ -498,7 +498,7 @@ def test_submit_contract_with_fake_kfp_api_server(fake_kfp_api_server, tmp_path)
     assert spec["pipelineInfo"]["name"] == "kfp-dvc-template"
     assert "exec-train-op" in created["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     steps = [task for task in tasks_of(spec).values() if "componentRef" in task and "cachingOptions" in task]
-    assert len(steps) == 7 and all(task["cachingOptions"] == {} for task in steps)  # --no-cache reaches every step
+    assert len(steps) == 8 and all(task["cachingOptions"] == {} for task in steps)  # --no-cache reaches every step
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     assert (parameters["data_uri"]["defaultValue"], parameters["lr"]["defaultValue"], parameters["epochs"]["defaultValue"]) == (
         "s3://bucket/raw", 0.0123, 2)

@@ -79,7 +79,8 @@ def test_a_folder_is_scored_like_the_package_predicts_and_bad_files_are_skipped(
 
     manifest = json.loads((package_dir / "package.json").read_text())
     assert (summary["files"], summary["scored"], summary["rejected"]) == (len(expected) + 3, len(expected), 3)
-    assert summary["model"] == {"name": manifest["model_name"], "version": manifest["version"], "package": str(package_dir)}
+    assert summary["model"] == {"name": manifest["model_name"], "version": manifest["version"], "package": str(package_dir),
+                                "verified_against": "nothing (no record outside the package's folder)"}  # a folder outside the repo
     assert summary["lineage"]["package"] == manifest["lineage"]
     assert summary["drift"]["checked"] is False and "serve.drift.min_samples" in summary["drift"]["reason"]
     assert json.loads((out / "score.json").read_text()) == summary
