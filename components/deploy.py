@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from components.core.errors import ConfigError, StepError
 from components.core.events import emit
 from components.core.git import GitError, git
-from components.core.io import sha256_file
+from components.core.io import file_digest
 from components.core.paths import ROOT
 from components.core.recorded import Recorded, in_repository, verify
 from components.torchserve import server
@@ -78,7 +78,7 @@ def check_package(mar_path: Path, version: str, recorded: Recorded | None) -> di
         verify(mar_path, recorded)
     if package["version"] != version:
         raise DeployError(f"{mar_path}: the archive holds version {package['version']}, not {version}")
-    if sha256_file(mar_path) != package["mar"]["sha256"]:
+    if file_digest(mar_path) != package["mar"]["sha256"]:
         raise DeployError(f"{mar_path}: sha256 differs from package.json; the archive is corrupt or was replaced")
     return package
 

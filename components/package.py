@@ -33,7 +33,7 @@ from components.core.config.sections import select
 from components.core.paths import ROOT
 from components.data.dataset import load_prepared
 from components.core.errors import DataError, StepError
-from components.core.io import atomic_dir, sha256_file, write_bytes_atomic, write_json
+from components.core.io import atomic_dir, file_digest, write_bytes_atomic, write_json
 from components.core.lineage import lineage
 from components.core.numerics import activate
 from components.model.networks import load_trained
@@ -129,7 +129,7 @@ def package(cfg: DictConfig, prepared_dir: str | Path, model_dir: str | Path, ou
         manifest = {
             "model_name": p.model_name,
             "version": version,
-            "mar": {"file": mar.name, "sha256": sha256_file(mar)},
+            "mar": {"file": mar.name, "sha256": file_digest(mar)},
             "parity": parity,
             "samples": samples,
             "lineage": {**run_lineage, "model": spec["lineage"]},

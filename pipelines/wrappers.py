@@ -128,12 +128,12 @@ def package_op(config: str, expected_commit: str, data_hash: str, prepared: Inpu
     """The md5 of what deploy and scoring load goes in the artifact's metadata, which KFP keeps outside its folder."""
     from collections import namedtuple
 
-    from components.core.recorded import md5_file
+    from components.core.io import file_digest
     from components.package import package as package_step
     from pipelines.in_pod import step_config
 
     manifest = package_step(step_config(config, expected_commit, data_hash=data_hash), prepared.path, model.path, package.path)
-    package.metadata["md5"] = {name: md5_file(f"{package.path}/{name}") for name in (manifest["mar"]["file"], "model.onnx")}
+    package.metadata["md5"] = {name: file_digest(f"{package.path}/{name}", "md5") for name in (manifest["mar"]["file"], "model.onnx")}
     return namedtuple("Package", ["version", "mar_file"])(manifest["version"], manifest["mar"]["file"])
 
 

@@ -14,8 +14,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from components.core.io import sha256_file
-from components.core.recorded import IntegrityError, Recorded, md5_file
+from components.core.io import file_digest
+from components.core.recorded import IntegrityError, Recorded
 from components.deploy import deploy
 from tests.helpers.project import copy_project, git_commit, run
 from tests.helpers.servers import free_ports
@@ -71,16 +71,16 @@ def test_an_archive_replaced_with_a_package_json_to_match_is_not_deployed(repo, 
     untouched = serve_up_to_nowhere(repo, tmp_path / "store")
     assert untouched.returncode == 2 and "records" not in untouched.stderr, untouched.stderr  # checked, then the server is asked
     assert list((tmp_path / "store").glob("*.mar"))  # copied to the model store
-    recorded = md5_file(mar)
+    recorded = file_digest(mar, "md5")
 
     with zipfile.ZipFile(mar, "a") as archive:  # modified handler code, say
         archive.writestr("backdoor.py", "print('hello')\n")
-    manifest["mar"]["sha256"] = sha256_file(mar)
+    manifest["mar"]["sha256"] = file_digest(mar)
     (package_dir / "package.json").write_text(json.dumps(manifest))
     refused = serve_up_to_nowhere(repo, tmp_path / "store2")
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
-        f"error: artifacts/package/{mar.name}: md5 {md5_file(mar)}, but dvc.lock at {head(repo)[:10]} records {recorded}: "
+        f"error: artifacts/package/{mar.name}: md5 {file_digest(mar, 'md5')}, but dvc.lock at {head(repo)[:10]} records {recorded}: "
         "the file changed after the pipeline wrote it; refusing to load it (`dvc checkout` restores the recorded one)")
     assert not (tmp_path / "store2").exists()  # nothing copied to the model store
 
@@ -107,12 +107,12 @@ def test_an_edited_model_is_not_used_for_batch_scoring(repo, tiny_package, tmp_p
     clean = json.loads((tmp_path / "scored" / "score.json").read_text())
 
     model_file = repo / "artifacts" / "package" / "model.onnx"
-    recorded = md5_file(model_file)
+    recorded = file_digest(model_file, "md5")
     edit_model(model_file)
     refused = run(score, repo, check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
-        f"error: artifacts/package/model.onnx: md5 {md5_file(model_file)}, but dvc.lock at {head(repo)[:10]} records {recorded}: "
+        f"error: artifacts/package/model.onnx: md5 {file_digest(model_file, 'md5')}, but dvc.lock at {head(repo)[:10]} records {recorded}: "
         "the file changed after the pipeline wrote it; refusing to load it (`dvc checkout` restores the recorded one)")
     assert clean["model"]["verified_against"] == f"dvc.lock at {head(repo)[:10]}"
 
@@ -123,14 +123,14 @@ def test_a_model_edited_in_the_dvc_remote_is_not_used_for_scoring_a_tagged_versi
     git_commit(repo, "a DVC remote")
     run(["dvc", "push"], repo)
     run(["gto", "register", "digits", "--version", "v1.0.0"], repo)
-    recorded = md5_file(repo / "artifacts" / "package" / "model.onnx")
+    recorded = file_digest(repo / "artifacts" / "package" / "model.onnx", "md5")
     stored = tmp_path / "remote" / "files" / "md5" / recorded[:2] / recorded[2:]
     stored.chmod(0o644)
     edit_model(stored)
     refused = run(scoring(tiny_package, tmp_path, "--tag", "digits@v1.0.0"), repo, check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].endswith(
-        f"/model.onnx: md5 {md5_file(stored)}, but dvc.lock at {head(repo)[:10]} records {recorded}: "
+        f"/model.onnx: md5 {file_digest(stored, 'md5')}, but dvc.lock at {head(repo)[:10]} records {recorded}: "
         "the file changed after the pipeline wrote it; refusing to load it (`dvc checkout` restores the recorded one)")
 
 
@@ -139,7 +139,7 @@ def test_a_kfp_deploy_checks_the_archive_against_the_package_artifacts_metadata(
     package_dir = Path(shutil.copytree(tiny_package["out"], tmp_path / "package"))
     manifest = tiny_package["manifest"]
     recorded = Recorded("0" * 32, "the KFP package artifact's metadata")
-    with pytest.raises(IntegrityError, match=f"md5 {md5_file(package_dir / manifest['mar']['file'])}, but the KFP package "
+    with pytest.raises(IntegrityError, match=f"md5 {file_digest(package_dir / manifest['mar']['file'], 'md5')}, but the KFP package "
                                              f"artifact's metadata records {'0' * 32}"):
         deploy(tiny_package["cfg"], package_dir / manifest["mar"]["file"], manifest["version"], "http://127.0.0.1:1", None,
                inference_url="http://127.0.0.1:1", model_store=tmp_path / "store", recorded=recorded)

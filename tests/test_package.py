@@ -16,7 +16,7 @@ import yaml
 from components.core.config.compose import compose
 from components.core.config.sections import config_hash, select
 from components.core.errors import ConfigError
-from components.core.io import sha256_file
+from components.core.io import file_digest
 from components.core.lineage import code_hash, source_files
 from components.core.paths import ROOT
 from components.data.dataset import decode, load_prepared
@@ -84,7 +84,7 @@ def test_onnx_metadata_carries_signature_and_lineage(packaged):
 def test_mar_holds_handler_model_signature_and_features(packaged):
     out, manifest = packaged["out"], packaged["manifest"]
     mar = out / "digits.mar"
-    assert manifest["mar"] == {"file": "digits.mar", "sha256": sha256_file(mar)}
+    assert manifest["mar"] == {"file": "digits.mar", "sha256": file_digest(mar)}
     with zipfile.ZipFile(mar) as z:
         assert set(z.namelist()) == {"MAR-INF/MANIFEST.json", "handler.py", "model.onnx", "signature.json",
                                      "reference_stats.json", "components/__init__.py", "components/drift/__init__.py",
@@ -200,4 +200,4 @@ def test_a_small_model_is_exported_checked_and_archived_in_process(tiny_package)
     assert signature["input"]["shape"] == [None, 1, 16, 16] and signature["output"]["classes"] == ["a", "b", "c"]
     with zipfile.ZipFile(out / manifest["mar"]["file"]) as z:
         assert {"handler.py", "model.onnx", "signature.json", "reference_stats.json", "components/handler/request.py"} <= set(z.namelist())
-    assert manifest["mar"]["sha256"] == sha256_file(out / manifest["mar"]["file"])
+    assert manifest["mar"]["sha256"] == file_digest(out / manifest["mar"]["file"])

@@ -31,7 +31,7 @@ from PIL import Image
 
 from components.core.config.compose import compose
 from components.core.config.schema import PORT_KEYS
-from components.core.io import sha256_file, write_json
+from components.core.io import file_digest, write_json
 from components.core.paths import ROOT
 from components.data.dataset import load_prepared
 from components.deploy import DeployError, deploy
@@ -449,7 +449,7 @@ def _variant(live, tmp_path: Path, version: str, signature_change=None) -> Path:
         signature_change(signature)
         write_json(variant / "signature.json", signature)
     mar = build_mar("digits", version, variant)
-    manifest = {**live["manifest"], "version": version, "mar": {"file": mar.name, "sha256": sha256_file(mar)}}
+    manifest = {**live["manifest"], "version": version, "mar": {"file": mar.name, "sha256": file_digest(mar)}}
     write_json(variant / "package.json", manifest)
     return mar
 

@@ -8,12 +8,14 @@ A server or a scorer loads a file only when its bytes hash to such a record.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from components.core.errors import StepError
 from components.core.git import GitError, git
+from components.core.io import file_digest
 
 
 class IntegrityError(StepError):
@@ -28,11 +30,6 @@ class Recorded:
     where: str
 
 
-def md5_file(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
-
-
 def clean_commit(repo: Path) -> str | None:
     """The commit a working tree with no uncommitted changes to tracked files is at; None otherwise (or outside git)."""
     try:
@@ -41,16 +38,31 @@ def clean_commit(repo: Path) -> str | None:
         return None
 
 
+def _stage_output_md5(repo: Path, path: str, rev: str | None) -> str | None:
+    """The md5 dvc.lock at `rev` (None: the working tree's) records for `path` as a stage output of its own."""
+    try:
+        text = git(repo, "show", f"{rev}:dvc.lock") if rev else (repo / "dvc.lock").read_text()
+    except (GitError, FileNotFoundError):
+        return None
+    stages = (yaml.safe_load(text) or {}).get("stages") or {}
+    return next((out.get("md5") for stage in stages.values() for out in stage.get("outs") or [] if out.get("path") == path), None)
+
+
+def _md5_inside_folder_output(repo: Path, path: str, rev: str | None) -> str | None:
+    """The md5 DVC's .dir manifest of a folder output (dvc.lock at `rev`) lists for the file `path` inside it."""
+    from dvc.api import DVCFileSystem  # slow to import: only where a folder's manifest is read
+
+    try:
+        return DVCFileSystem(str(repo), rev=rev).info(path).get("dvc_info", {}).get("md5")
+    except FileNotFoundError:
+        return None
+
+
 def locked(repo: Path, path: str, rev: str | None) -> Recorded:
     """The md5 that dvc.lock at `rev` (None: the working tree's) records for `path` (relative to `repo`), a file a
-    stage writes alone or inside a folder output. IntegrityError when it records none."""
-    from dvc.api import DVCFileSystem  # slow to import: only where a record is read
-
+    stage writes alone (a cached output or one git tracks) or inside a folder output. IntegrityError when it records none."""
     where = f"dvc.lock at {rev[:10]}" if rev else "dvc.lock of the working tree"
-    try:
-        md5 = DVCFileSystem(str(repo), rev=rev).info(path).get("dvc_info", {}).get("md5")
-    except FileNotFoundError:
-        md5 = None
+    md5 = _stage_output_md5(repo, path, rev) or _md5_inside_folder_output(repo, path, rev)
     if not md5:
         raise IntegrityError(f"{path}: {where} records no hash for it (not a stage output there); "
                              "run the stage that writes it (`dvc repro`), or deploy/score a version by its tag")
@@ -66,7 +78,7 @@ def in_repository(file: Path, repo: Path) -> Recorded | None:
 
 def verify(file: Path, recorded: Recorded) -> None:
     """IntegrityError naming the file, the recorded and the actual md5 unless `file`'s bytes hash to `recorded`."""
-    actual = md5_file(file)
+    actual = file_digest(file, "md5")
     if actual != recorded.md5:
         raise IntegrityError(f"{file}: md5 {actual}, but {recorded.where} records {recorded.md5}: the file changed after "
                              "the pipeline wrote it; refusing to load it (`dvc checkout` restores the recorded one)")

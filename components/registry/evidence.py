@@ -13,6 +13,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from components.core.config.validation import validate
+from components.core.recorded import IntegrityError, locked
 from components.registry.tags import RegistryError
 
 POLICY_SECTIONS = ("gate", "registry")  # what a policy ref decides: thresholds, and which stages are gated
@@ -24,20 +25,17 @@ def committed_bytes(repo: Path, rev: str, path: str) -> bytes | None:
     return result.stdout if result.returncode == 0 else None
 
 
-def locked_md5(repo: Path, commit: str, path: str) -> str | None:
-    """The md5 that dvc.lock at `commit` records for the stage output `path` (None when it records none)."""
-    lock = committed_bytes(repo, commit, "dvc.lock")
-    stages = ((yaml.safe_load(lock) or {}).get("stages") or {}) if lock else {}
-    return next((out.get("md5") for stage in stages.values() for out in stage.get("outs") or [] if out.get("path") == path), None)
-
-
 def require_locked(repo: Path, commit: str, paths: tuple[str, ...]) -> None:
     """Refuse reports whose committed bytes are not the ones dvc.lock records (edited after their stage ran)."""
     for path in paths:
         data = committed_bytes(repo, commit, path)
         if data is None:
             continue  # a missing report is the gate's to refuse, with its own message
-        recorded, actual = locked_md5(repo, commit, path), hashlib.md5(data).hexdigest()
+        try:
+            recorded = locked(repo, path, commit).md5
+        except IntegrityError:
+            recorded = None
+        actual = hashlib.md5(data).hexdigest()
         if recorded != actual:
             raise RegistryError(
                 f"{path} at {commit[:10]} does not match dvc.lock (md5 {actual} committed, "

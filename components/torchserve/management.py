@@ -12,7 +12,7 @@ import requests
 from omegaconf import DictConfig
 
 from components.core.errors import StepError
-from components.core.io import sha256_file
+from components.core.io import file_digest
 from components.torchserve.server import Endpoint, bearer
 
 TIMEOUT_S = 30
@@ -73,13 +73,13 @@ def register(endpoint: Endpoint, mar_file: str, serve: DictConfig, model_name: s
 def copy_checked(mar_path: Path, sha256: str, model_store: Path, target_name: str) -> Path:
     """Copy the archive into the model store atomically; its sha256 must match the package."""
     target = model_store / target_name
-    if not (target.exists() and sha256_file(target) == sha256):
+    if not (target.exists() and file_digest(target) == sha256):
         model_store.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target_name}.", dir=model_store)
         os.close(fd)
         shutil.copyfile(mar_path, tmp)
         os.chmod(tmp, 0o644)  # the server may run as another user
         os.replace(tmp, target)
-    if sha256_file(target) != sha256:
+    if file_digest(target) != sha256:
         raise TorchServeError(f"{target}: sha256 differs from the package's ({sha256}); the archive is corrupt or was replaced")
     return target
