@@ -1,7 +1,7 @@
 """Serving speed: the deployed model on TorchServe vs two baselines run side by side, the
 same model in-process with onnxruntime (the physical limit) and TorchServe with a no-op
 handler (TorchServe's own floor), both with the configured serving settings; then the model
-under other batch settings (batch_size 1 = no batching), and the cold start.
+under other batch settings (batch_size 1 = no batching).
 
     .venv/bin/python bench/serve_bench.py [--package artifacts/package] [--requests 10000] [serve.key=value ...]
 
@@ -94,20 +94,11 @@ def parse_ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",")]
 
 
-def cold_start(cfg, package_dir: Path, package: dict, body: bytes) -> tuple:
-    """Start the server, register the model, predict once; prints the three times. Returns the endpoint."""
-    started = time.perf_counter()
+def start_with_model(cfg, package_dir: Path, package: dict):
+    """Start the server and register the model (the cold start's own bench is bench/serve_cold_start.py)."""
     endpoint = server.start(cfg)
-    up = time.perf_counter()
     copy_checked(package_dir / package["mar"]["file"], package["mar"]["sha256"], server.state_dir(cfg).model_store, package["mar"]["file"])
     register(endpoint, package["mar"]["file"], cfg.serve)
-    registered = time.perf_counter()
-    response = requests.post(f"{endpoint.inference_url}/predictions/{package['model_name']}", data=body,
-                             headers=server.bearer(endpoint.inference_token), timeout=30)
-    assert response.status_code == 200, response.text
-    first = time.perf_counter()
-    print(f"cold start: server {up - started:.2f} s + register {registered - up:.2f} s + first prediction "
-          f"{(first - registered) * 1e3:.0f} ms = {first - started:.2f} s")
     return endpoint
 
 
@@ -171,7 +162,7 @@ def main() -> None:
         cfg = compose([*args.overrides, f"serve.state_dir={tmp}", "serve.prediction_log.sample_rate=0.01",
                        *(f"serve.{key}={port}" for key, port in zip(PORT_KEYS, free_ports(len(PORT_KEYS))))])
         try:
-            endpoint = cold_start(cfg, package_dir, package, body)
+            endpoint = start_with_model(cfg, package_dir, package)
             names, settings = register_variants(cfg, endpoint, package, args.batch_sizes, args.batch_delays_ms)
             figures = measure(f"{endpoint.inference_url}/predictions", names, body, server.bearer(endpoint.inference_token),
                               args.requests, args.rounds)

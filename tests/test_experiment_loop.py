@@ -15,11 +15,15 @@ from components.core.paths import PARAMS_FILE
 from tests.helpers.project import copy_project, git_commit, run
 
 
+def _settings(repo, *keys: str) -> list:
+    """The values every step of the project at `repo` reads for `keys`."""
+    code = ("import json, sys; from omegaconf import OmegaConf; from components.core.config.command import command_config; "
+            "cfg = command_config(None, []); print(json.dumps([OmegaConf.select(cfg, key) for key in sys.argv[1:]]))")
+    return json.loads(run(["python", "-c", code, *keys], repo).stdout)
+
+
 def _params(repo) -> tuple[float, int]:
-    shown = run(["python", "-c", "from components.core.config.command import command_config as c; cfg = c(None, []); "
-                 "print(cfg.train.lr, cfg.train.epochs)"], repo)
-    lr, epochs = shown.stdout.split()
-    return float(lr), int(epochs)
+    return tuple(_settings(repo, "train.lr", "train.epochs"))
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +48,11 @@ def test_an_applied_and_committed_experiment_is_accepted_and_kept(applied):
 
 @pytest.mark.e2e
 def test_a_later_experiment_keeps_the_baselines_overrides(applied):
-    result = run(["dvc", "exp", "run", "-n", "ep3", "-S", "train.epochs=3"], applied, check=False)
+    # An evaluate setting: only evaluate reruns (a training setting takes the same path, at a training's cost).
+    result = run(["dvc", "exp", "run", "-n", "boot200", "-S", "evaluate.bootstrap_samples=200"], applied, check=False)
     kept = next(line for line in result.stdout.splitlines() if line.startswith("params.yaml: this experiment's overrides recorded"))
     assert "the baseline overrides [" in kept and "'train.lr=0.005'" in kept
-    assert _params(applied) == (0.005, 3)
+    assert _settings(applied, "train.lr", "train.epochs", "evaluate.bootstrap_samples") == [0.005, 2, 200]
     run(["git", "checkout", "--", "."], applied)
 
 
@@ -55,7 +60,8 @@ def test_a_later_experiment_keeps_the_baselines_overrides(applied):
 def test_an_experiment_run_in_dvcs_temporary_copy_logs_its_event_in_the_project(applied):
     log = applied / ".events" / "events.jsonl"
     before = log.read_text().count("\n") if log.exists() else 0
-    run(["dvc", "exp", "run", "--temp", "-n", "in-a-copy", "-S", "train.epochs=1"], applied)  # DVC's copy: .dvc/tmp/exps/tmp*
+    # DVC's copy: .dvc/tmp/exps/tmp*
+    run(["dvc", "exp", "run", "--temp", "-n", "in-a-copy", "-S", "evaluate.bootstrap_samples=300"], applied)
     events = [json.loads(line) for line in log.read_text().splitlines()[before:]]
     assert [e["type"] for e in events] == ["experiment_finished"]
     assert not list((applied / ".dvc" / "tmp" / "exps").glob("tmp*"))  # the copy is gone, the event is not
