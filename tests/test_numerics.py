@@ -14,7 +14,7 @@ import pytest
 
 from components.core.paths import ROOT
 from components.core.numerics import explain, reference_host
-from components.core.numerics_env import REFERENCE_ENV
+from components.core.numerics_env import REFERENCE_ENV, SCHEDULING_ENV
 from tests.helpers.project import run
 
 # Hosts simulated on this machine: what each changes is what a user's machine or shell may differ in.
@@ -23,7 +23,7 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_E
 HOSTILE_SHELL = {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "2",
                  "MKL_CBWR": "AUTO", "MKL_DYNAMIC": "TRUE", "OMP_DYNAMIC": "TRUE", "OPENBLAS_CORETYPE": "Prescott",
                  "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR", "ONEDNN_MAX_CPU_ISA": "SSE41",
-                 "ONEDNN_DEFAULT_FPMATH_MODE": "BF16"}
+                 "ONEDNN_DEFAULT_FPMATH_MODE": "BF16", "OMP_WAIT_POLICY": "ACTIVE"}
 HOSTS = {"all cores": ([], {}), "one core": (["taskset", "-c", "0"], {}), "AVX2-only CPU": ([], AVX2_ONLY),
          "hostile shell": ([], HOSTILE_SHELL)}
 STEPS = (("prepare", ["--out", "prepared"]), ("train", ["--prepared", "prepared", "--out", "model", "--live", "live", "--checkpoints", "ckpt"]),
@@ -76,6 +76,14 @@ def test_the_environment_pins_override_whatever_the_shell_exports():
                            capture_output=True, text=True, check=True)
     pinned = json.loads(shown.stdout)
     assert {name: pinned[name] for name in REFERENCE_ENV} == REFERENCE_ENV
+
+
+@pytest.mark.parametrize("shell", [{}, {"OMP_WAIT_POLICY": "ACTIVE"}], ids=["unset", "exported"])
+def test_waiting_threads_sleep_unless_the_shell_says_otherwise(shell):
+    """Not a numerics pin (the hostile-shell host above spins its threads and gives the same bytes): the shell wins."""
+    shown = subprocess.run([sys.executable, "-c", "import components, os; print(os.environ['OMP_WAIT_POLICY'])"], cwd=ROOT,
+                           env={"PATH": "/usr/bin:/bin", **shell}, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == shell.get("OMP_WAIT_POLICY", SCHEDULING_ENV["OMP_WAIT_POLICY"])
 
 
 @pytest.mark.integration
