@@ -173,19 +173,25 @@ def test_a_shifted_batch_feeds_the_online_drift_check_and_emits_an_event(package
     assert online.returncode == 1 and "drift detected in the last 120 logged predictions" in online.stdout
 
 
-@pytest.mark.integration
-def test_an_s3_prefix_is_scored_with_a_package_from_s3(package_dir, samples_with_bad_files, tmp_path, monkeypatch):
+def _upload(s3, monkeypatch, folder: Path, package_dir: Path) -> tuple[str, str]:
+    """The images and the package put on the S3 server, whose credentials the environment then carries
+    (on a cluster: the Kubernetes secret mapped to env); their s3:// URIs."""
     import s3fs
 
+    for name, value in (("AWS_ACCESS_KEY_ID", s3.access_key), ("AWS_SECRET_ACCESS_KEY", s3.secret_key), ("AWS_ENDPOINT_URL", s3.endpoint)):
+        monkeypatch.setenv(name, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(str(folder) + "/", f"{s3.bucket}/incoming/", recursive=True)
+    fs.put(str(package_dir) + "/", f"{s3.bucket}/packages/v1/", recursive=True)
+    return f"s3://{s3.bucket}/incoming", f"s3://{s3.bucket}/packages/v1"
+
+
+@pytest.mark.integration
+def test_an_s3_prefix_is_scored_with_a_package_from_s3(package_dir, samples_with_bad_files, tmp_path, monkeypatch):
     folder, expected = samples_with_bad_files
     with seaweed_s3(tmp_path / "s3") as s3:
-        for name, value in (("AWS_ACCESS_KEY_ID", s3.access_key), ("AWS_SECRET_ACCESS_KEY", s3.secret_key),
-                            ("AWS_ENDPOINT_URL", s3.endpoint)):
-            monkeypatch.setenv(name, value)
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        fs.put(str(folder) + "/", f"{s3.bucket}/incoming/", recursive=True)
-        fs.put(str(package_dir) + "/", f"{s3.bucket}/packages/v1/", recursive=True)
-        summary = score(cfg_for(tmp_path), f"s3://{s3.bucket}/incoming", f"s3://{s3.bucket}/packages/v1", out=tmp_path / "out")
+        input_uri, package_uri = _upload(s3, monkeypatch, folder, package_dir)
+        summary = score(cfg_for(tmp_path), input_uri, package_uri, out=tmp_path / "out")
     assert {p["file"]: p["prediction"] for p in read_jsonl(tmp_path / "out" / "predictions.jsonl")} == expected
     assert summary["rejected"] == 3 and summary["model"]["package"] == f"s3://{s3.bucket}/packages/v1"
 
@@ -231,3 +237,21 @@ def test_the_score_pipeline_runs_with_kfp_local(package_dir, samples_with_bad_fi
     assert {p["file"]: p["prediction"] for p in read_jsonl(Path(task.artifacts["scored"]) / "predictions.jsonl")} == expected
     assert task.metrics["metrics"] == {"files": len(expected) + 3, "scored": len(expected), "rejected": 3, "drift": 0.0}
     assert "drift not checked" in Path(task.artifacts["drift_report"]).read_text()
+
+
+@pytest.mark.integration
+def test_the_score_pipeline_reads_its_input_and_package_from_s3_with_kfp_local(package_dir, samples_with_bad_files, tmp_path,
+                                                                              monkeypatch):
+    folder, expected = samples_with_bad_files
+    cfg = cfg_for(tmp_path)
+    monkeypatch.setenv(IMAGE_COMMIT_ENV, "c0ffee")
+    with seaweed_s3(tmp_path / "s3") as s3:
+        input_uri, package_uri = _upload(s3, monkeypatch, folder, package_dir)
+        done = run_pipeline(score_pipeline(cfg, "c0ffee"), {"input_uri": input_uri, "package_uri": package_uri}, tmp_path / "kfp", False, cfg)
+    assert done.failure is None
+    task = done.tasks["score-op"]
+    scored = Path(task.artifacts["scored"])
+    assert {p["file"]: p["prediction"] for p in read_jsonl(scored / "predictions.jsonl")} == expected
+    assert task.metrics["metrics"] == {"files": len(expected) + 3, "scored": len(expected), "rejected": 3, "drift": 0.0}
+    model = json.loads((scored / "score.json").read_text())["model"]
+    assert model["package"] == package_uri and model["verified_against"] == "nothing (no record outside the package's folder)"

@@ -13,6 +13,8 @@ _GRAY_LEVELS = np.arange(256, dtype=np.uint8).astype(np.float32) / 255.0  # _gra
 
 
 def _gray(images: np.ndarray) -> np.ndarray:
+    if images.shape[1] == 1:  # the mean of one channel is that channel, bit for bit, without the reduction
+        return images[:, 0].astype(np.float32) / np.float32(255.0)
     return (images.astype(np.float32) / 255.0).mean(axis=1)
 
 
