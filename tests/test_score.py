@@ -247,7 +247,8 @@ def test_the_score_pipeline_reads_its_input_and_package_from_s3_with_kfp_local(p
     monkeypatch.setenv(IMAGE_COMMIT_ENV, "c0ffee")
     with seaweed_s3(tmp_path / "s3") as s3:
         input_uri, package_uri = _upload(s3, monkeypatch, folder, package_dir)
-        done = run_pipeline(score_pipeline(cfg, "c0ffee"), {"input_uri": input_uri, "package_uri": package_uri}, tmp_path / "kfp", False, cfg)
+        arguments = {"input_uri": input_uri, "package_uri": package_uri}
+        done = run_pipeline(score_pipeline(cfg, "c0ffee"), arguments, tmp_path / "kfp", False, cfg)
     assert done.failure is None
     task = done.tasks["score-op"]
     scored = Path(task.artifacts["scored"])
