@@ -378,7 +378,7 @@ def test_prepare_component_fetches_dvc_data_at_a_revision_and_an_s3_prefix_under
     shutil.copytree(digits_subset, repo / "data")  # the sample's shapes, a quarter of its images to push, fetch and prepare
     monkeypatch.setenv("IMAGE_GIT_COMMIT", HEAD)  # this venv plays the image of this commit
     with seaweed_s3(tmp_path / "s3") as s3:
-        for key, value in (("AWS_ACCESS_KEY_ID", s3.access_key), ("AWS_SECRET_ACCESS_KEY", s3.secret_key), ("AWS_ENDPOINT_URL", s3.endpoint)):
+        for key, value in s3.client_env().items():
             monkeypatch.setenv(key, value)  # on a cluster: the Kubernetes secret mapped to env
         run(["dvc", "add", "data"], repo)
         git_commit(repo, "the subset")

@@ -178,7 +178,7 @@ def _upload(s3, monkeypatch, folder: Path, package_dir: Path) -> tuple[str, str]
     (on a cluster: the Kubernetes secret mapped to env); their s3:// URIs."""
     import s3fs
 
-    for name, value in (("AWS_ACCESS_KEY_ID", s3.access_key), ("AWS_SECRET_ACCESS_KEY", s3.secret_key), ("AWS_ENDPOINT_URL", s3.endpoint)):
+    for name, value in s3.client_env().items():
         monkeypatch.setenv(name, value)
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.put(str(folder) + "/", f"{s3.bucket}/incoming/", recursive=True)

@@ -72,9 +72,9 @@ def locked(repo: Path, path: str, rev: str | None) -> Recorded:
     where = f"dvc.lock at {rev[:10]}" if rev else "dvc.lock of the working tree"
     outputs = _locked_outputs(repo, rev)
     md5 = outputs.get(path)
-    folder = next((out for out in outputs if path.startswith(f"{out}/")), None)
-    if md5 is None and folder:
-        md5 = _listed_in_manifest(repo, outputs[folder], path[len(folder) + 1:])
+    if md5 is None:
+        folder = next((out for out in outputs if path.startswith(f"{out}/")), None)
+        md5 = _listed_in_manifest(repo, outputs[folder], path[len(folder) + 1:]) if folder else None
     if not md5:
         raise IntegrityError(f"{path}: {where} records no hash for it (not a stage output there, or its folder's manifest "
                              "is not in the DVC cache); run the stage that writes it (`dvc repro`) or `dvc pull`, or "

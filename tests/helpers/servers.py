@@ -64,6 +64,10 @@ class S3Server:
     secret_key: str
     bucket: str
 
+    def client_env(self) -> dict[str, str]:
+        """What a client of this server reads from its environment (on a cluster: the secret mapped to env)."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_ENDPOINT_URL": self.endpoint}
+
 
 @contextlib.contextmanager
 def seaweed_s3(workdir: Path, bucket: str = "dvc-storage") -> Iterator[S3Server]:
