@@ -26,7 +26,7 @@ def swept(tmp_path_factory):
         status = run(["dvc", "queue", "status"], repo).stdout
         if "Queued" not in status and "Running" not in status:
             break
-        time.sleep(5)
+        time.sleep(1)
     run(["dvc", "queue", "stop", "--kill"], repo, check=False)
     return repo, queued.stdout, status
 
@@ -58,11 +58,18 @@ def test_make_exps_is_a_table_of_the_headline_metrics_and_what_varied(swept):
     assert {"Experiment", "train.lr", "train.epochs", "accuracy", "balanced_accuracy", "ece", "val.loss", "gate"} <= set(columns)
     assert not [c for c in columns if "/" in c or c in ("Created", "data.root", "model.name")]  # no dep hashes, no unchanged params
     assert len(table.strip().splitlines()) == 2 + 4  # header, rule, workspace, main and its two experiments
-    documented = (ROOT / "docs" / "experiments.md").read_text().split("$ make exps\n", 1)[1]
+    documented = (ROOT / "docs" / "experiments.md").read_text().split("$ make exps\n", 1)[1].split("```", 1)[0]
     assert _header(documented) == columns  # the docs show this table
+    for baseline in ("workspace", "main"):  # with the committed metrics (the swept copy's baseline)
+        assert _row(documented, baseline) == _row(table, baseline)
     plain = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout  # what plain `dvc exp show` lists
     assert len(plain.splitlines()[0].split(",")) > 100
 
 
 def _header(table: str) -> list[str]:
     return [c.strip() for c in table.strip().splitlines()[0].strip("|").split("|")]
+
+
+def _row(table: str, first_cell: str) -> list[str]:
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.strip().splitlines() if line.startswith("|")]
+    return next(row for row in rows if row[0] == first_cell)
